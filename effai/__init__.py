@@ -1,0 +1,6 @@
+"""effai: train, fold, quantize and export compact vision models to phones and edge boards.
+
+The pipeline flows one way: zoo -> fold -> quantize -> lower -> artifact + manifest -> bench -> report.
+"""
+
+__version__ = "0.1.0"

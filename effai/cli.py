@@ -1,0 +1,295 @@
+"""effai's command line: thin wrappers that parse, call the library, print, and end with one JSON line.
+
+Exit codes: 0 success, 2 bad usage or input, 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from effai import console
+from effai.errors import EffaiError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fold, export and verify compact vision models for phones and edge boards.")
+zoo_app = typer.Typer(no_args_is_help=True, help="Model cards: what effai can build and export.")
+app.add_typer(zoo_app, name="zoo")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output only (one JSON object).")]
+
+
+def _fail(e: EffaiError, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+    kind = "usage error" if e.exit_code == 2 else "error"
+    if not as_json:
+        console.err().print(f"[bold red]{kind}:[/] {e}")
+    console.json_line({"ok": False, "error": str(e), "exit_code": e.exit_code, **(extra or {})})
+    raise typer.Exit(e.exit_code)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(p) for p in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise UsageError(f"--input-shape '{text}' must look like 1x3x224x224") from None
+    if len(dims) != 4 or min(dims) < 1:
+        raise UsageError(f"--input-shape '{text}' must be 4 positive numbers N x C x H x W, like 1x3x224x224")
+    return dims
+
+
+def parse_targets(text: str) -> list[str]:
+    from effai.export.targets import TARGETS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if names == ["all"]:
+        return [n for n, t in TARGETS.items() if t.available()[0]]
+    for n in names:
+        TARGETS.get(n)  # unknown -> UsageError listing the choices
+    if not names:
+        raise UsageError(f"--target is empty; choose from: {', '.join(TARGETS.names())} or all")
+    return names
+
+
+@app.command("export")
+def export_cmd(
+    model: Annotated[Optional[str], typer.Argument(help="Zoo or timm model name (effai zoo list).")] = None,
+    target: Annotated[str, typer.Option("--target", "-t",
+                                        help="executorch | coreml | tflite | onnx, a comma list, or all.")] = "onnx",
+    precision: Annotated[Optional[str], typer.Option(help="Compute precision (Core ML: fp16|fp32; others: fp32).")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Square input size H=W (default: the model card's).")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(help="Full input shape NxCxHxW, e.g. 1x3x256x256.")] = None,
+    batch: Annotated[int, typer.Option(help="Exported (static) batch size.")] = 1,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact directory (default effai_out/<model>-<target>).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint: .safetensors, or .pt/.pth read with weights_only=True.")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Download timm's hub weights (needs network).")] = False,
+    model_def: Annotated[Optional[str], typer.Option(help="Your own module: path/file.py:ClassOrFactory.")] = None,
+    no_fold: Annotated[bool, typer.Option("--no-fold", help="Export without re-parameterizing/fusing (recorded).")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check (recorded in the manifest).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold a model, lower it to one or more targets, prove parity, write artifact dirs with manifests."""
+    from effai import zoo
+    from effai.export.pipeline import ExportConfig, ParityFailed, export
+
+    ui = console.err()
+    results: list[dict[str, Any]] = []
+    try:
+        if batch < 1:
+            raise UsageError(f"--batch {batch} must be >= 1")
+        if input_size is not None and input_size < 1:
+            raise UsageError(f"--input-size {input_size} must be >= 1")
+        shape = parse_shape(input_shape) if input_shape else None
+        targets = parse_targets(target)
+        t0 = time.perf_counter()
+        with ui.status(f"loading {model or model_def}", spinner="dots") if not as_json else _nullctx():
+            loaded = zoo.create(model, weights=weights, pretrained=pretrained, model_def=model_def)
+        load_s = time.perf_counter() - t0
+        if not as_json:
+            ui.print(f"[green]✓[/] load      {load_s:6.2f}s  {loaded.card.name} ({loaded.weights.source})")
+            for note in loaded.notes:
+                style = "bold yellow" if "RANDOM-INIT" in note else "yellow"
+                ui.print(f"[{style}]! {note}[/]")
+    except EffaiError as e:
+        _fail(e, as_json)
+    failed: EffaiError | None = None
+    for t in targets:
+        t_out = out if (out is None or len(targets) == 1) else out / f"{loaded.card.name}-{t}"
+        cfg = ExportConfig(target=t, precision=precision, input_shape=shape, input_size=input_size,  # type: ignore[arg-type]
+                           batch=batch, out=t_out, fold=not no_fold, verify=not no_verify)
+        try:
+            res = export(loaded, cfg, progress=None if as_json else _progress(ui, t))
+            results.append(_row(res))
+        except ParityFailed as e:
+            results.append({**_row(e.result), "error": str(e)})
+            failed = failed or e
+            if not as_json:
+                ui.print(f"[bold red]✗ {e}[/]")
+        except EffaiError as e:
+            results.append({"target": t, "error": str(e), "exit_code": e.exit_code})
+            failed = failed or e
+            if not as_json:
+                ui.print(f"[bold red]✗ {t}: {e}[/]")
+    if not as_json:
+        _export_table(results)
+    summary = {"ok": failed is None, "model": loaded.card.name, "random_init": loaded.random_init,
+               "warnings": loaded.notes, "artifacts": results}
+    if failed is not None:
+        summary["exit_code"] = failed.exit_code
+    console.json_line(summary)
+    if failed is not None:
+        raise typer.Exit(failed.exit_code)
+
+
+class _nullctx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def _progress(ui: Any, target: str):
+    status: dict[str, Any] = {}
+
+    def cb(event: str, stage: str, detail: str, seconds: float) -> None:
+        if event == "start":
+            status["s"] = ui.status(f"{target}: {stage} {detail}", spinner="dots")
+            status["s"].__enter__()
+            return
+        if "s" in status:
+            status.pop("s").__exit__(None, None, None)
+        ui.print(f"[green]✓[/] {stage:<9} {seconds:6.2f}s  [dim]{target}[/] {detail}")
+
+    return cb
+
+
+def _row(res: Any) -> dict[str, Any]:
+    m = res.manifest
+    p = m["parity"]
+    model_path = res.out_dir / m["model_file"]
+    size = sum(f["bytes"] for f in m["files"] if f["path"].startswith(m["model_file"]))
+    return {"target": m["target"], "precision": m["precision"], "dir": str(res.out_dir), "file": str(model_path),
+            "mb": round(size / 1e6, 3), "parity": p["status"], "max_abs_err": p.get("max_abs_err"),
+            "parity_reason": p.get("reason"), "seconds": round(sum(res.timings.values()), 2)}
+
+
+def _export_table(rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="effai export")
+    for col in ("target", "file", "MB", "parity", "seconds"):
+        table.add_column(col, justify="right" if col in ("MB", "seconds") else "left")
+    colors = {"pass": "green", "fail": "red", "not-run": "yellow"}
+    for r in rows:
+        if "file" not in r:
+            table.add_row(r["target"], "-", "-", "[red]error[/]", "-")
+            continue
+        par = r["parity"]
+        if par == "pass" and r.get("max_abs_err") is not None:
+            par = f"pass ({r['max_abs_err']:.1e})"
+        elif par == "not-run":
+            par = f"not-run: {r.get('parity_reason')}"
+        table.add_row(r["target"], r["file"], f"{r['mb']:.2f}", f"[{colors.get(r['parity'], 'white')}]{par}[/]",
+                      f"{r['seconds']:.1f}")
+    console.out().print(table)
+
+
+@app.command("verify")
+def verify_cmd(artifact: Annotated[Path, typer.Argument(help="An artifact directory written by effai export.")],
+               as_json: JsonOpt = False) -> None:
+    """Re-check an artifact's file hashes and re-run parity in its runtime where one exists here."""
+    from effai.export.verify import verify
+
+    try:
+        report = verify(artifact)
+    except EffaiError as e:
+        _fail(e, as_json)
+    ok = report["hashes"] == "pass" and report["parity"]["status"] in ("pass", "not-run")
+    if not as_json:
+        ui = console.err()
+        ui.print(f"{'[green]✓' if report['hashes'] == 'pass' else '[red]✗'}[/] hashes  {report['files']} files")
+        p = report["parity"]
+        color = {"pass": "green", "fail": "red"}.get(p["status"], "yellow")
+        detail = p.get("reason") or f"max abs err {p.get('max_abs_err', 0):.2e}, cos {p.get('cosine', 0):.6f}"
+        ui.print(f"[{color}]{'✓' if p['status'] == 'pass' else '!'}[/] parity  {p['status']}: {detail}")
+    console.json_line({"ok": ok, **report})
+    if not ok:
+        raise typer.Exit(1)
+
+
+@zoo_app.command("list")
+def zoo_list(as_json: JsonOpt = False) -> None:
+    """The zoo's model cards (any timm model name works too)."""
+    from rich.table import Table
+
+    from effai.zoo import CARDS
+
+    rows = [{"name": n, "family": c.family, "input": "x".join(map(str, c.input_size)), "classes": c.num_classes,
+             "reparameterizable": c.reparameterizable, "weights": c.bundled_weights and "bundled" or "random-init / --weights / --pretrained",
+             "description": c.description} for n, c in CARDS.items()]
+    if not as_json:
+        table = Table(title="effai zoo")
+        for col in ("name", "family", "input", "classes", "re-param", "description"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["name"], r["family"], r["input"], str(r["classes"]), "yes" if r["reparameterizable"] else "",
+                          r["description"])
+        console.out().print(table)
+    console.json_line({"ok": True, "models": rows})
+
+
+@zoo_app.command("show")
+def zoo_show(name: Annotated[str, typer.Argument(help="Zoo or timm model name.")], as_json: JsonOpt = False) -> None:
+    """One model card in full, with its parameter count."""
+    from effai import zoo
+
+    try:
+        loaded = zoo.create(name)
+    except EffaiError as e:
+        _fail(e, as_json)
+    card = loaded.card
+    info = {"name": card.name, "family": card.family, "source": card.source, "input_size": list(card.input_size),
+            "num_classes": card.num_classes, "label_set": card.label_set, "labels_preview": zoo.labels(card)[:5],
+            "preprocessing": card.preprocessing(), "weights_license": card.weights_license,
+            "reparameterizable": card.reparameterizable, "bundled_weights": card.bundled_weights,
+            "params": sum(p.numel() for p in loaded.model.parameters()), "description": card.description}
+    if not as_json:
+        from rich.table import Table
+
+        table = Table(title=card.name, show_header=False)
+        for k, v in info.items():
+            table.add_row(k, str(v))
+        console.out().print(table)
+    console.json_line({"ok": True, "model": info})
+
+
+@app.command("doctor")
+def doctor(as_json: JsonOpt = False) -> None:
+    """What this machine can do: targets, host runtimes, toolchain versions."""
+    from effai import toolchain
+    from effai.export.targets import TARGETS
+
+    targets = {}
+    for n, t in TARGETS.items():
+        ok, why = t.available()
+        targets[n] = {"available": ok, "detail": why, "precisions": list(t.precisions), "description": t.description}
+    versions = toolchain.versions()
+    if not as_json:
+        from rich.table import Table
+
+        table = Table(title="effai doctor: targets")
+        for col in ("target", "available", "precisions", "detail"):
+            table.add_column(col)
+        for n, r in targets.items():
+            table.add_row(n, "[green]yes[/]" if r["available"] else "[red]no[/]", ", ".join(r["precisions"]), r["detail"])
+        console.out().print(table)
+        console.out().print(" ".join(f"{k}={v}" for k, v in versions.items()))
+    console.json_line({"ok": True, "targets": targets, "toolchain": versions})
+
+
+def main() -> None:
+    """Console-script entry: unexpected exceptions still end with a message, a JSON line and exit code 1."""
+    console.reset()
+    try:
+        app()
+    except SystemExit:
+        raise
+    except EffaiError as e:
+        console.err().print(f"[bold red]error:[/] {e}")
+        console.json_line({"ok": False, "error": str(e), "exit_code": e.exit_code})
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.err().print("[red]interrupted[/]; nothing half-written was left behind")
+        sys.exit(130)
+    except Exception as e:  # a bug in effai or a toolchain: still one clear line, a JSON line and exit 1
+        if os.environ.get("EFFAI_DEBUG"):
+            raise
+        console.err().print(f"[bold red]internal error:[/] {type(e).__name__}: {e} (rerun with EFFAI_DEBUG=1 for the "
+                            "traceback, and please report it)")
+        console.json_line({"ok": False, "error": f"internal error: {type(e).__name__}: {e}", "exit_code": 1})
+        sys.exit(1)

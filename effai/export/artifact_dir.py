@@ -1,0 +1,64 @@
+"""Atomic artifact directories: build everything in a temp dir beside the destination, rename at the end.
+
+A failed or interrupted export leaves the destination as it was (absent, or the previous artifact).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from effai.errors import EffaiError, UsageError
+from effai.export.manifest import MANIFEST
+
+
+def prepare(out: Path) -> Path:
+    """Check `out` can be (re)placed and return a fresh temp dir next to it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; choose a directory path")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise UsageError(f"refusing to replace {out}: it is not empty and not an effai artifact (no {MANIFEST}); "
+                         "choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except PermissionError as e:
+        raise UsageError(f"cannot write to {out.parent}: permission denied; choose a writable --out") from e
+    except OSError as e:
+        raise UsageError(f"cannot create the output directory {out}: {e.strerror}; choose another --out") from e
+    return tmp
+
+
+def commit(tmp: Path, out: Path) -> None:
+    """Move the finished temp dir into place, replacing a previous artifact only after the new one is complete."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def discard(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def io_error(e: OSError, out: Path) -> EffaiError:
+    """A clear message for write failures (disk full, read-only file system, permissions)."""
+    if e.errno == errno.ENOSPC:
+        return EffaiError(f"disk full while writing the artifact for {out}; nothing was written there - free space "
+                          "or choose another --out")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UsageError(f"cannot write the artifact for {out}: {e.strerror}; choose a writable --out")
+    return EffaiError(f"writing the artifact for {out} failed: {e}; nothing was written there")

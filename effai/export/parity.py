@@ -1,0 +1,82 @@
+"""Parity: does the exported artifact, in its real runtime, compute what the torch fp32 model computes?
+
+Metrics over all samples and outputs: max / mean absolute error, the error relative to the reference's scale
+(max|ref|), the worst per-sample cosine similarity and top-1 agreement (for class-score outputs).
+
+Tolerances (relative max abs error, minimum cosine), and why:
+- fp32: 1e-3 and 0.9999. Runtimes reorder float32 sums (XNNPACK, oneDNN and MLIR kernels tile and fuse
+  differently), which costs ~1e-7 relative per op and grows with depth: the zoo's models land between 1e-7 and
+  ~2e-4 of the output scale. Real export bugs (a dropped BN, a wrong layout, a mis-lowered op) land above 1e-1.
+  1e-3 keeps a 5x margin over the worst honest error and a 100x one under the smallest bug.
+- fp16: 3e-2 and 0.999. fp16 has an 11-bit mantissa (unit roundoff 4.9e-4), ~25x coarser than the reorderings
+  above; through ~50 layers errors reach 1e-2 of the scale on well-conditioned nets.
+Top-1 agreement is reported, not gated: on random-init weights near-ties flip under any reordering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rel_max_abs_err: float
+    min_cosine: float
+
+
+TOLERANCES = {"fp32": Tolerance(1e-3, 0.9999), "fp16": Tolerance(3e-2, 0.999)}
+
+
+def compare(reference: list[np.ndarray], got: list[np.ndarray], tol: Tolerance) -> dict[str, Any]:
+    """Metrics for one artifact: reference and got are per-output arrays with the sample axis first."""
+    if len(reference) != len(got):
+        return {"status": "fail", "reason": f"artifact has {len(got)} outputs, reference has {len(reference)}"}
+    errs, cosines, agree, total = [], [], 0, 0
+    for r, g in zip(reference, got):
+        g = np.asarray(g, np.float32).reshape(r.shape) if g.size == r.size else g
+        if g.shape != r.shape:
+            return {"status": "fail", "reason": f"output shape {g.shape} differs from reference {r.shape}"}
+        errs.append(np.abs(g.astype(np.float64) - r.astype(np.float64)))
+        rf, gf = r.reshape(r.shape[0], -1).astype(np.float64), g.reshape(g.shape[0], -1).astype(np.float64)
+        denom = np.linalg.norm(rf, axis=1) * np.linalg.norm(gf, axis=1)
+        cosines.extend(np.where(denom > 0, (rf * gf).sum(1) / np.maximum(denom, 1e-300), 1.0).tolist())
+        if r.ndim == 2 and r.shape[1] > 1:
+            agree += int((r.argmax(1) == g.argmax(1)).sum())
+            total += r.shape[0]
+    err = np.concatenate([e.ravel() for e in errs])
+    scale = max(float(np.abs(r).max()) for r in reference) or 1.0
+    max_abs, rel = float(err.max()), float(err.max()) / scale
+    cos = float(min(cosines))
+    finite = all(np.isfinite(g).all() for g in got)
+    ok = finite and rel <= tol.rel_max_abs_err and cos >= tol.min_cosine
+    out: dict[str, Any] = {
+        "status": "pass" if ok else "fail",
+        "max_abs_err": max_abs,
+        "mean_abs_err": float(err.mean()),
+        "rel_err": rel,
+        "output_scale": scale,
+        "cosine": cos,
+        "top1_agreement": agree / total if total else None,
+        "tolerance": {"rel_max_abs_err": tol.rel_max_abs_err, "min_cosine": tol.min_cosine},
+    }
+    if not ok:
+        why = "non-finite outputs" if not finite else (
+            f"relative error {rel:.3g} > {tol.rel_max_abs_err:g}" if rel > tol.rel_max_abs_err
+            else f"cosine {cos:.6f} < {tol.min_cosine}")
+        out["reason"] = why
+    return out
+
+
+def run_batched(run: Any, inputs: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Feed N samples through a predictor whose input has a fixed batch size; stack per output."""
+    outs: list[list[np.ndarray]] = []
+    for i in range(0, inputs.shape[0], batch):
+        res = run([np.ascontiguousarray(inputs[i:i + batch])])
+        if not outs:
+            outs = [[] for _ in res]
+        for k, o in enumerate(res):
+            outs[k].append(np.asarray(o))
+    return [np.concatenate(o) for o in outs]

@@ -1,0 +1,267 @@
+"""The export pipeline, one way through named stages: fold -> trace -> lower -> parity -> manifest -> commit.
+
+    result = export(zoo.create("ghostnetv3_100"), ExportConfig(target="onnx"))
+
+Every stage is timed and reported through `progress(event, stage, detail, seconds)`; nothing is skipped silently (a
+skipped stage is a manifest line). Toolchain output goes to export.log inside the artifact.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import effai
+from effai import toolchain, zoo
+from effai.errors import EffaiError, UsageError, choices_hint
+from effai.export import artifact_dir, manifest as manifest_io
+from effai.export.fold import FoldReport, fold
+from effai.export.parity import TOLERANCES, compare, run_batched
+from effai.export.quiet import captured, tail
+from effai.export.samples import parity_inputs
+from effai.export.targets import TARGETS, LowerOptions
+from effai.export.trace import trace
+
+Progress = Callable[[str, str, str, float], None]   # (event "start"|"end", stage, detail, seconds)
+LOG = "export.log"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    target: str
+    precision: str | None = None                  # None: the target's default (fp16 for Core ML, else fp32)
+    input_shape: tuple[int, int, int, int] | None = None   # full N,C,H,W; overrides the card and --batch
+    input_size: int | None = None                 # square H=W override of the card's size
+    batch: int = 1                                # exported batch size (static: mobile runtimes plan memory for it)
+    out: Path | None = None                       # default: effai_out/<model>-<target>[-<precision>]
+    fold: bool = True
+    verify: bool = True
+    parity_photos: int = 6                        # real photos (scikit-image) per parity run
+    parity_noise: int = 2                         # seeded Gaussian inputs on top
+    seed: int = 0
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def parity_status(self) -> str:
+        return self.manifest["parity"]["status"]
+
+
+class ParityFailed(EffaiError):
+    """The artifact was written (marked failed in its manifest) but does not match the torch reference."""
+
+    def __init__(self, message: str, result: ExportResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def resolve(loaded: zoo.LoadedModel, cfg: ExportConfig) -> tuple[Any, str, tuple[int, int, int, int], Path]:
+    """Validate the config against the target and the model up front: (target, precision, input shape, out dir)."""
+    target = TARGETS.get(cfg.target)
+    ok, why = target.available()
+    if not ok:
+        raise EffaiError(f"target '{cfg.target}' is not available here: {why}")
+    precision = cfg.precision or target.precisions[0]
+    if precision not in target.precisions:
+        raise UsageError(f"precision '{precision}' is not supported by {cfg.target}; "
+                         f"{choices_hint(precision, target.precisions)}")
+    c, h, w = loaded.card.input_size
+    if cfg.input_size is not None:
+        h = w = cfg.input_size
+    shape = cfg.input_shape or (cfg.batch, c, h, w)
+    if len(shape) != 4 or min(shape) < 1:
+        raise UsageError(f"input shape {shape} must be 4 positive numbers N x C x H x W (e.g. 1x3x224x224)")
+    if shape[1] != c:
+        raise UsageError(f"input shape has {shape[1]} channels but {loaded.card.name} takes {c}; "
+                         f"use --input-shape {shape[0]}x{c}x{shape[2]}x{shape[3]}")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", loaded.card.name)
+    suffix = f"-{precision}" if len(target.precisions) > 1 else ""
+    out = Path(cfg.out) if cfg.out is not None else Path("effai_out") / f"{name}-{cfg.target}{suffix}"
+    return target, precision, tuple(int(s) for s in shape), out  # type: ignore[return-value]
+
+
+def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None = None) -> ExportResult:
+    """Export one model to one target. The caller's model is not modified (the pipeline folds a copy)."""
+    target, precision, shape, out = resolve(loaded, cfg)
+    card = loaded.card.with_(input_size=shape[1:])
+    timings: dict[str, float] = {}
+    tmp = artifact_dir.prepare(out)
+    log = tmp / LOG
+
+    @contextmanager
+    def stage(name: str, detail: str = "") -> Iterator[dict[str, str]]:
+        note = {"detail": detail}
+        if progress:
+            progress("start", name, detail, 0.0)
+        t0 = time.perf_counter()
+        with captured(log):
+            yield note
+        timings[name] = round(time.perf_counter() - t0, 3)
+        if progress:
+            progress("end", name, note["detail"], timings[name])
+
+    try:
+        model = copy.deepcopy(loaded.model).eval()
+        preprocessing = card.preprocessing()
+        n_noise = cfg.parity_noise + (-(cfg.parity_photos + cfg.parity_noise) % shape[0])  # whole batches
+        inputs, photos, sample_names = parity_inputs(preprocessing, cfg.parity_photos, n_noise, cfg.seed)
+        example = (torch.from_numpy(inputs[: shape[0]]).contiguous(),)
+
+        with stage("fold") as note:
+            with torch.no_grad():
+                reference = [o.numpy().copy() for o in _outputs(model(torch.from_numpy(inputs)))]
+            if cfg.fold:
+                report = fold(model, (torch.from_numpy(inputs),))
+                note["detail"] = (f"{sum(report.reparameterized.values())} blocks re-parameterized, "
+                                  f"{report.fused_conv_bn + report.fused_linear_bn} BN fused, "
+                                  f"params {report.params_before:,} -> {report.params_after:,}")
+            else:
+                report = FoldReport(skipped="disabled by --no-fold")
+                note["detail"] = "skipped (--no-fold)"
+        program = model
+        if target.needs_exported_program:
+            with stage("trace", "torch.export") as note:
+                program = trace(model, example)
+        with stage("lower", f"{cfg.target} {precision}") as note:
+            options = LowerOptions(precision=precision)
+            try:
+                lowered = target.lower(program, example, options, tmp)
+            except EffaiError:
+                raise
+            except OSError:
+                raise
+            except Exception as e:
+                raise lowering_error(cfg.target, e, log) from e
+            note["detail"] = f"{lowered.model_file} {_size_mb(tmp / lowered.model_file):.2f} MB"
+        with stage("parity") as note:
+            parity = _parity(target, tmp, lowered, cfg, precision, inputs, reference, shape, sample_names)
+            note["detail"] = _parity_line(parity)
+        with stage("manifest") as note:
+            np.savez_compressed(tmp / manifest_io.PARITY_DATA, photos_u8=photos,
+                                **{f"reference_{i}": r for i, r in enumerate(reference)})
+            labels = zoo.labels(card) if card.num_classes else []
+            if not labels and reference and reference[0].ndim == 2:
+                labels = [f"class_{i}" for i in range(reference[0].shape[1])]
+            manifest = {
+                "effai_version": effai.__version__,
+                "model": {"name": card.name, "family": card.family, "source": card.source,
+                          "weights": loaded.weights.source, "weights_sha256": loaded.weights.sha256,
+                          "random_init": loaded.random_init, "weights_license": card.weights_license,
+                          "description": card.description},
+                "target": cfg.target,
+                "precision": precision,
+                "quantization": None,
+                "model_file": lowered.model_file,
+                "inputs": [s.to_dict() for s in lowered.inputs],
+                "outputs": [s.to_dict() for s in lowered.outputs],
+                "preprocessing": preprocessing,
+                "labels": labels,
+                "fold": report.to_dict(),
+                "parity": {**parity, "samples": len(sample_names), "sample_names": sample_names,
+                           "data": manifest_io.PARITY_DATA, "noise_seed": cfg.seed,
+                           "n_photos": int(photos.shape[0]), "batch": shape[0]},
+                "target_details": lowered.details,
+                "toolchain": toolchain.versions(),
+                "export_config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "timings_s": timings,
+            }
+            manifest = manifest_io.write(tmp, manifest)
+            note["detail"] = f"{len(manifest['files'])} files hashed"
+        artifact_dir.commit(tmp, out)
+    except OSError as e:
+        artifact_dir.discard(tmp)
+        raise artifact_dir.io_error(e, out) from e
+    except BaseException:
+        _keep_log(log, out)
+        artifact_dir.discard(tmp)
+        raise
+    result = ExportResult(out, manifest, timings)
+    if parity["status"] == "fail":
+        raise ParityFailed(f"{cfg.target} artifact does not match the torch model: {parity.get('reason')}; it was "
+                           f"kept at {out} and marked failed in its manifest", result)
+    return result
+
+
+def _parity(target: Any, tmp: Path, lowered: Any, cfg: ExportConfig, precision: str, inputs: np.ndarray,
+            reference: list[np.ndarray], shape: tuple[int, ...], names: list[str]) -> dict[str, Any]:
+    if not cfg.verify:
+        return {"status": "not-run", "reason": "disabled by --no-verify"}
+    expected = {"input_shapes": [shape], "output_shapes": [(shape[0], *r.shape[1:]) for r in reference],
+                "precision": precision}
+    structural = target.structural_check(tmp, lowered, expected)
+    predictor = target.load(tmp, lowered)
+    if isinstance(predictor, str):
+        out: dict[str, Any] = {"status": "not-run", "reason": predictor}
+        if structural is not None:
+            out["structural"] = structural
+            if structural["status"] == "fail":
+                out["status"], out["reason"] = "fail", "structural check: " + "; ".join(structural["problems"])
+        return out
+    got = run_batched(predictor.run, inputs, shape[0])
+    out = compare(reference, got, TOLERANCES[precision])
+    out.update(runtime=predictor.runtime, runtime_version=predictor.version, reference="torch fp32 (unfolded, eager)")
+    if structural is not None:
+        out["structural"] = structural
+    return out
+
+
+def _parity_line(p: dict[str, Any]) -> str:
+    if p["status"] == "not-run":
+        s = p.get("structural")
+        return f"not-run ({p['reason']})" + (f"; structural check {s['status']}" if s else "")
+    if "max_abs_err" not in p:
+        return f"{p['status']}: {p.get('reason', '')}"
+    top1 = f", top-1 {p['top1_agreement']:.0%}" if p.get("top1_agreement") is not None else ""
+    return f"{p['status']}: max abs err {p['max_abs_err']:.2e} ({p['rel_err']:.1e} rel), cos {p['cosine']:.6f}{top1}"
+
+
+def lowering_error(target: str, e: Exception, log: Path) -> EffaiError:
+    """Name the operator a target choked on, and the other targets to try."""
+    text = f"{e}\n{tail(log, 40)}"
+    m = re.search(r"aten(?:::|\.|_)([A-Za-z0-9_]+?)(?:[._](?:default|Tensor|Scalar|int|vec|dim)\b|\b)", text)
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    others = [n for n, t in TARGETS.items() if n != target and t.available()[0]]
+    op = f"operator aten.{m.group(1)} " if m else ""
+    return EffaiError(f"{target} cannot lower this model: {op or ''}{'(' if op else ''}{first}{')' if op else ''}; "
+                      f"targets to try: {', '.join(others) or 'none installed'}")
+
+
+def _keep_log(log: Path, out: Path) -> None:
+    if log.is_file():
+        dest = Path(tempfile.gettempdir()) / f"effai-export-{out.name}.log"
+        try:
+            shutil.copyfile(log, dest)
+        except OSError:
+            pass
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for o in out for t in _outputs(o)]
+
+
+def _size_mb(p: Path) -> float:
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 1e6
+    return p.stat().st_size / 1e6

@@ -1,0 +1,80 @@
+"""Export rewrites: swap an operator that some runtime lowers wrongly or slowly for an exact equivalent.
+
+Each rewrite is registered under the module class name it applies to and runs after folding; fold() then checks
+the whole model's outputs, so a rewrite that is not exact fails the export instead of shipping.
+"""
+
+from __future__ import annotations
+
+import types
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effai.registry import Registry
+from effai.zoo.layers import NearestUpsample
+
+# class name -> (description, rewrite(module, in_shape, out_shape) -> bool applied)
+REWRITES: Registry[tuple[str, Callable[[nn.Module, dict], bool]]] = Registry("export rewrite")
+
+
+def apply_rewrites(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    targets = [(n, m) for n, m in model.named_modules() if type(m).__name__ in REWRITES]
+    if not targets:
+        return {}
+    shapes: dict[str, dict] = {}
+    handles = []
+
+    def recorder(rec: dict, key: str) -> Callable:
+        def hook(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+            rec.setdefault(key, tuple(out.shape))
+        return hook
+
+    for name, m in targets:
+        rec = shapes.setdefault(name, {})
+        handles.append(m.register_forward_hook(recorder(rec, "out")))
+        gate = getattr(m, "gate_fn", None)
+        if isinstance(gate, nn.Module):
+            handles.append(gate.register_forward_hook(recorder(rec, "gate")))
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    done: Counter[str] = Counter()
+    for name, m in targets:
+        desc, fn = REWRITES.get(type(m).__name__)
+        if shapes.get(name) and fn(m, shapes[name]):
+            done[f"{type(m).__name__}: {desc}"] += 1
+    return dict(done)
+
+
+def _ghost_dfc_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """GhostModuleV2/V3 'attn' forward in deploy form, its DFC gate upsampled by NearestUpsample."""
+    x1 = self.primary_conv(x)
+    out = torch.cat([x1, self.cheap_operation(x1)], dim=1)
+    if out.shape[1] != self.out_chs:  # a full-range slice lowers to alias_copy, which XNNPACK does not delegate
+        out = out[:, : self.out_chs, :, :]
+    res = self.short_conv(F.avg_pool2d(x, kernel_size=2, stride=2))
+    return out * self.dfc_upsample(self.gate_fn(res))
+
+
+def _rewrite_ghost_dfc(m: nn.Module, shapes: dict) -> bool:
+    if "gate" not in shapes:                         # mode without the DFC gate: nothing to rewrite
+        return False
+    if getattr(m, "infer_mode", True) is False:      # training form (--no-fold): keep the original forward
+        return False
+    if isinstance(getattr(m, "dfc_upsample", None), NearestUpsample):
+        return False                                 # already rewritten (idempotent)
+    m.dfc_upsample = NearestUpsample(shapes["gate"][-2:], shapes["out"][-2:])
+    m.forward = types.MethodType(_ghost_dfc_forward, m)
+    return True
+
+
+_DFC = "DFC gate nearest upsample -> constant selection maps"
+REWRITES.register("GhostModuleV2", (_DFC, _rewrite_ghost_dfc))
+REWRITES.register("GhostModuleV3", (_DFC, _rewrite_ghost_dfc))

@@ -1,0 +1,96 @@
+"""The Target protocol: one implementation per export format, registered by name, toolchains imported lazily."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from effai.registry import Registry
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    layout: str = "NCHW"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+@dataclass(frozen=True)
+class LowerOptions:
+    """What every target's lower() receives besides the model."""
+
+    precision: str = "fp32"           # compute precision of the artifact: fp32 | fp16 (per target: Target.precisions)
+    input_names: tuple[str, ...] = ("input",)
+    output_names: tuple[str, ...] = ("logits",)
+
+
+@dataclass
+class Lowered:
+    """What lower() wrote into the artifact directory."""
+
+    model_file: str                   # relative path of the file an app loads (model.pte, model.mlpackage, ...)
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    details: dict[str, Any] = field(default_factory=dict)   # target-specific: delegation summary, opset, ops ...
+
+
+@dataclass
+class Predictor:
+    """A loaded artifact in its real host runtime: numpy arrays in, numpy arrays out."""
+
+    runtime: str                      # "executorch-xnnpack", "onnxruntime", ...
+    version: str
+    run: Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+class Target(Protocol):
+    name: str
+    description: str
+    precisions: tuple[str, ...]       # first one is the default
+    needs_exported_program: bool      # lower() takes a torch.export ExportedProgram (else the nn.Module)
+
+    def available(self) -> tuple[bool, str]:
+        """(True, versions) or (False, what is missing and how to install it). Never raises."""
+
+    def lower(self, model: Any, example_inputs: tuple, options: LowerOptions, out_dir: Path) -> Lowered: ...
+
+    def load(self, out_dir: Path, lowered: Lowered) -> Predictor | str:
+        """The host runtime for parity, or a string saying why none can run here."""
+
+    def structural_check(self, out_dir: Path, lowered: Lowered, expected: dict[str, Any]) -> dict[str, Any] | None:
+        """A check that does not need a runtime (Core ML on Linux); None where not applicable."""
+
+
+TARGETS: Registry[Target] = Registry("target")
+
+
+def package_versions(*dists: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for d in dists:
+        try:
+            out[d] = version(d)
+        except PackageNotFoundError:
+            out[d] = "not installed"
+    return out
+
+
+def require(*modules_and_dists: tuple[str, str], extra: str) -> tuple[bool, str]:
+    """(ok, message) for targets: are these modules importable? Never raises."""
+    import importlib.util
+
+    missing = [dist for mod, dist in modules_and_dists if importlib.util.find_spec(mod) is None]
+    if missing:
+        return False, f"missing {', '.join(missing)}; install with: pip install 'effai[{extra}]'"
+    versions = package_versions(*(d for _, d in modules_and_dists))
+    return True, ", ".join(f"{k} {v}" for k, v in versions.items())

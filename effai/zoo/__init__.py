@@ -1,0 +1,162 @@
+"""The zoo: one front door, `create`, from a zoo name, any timm model name, or a user's module file.
+
+    loaded = zoo.create("ghostnetv3_100", weights="ckpt.safetensors")
+    loaded.model, loaded.card, loaded.weights
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from effai.errors import EffaiError, UsageError, choices_hint
+from effai.zoo.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard
+from effai.zoo.cards import CARDS
+from effai.zoo.labels import label_set
+from effai.zoo.user_module import load_model_def
+from effai.zoo.weights import RANDOM_INIT, WeightsInfo, load_into, read_state_dict, sha256_file
+
+__all__ = ["CARDS", "LoadedModel", "ModelCard", "create", "resolve_card", "labels"]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    card: ModelCard
+    weights: WeightsInfo
+    notes: list[str] = field(default_factory=list)   # things the user must hear (random init, defaults taken)
+
+    @property
+    def random_init(self) -> bool:
+        return self.weights.sha256 == "random-init"
+
+
+def labels(card: ModelCard) -> list[str]:
+    if "labels" in card.extra:
+        return list(card.extra["labels"])
+    return list(label_set(card.label_set, card.num_classes))
+
+
+def resolve_card(name: str) -> ModelCard:
+    """A zoo card by name, or a card derived from timm's pretrained config for any other timm model."""
+    if name in CARDS:
+        return CARDS.get(name)
+    import timm
+
+    if timm.is_model(name):
+        return _card_from_timm(name)
+    known = CARDS.names() + timm.list_models()
+    raise UsageError(f"unknown model '{name}'; {choices_hint(name, known)} (effai zoo list shows the zoo; "
+                     "any timm model name works too; or pass --model-def file.py:Class)")
+
+
+def _card_from_timm(name: str) -> ModelCard:
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    c = cfg.to_dict() if cfg is not None else {}
+    size = tuple(c.get("input_size", (3, 224, 224)))
+    nc = int(c.get("num_classes", 1000) or 1000)
+    return ModelCard(name=name, family=name.split("_")[0], source=f"timm:{name}", input_size=size,  # type: ignore[arg-type]
+                     mean=tuple(c.get("mean", IMAGENET_MEAN)), std=tuple(c.get("std", IMAGENET_STD)),
+                     interpolation=c.get("interpolation", "bilinear"), crop_pct=float(c.get("crop_pct", 0.875)),
+                     num_classes=nc, label_set="imagenet-1k" if nc == 1000 else None,
+                     weights_license=c.get("license", "unknown"), description=f"timm model {name} (not in effai's zoo)")
+
+
+def create(name: str | None = None, *, weights: str | Path | None = None, pretrained: bool = False,
+           model_def: str | None = None) -> LoadedModel:
+    """Build a model in eval mode with its card and a record of where its weights came from."""
+    if (name is None) == (model_def is None):
+        raise UsageError("give exactly one of a model name or --model-def path/file.py:ClassOrFactory")
+    if pretrained and weights is not None:
+        raise UsageError("--pretrained and --weights both choose weights; pass one of them")
+    if model_def is not None:
+        model, card = load_model_def(model_def)
+        loaded = LoadedModel(model, card, RANDOM_INIT)
+    else:
+        card = resolve_card(name)  # type: ignore[arg-type]
+        if pretrained:
+            loaded = _timm_pretrained(card)
+        else:
+            loaded = LoadedModel(_build(card), card, RANDOM_INIT)
+            if card.bundled_weights and weights is None:
+                weights = Path(__file__).parent / "weights" / card.bundled_weights
+    if weights is not None:
+        _load_weights(loaded, Path(weights))
+    if loaded.random_init:
+        loaded.notes.append(f"WEIGHTS ARE RANDOM-INIT for {loaded.card.name}: outputs are meaningless for real "
+                            "images; pass --weights PATH or --pretrained")
+    loaded.model.eval()
+    return loaded
+
+
+def _build(card: ModelCard, **kwargs) -> nn.Module:
+    kind, _, ref = card.source.partition(":")
+    if kind != "timm":
+        raise EffaiError(f"card {card.name} has source '{card.source}', which the zoo cannot build")
+    import timm
+
+    return timm.create_model(ref, pretrained=False, num_classes=card.num_classes, **kwargs)
+
+
+def _load_weights(loaded: LoadedModel, path: Path) -> None:
+    sd = read_state_dict(path)
+    meta = _safetensors_metadata(path)
+    card = loaded.card
+    classifier = _classifier_key(loaded.model)
+    if classifier and f"{classifier}.weight" in sd and card.source.startswith("timm:"):
+        n = int(sd[f"{classifier}.weight"].shape[0])
+        if n != card.num_classes:  # fine-tuned head: rebuild the model for the checkpoint's class count
+            card = card.with_(num_classes=n, label_set=None)
+            loaded.model = _build(card)
+            loaded.notes.append(f"checkpoint has {n} classes; built {card.name} with a {n}-way head")
+    if "labels" in meta:
+        card = card.with_(extra={**card.extra, "labels": json.loads(meta["labels"])})
+    load_into(loaded.model, sd, card.name, path)
+    loaded.card = card
+    loaded.weights = WeightsInfo(source=str(path), sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def _classifier_key(model: nn.Module) -> str | None:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    key = cfg.get("classifier") if isinstance(cfg, dict) else None
+    return key if isinstance(key, str) else None
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _timm_pretrained(card: ModelCard) -> LoadedModel:
+    import timm
+
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "20")
+    ref = card.source.partition(":")[2]
+    try:
+        model = timm.create_model(ref, pretrained=True)
+    except Exception as e:  # network, hub, or missing-weights errors all end the same way for the user
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise EffaiError(f"could not fetch pretrained weights for {card.name} from the Hugging Face hub (offline?): "
+                         f"{msg}; download them where there is network and pass --weights PATH") from e
+    return LoadedModel(model, card, WeightsInfo(source=f"timm-hub:{ref}", sha256=_hub_sha(model)))
+
+
+def _hub_sha(model: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

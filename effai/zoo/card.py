@@ -1,0 +1,53 @@
+"""ModelCard: everything an exported artifact must carry about its model besides the weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the zoo knows about one model: how to build it, what it eats, what its outputs mean.
+
+    `name` follows timm's `arch.tag` convention ("ghostnetv3_100", "ghostnetv3_050.digits").
+    """
+
+    name: str
+    family: str                                   # "ghostnetv3", "mobilenetv3", ... (groups `zoo list`)
+    source: str                                   # how it is built: "timm:<name>", "module:<file>:<obj>"
+    input_size: tuple[int, int, int] = (3, 224, 224)  # (C, H, W) of one image; batch is an export option
+    mean: tuple[float, ...] = IMAGENET_MEAN       # per-channel, applied to pixels scaled to [0, 1]
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"               # resize filter used by the reference preprocessing
+    crop_pct: float = 0.875                       # resize shorter side to size/crop_pct, then centre-crop
+    channel_order: str = "RGB"
+    num_classes: int = 1000
+    label_set: str | None = "imagenet-1k"         # named label list (see zoo.labels), None when unknown
+    weights_license: str = "unknown"              # licence of the pretrained weights (random-init has none)
+    reparameterizable: bool = False               # has training-time branches that fold() merges
+    description: str = ""
+    bundled_weights: str | None = None            # file inside effai/zoo/weights shipped with the package
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def with_(self, **changes: Any) -> ModelCard:
+        return replace(self, **changes)
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The manifest's `preprocessing` block: how an app must turn a photo into the model input."""
+        c, h, w = self.input_size
+        return {
+            "input_size": [h, w],
+            "channels": c,
+            "channel_order": self.channel_order,
+            "layout": "NCHW",
+            "scale": 1.0 / 255.0,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+            "recipe": "x = (pixel/255 - mean) / std after resizing the shorter side to size/crop_pct and centre-cropping",
+        }

@@ -1,0 +1,46 @@
+"""The zoo's registry of model cards, seeded with GhostNetV3 and compact peers (timm architectures).
+
+Weights: none are bundled for these; `--pretrained` fetches timm's hub weights (needs network) and `--weights PATH`
+loads a local checkpoint. Without either, the model is random-init and every output says so.
+"""
+
+from __future__ import annotations
+
+from effai.registry import Registry
+from effai.zoo.card import ModelCard
+
+CARDS: Registry[ModelCard] = Registry("model")
+
+_APACHE = "Apache-2.0 (timm weights; check the original training data terms)"
+
+
+def _timm_card(name: str, family: str, description: str, *, reparam: bool = False, size: int = 224,
+               crop_pct: float = 0.875, interpolation: str = "bilinear", license: str = _APACHE,
+               mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> ModelCard:
+    kw = {}
+    if mean is not None:
+        kw["mean"], kw["std"] = mean, std
+    card = ModelCard(name=name, family=family, source=f"timm:{name}", input_size=(3, size, size), crop_pct=crop_pct,
+                     interpolation=interpolation, weights_license=license, reparameterizable=reparam,
+                     description=description, **kw)
+    CARDS.register(name, card)
+    return card
+
+
+for _w in ("050", "100", "130"):
+    _timm_card(f"ghostnetv3_{_w}", "ghostnetv3", f"GhostNetV3 {int(_w) / 100:.1f}x: ghost modules with 3 re-parameterizable "
+               "branches and DFC attention (Liu et al. 2024, arXiv:2404.11202)", reparam=True,
+               interpolation="bicubic")
+_timm_card("mobilenetv2_100", "mobilenetv2", "MobileNetV2 1.0x: inverted residuals, linear bottlenecks (Sandler 2018)",
+           interpolation="bicubic")
+_timm_card("mobilenetv3_large_100", "mobilenetv3", "MobileNetV3-Large 1.0x: SE + hard-swish, NAS-designed (Howard 2019)",
+           interpolation="bicubic")
+_timm_card("mobilenetv3_small_100", "mobilenetv3", "MobileNetV3-Small 1.0x (Howard 2019)", interpolation="bicubic")
+_timm_card("efficientnet_b0", "efficientnet", "EfficientNet-B0: MBConv + SE, compound scaling (Tan & Le 2019)",
+           interpolation="bicubic")
+_timm_card("deit_tiny_patch16_224", "deit", "DeiT-Tiny: 5.7M-param ViT trained data-efficiently (Touvron 2021)",
+           crop_pct=0.9, interpolation="bicubic")
+_timm_card("mobileone_s0", "mobileone", "MobileOne-S0: over-parameterized re-parameterizable branches, <1 ms on "
+           "iPhone 12 (Vasu 2023)", reparam=True, crop_pct=0.875, interpolation="bilinear")
+_timm_card("repvgg_a0", "repvgg", "RepVGG-A0: 3x3+1x1+identity branches folded into one 3x3 conv (Ding 2021)",
+           reparam=True, crop_pct=0.875, interpolation="bilinear")
