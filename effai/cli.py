@@ -163,7 +163,8 @@ def _export_table(rows: list[dict[str, Any]]) -> None:
 
     table = Table(title="effai export")
     for col in ("target", "file", "MB", "parity", "seconds"):
-        table.add_column(col, justify="right" if col in ("MB", "seconds") else "left")
+        table.add_column(col, justify="right" if col in ("MB", "seconds") else "left",
+                         overflow="fold", no_wrap=col in ("target", "MB", "seconds"))
     colors = {"pass": "green", "fail": "red", "not-run": "yellow"}
     for r in rows:
         if "file" not in r:

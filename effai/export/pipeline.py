@@ -27,6 +27,7 @@ import effai
 from effai import toolchain, zoo
 from effai.errors import EffaiError, UsageError, choices_hint
 from effai.export import artifact_dir, manifest as manifest_io
+from effai.export.diagnose import lowering_error
 from effai.export.fold import FoldReport, fold
 from effai.export.parity import TOLERANCES, compare, run_batched
 from effai.export.quiet import captured, tail
@@ -143,12 +144,11 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
             options = LowerOptions(precision=precision)
             try:
                 lowered = target.lower(program, example, options, tmp)
-            except EffaiError:
-                raise
-            except OSError:
+            except (EffaiError, OSError):
                 raise
             except Exception as e:
-                raise lowering_error(cfg.target, e, log) from e
+                others = [n for n, t in TARGETS.items() if n != cfg.target and t.available()[0]]
+                raise lowering_error(cfg.target, e, log, others) from e
             note["detail"] = f"{lowered.model_file} {_size_mb(tmp / lowered.model_file):.2f} MB"
         with stage("parity") as note:
             parity = _parity(target, tmp, lowered, cfg, precision, inputs, reference, shape, sample_names)
@@ -231,17 +231,6 @@ def _parity_line(p: dict[str, Any]) -> str:
         return f"{p['status']}: {p.get('reason', '')}"
     top1 = f", top-1 {p['top1_agreement']:.0%}" if p.get("top1_agreement") is not None else ""
     return f"{p['status']}: max abs err {p['max_abs_err']:.2e} ({p['rel_err']:.1e} rel), cos {p['cosine']:.6f}{top1}"
-
-
-def lowering_error(target: str, e: Exception, log: Path) -> EffaiError:
-    """Name the operator a target choked on, and the other targets to try."""
-    text = f"{e}\n{tail(log, 40)}"
-    m = re.search(r"aten(?:::|\.|_)([A-Za-z0-9_]+?)(?:[._](?:default|Tensor|Scalar|int|vec|dim)\b|\b)", text)
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-    others = [n for n, t in TARGETS.items() if n != target and t.available()[0]]
-    op = f"operator aten.{m.group(1)} " if m else ""
-    return EffaiError(f"{target} cannot lower this model: {op or ''}{'(' if op else ''}{first}{')' if op else ''}; "
-                      f"targets to try: {', '.join(others) or 'none installed'}")
 
 
 def _keep_log(log: Path, out: Path) -> None:

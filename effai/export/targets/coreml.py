@@ -57,7 +57,7 @@ class CoreMLTarget:
 
     def load(self, out_dir: Path, lowered: Lowered) -> Predictor | str:
         if platform.system() != "Darwin":
-            return "not-run: Core ML runtime needs macOS"
+            return "Core ML runtime needs macOS"
         import coremltools as ct
 
         mlmodel = ct.models.MLModel(str(out_dir / lowered.model_file), compute_units=ct.ComputeUnit.CPU_ONLY)
