@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from effai.errors import EffaiError, UsageError, choices_hint
+from effai.errors import EffaiError, UsageError
 from effai.zoo.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard
 from effai.zoo.cards import CARDS
 from effai.zoo.labels import label_set
@@ -49,9 +49,14 @@ def resolve_card(name: str) -> ModelCard:
 
     if timm.is_model(name):
         return _card_from_timm(name)
-    known = CARDS.names() + timm.list_models()
-    raise UsageError(f"unknown model '{name}'; {choices_hint(name, known)} (effai zoo list shows the zoo; "
-                     "any timm model name works too; or pass --model-def file.py:Class)")
+    import difflib
+
+    timm_names = timm.list_models()
+    close = (difflib.get_close_matches(name, CARDS.names(), n=1, cutoff=0.6)
+             or difflib.get_close_matches(name, timm_names, n=1, cutoff=0.6))
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise UsageError(f"unknown model '{name}'; {hint}the zoo has: {', '.join(CARDS.names())}; any of timm's "
+                     f"{len(timm_names)} model names works too, or --model-def path/file.py:Class")
 
 
 def _card_from_timm(name: str) -> ModelCard:
@@ -138,18 +143,39 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 
 
 def _timm_pretrained(card: ModelCard) -> LoadedModel:
+    """timm's hub weights. Without network, use the local HF cache at once instead of retrying for a minute."""
     import timm
+    from huggingface_hub import constants
 
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "20")
     ref = card.source.partition(":")[2]
+    saved = constants.HF_HUB_OFFLINE
+    if not saved and not _hub_reachable(constants.ENDPOINT):
+        constants.HF_HUB_OFFLINE = True   # cache only: fails fast when the weights were never downloaded
     try:
         model = timm.create_model(ref, pretrained=True)
     except Exception as e:  # network, hub, or missing-weights errors all end the same way for the user
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise EffaiError(f"could not fetch pretrained weights for {card.name} from the Hugging Face hub (offline?): "
-                         f"{msg}; download them where there is network and pass --weights PATH") from e
+        text = " ".join(str(e).split()) or type(e).__name__
+        first = text.split(". ")[0][:200]
+        offline = " (no network, and not in the local Hugging Face cache)" if constants.HF_HUB_OFFLINE else ""
+        raise EffaiError(f"could not fetch pretrained weights for {card.name}{offline}: {first}; download them where "
+                         "there is network (or copy the HF cache) and pass --weights PATH") from e
+    finally:
+        constants.HF_HUB_OFFLINE = saved
     return LoadedModel(model, card, WeightsInfo(source=f"timm-hub:{ref}", sha256=_hub_sha(model)))
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Can we open a TCP connection to the hub (or the configured proxy) within `timeout` seconds?"""
+    import socket
+    from urllib.parse import urlparse
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or endpoint)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _hub_sha(model: nn.Module) -> str:

@@ -1,0 +1,3 @@
+from effai.cli import main
+
+main()

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny inputs, session-scoped exports reused by many tests, a CLI runner (real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+SMALL = 64        # smallest size GhostNetV3's DFC gate supports (avgpool 2x2 on 1x1 maps breaks below)
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN statistics, so folding BN is really tested (fresh BNs are identities)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm) and m.running_mean is not None:
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5, generator=g)
+                    m.bias.normal_(0, 0.2, generator=g)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
+    """Run `effai ARGS` in a real process; returns (exit code, last-line JSON object or None, stdout, stderr)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "effai", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
+    last = None
+    if lines:
+        try:
+            last = json.loads(lines[-1])
+        except json.JSONDecodeError:
+            last = None
+    return proc.returncode, last, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def small_exports(tmp_path_factory):
+    """ghostnetv3_050 at 64x64 exported once to every target; many tests read these artifacts."""
+    from effai import zoo
+    from effai.export.pipeline import ExportConfig, export
+
+    root = tmp_path_factory.mktemp("exports")
+    loaded = zoo.create("ghostnetv3_050")
+    randomize_bn(loaded.model)
+    results = {}
+    for target in ("executorch", "onnx", "tflite", "coreml"):
+        results[target] = export(loaded, ExportConfig(target=target, input_size=SMALL, out=root / target))
+    return results

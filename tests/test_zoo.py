@@ -1,0 +1,171 @@
+"""Model sources: zoo cards, any timm name, user module files, and safe checkpoint loading."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from effai import zoo
+from effai.errors import EffaiError, UsageError
+
+ZOO = zoo.CARDS.names()
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_card_builds_and_matches_its_card(name):
+    card = zoo.CARDS.get(name)
+    loaded = zoo.create(name)
+    assert loaded.random_init and any("RANDOM-INIT" in n for n in loaded.notes)
+    x = torch.randn(1, *card.input_size)
+    with torch.no_grad():
+        y = loaded.model(x)
+    assert y.shape == (1, card.num_classes)
+    assert len(zoo.labels(card)) == card.num_classes
+    pre = card.preprocessing()
+    assert pre["input_size"] == list(card.input_size[1:]) and len(pre["mean"]) == card.input_size[0]
+
+
+def test_zoo_is_seeded_with_ghostnetv3_and_compact_peers():
+    for name in ("ghostnetv3_050", "ghostnetv3_100", "ghostnetv3_130", "mobilenetv2_100", "mobilenetv3_large_100",
+                 "efficientnet_b0", "deit_tiny_patch16_224", "mobileone_s0", "repvgg_a0"):
+        assert name in zoo.CARDS
+    assert zoo.labels(zoo.CARDS.get("ghostnetv3_100"))[1].startswith("goldfish")
+
+
+def test_any_timm_model_name_gets_a_card_from_timm():
+    card = zoo.resolve_card("resnet10t")
+    assert card.source == "timm:resnet10t" and card.num_classes == 1000 and card.input_size[0] == 3
+
+
+def test_unknown_model_suggests_the_closest_name():
+    with pytest.raises(UsageError, match="did you mean 'ghostnetv3_100'"):
+        zoo.create("ghostnetv3-100")
+
+
+def test_model_def_loads_a_users_module_with_its_hints(tmp_path):
+    f = tmp_path / "net.py"
+    f.write_text("import torch\nINPUT_SHAPE = (1, 32, 32)\nLABELS = ['a', 'b']\n"
+                 "class Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                 "        self.c = torch.nn.Conv2d(1, 2, 3)\n    def forward(self, x):\n"
+                 "        return self.c(x).mean((2, 3))\n")
+    loaded = zoo.create(model_def=f"{f}:Net")
+    assert loaded.card.input_size == (1, 32, 32) and zoo.labels(loaded.card) == ["a", "b"]
+    with pytest.raises(UsageError, match="has no callable 'Nope'; it defines: Net"):
+        zoo.create(model_def=f"{f}:Nope")
+    with pytest.raises(UsageError, match="not found"):
+        zoo.create(model_def=f"{tmp_path / 'missing.py'}:Net")
+    with pytest.raises(UsageError, match="must look like"):
+        zoo.create(model_def=str(f))
+
+
+def test_model_def_that_returns_no_module_is_refused(tmp_path):
+    f = tmp_path / "bad.py"
+    f.write_text("def make():\n    return 3\n")
+    with pytest.raises(UsageError, match="returned int, not a torch.nn.Module"):
+        zoo.create(model_def=f"{f}:make")
+
+
+@pytest.fixture(scope="module")
+def small_model_sd():
+    return zoo.create("mobilenetv3_small_100").model.state_dict()
+
+
+def test_weights_roundtrip_safetensors_and_wrapped_torch_checkpoints(tmp_path, small_model_sd):
+    sd = {k: v.clone() for k, v in small_model_sd.items()}
+    sd["conv_stem.weight"].fill_(0.5)
+    st = tmp_path / "w.safetensors"
+    save_file(sd, str(st))
+    pt = tmp_path / "w.pth"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, pt)
+    for path in (st, pt):
+        loaded = zoo.create("mobilenetv3_small_100", weights=path)
+        assert not loaded.random_init and loaded.weights.sha256 != "random-init" and len(loaded.weights.sha256) == 64
+        assert torch.equal(loaded.model.conv_stem.weight, sd["conv_stem.weight"])
+
+
+def test_checkpoint_with_other_class_count_rebuilds_the_head_and_reads_labels(tmp_path, small_model_sd):
+    sd = dict(small_model_sd)
+    sd["classifier.weight"] = torch.randn(3, sd["classifier.weight"].shape[1])
+    sd["classifier.bias"] = torch.zeros(3)
+    path = tmp_path / "ft.safetensors"
+    save_file(sd, str(path), metadata={"labels": '["cat", "dog", "bird"]'})
+    loaded = zoo.create("mobilenetv3_small_100", weights=path)
+    assert loaded.card.num_classes == 3 and zoo.labels(loaded.card) == ["cat", "dog", "bird"]
+    assert loaded.model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_checkpoint_that_does_not_fit_names_the_keys(tmp_path, small_model_sd):
+    sd = dict(small_model_sd)
+    sd.pop("conv_stem.weight")
+    sd["extra.weight"] = torch.zeros(1)
+    sd["bn1.weight"] = torch.zeros(7)
+    path = tmp_path / "bad.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(UsageError) as e:
+        zoo.create("mobilenetv3_small_100", weights=path)
+    msg = str(e.value)
+    assert "1 missing keys (conv_stem.weight)" in msg and "1 unexpected keys (extra.weight)" in msg
+    assert "bn1.weight (7,) vs (16,)" in msg
+
+
+def test_truncated_and_corrupt_files_are_refused(tmp_path, small_model_sd):
+    st = tmp_path / "w.safetensors"
+    save_file(dict(small_model_sd), str(st))
+    st.write_bytes(st.read_bytes()[:1000])
+    with pytest.raises(UsageError, match="not a readable safetensors file"):
+        zoo.create("mobilenetv3_small_100", weights=st)
+    pt = tmp_path / "w.pt"
+    torch.save(dict(small_model_sd), pt)
+    pt.write_bytes(pt.read_bytes()[:5000])
+    with pytest.raises(UsageError, match="not a readable torch checkpoint"):
+        zoo.create("mobilenetv3_small_100", weights=pt)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(300))
+    with pytest.raises(UsageError):
+        zoo.create("mobilenetv3_small_100", weights=junk)
+
+
+class Payload:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_payloads_are_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": Payload(marker)}, path)
+    with pytest.raises(UsageError, match="refusing to unpickle"):
+        zoo.create("mobilenetv3_small_100", weights=path)
+    assert not marker.exists()
+
+
+def test_missing_weights_path_and_conflicting_sources(tmp_path):
+    with pytest.raises(UsageError, match="weights file not found"):
+        zoo.create("mobilenetv3_small_100", weights=tmp_path / "nope.safetensors")
+    with pytest.raises(UsageError, match="pass one of them"):
+        zoo.create("mobilenetv3_small_100", weights=tmp_path / "x.pt", pretrained=True)
+    with pytest.raises(UsageError, match="exactly one"):
+        zoo.create()
+
+
+def test_pretrained_offline_is_a_clear_error_not_a_hang(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")  # nothing listens: "no network"
+    before = constants.HF_HUB_OFFLINE
+    t0 = time.perf_counter()
+    with pytest.raises(EffaiError, match="could not fetch pretrained weights for mobilenetv3_small_100.*--weights PATH"):
+        zoo.create("mobilenetv3_small_100", pretrained=True)
+    assert time.perf_counter() - t0 < 15
+    assert constants.HF_HUB_OFFLINE == before  # restored
