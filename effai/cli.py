@@ -119,7 +119,7 @@ def export_cmd(
     summary = {"ok": failed is None, "model": loaded.card.name, "random_init": loaded.random_init,
                "warnings": loaded.notes, "artifacts": results}
     if failed is not None:
-        summary["exit_code"] = failed.exit_code
+        summary["error"], summary["exit_code"] = str(failed), failed.exit_code
     console.json_line(summary)
     if failed is not None:
         raise typer.Exit(failed.exit_code)

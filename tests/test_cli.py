@@ -1,0 +1,82 @@
+"""The command line as a user runs it (real subprocesses): exit codes, clear one-line errors, a final JSON line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import run_cli
+
+
+def test_zoo_list_and_show():
+    code, last, out, _ = run_cli("zoo", "list")
+    assert code == 0 and "ghostnetv3_100" in out and last["ok"]
+    assert {m["name"] for m in last["models"]} >= {"ghostnetv3_050", "mobileone_s0", "repvgg_a0"}
+    code, last, _, _ = run_cli("zoo", "show", "ghostnetv3_100", "--json")
+    assert code == 0 and last["model"]["params"] > 5_000_000 and last["model"]["reparameterizable"]
+
+
+def test_doctor_lists_every_target():
+    code, last, out, _ = run_cli("doctor", "--json")
+    assert code == 0 and set(last["targets"]) == {"coreml", "executorch", "onnx", "tflite"}
+    assert all(t["available"] for t in last["targets"].values()) and last["toolchain"]["executorch"].startswith("1.5")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("export", "ghostnetv3_100", "--target", "tflit"), "did you mean 'tflite'"),
+    (("export", "ghostnetv3-100", "--target", "onnx"), "did you mean 'ghostnetv3_100'"),
+    (("export", "ghostnetv3_100", "--input-shape", "1x3x224"), "must be 4 positive numbers"),
+    (("export", "ghostnetv3_100", "--weights", "/nonexistent/w.safetensors"), "weights file not found"),
+    (("export", "ghostnetv3_100", "--target", "onnx", "--precision", "int3"), "not supported by onnx"),
+    (("export", "--model-def", "nofile.py:Net"), "--model-def file not found"),
+    (("verify", "/nonexistent/artifact"), "artifact directory not found"),
+])
+def test_bad_usage_exits_2_with_one_clear_line(args, needle):
+    code, last, out, err = run_cli(*args)
+    assert code == 2, (out, err)
+    assert needle in err and needle in last["error"] and last["ok"] is False
+    assert "Traceback" not in err
+
+
+def test_checkpoint_mismatch_exits_2_and_names_keys(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"conv.weight": torch.zeros(2, 3, 3, 3)}, str(path))
+    code, last, _, err = run_cli("export", "mobilenetv3_small_100", "--weights", str(path), "--out", str(tmp_path / "o"))
+    assert code == 2 and "unexpected keys (conv.weight)" in last["error"] and "missing keys" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_prints_progress_table_and_a_final_json_line(tmp_path):
+    code, last, out, err = run_cli("export", "mobilenetv3_small_100", "--target", "onnx,tflite", "--input-size", "64",
+                                   "--out", str(tmp_path / "arts"))
+    assert code == 0, err
+    assert "RANDOM-INIT" in err and "fold" in err and "parity" in err      # progress lines on stderr
+    assert "effai export" in out and "pass" in out                          # the table on stdout
+    assert [a["target"] for a in last["artifacts"]] == ["onnx", "tflite"]
+    assert all(a["parity"] == "pass" for a in last["artifacts"]) and last["random_init"] is True
+    art = tmp_path / "arts" / "mobilenetv3_small_100-onnx"
+    assert (art / "model.onnx").is_file()
+    code, vlast, _, _ = run_cli("verify", str(art), "--json")
+    assert code == 0 and vlast["parity"]["status"] == "pass" and vlast["hashes"] == "pass"
+    (art / "model.onnx").write_bytes(b"tampered")
+    code, vlast, _, verr = run_cli("verify", str(art))
+    assert code == 1 and vlast["hashes"] == "fail" and "model.onnx" in json.dumps(vlast["hash_problems"])
+
+
+def test_json_mode_prints_only_json(tmp_path):
+    code, last, out, err = run_cli("export", "mobilenetv3_small_100", "--target", "onnx", "--input-size", "32",
+                                   "--out", str(tmp_path / "a"), "--json")
+    assert code == 0 and out.strip().count("\n") == 0 and last["artifacts"][0]["parity"] == "pass"
+    assert "✓" not in err
+
+
+def test_untraceable_user_module_exits_1_naming_the_line(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import torch\nINPUT_SHAPE = (3, 16, 16)\nclass M(torch.nn.Module):\n"
+                 "    def forward(self, x):\n        return torch.from_numpy(x.numpy()).mean((2, 3))\n")
+    code, last, _, err = run_cli("export", "--model-def", f"{f}:M", "--target", "onnx", "--out", str(tmp_path / "o"))
+    assert code == 1 and "torch.export cannot trace" in last["error"] and "m.py:5" in last["error"]
+    assert not (tmp_path / "o").exists()
