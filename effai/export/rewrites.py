@@ -78,3 +78,4 @@ def _rewrite_ghost_dfc(m: nn.Module, shapes: dict) -> bool:
 _DFC = "DFC gate nearest upsample -> constant selection maps"
 REWRITES.register("GhostModuleV2", (_DFC, _rewrite_ghost_dfc))
 REWRITES.register("GhostModuleV3", (_DFC, _rewrite_ghost_dfc))
+REWRITES.register("EffaiGhostModule", (_DFC, _rewrite_ghost_dfc))

@@ -20,7 +20,7 @@ from effai.zoo.labels import label_set
 from effai.zoo.user_module import load_model_def
 from effai.zoo.weights import RANDOM_INIT, WeightsInfo, load_into, read_state_dict, sha256_file
 
-__all__ = ["CARDS", "LoadedModel", "ModelCard", "create", "resolve_card", "labels"]
+__all__ = ["CARDS", "LoadedModel", "ModelCard", "build", "create", "resolve_card", "labels"]
 
 
 @dataclass
@@ -76,6 +76,15 @@ def _card_from_timm(name: str) -> ModelCard:
 def create(name: str | None = None, *, weights: str | Path | None = None, pretrained: bool = False,
            model_def: str | None = None) -> LoadedModel:
     """Build a model in eval mode with its card and a record of where its weights came from."""
+    if name is None and model_def is None and weights is not None:
+        card = card_from_checkpoint(Path(weights))
+        if card is None:
+            raise UsageError(f"{weights} carries no effai model card; name the model it was trained as "
+                             "(effai export MODEL --weights PATH)")
+        loaded = LoadedModel(build(card), card, RANDOM_INIT)
+        _load_weights(loaded, Path(weights))
+        loaded.model.eval()
+        return loaded
     if (name is None) == (model_def is None):
         raise UsageError("give exactly one of a model name or --model-def path/file.py:ClassOrFactory")
     if pretrained and weights is not None:
@@ -88,9 +97,13 @@ def create(name: str | None = None, *, weights: str | Path | None = None, pretra
         if pretrained:
             loaded = _timm_pretrained(card)
         else:
-            loaded = LoadedModel(_build(card), card, RANDOM_INIT)
             if card.bundled_weights and weights is None:
                 weights = Path(__file__).parent / "weights" / card.bundled_weights
+            saved = card_from_checkpoint(Path(weights)) if weights is not None else None
+            if saved is not None and saved.source == card.source:
+                card = card.with_(input_size=saved.input_size, mean=saved.mean, std=saved.std,
+                                  num_classes=saved.num_classes, label_set=None, extra={**card.extra, **saved.extra})
+            loaded = LoadedModel(build(card), card, RANDOM_INIT)
     if weights is not None:
         _load_weights(loaded, Path(weights))
     if loaded.random_init:
@@ -100,13 +113,38 @@ def create(name: str | None = None, *, weights: str | Path | None = None, pretra
     return loaded
 
 
-def _build(card: ModelCard, **kwargs) -> nn.Module:
+def build(card: ModelCard) -> nn.Module:
+    """A randomly initialized model as the card describes it (classes, input channels, architecture options)."""
     kind, _, ref = card.source.partition(":")
-    if kind != "timm":
-        raise EffaiError(f"card {card.name} has source '{card.source}', which the zoo cannot build")
-    import timm
+    kwargs = dict(card.extra.get("arch_kwargs", {}))
+    if kind == "effai":
+        from effai.zoo.archs import ARCHS
 
-    return timm.create_model(ref, pretrained=False, num_classes=card.num_classes, **kwargs)
+        return ARCHS.get(ref)(num_classes=card.num_classes, in_chans=card.input_size[0], **kwargs)
+    if kind == "timm":
+        import timm
+
+        return timm.create_model(ref, pretrained=False, num_classes=card.num_classes, in_chans=card.input_size[0],
+                                 **kwargs)
+    raise EffaiError(f"card {card.name} has source '{card.source}', which the zoo cannot build")
+
+
+def card_from_checkpoint(path: Path) -> ModelCard | None:
+    """The model card effai train wrote into a safetensors file's metadata, if any."""
+    meta = _safetensors_metadata(path) if path.is_file() else {}
+    if "effai.card" not in meta:
+        return None
+    try:
+        c = json.loads(meta["effai.card"])
+        labels = json.loads(meta["labels"]) if "labels" in meta else None
+        return ModelCard(name=c["name"], family=c.get("family", "trained"), source=c["source"],
+                         input_size=tuple(c["input_size"]), mean=tuple(c["mean"]), std=tuple(c["std"]),
+                         interpolation=c.get("interpolation", "bilinear"), crop_pct=float(c.get("crop_pct", 1.0)),
+                         num_classes=int(c["num_classes"]), label_set=None,
+                         description=f"trained by effai ({path.name})",
+                         extra={"arch_kwargs": c.get("arch_kwargs", {}), **({"labels": labels} if labels else {})})
+    except (KeyError, ValueError, TypeError) as e:
+        raise UsageError(f"{path} has a malformed effai.card in its metadata ({e}); re-save it") from e
 
 
 def _load_weights(loaded: LoadedModel, path: Path) -> None:
@@ -118,7 +156,7 @@ def _load_weights(loaded: LoadedModel, path: Path) -> None:
         n = int(sd[f"{classifier}.weight"].shape[0])
         if n != card.num_classes:  # fine-tuned head: rebuild the model for the checkpoint's class count
             card = card.with_(num_classes=n, label_set=None)
-            loaded.model = _build(card)
+            loaded.model = build(card)
             loaded.notes.append(f"checkpoint has {n} classes; built {card.name} with a {n}-way head")
     if "labels" in meta:
         card = card.with_(extra={**card.extra, "labels": json.loads(meta["labels"])})
@@ -138,8 +176,11 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
         return {}
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # unreadable: read_state_dict reports it clearly
+        return {}
 
 
 def _timm_pretrained(card: ModelCard) -> LoadedModel:
@@ -147,12 +188,19 @@ def _timm_pretrained(card: ModelCard) -> LoadedModel:
     import timm
     from huggingface_hub import constants
 
-    ref = card.source.partition(":")[2]
+    kind, _, ref = card.source.partition(":")
+    ref = card.extra.get("timm_name", ref)
     saved = constants.HF_HUB_OFFLINE
     if not saved and not _hub_reachable(constants.ENDPOINT):
         constants.HF_HUB_OFFLINE = True   # cache only: fails fast when the weights were never downloaded
     try:
         model = timm.create_model(ref, pretrained=True)
+        if kind == "effai":  # effai's own architecture with timm's weights (same parameter names)
+            from effai.zoo.ghostnetv3 import remap_timm_state_dict
+
+            effai_model = build(card)
+            effai_model.load_state_dict(remap_timm_state_dict(model.state_dict()), strict=True)
+            model = effai_model
     except Exception as e:  # network, hub, or missing-weights errors all end the same way for the user
         text = " ".join(str(e).split()) or type(e).__name__
         first = text.split(". ")[0][:200]

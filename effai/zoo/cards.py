@@ -27,10 +27,14 @@ def _timm_card(name: str, family: str, description: str, *, reparam: bool = Fals
     return card
 
 
-for _w in ("050", "100", "130"):
-    _timm_card(f"ghostnetv3_{_w}", "ghostnetv3", f"GhostNetV3 {int(_w) / 100:.1f}x: ghost modules with 3 re-parameterizable "
-               "branches and DFC attention (Liu et al. 2024, arXiv:2404.11202)", reparam=True,
-               interpolation="bicubic")
+for _w in ("050", "100", "130", "160"):
+    # effai's own implementation (effai/zoo/ghostnetv3.py); parameter names equal timm's, so timm's checkpoints
+    # (and --pretrained, fetched through timm) load directly.
+    CARDS.register(f"ghostnetv3_{_w}", ModelCard(
+        name=f"ghostnetv3_{_w}", family="ghostnetv3", source=f"effai:ghostnetv3_{_w}", interpolation="bicubic",
+        weights_license=_APACHE, reparameterizable=True, extra={"timm_name": f"ghostnetv3_{_w}"},
+        description=f"GhostNetV3 {int(_w) / 100:.1f}x (effai's implementation): ghost modules with re-parameterizable "
+                    "branches and DFC attention (Liu et al. 2024, arXiv:2404.11202)"))
 _timm_card("mobilenetv2_100", "mobilenetv2", "MobileNetV2 1.0x: inverted residuals, linear bottlenecks (Sandler 2018)",
            interpolation="bicubic")
 _timm_card("mobilenetv3_large_100", "mobilenetv3", "MobileNetV3-Large 1.0x: SE + hard-swish, NAS-designed (Howard 2019)",

@@ -31,6 +31,7 @@ class CoreMLTarget:
         import coremltools as ct
         import torch
 
+        _patch_int_cast_for_numpy2()
         with torch.no_grad():
             traced = torch.jit.trace(model.eval(), example_inputs)
         precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
@@ -88,6 +89,29 @@ class CoreMLTarget:
         if want_w not in s["weight_dtypes"]:
             problems.append(f"weights are {sorted(s['weight_dtypes'])}, expected {want_w}")
         return {"status": "fail" if problems else "pass", "problems": problems, **s}
+
+
+def _patch_int_cast_for_numpy2() -> None:
+    """coremltools 9.0 folds torch's aten::Int of a constant 1-element tensor with `int(array)`, which numpy 2
+    refuses ("only 0-dimensional arrays can be converted to Python scalars"); ViTs (DeiT) hit it. Fold it with
+    .item() instead; every other case goes to the original converter."""
+    import numpy as np
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch import ops
+
+    original = ops._cast
+    if getattr(original, "_effai_patched", False):
+        return
+
+    def cast(context: Any, node: Any, dtype: type, dtype_name: str) -> None:
+        x = ops._get_inputs(context, node, expected=1)[0]
+        if x.can_be_folded_to_const() and np.ndim(x.val) > 0 and np.size(x.val) == 1:
+            context.add(mb.const(val=dtype(np.asarray(x.val).reshape(()).item()), name=node.name), node.name)
+            return
+        original(context, node, dtype, dtype_name)
+
+    cast._effai_patched = True  # type: ignore[attr-defined]
+    ops._cast = cast
 
 
 _DTYPES = {65568: "float32", 65552: "float16", 131104: "int32", 131080: "int8"}  # ArrayFeatureType.ArrayDataType

@@ -1,0 +1,1 @@
+"""Training: distillation losses and the pieces a training loop needs."""

@@ -1,0 +1,210 @@
+"""One training loop, readable top to bottom (nanoGPT style).
+
+    loss = CE_smooth(z_s, y) + kd_weight * L_kd(z_s, z_t, y)      z_t = teacher(x) on the SAME augmented batch
+
+SGD + linear warmup + cosine, EMA of weights, bf16 autocast on GPU, DDP across processes (each takes a slice of
+the global batch; BN statistics are synchronized), atomic checkpoints every epoch with exact resume (the data
+order and augmentation of epoch e depend only on (seed, e)), metrics as JSONL, a rich progress bar.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effai.errors import EffaiError, UsageError
+from effai.train import checkpoint as ckpt
+from effai.train import data as data_mod
+from effai.train import distributed as ddp
+from effai.train.losses import LOSSES
+from effai.train.models import build_student, load_teacher, save_model
+from effai.train.recipes import TrainConfig
+
+EpochHook = Callable[[int, nn.Module], None]
+
+
+class TrainingDiverged(EffaiError):
+    pass
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: Any = None,
+          on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist = ddp.init(device)
+    out = Path(cfg.out)
+    if dist.main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ".write-test").touch()
+            (out / ".write-test").unlink()
+        except OSError as e:
+            raise UsageError(f"cannot write to --out {out}: {e.strerror}; choose a writable directory") from e
+    torch.manual_seed(cfg.seed)
+
+    # --- data: the whole set in memory, a stratified seeded split ---------------------------------------------
+    full = data_mod.load(cfg.data, cfg.input_size, cfg.channels)
+    train_set, val_set = data_mod.split(full, cfg.val_fraction, cfg.seed)
+    n_classes = len(full.classes)
+    if cfg.batch_size % dist.world:
+        raise EffaiError(f"--batch-size {cfg.batch_size} must be divisible by --nproc {dist.world}")
+    steps_per_epoch = len(train_set) // cfg.batch_size          # drop_last: every step sees a full global batch
+    if steps_per_epoch < 1:
+        raise EffaiError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
+
+    # --- models -------------------------------------------------------------------------------------------------
+    model, card = build_student(cfg, full.classes)
+    teacher = load_teacher(cfg, full.classes) if cfg.teacher else None
+    kd = LOSSES.get(cfg.loss) if teacher is not None else None
+    mean = torch.tensor(card.mean).view(1, -1, 1, 1)
+    std = torch.tensor(card.std).view(1, -1, 1, 1)
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    if dist.world > 1:
+        ddp.convert_batchnorm(model, device)
+        net: nn.Module = nn.parallel.DistributedDataParallel(model)
+    else:
+        net = model
+
+    # --- optimizer and schedule ------------------------------------------------------------------------------------
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    base_lr = cfg.lr * cfg.batch_size / 128
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=base_lr, momentum=cfg.momentum, nesterov=True)
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return base_lr * (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return base_lr * 0.5 * (1 + math.cos(math.pi * t))
+
+    # --- resume -----------------------------------------------------------------------------------------------------
+    start_epoch, step = 0, 0
+    last = out / "checkpoint.pt"
+    if resume and last.is_file():
+        state = ckpt.load(last)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        ckpt.set_rng_state(state["rng"])
+    metrics_path = out / "metrics.jsonl"
+    if dist.main and start_epoch == 0 and metrics_path.exists():
+        metrics_path.unlink()
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and device.type == "cuda") else _null()
+    local = cfg.batch_size // dist.world
+    history: list[dict[str, Any]] = []
+    for epoch in range(start_epoch, cfg.epochs):
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)   # data order + augmentation of this epoch
+        perm = torch.randperm(len(train_set), generator=g)
+        net.train()
+        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        if progress:
+            progress.start_epoch(epoch, cfg.epochs, steps_per_epoch)
+        for i in range(steps_per_epoch):
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            x = data_mod.augment(train_set.x[idx].float() / 255, g, hflip=bool(cfg.hflip), jitter=cfg.jitter)
+            x, y = ((x - mean) / std), train_set.y[idx]
+            x, y = x[dist.rank * local:(dist.rank + 1) * local].to(device), y[dist.rank * local:(dist.rank + 1) * local].to(device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            with autocast:
+                logits = net(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if teacher is not None:
+                    with torch.no_grad():
+                        z_t = teacher(x).float()
+                    loss = loss + cfg.kd_weight * kd(logits.float(), z_t, y)
+            if not torch.isfinite(loss):
+                kept = f"the last good checkpoint (epoch {start_epoch + len(history) - 1}) is kept at {last}" \
+                    if last.is_file() else "no checkpoint was written yet"
+                raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch} step {i}; {kept}; "
+                                       "lower --lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            seen += y.shape[0]
+            loss_sum += loss.item() * y.shape[0]
+            correct += int((logits.argmax(1) == y).sum())
+            if progress:
+                progress.step(loss.item(), correct / seen, seen * dist.world / (time.perf_counter() - t0))
+        row = {"epoch": epoch, "step": step, "lr": lr_at(step - 1), "train_loss": loss_sum / seen,
+               "train_acc": correct / seen, "val_acc": evaluate(model, val_set, mean, std, device),
+               "val_acc_ema": evaluate(ema, val_set, mean, std, device),
+               "images_per_s": seen * dist.world / (time.perf_counter() - t0),
+               "seconds": time.perf_counter() - t0}
+        history.append(row)
+        if dist.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            ckpt.save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                              "epoch": epoch, "step": step, "rng": ckpt.rng_state(), "config": cfg.to_dict()}, last)
+        if progress:
+            progress.end_epoch(row)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model)
+
+    in_sync = ddp.all_equal_params(model)
+    final = _pick_final(model, ema, history)
+    result = {"config": cfg.to_dict(), "classes": full.classes, "dataset": {"source": full.source,
+              "fingerprint": full.fingerprint(), "train": len(train_set), "val": len(val_set)},
+              "world_size": dist.world, "ranks_in_sync": in_sync, "history": history}
+    if dist.main:
+        result.update(save_model(final["model"], card, cfg, out, val_set, result, final["which"]))
+    ddp.shutdown()
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val: data_mod.ImageData, mean: torch.Tensor, std: torch.Tensor,
+             device: torch.device, batch: int = 256) -> float:
+    was = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(val), batch):
+        x = (val.x[i:i + batch].float() / 255 - mean) / std
+        correct += int((model(x.to(device)).argmax(1).cpu() == val.y[i:i + batch]).sum())
+    model.train(was)
+    return correct / max(1, len(val))
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, m in zip(ema.parameters(), model.parameters()):
+        e.lerp_(m.detach(), 1 - decay)
+    for e, m in zip(ema.buffers(), model.buffers()):
+        e.copy_(m)
+
+
+def _pick_final(model: nn.Module, ema: nn.Module, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The EMA weights unless the raw weights did better on the held-out split in the last epoch."""
+    if not history:
+        return {"model": ema, "which": "ema"}
+    last = history[-1]
+    raw = ddp.revert_batchnorm(copy.deepcopy(model))
+    return {"model": ema, "which": "ema"} if last["val_acc_ema"] >= last["val_acc"] else {"model": raw, "which": "raw"}
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None

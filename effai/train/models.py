@@ -1,0 +1,100 @@
+"""Students and teachers for training, and the checkpoint `effai export` takes directly.
+
+The saved `model.safetensors` carries its model card in the safetensors metadata (`effai.card`: architecture,
+input size, mean/std, labels; `effai.train`: how it was trained and its held-out accuracy), so
+`effai export --weights run/model.safetensors` needs no model name.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from effai import zoo
+from effai.errors import UsageError
+from effai.train import distributed as ddp
+from effai.train.recipes import TrainConfig
+from effai.zoo.card import ModelCard
+
+DIGITS_NORM = ((0.5,), (0.5,))
+
+
+def build_student(cfg: TrainConfig, classes: list[str]) -> tuple[nn.Module, ModelCard]:
+    card = zoo.resolve_card(cfg.student)
+    c = int(cfg.channels or 3)
+    mean, std = (card.mean, card.std) if c == 3 else DIGITS_NORM
+    arch_kwargs: dict[str, Any] = {}
+    if card.source.startswith("effai:"):
+        arch_kwargs = {"num_branches": cfg.num_branches, "scale_branch": cfg.scale_branch,
+                       "identity_bn": cfg.identity_bn}
+    card = card.with_(input_size=(c, cfg.input_size, cfg.input_size), num_classes=len(classes), label_set=None,
+                      mean=mean, std=std, crop_pct=1.0, interpolation="bilinear",
+                      extra={"labels": list(classes), "arch_kwargs": arch_kwargs})
+    return zoo.build(card), card
+
+
+def load_teacher(cfg: TrainConfig, classes: list[str]) -> nn.Module:
+    spec = cfg.teacher
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    try:
+        if path.suffix in (".safetensors", ".pt", ".pth") or path.exists():
+            loaded = zoo.create(weights=path)
+        else:
+            if cfg.teacher_weights is None:
+                raise UsageError(f"teacher '{spec}' has no weights: pass a checkpoint path (an effai training run or "
+                                 ".safetensors), or --teacher-weights PATH")
+            loaded = zoo.create(spec, weights=cfg.teacher_weights)
+    except UsageError as e:
+        raise UsageError(f"teacher cannot load: {e}") from e
+    n = loaded.card.num_classes
+    if n != len(classes):
+        raise UsageError(f"teacher {loaded.card.name} predicts {n} classes but the data has {len(classes)}; "
+                         "use a teacher trained on the same classes")
+    if loaded.card.input_size[0] != (cfg.channels or 3):
+        raise UsageError(f"teacher takes {loaded.card.input_size[0]}-channel images, the student {cfg.channels}")
+    model = loaded.model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def save_model(model: nn.Module, card: ModelCard, cfg: TrainConfig, out: Path, val_set: Any,
+               result: dict[str, Any], which: str) -> dict[str, Any]:
+    """Fold (architectures with their own fold) and write model.safetensors + train_record.json atomically."""
+    from safetensors.torch import save_file
+
+    from effai.train.loop import evaluate
+
+    model = ddp.revert_batchnorm(model).eval()
+    mean = torch.tensor(card.mean).view(1, -1, 1, 1)
+    std = torch.tensor(card.std).view(1, -1, 1, 1)
+    acc_before = evaluate(model, val_set, mean, std, torch.device("cpu"))
+    arch_kwargs = dict(card.extra.get("arch_kwargs", {}))
+    folded = False
+    if cfg.fold and callable(getattr(model, "fold", None)) and card.source.startswith("effai:"):
+        model.fold()
+        arch_kwargs["deploy"] = True
+        folded = True
+    acc = evaluate(model, val_set, mean, std, torch.device("cpu"))
+    record = {"recipe": cfg.recipe, "config": cfg.to_dict(), "dataset": result["dataset"], "weights": which,
+              "val_acc": acc, "val_acc_before_fold": acc_before, "folded": folded,
+              "epochs": len(result["history"]), "world_size": result["world_size"],
+              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    card_json = {"name": card.name, "family": card.family, "source": card.source, "input_size": list(card.input_size),
+                 "mean": list(card.mean), "std": list(card.std), "num_classes": card.num_classes,
+                 "interpolation": card.interpolation, "crop_pct": card.crop_pct, "arch_kwargs": arch_kwargs}
+    meta = {"effai.card": json.dumps(card_json), "labels": json.dumps(card.extra["labels"]),
+            "effai.train": json.dumps(record)}
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / ".model.safetensors.tmp"
+    save_file(sd, str(tmp), metadata=meta)
+    tmp.replace(out / "model.safetensors")
+    (out / "train_record.json").write_text(json.dumps({**record, "history": result["history"]}, indent=2) + "\n")
+    return {"model_path": str(out / "model.safetensors"), "val_acc": acc, "folded": folded}

@@ -1,0 +1,178 @@
+"""Training: data sources, recipes, the loop (resume, divergence), DDP on 2 CPU processes, and export of the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from effai import zoo
+from effai.errors import UsageError
+from effai.train import data as data_mod
+from effai.train.loop import TrainingDiverged, train
+from effai.train.recipes import make_config
+from tests.conftest import run_cli
+
+TINY = dict(student="resnet10t", input_size=32, batch_size=32, epochs=3, warmup_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def digits_npz(tmp_path_factory):
+    """240 real digits (24 per class) as a CIFAR-style .npz: small enough for quick epochs."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    idx = np.concatenate([np.nonzero(d.target == c)[0][:24] for c in range(10)])
+    x = np.round(d.images[idx] * 255 / 16).astype(np.uint8)[..., None]      # N,8,8,1
+    path = tmp_path_factory.mktemp("data") / "digits240.npz"
+    np.savez(path, x=x, y=d.target[idx], classes=np.array([str(i) for i in range(10)]))
+    return path
+
+
+def test_digits_load_and_stratified_seeded_split():
+    d = data_mod.load("digits", 64, 1)
+    assert d.x.shape == (1797, 1, 64, 64) and d.x.dtype == torch.uint8 and len(d.classes) == 10
+    tr, va = data_mod.split(d, 0.2, seed=0)
+    tr2, va2 = data_mod.split(d, 0.2, seed=0)
+    assert torch.equal(va.y, va2.y) and len(tr) + len(va) == 1797
+    counts = torch.bincount(va.y, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37
+
+
+def test_image_folder_and_its_errors(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+    d = data_mod.load(str(root), 16, 3)
+    assert d.x.shape == (6, 3, 16, 16) and d.classes == ["cat", "dog"] and d.y.tolist() == [0, 0, 0, 1, 1, 1]
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    with pytest.raises(UsageError, match="no images found"):
+        data_mod.load(str(empty), 16, 3)
+    one = tmp_path / "one"
+    (one / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(one / "a" / "x.png")
+    with pytest.raises(UsageError, match="at least 2"):
+        data_mod.load(str(one), 16, 3)
+    (root / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(UsageError, match="cannot read image"):
+        data_mod.load(str(root), 16, 3)
+
+
+def test_recipe_and_option_errors():
+    with pytest.raises(UsageError, match="unknown recipe 'ghostnet'.*ghostnetv3"):
+        make_config("ghostnet")
+    with pytest.raises(UsageError, match="needs --teacher"):
+        make_config("kd", student="resnet10t")
+    with pytest.raises(UsageError, match="--data nowhere"):
+        train(make_config("supervised", data="nowhere", **TINY))
+    from effai.train.losses import LOSSES
+
+    with pytest.raises(UsageError, match="did you mean 'dkd'"):
+        LOSSES.get("dkdd")
+    cfg = make_config("ghostnetv3")
+    assert (cfg.lr, cfg.weight_decay, cfg.label_smoothing, cfg.momentum) == (0.05, 2e-5, 0.1, 0.9)
+    assert cfg.loss == "kd" and cfg.channels == 1 and cfg.hflip is False
+
+
+def test_unwritable_output_dir(tmp_path, digits_npz):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(UsageError, match="cannot write to --out"):
+        train(make_config("supervised", data=str(digits_npz), out=str(f / "run"), **TINY))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, digits_npz):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    return out, train(make_config("supervised", data=str(digits_npz), out=str(out), **TINY))
+
+
+def test_training_writes_metrics_checkpoint_and_a_model_export_takes(tiny_run, tmp_path):
+    out, result = tiny_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert {"lr", "train_acc", "val_acc", "val_acc_ema", "images_per_s"} <= set(rows[0])
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2
+    loaded = zoo.create(weights=out / "model.safetensors")          # no model name: the card is in the metadata
+    assert loaded.card.num_classes == 10 and loaded.card.input_size == (1, 32, 32) and not loaded.random_init
+    assert zoo.labels(loaded.card) == [str(i) for i in range(10)]
+    from effai.export.pipeline import ExportConfig, export
+
+    res = export(loaded, ExportConfig(target="onnx", out=tmp_path / "art"))
+    assert res.parity_status == "pass" and res.manifest["preprocessing"]["channels"] == 1
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_run, tmp_path, digits_npz):
+    full_out, _ = tiny_run
+    out = tmp_path / "interrupted"
+    cfg = make_config("supervised", data=str(digits_npz), out=str(out), **TINY)
+
+    def stop_after_first(epoch, model):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_epoch_end=stop_after_first)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    train(cfg, resume=True)
+    a, b = load_file(str(full_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digits_npz):
+    out = tmp_path / "nan"
+    cfg = make_config("supervised", data=str(digits_npz), out=str(out), **TINY)
+
+    def poison(epoch, model):
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match="last good checkpoint \\(epoch 0\\)"):
+        train(cfg, on_epoch_end=poison)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_kd_with_a_teacher_and_teacher_errors(tiny_run, tmp_path, digits_npz):
+    teacher_dir, _ = tiny_run
+    cfg = make_config("kd", data=str(digits_npz), out=str(tmp_path / "kd"), teacher=str(teacher_dir), loss="dkd",
+                      **{**TINY, "epochs": 1})
+    result = train(cfg)
+    assert result["history"][0]["train_loss"] > 0 and Path(result["model_path"]).is_file()
+    with pytest.raises(UsageError, match="teacher cannot load"):
+        train(make_config("kd", data=str(digits_npz), out=str(tmp_path / "x"), teacher=str(tmp_path / "nope.safetensors"),
+                          **TINY))
+    five = tmp_path / "five.npz"
+    z = np.load(digits_npz)
+    keep = z["y"] < 5
+    np.savez(five, x=z["x"][keep], y=z["y"][keep])
+    with pytest.raises(UsageError, match="predicts 10 classes but the data has 5"):
+        train(make_config("kd", data=str(five), out=str(tmp_path / "y"), teacher=str(teacher_dir), **TINY))
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_single_process(tmp_path, digits_npz):
+    args = ["train", "supervised", "--data", str(digits_npz), "--student", "resnet10t", "--input-size",
+            "32", "--batch-size", "32", "--epochs", "2", "--json"]
+    code1, single, _, err1 = run_cli(*args, "--out", str(tmp_path / "single"))
+    assert code1 == 0, err1
+    code2, multi, out2, err2 = run_cli(*args, "--out", str(tmp_path / "ddp"), "--nproc", "2")
+    assert code2 == 0, err2[-3000:]
+    assert multi["world_size"] == 2 and multi["ranks_in_sync"] is True
+    a = load_file(str(tmp_path / "single" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point())
+    assert worst < 1e-3, worst
+    assert abs(single["val_acc"] - multi["val_acc"]) <= 0.02
