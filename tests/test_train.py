@@ -17,7 +17,7 @@ from effai.train.loop import TrainingDiverged, train
 from effai.train.recipes import make_config
 from tests.conftest import run_cli
 
-TINY = dict(student="resnet10t", input_size=32, batch_size=32, epochs=3, warmup_epochs=1)
+TINY = dict(student="resnet10t", channels=1, input_size=32, batch_size=32, epochs=3, warmup_epochs=1)
 
 
 @pytest.fixture(scope="module")
@@ -164,15 +164,25 @@ def test_kd_with_a_teacher_and_teacher_errors(tiny_run, tmp_path, digits_npz):
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_matches_single_process(tmp_path, digits_npz):
-    args = ["train", "supervised", "--data", str(digits_npz), "--student", "resnet10t", "--input-size",
-            "32", "--batch-size", "32", "--epochs", "2", "--json"]
+    """Two gloo processes, each on half of every global batch (BN synchronized), against one process on the whole
+    batch. Compared over the first steps: training this tiny net is chaotic (a 3e-7 weight perturbation changes
+    the third step's gradient by ~7e-4, measured), so later steps amplify float reordering, not bugs."""
+    z = np.load(digits_npz)
+    small = tmp_path / "d100.npz"
+    idx = np.concatenate([np.nonzero(z["y"] == c)[0][:10] for c in range(10)])
+    np.savez(small, x=z["x"][idx], y=z["y"][idx])                 # 80 train + 20 val: 2 steps of 32
+    args = ["train", "supervised", "--data", str(small), "--student", "resnet10t", "--input-size", "32",
+            "--batch-size", "32", "--epochs", "1", "--json"]
     code1, single, _, err1 = run_cli(*args, "--out", str(tmp_path / "single"))
     assert code1 == 0, err1
-    code2, multi, out2, err2 = run_cli(*args, "--out", str(tmp_path / "ddp"), "--nproc", "2")
+    code2, multi, _, err2 = run_cli(*args, "--out", str(tmp_path / "ddp"), "--nproc", "2")
     assert code2 == 0, err2[-3000:]
-    assert multi["world_size"] == 2 and multi["ranks_in_sync"] is True
-    a = load_file(str(tmp_path / "single" / "model.safetensors"))
-    b = load_file(str(tmp_path / "ddp" / "model.safetensors"))
-    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point())
-    assert worst < 1e-3, worst
-    assert abs(single["val_acc"] - multi["val_acc"]) <= 0.02
+    assert multi["world_size"] == 2 and multi["ranks_in_sync"] is True and single["world_size"] == 1
+    a = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 2
+    worst = max(float((a["model"][k].float() - b["model"][k].float()).abs().max()) for k in a["model"])
+    assert worst < 1e-4, worst
+    ma = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(ma[0]["train_loss"] - mb[0]["train_loss"]) < 1e-4 and ma[0]["val_acc"] == mb[0]["val_acc"]

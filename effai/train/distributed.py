@@ -48,7 +48,12 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the global batch across all processes (CPU SyncBatchNorm).
 
         mean = sum_all(x) / n_all,   var = sum_all(x^2) / n_all - mean^2   (biased; running var uses n/(n-1))
+
+    Its collectives run on a process group of their own: sharing DDP's group lets the statistics' all-reduce in
+    backward interleave with DDP's asynchronous gradient buckets, which silently corrupts gradients.
     """
+
+    group: object = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
@@ -57,7 +62,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
         c = x.shape[1]
         n = torch.tensor([x.numel() / c], dtype=x.dtype)
-        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), n]))
+        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), n]), group=self.group)
         total = stats[-1]
         mean = stats[:c] / total
         var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)
@@ -74,6 +79,8 @@ def convert_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Synchronize every BatchNorm2d across processes (SyncBatchNorm on GPU, GlobalBatchNorm2d on CPU)."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if GlobalBatchNorm2d.group is None and dist.is_initialized():
+        GlobalBatchNorm2d.group = dist.new_group(backend="gloo")
     for name, child in list(model.named_children()):
         if type(child) is nn.BatchNorm2d:
             new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
@@ -107,3 +114,12 @@ def all_equal_params(model: nn.Module) -> bool:
     ok = torch.tensor([float(torch.equal(flat, ref))])
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+def sum_over_ranks(*values: float) -> tuple[float, ...]:
+    """Sum scalars over all processes (training metrics of the global batch); identity in one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return tuple(t.tolist())

@@ -145,10 +145,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Any = None,
             correct += int((logits.argmax(1) == y).sum())
             if progress:
                 progress.step(loss.item(), correct / seen, seen * dist.world / (time.perf_counter() - t0))
+        loss_sum, correct, seen = ddp.sum_over_ranks(loss_sum, correct, seen)   # metrics of the global batch
         row = {"epoch": epoch, "step": step, "lr": lr_at(step - 1), "train_loss": loss_sum / seen,
                "train_acc": correct / seen, "val_acc": evaluate(model, val_set, mean, std, device),
                "val_acc_ema": evaluate(ema, val_set, mean, std, device),
-               "images_per_s": seen * dist.world / (time.perf_counter() - t0),
+               "images_per_s": seen / (time.perf_counter() - t0),
                "seconds": time.perf_counter() - t0}
         history.append(row)
         if dist.main:
