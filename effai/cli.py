@@ -71,6 +71,9 @@ def export_cmd(
     model_def: Annotated[Optional[str], typer.Option(help="Your own module: path/file.py:ClassOrFactory.")] = None,
     no_fold: Annotated[bool, typer.Option("--no-fold", help="Export without re-parameterizing/fusing (recorded).")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check (recorded in the manifest).")] = False,
+    eval_data: Annotated[str, typer.Option("--eval", help="Top-1 of torch vs artifact on labelled data: digits, an "
+                                           "image folder, an .npz, auto (the model card's own set) or none.")] = "auto",
+    max_drop: Annotated[float, typer.Option(help="Fail when the artifact loses more top-1 points than this.")] = 1.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Fold a model, lower it to one or more targets, prove parity, write artifact dirs with manifests."""
@@ -101,7 +104,8 @@ def export_cmd(
     for t in targets:
         t_out = out if (out is None or len(targets) == 1) else out / f"{loaded.card.name}-{t}"
         cfg = ExportConfig(target=t, precision=precision, input_shape=shape, input_size=input_size,  # type: ignore[arg-type]
-                           batch=batch, out=t_out, fold=not no_fold, verify=not no_verify)
+                           batch=batch, out=t_out, fold=not no_fold, verify=not no_verify, eval=eval_data,
+                           max_drop=max_drop)
         try:
             res = export(loaded, cfg, progress=None if as_json else _progress(ui, t))
             results.append(_row(res))
@@ -156,28 +160,40 @@ def _row(res: Any) -> dict[str, Any]:
     size = sum(f["bytes"] for f in m["files"] if f["path"].startswith(m["model_file"]))
     return {"target": m["target"], "precision": m["precision"], "dir": str(res.out_dir), "file": str(model_path),
             "mb": round(size / 1e6, 3), "parity": p["status"], "max_abs_err": p.get("max_abs_err"),
-            "parity_reason": p.get("reason"), "seconds": round(sum(res.timings.values()), 2)}
+            "parity_reason": p.get("reason"), "seconds": round(sum(res.timings.values()), 2),
+            "accuracy": _acc_summary(m.get("accuracy"))}
+
+
+def _acc_summary(a: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not a:
+        return None
+    return {"status": a["status"], "torch_top1": a["torch"]["top1"],
+            "artifact_top1": a.get("artifact", {}).get("top1"), "samples": a["samples"]}
 
 
 def _export_table(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title="effai export")
-    for col in ("target", "file", "MB", "parity", "seconds"):
+    show_acc = any(r.get("accuracy") for r in rows)
+    for col in ("target", "file", "MB", "parity", *(("top-1",) if show_acc else ()), "seconds"):
         table.add_column(col, justify="right" if col in ("MB", "seconds") else "left",
                          overflow="fold", no_wrap=col in ("target", "MB", "seconds"))
     colors = {"pass": "green", "fail": "red", "not-run": "yellow"}
     for r in rows:
         if "file" not in r:
-            table.add_row(r["target"], "-", "-", "[red]error[/]", "-")
+            table.add_row(r["target"], "-", "-", "[red]error[/]", *(("-",) if show_acc else ()), "-")
             continue
         par = r["parity"]
         if par == "pass" and r.get("max_abs_err") is not None:
             par = f"pass ({r['max_abs_err']:.1e})"
         elif par == "not-run":
             par = f"not-run: {r.get('parity_reason')}"
+        acc = r.get("accuracy")
+        top1 = (() if not show_acc else ("-",) if not acc else
+                (f"{acc['artifact_top1']:.2%}" if acc["artifact_top1"] is not None else f"torch {acc['torch_top1']:.2%}",))
         table.add_row(r["target"], r["file"], f"{r['mb']:.2f}", f"[{colors.get(r['parity'], 'white')}]{par}[/]",
-                      f"{r['seconds']:.1f}")
+                      *top1, f"{r['seconds']:.1f}")
     console.out().print(table)
 
 

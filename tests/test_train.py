@@ -111,6 +111,9 @@ def test_training_writes_metrics_checkpoint_and_a_model_export_takes(tiny_run, t
 
     res = export(loaded, ExportConfig(target="onnx", out=tmp_path / "art"))
     assert res.parity_status == "pass" and res.manifest["preprocessing"]["channels"] == 1
+    acc = res.manifest["accuracy"]                          # auto: the run's own held-out split, in onnxruntime
+    assert acc["samples"] == result["dataset"]["val"] and "held-out split" in acc["data"]
+    assert acc["artifact"]["top1"] == acc["torch"]["top1"] == pytest.approx(result["val_acc"])
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_run, tmp_path, digits_npz):

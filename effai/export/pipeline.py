@@ -52,6 +52,8 @@ class ExportConfig:
     parity_photos: int = 6                        # real photos (scikit-image) per parity run
     parity_noise: int = 2                         # seeded Gaussian inputs on top
     seed: int = 0
+    eval: str | None = "auto"                     # labelled data for top-1: digits | DIR | .npz | auto (the card's) | none
+    max_drop: float = 1.0                         # fail when the artifact loses more top-1 points than this
 
 
 @dataclass
@@ -153,6 +155,15 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
         with stage("parity") as note:
             parity = _parity(target, tmp, lowered, cfg, precision, inputs, reference, shape, sample_names)
             note["detail"] = _parity_line(parity)
+        accuracy = None
+        eval_spec = card.extra.get("eval_data") if cfg.eval == "auto" else (None if cfg.eval == "none" else cfg.eval)
+        if eval_spec:
+            with stage("eval", eval_spec) as note:
+                accuracy = _accuracy(loaded, target, tmp, lowered, card, eval_spec, cfg, shape[0])
+                a = accuracy
+                note["detail"] = (f"top-1 torch {a['torch']['top1']:.2%}, artifact "
+                                  + (f"{a['artifact']['top1']:.2%} ({a['status']})" if "artifact" in a
+                                     else f"not-run ({a['reason']})") + f" on {a['samples']} images")
         with stage("manifest") as note:
             np.savez_compressed(tmp / manifest_io.PARITY_DATA, photos_u8=photos,
                                 **{f"reference_{i}": r for i, r in enumerate(reference)})
@@ -177,6 +188,7 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
                 "parity": {**parity, "samples": len(sample_names), "sample_names": sample_names,
                            "data": manifest_io.PARITY_DATA, "noise_seed": cfg.seed,
                            "n_photos": int(photos.shape[0]), "batch": shape[0]},
+                "accuracy": accuracy,
                 "target_details": lowered.details,
                 "toolchain": toolchain.versions(),
                 "export_config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
@@ -194,6 +206,9 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
         artifact_dir.discard(tmp)
         raise
     result = ExportResult(out, manifest, timings)
+    if accuracy is not None and accuracy["status"] == "fail":
+        raise ParityFailed(f"{cfg.target} artifact failed the accuracy gate: {accuracy['reason']}; it was kept at "
+                           f"{out} and marked failed in its manifest", result)
     if parity["status"] == "fail":
         raise ParityFailed(f"{cfg.target} artifact does not match the torch model: {parity.get('reason')}; it was "
                            f"kept at {out} and marked failed in its manifest", result)
@@ -221,6 +236,20 @@ def _parity(target: Any, tmp: Path, lowered: Any, cfg: ExportConfig, precision: 
     if structural is not None:
         out["structural"] = structural
     return out
+
+
+def _accuracy(loaded: zoo.LoadedModel, target: Any, tmp: Path, lowered: Any, card: Any, spec: str,
+              cfg: ExportConfig, batch: int) -> dict[str, Any]:
+    from effai.export import evaluate as ev
+
+    x, labels, what = ev.eval_set(spec, card)
+    with torch.no_grad():
+        ref = np.concatenate([_outputs(loaded.model(torch.from_numpy(x[i:i + 256])))[0].numpy()
+                              for i in range(0, x.shape[0], 256)])
+    predictor = target.load(tmp, lowered)
+    if isinstance(predictor, str):
+        return ev.accuracy_report(ref, None, labels, cfg.max_drop, what, reason=predictor)
+    return ev.accuracy_report(ref, ev.run_all(predictor.run, x, batch), labels, cfg.max_drop, what)
 
 
 def _parity_line(p: dict[str, Any]) -> str:

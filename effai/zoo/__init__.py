@@ -137,12 +137,20 @@ def card_from_checkpoint(path: Path) -> ModelCard | None:
     try:
         c = json.loads(meta["effai.card"])
         labels = json.loads(meta["labels"]) if "labels" in meta else None
+        extra: dict = {"arch_kwargs": c.get("arch_kwargs", {}), **({"labels": labels} if labels else {})}
+        if "effai.train" in meta:  # evaluate on the training run's own held-out split
+            tcfg = json.loads(meta["effai.train"]).get("config", {})
+            if tcfg.get("data"):
+                extra["split"] = {"data": tcfg["data"], "seed": tcfg.get("seed", 0),
+                                  "val_fraction": tcfg.get("val_fraction", 0.2)}
+                if tcfg["data"] == "digits" or Path(tcfg["data"]).exists():
+                    extra["eval_data"] = tcfg["data"]
+            extra["train_record"] = json.loads(meta["effai.train"])
         return ModelCard(name=c["name"], family=c.get("family", "trained"), source=c["source"],
                          input_size=tuple(c["input_size"]), mean=tuple(c["mean"]), std=tuple(c["std"]),
                          interpolation=c.get("interpolation", "bilinear"), crop_pct=float(c.get("crop_pct", 1.0)),
                          num_classes=int(c["num_classes"]), label_set=None,
-                         description=f"trained by effai ({path.name})",
-                         extra={"arch_kwargs": c.get("arch_kwargs", {}), **({"labels": labels} if labels else {})})
+                         description=f"trained by effai ({path.name})", extra=extra)
     except (KeyError, ValueError, TypeError) as e:
         raise UsageError(f"{path} has a malformed effai.card in its metadata ({e}); re-save it") from e
 
