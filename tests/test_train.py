@@ -189,3 +189,34 @@ def test_ddp_on_two_cpu_processes_matches_single_process(tmp_path, digits_npz):
     ma = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert abs(ma[0]["train_loss"] - mb[0]["train_loss"]) < 1e-4 and ma[0]["val_acc"] == mb[0]["val_acc"]
+
+
+@pytest.mark.slow
+def test_ghostnetv3_recipe_end_to_end_on_an_image_folder(tmp_path):
+    """The real recipe (effai GhostNetV3, 3 branches) on an ImageFolder of real digit photos, then effai export of
+    its folded checkpoint with parity and accuracy in the runtime."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    root = tmp_path / "digits_folder"
+    for c in range(3):
+        (root / f"digit_{c}").mkdir(parents=True)
+        for i in np.nonzero(d.target == c)[0][:30]:
+            Image.fromarray(np.round(d.images[i] * 255 / 16).astype(np.uint8)).resize((64, 64)).save(
+                root / f"digit_{c}" / f"{i}.png")
+    run = tmp_path / "run"
+    code, last, _, err = run_cli("train", "ghostnetv3", "--data", str(root), "--epochs", "2", "--batch-size", "24",
+                                 "--out", str(run), "--json")
+    assert code == 0, err[-2000:]
+    assert last["folded"] is True and Path(last["model"]).is_file()
+    record = json.loads((run / "train_record.json").read_text())
+    assert record["val_acc"] == record["val_acc_before_fold"] and record["dataset"]["val"] == 18
+    code, last, _, err = run_cli("export", "--weights", str(run / "model.safetensors"), "--target", "tflite",
+                                 "--out", str(tmp_path / "art"), "--json")
+    assert code == 0, err[-2000:]
+    art = last["artifacts"][0]
+    assert art["parity"] == "pass" and art["accuracy"]["samples"] == 18
+    assert art["accuracy"]["artifact_top1"] == art["accuracy"]["torch_top1"]
+    m = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert m["labels"] == ["digit_0", "digit_1", "digit_2"] and m["inputs"][0]["shape"] == [1, 3, 64, 64]
