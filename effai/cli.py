@@ -225,7 +225,8 @@ def train_cmd(
     recipe: Annotated[str, typer.Argument(help="ghostnetv3 | kd | supervised")],
     data: Annotated[str, typer.Option(help="'digits', an ImageFolder directory, or a CIFAR-style .npz.")] = "digits",
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (checkpoint, metrics.jsonl, model.safetensors).")] = Path("runs/train"),
-    student: Annotated[Optional[str], typer.Option(help="Model to train (zoo or timm name).")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Model to train, zoo or timm name (ghostnetv3 recipe: "
+                                                   "ghostnetv3_050|100|130|160).")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher: an effai run dir / .safetensors, or a model name.")] = None,
     teacher_weights: Annotated[Optional[str], typer.Option(help="Weights for a teacher given by name.")] = None,
     loss: Annotated[Optional[str], typer.Option(help="Distillation loss: kd | dkd | dist.")] = None,
@@ -233,7 +234,6 @@ def train_cmd(
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (default 64).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="SGD learning rate per 128 images (default 0.05).")] = None,
     input_size: Annotated[Optional[int], typer.Option(help="Training resolution (default 64).")] = None,
-    width: Annotated[Optional[float], typer.Option(help="GhostNetV3 width (default 0.5).")] = None,
     branches: Annotated[Optional[int], typer.Option(help="GhostNetV3 training-time branches (default 3).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for init, split, data order and augmentation.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
@@ -248,7 +248,7 @@ def train_cmd(
             raise UsageError(f"--nproc {nproc} must be >= 1")
         cfg = make_config(recipe, data=data, out=str(out), student=student, teacher=teacher,
                           teacher_weights=teacher_weights, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr,
-                          input_size=input_size, width=width, num_branches=branches, seed=seed)
+                          input_size=input_size, num_branches=branches, seed=seed)
         if cfg.teacher:
             from effai.train.losses import LOSSES
 
@@ -333,7 +333,14 @@ def zoo_show(name: Annotated[str, typer.Argument(help="Zoo or timm model name.")
             "num_classes": card.num_classes, "label_set": card.label_set, "labels_preview": zoo.labels(card)[:5],
             "preprocessing": card.preprocessing(), "weights_license": card.weights_license,
             "reparameterizable": card.reparameterizable, "bundled_weights": card.bundled_weights,
-            "params": sum(p.numel() for p in loaded.model.parameters()), "description": card.description}
+            "params": sum(p.numel() for p in loaded.model.parameters()), "description": card.description,
+            "weights": loaded.weights.source, "weights_sha256": loaded.weights.sha256}
+    record = card.extra.get("train_record")
+    if record:
+        cfg = record.get("config", {})
+        info["trained"] = {"recipe": record.get("recipe"), "data": cfg.get("data"), "teacher": cfg.get("teacher"),
+                           "loss": cfg.get("loss"), "epochs": record.get("epochs"),
+                           "held_out_top1": record.get("val_acc"), "folded": record.get("folded")}
     if not as_json:
         from rich.table import Table
 

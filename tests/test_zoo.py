@@ -19,7 +19,8 @@ ZOO = zoo.CARDS.names()
 def test_every_card_builds_and_matches_its_card(name):
     card = zoo.CARDS.get(name)
     loaded = zoo.create(name)
-    assert loaded.random_init and any("RANDOM-INIT" in n for n in loaded.notes)
+    assert loaded.random_init == (card.bundled_weights is None)
+    assert any("RANDOM-INIT" in n for n in loaded.notes) == loaded.random_init
     x = torch.randn(1, *card.input_size)
     with torch.no_grad():
         y = loaded.model(x)
@@ -34,6 +35,16 @@ def test_zoo_is_seeded_with_ghostnetv3_and_compact_peers():
                  "efficientnet_b0", "deit_tiny_patch16_224", "mobileone_s0", "repvgg_a0"):
         assert name in zoo.CARDS
     assert zoo.labels(zoo.CARDS.get("ghostnetv3_100"))[1].startswith("goldfish")
+
+
+def test_embedded_default_ships_trained_weights_with_their_record():
+    loaded = zoo.create("ghostnetv3_050.digits")
+    card = loaded.card
+    assert not loaded.random_init and len(loaded.weights.sha256) == 64
+    assert zoo.labels(card) == [str(i) for i in range(10)] and card.input_size == (1, 64, 64)
+    record = card.extra["train_record"]
+    assert record["val_acc"] >= 0.97 and record["folded"] and card.extra["eval_data"] == "digits"
+    assert card.extra["split"] == {"data": "digits", "seed": 0, "val_fraction": 0.2}
 
 
 def test_any_timm_model_name_gets_a_card_from_timm():

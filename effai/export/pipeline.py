@@ -129,11 +129,13 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
 
         with stage("fold") as note:
             with torch.no_grad():
-                reference = [o.numpy().copy() for o in _outputs(model(torch.from_numpy(inputs)))]
+                ref_t = _outputs(model(torch.from_numpy(inputs)))
+            reference = [o.numpy().copy() for o in ref_t]
             if cfg.fold:
-                report = fold(model, (torch.from_numpy(inputs),))
+                report = fold(model, (torch.from_numpy(inputs),), reference=ref_t)
                 note["detail"] = (f"{sum(report.reparameterized.values())} blocks re-parameterized, "
                                   f"{report.fused_conv_bn + report.fused_linear_bn} BN fused, "
+                                  f"{sum(report.rewritten.values())} ops rewritten, "
                                   f"params {report.params_before:,} -> {report.params_after:,}")
             else:
                 report = FoldReport(skipped="disabled by --no-fold")

@@ -65,6 +65,20 @@ def load_teacher(cfg: TrainConfig, classes: list[str]) -> nn.Module:
     return model
 
 
+def teacher_summary(cfg: TrainConfig) -> dict[str, Any] | None:
+    """What the teacher was: its card and, for an effai-trained teacher, its own held-out accuracy."""
+    if not cfg.teacher:
+        return None
+    path = Path(cfg.teacher)
+    path = path / "model.safetensors" if path.is_dir() else path
+    card = zoo.card_from_checkpoint(path) if path.is_file() else None
+    if card is None:
+        return {"spec": cfg.teacher, "weights": cfg.teacher_weights}
+    rec = card.extra.get("train_record", {})
+    return {"spec": cfg.teacher, "model": card.source, "val_acc": rec.get("val_acc"), "recipe": rec.get("recipe"),
+            "epochs": rec.get("epochs")}
+
+
 def save_model(model: nn.Module, card: ModelCard, cfg: TrainConfig, out: Path, val_set: Any,
                result: dict[str, Any], which: str) -> dict[str, Any]:
     """Fold (architectures with their own fold) and write model.safetensors + train_record.json atomically."""
@@ -84,6 +98,7 @@ def save_model(model: nn.Module, card: ModelCard, cfg: TrainConfig, out: Path, v
         folded = True
     acc = evaluate(model, val_set, mean, std, torch.device("cpu"))
     record = {"recipe": cfg.recipe, "config": cfg.to_dict(), "dataset": result["dataset"], "weights": which,
+              "teacher": teacher_summary(cfg),
               "val_acc": acc, "val_acc_before_fold": acc_before, "folded": folded,
               "epochs": len(result["history"]), "world_size": result["world_size"],
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

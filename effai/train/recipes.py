@@ -40,7 +40,6 @@ class TrainConfig:
     jitter: float = 0.4                 # brightness/contrast jitter strength
     val_fraction: float = 0.2           # stratified held-out split, seeded
     seed: int = 0
-    width: float = 0.5                  # GhostNetV3 width multiplier (ghostnetv3 recipe)
     num_branches: int = 3               # GhostNetV3 training-time conv branches (ablations: 1..N)
     scale_branch: bool = True           # GhostNetV3 1x1 'scale' branch in the cheap operation
     identity_bn: bool = True            # GhostNetV3 identity-BN branch in the cheap operation

@@ -48,3 +48,15 @@ _timm_card("mobileone_s0", "mobileone", "MobileOne-S0: over-parameterized re-par
            "iPhone 12 (Vasu 2023)", reparam=True, crop_pct=0.875, interpolation="bilinear")
 _timm_card("repvgg_a0", "repvgg", "RepVGG-A0: 3x3+1x1+identity branches folded into one 3x3 conv (Ding 2021)",
            reparam=True, crop_pct=0.875, interpolation="bilinear")
+
+# The embedded default: trained by effai's own recipe on scikit-learn's digits (real handwritten digits shipped in
+# scikit-learn, BSD-3), weights shipped in the package (deploy form). How it was trained, and its held-out accuracy,
+# ride in the weights file's metadata (`effai zoo show ghostnetv3_050.digits`).
+CARDS.register("ghostnetv3_050.digits", ModelCard(
+    name="ghostnetv3_050.digits", family="ghostnetv3", source="effai:ghostnetv3_050", input_size=(1, 64, 64),
+    mean=(0.5,), std=(0.5,), interpolation="bilinear", crop_pct=1.0, num_classes=10, label_set="digits",
+    weights_license="Apache-2.0 (trained by effai on scikit-learn digits, BSD-3-Clause data)",
+    reparameterizable=True, bundled_weights="ghostnetv3_050_digits.safetensors",
+    extra={"arch_kwargs": {"deploy": True}},
+    description="GhostNetV3 0.5x trained by effai (ghostnetv3 recipe, KD from a ResNet-18 teacher) on scikit-learn "
+                "digits upsampled to 64x64 greyscale; the README's main job exports it"))
