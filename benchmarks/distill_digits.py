@@ -38,7 +38,7 @@ def ensure_teacher(path: Path, epochs: int) -> Path:
 
 
 def fold_speedup(width: float = 0.5, size: int = 64, channels: int = 1, runs: int = 30) -> dict[str, float]:
-    """Median forward latency (batch 1, 2 threads) of the 3-branch training form vs its folded deploy form."""
+    """Median forward latency (batch 1, torch's thread setting) of the 3-branch training form vs its folded deploy form."""
     from effai.export.fold import fold
     from effai.zoo.ghostnetv3 import GhostNetV3
 
@@ -71,7 +71,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench_distill"))
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variant names to run")
     args = ap.parse_args()
-    torch.set_num_threads(2)
     teacher = ensure_teacher(args.teacher, 15)
     results: dict[str, list[float]] = {}
     for name in [v for v in args.variants.split(",") if v]:

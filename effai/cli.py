@@ -42,12 +42,19 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def parse_targets(text: str) -> list[str]:
+def parse_targets(text: str, skipped: dict[str, str] | None = None) -> list[str]:
+    """Target names from --target; for 'all', the available ones (the others go into `skipped` with the reason)."""
     from effai.export.targets import TARGETS
 
     names = [t.strip() for t in text.split(",") if t.strip()]
     if names == ["all"]:
-        return [n for n, t in TARGETS.items() if t.available()[0]]
+        avail = [n for n, t in TARGETS.items() if t.available()[0]]
+        if skipped is not None:
+            skipped.update({n: t.available()[1] for n, t in TARGETS.items() if n not in avail})
+        if not avail:
+            missing = "; ".join(f"{n}: {t.available()[1]}" for n, t in TARGETS.items())
+            raise EffaiError(f"--target all: no export toolchain is installed ({missing})")
+        return avail
     for n in names:
         TARGETS.get(n)  # unknown -> UsageError listing the choices
     if not names:
@@ -78,7 +85,7 @@ def export_cmd(
 ) -> None:
     """Fold a model, lower it to one or more targets, prove parity, write artifact dirs with manifests."""
     from effai import zoo
-    from effai.export.pipeline import ExportConfig, ParityFailed, export
+    from effai.export.pipeline import ExportConfig, ParityFailed, export, safe_name
 
     ui = console.err()
     results: list[dict[str, Any]] = []
@@ -88,7 +95,11 @@ def export_cmd(
         if input_size is not None and input_size < 1:
             raise UsageError(f"--input-size {input_size} must be >= 1")
         shape = parse_shape(input_shape) if input_shape else None
-        targets = parse_targets(target)
+        skipped: dict[str, str] = {}
+        targets = parse_targets(target, skipped)
+        if skipped and not as_json:
+            for n, why in skipped.items():
+                ui.print(f"[yellow]! skipping {n}: {why}[/]")
         t0 = time.perf_counter()
         with ui.status(f"loading {model or model_def}", spinner="dots") if not as_json else _nullctx():
             loaded = zoo.create(model, weights=weights, pretrained=pretrained, model_def=model_def)
@@ -102,7 +113,7 @@ def export_cmd(
         _fail(e, as_json)
     failed: EffaiError | None = None
     for t in targets:
-        t_out = out if (out is None or len(targets) == 1) else out / f"{loaded.card.name}-{t}"
+        t_out = out if (out is None or len(targets) == 1) else out / f"{safe_name(loaded.card.name)}-{t}"
         cfg = ExportConfig(target=t, precision=precision, input_shape=shape, input_size=input_size,  # type: ignore[arg-type]
                            batch=batch, out=t_out, fold=not no_fold, verify=not no_verify, eval=eval_data,
                            max_drop=max_drop)
@@ -119,10 +130,19 @@ def export_cmd(
             failed = failed or e
             if not as_json:
                 ui.print(f"[bold red]✗ {t}: {e}[/]")
+        except Exception as e:  # a toolchain bug must not lose the other targets' results
+            if os.environ.get("EFFAI_DEBUG"):
+                raise
+            err = EffaiError(f"internal error exporting to {t}: {type(e).__name__}: {e} (EFFAI_DEBUG=1 shows the "
+                             "traceback; please report it)")
+            results.append({"target": t, "error": str(err), "exit_code": 1})
+            failed = failed or err
+            if not as_json:
+                ui.print(f"[bold red]✗ {err}[/]")
     if not as_json:
         _export_table(results)
     summary = {"ok": failed is None, "model": loaded.card.name, "random_init": loaded.random_init,
-               "warnings": loaded.notes, "artifacts": results}
+               "warnings": loaded.notes, "artifacts": results, "skipped_targets": skipped}
     if failed is not None:
         summary["error"], summary["exit_code"] = str(failed), failed.exit_code
     console.json_line(summary)
@@ -148,7 +168,8 @@ def _progress(ui: Any, target: str):
             return
         if "s" in status:
             status.pop("s").__exit__(None, None, None)
-        ui.print(f"[green]✓[/] {stage:<9} {seconds:6.2f}s  [dim]{target}[/] {detail}")
+        mark = "[green]✓[/]" if event == "end" else "[red]✗[/]"
+        ui.print(f"{mark} {stage:<9} {seconds:6.2f}s  [dim]{target}[/] {detail}")
 
     return cb
 
@@ -237,6 +258,7 @@ def train_cmd(
     branches: Annotated[Optional[int], typer.Option(help="GhostNetV3 training-time branches (default 3).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for init, split, data order and augmentation.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over in an OUT that holds a previous run.")] = False,
     nproc: Annotated[int, typer.Option(help="Data-parallel processes (torchrun; gloo on CPU, nccl on GPU).")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
@@ -259,7 +281,9 @@ def train_cmd(
         from effai.train.loop import train
         from effai.train.progress import RichProgress
 
-        result = train(cfg, resume=resume, progress=None if as_json else RichProgress(console.err()))
+        if not cfg.teacher and not as_json:
+            console.err().print(f"[yellow]! no --teacher: recipe '{recipe}' trains with cross-entropy only[/]")
+        result = train(cfg, resume=resume, force=force, progress=None if as_json else RichProgress(console.err()))
     except EffaiError as e:
         _fail(e, as_json)
     import os as _os
@@ -377,9 +401,21 @@ def doctor(as_json: JsonOpt = False) -> None:
 
 def main() -> None:
     """Console-script entry: unexpected exceptions still end with a message, a JSON line and exit code 1."""
+    from typer._click import exceptions as click_exc   # typer vendors click
+
     console.reset()
     try:
-        app()
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except click_exc.NoArgsIsHelpError:   # `effai` alone: the help was printed
+        console.json_line({"ok": False, "error": "no command given", "exit_code": 2})
+        sys.exit(2)
+    except click_exc.ClickException as e:  # bad option, missing argument, bad value: exit 2 + JSON line
+        e.show()
+        console.json_line({"ok": False, "error": e.format_message(), "exit_code": e.exit_code})
+        sys.exit(e.exit_code)
+    except (typer.Exit, typer.Abort) as e:
+        sys.exit(getattr(e, "exit_code", 1))
     except SystemExit:
         raise
     except EffaiError as e:

@@ -41,6 +41,11 @@ def test_bad_usage_exits_2_with_one_clear_line(args, needle):
     assert "Traceback" not in err
 
 
+def test_malformed_options_exit_2_with_a_json_line():
+    code, last, _, err = run_cli("export", "ghostnetv3_100", "--batch", "abc")
+    assert code == 2 and last["ok"] is False and "--batch" in last["error"] and "Traceback" not in err
+
+
 def test_checkpoint_mismatch_exits_2_and_names_keys(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({"conv.weight": torch.zeros(2, 3, 3, 3)}, str(path))

@@ -38,7 +38,7 @@ def test_every_target_writes_an_artifact_with_a_complete_manifest(small_exports,
     assert {"fold", "lower", "parity"} <= set(m["timings_s"])
     assert m["toolchain"]["torch"] == "2.14.1"
     paths = {f["path"] for f in m["files"]}
-    assert "parity.npz" in paths and "export.log" in paths
+    assert "parity.npz" in paths and "export.log" not in paths and (res.out_dir / "export.log").is_file()
     assert not list(res.out_dir.parent.glob(".*.tmp-*")), "temp dirs left behind"
 
 
@@ -129,6 +129,19 @@ def test_unwritable_and_invalid_output_locations(tiny, tmp_path):
     with pytest.raises(UsageError, match="refusing to replace"):
         export(tiny, ExportConfig(target="onnx", input_size=32, out=user_dir))
     assert (user_dir / "holiday.jpg").read_bytes() == b"precious"
+    web_app = tmp_path / "webapp"                    # a manifest.json that is not effai's must not make it a target
+    web_app.mkdir()
+    (web_app / "manifest.json").write_text('{"name": "my pwa", "start_url": "/"}')
+    with pytest.raises(UsageError, match="refusing to replace"):
+        export(tiny, ExportConfig(target="onnx", input_size=32, out=web_app))
+    assert json.loads((web_app / "manifest.json").read_text())["name"] == "my pwa"
+
+
+def test_input_size_the_model_cannot_take_is_a_usage_error(tmp_path):
+    loaded = zoo.create("deit_tiny_patch16_224")
+    with pytest.raises(UsageError, match="cannot run on input"):
+        export(loaded, ExportConfig(target="onnx", input_size=96, out=tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
 
 
 def test_read_only_filesystem_is_a_usage_error(tiny, tmp_path, monkeypatch):

@@ -109,11 +109,19 @@ def test_training_writes_metrics_checkpoint_and_a_model_export_takes(tiny_run, t
     assert zoo.labels(loaded.card) == [str(i) for i in range(10)]
     from effai.export.pipeline import ExportConfig, export
 
-    res = export(loaded, ExportConfig(target="onnx", out=tmp_path / "art"))
+    res = export(loaded, ExportConfig(target="onnx", out=tmp_path / "art", eval=loaded.card.extra["split"]["data"]))
     assert res.parity_status == "pass" and res.manifest["preprocessing"]["channels"] == 1
-    acc = res.manifest["accuracy"]                          # auto: the run's own held-out split, in onnxruntime
+    acc = res.manifest["accuracy"]                          # the run's own held-out split, in onnxruntime
     assert acc["samples"] == result["dataset"]["val"] and "held-out split" in acc["data"]
     assert acc["artifact"]["top1"] == acc["torch"]["top1"] == pytest.approx(result["val_acc"])
+
+
+def test_a_previous_run_is_not_overwritten_without_resume_or_force(tiny_run, digits_npz):
+    out, _ = tiny_run
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(UsageError, match="already holds a training run"):
+        train(make_config("supervised", data=str(digits_npz), out=str(out), **TINY))
+    assert (out / "model.safetensors").read_bytes() == before
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_run, tmp_path, digits_npz):
@@ -213,7 +221,7 @@ def test_ghostnetv3_recipe_end_to_end_on_an_image_folder(tmp_path):
     record = json.loads((run / "train_record.json").read_text())
     assert record["val_acc"] == record["val_acc_before_fold"] and record["dataset"]["val"] == 18
     code, last, _, err = run_cli("export", "--weights", str(run / "model.safetensors"), "--target", "tflite",
-                                 "--out", str(tmp_path / "art"), "--json")
+                                 "--eval", str(root), "--out", str(tmp_path / "art"), "--json")
     assert code == 0, err[-2000:]
     art = last["artifacts"][0]
     assert art["parity"] == "pass" and art["accuracy"]["samples"] == 18

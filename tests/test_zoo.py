@@ -47,6 +47,23 @@ def test_embedded_default_ships_trained_weights_with_their_record():
     assert card.extra["split"] == {"data": "digits", "seed": 0, "val_fraction": 0.2}
 
 
+@pytest.mark.parametrize("deploy", [False, True])
+def test_timm_ghostnetv3_checkpoints_load_into_effais_ghostnetv3(tmp_path, deploy):
+    import timm
+
+    ref = timm.create_model("ghostnetv3_050").eval()
+    if deploy:
+        from timm.utils.model import reparameterize_model
+
+        ref = reparameterize_model(ref)
+    path = tmp_path / "timm.pth"
+    torch.save({"state_dict": ref.state_dict()}, path)
+    loaded = zoo.create("ghostnetv3_050", weights=path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), ref(x), atol=1e-5)
+
+
 def test_any_timm_model_name_gets_a_card_from_timm():
     card = zoo.resolve_card("resnet10t")
     assert card.source == "timm:resnet10t" and card.num_classes == 1000 and card.input_size[0] == 3
@@ -136,8 +153,12 @@ def test_truncated_and_corrupt_files_are_refused(tmp_path, small_model_sd):
         zoo.create("mobilenetv3_small_100", weights=pt)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(300))
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="not a readable torch checkpoint"):
         zoo.create("mobilenetv3_small_100", weights=junk)
+    text = tmp_path / "notes.pt"
+    text.write_text("these are my notes, not a checkpoint")
+    with pytest.raises(UsageError, match="not a readable torch checkpoint"):
+        zoo.create("mobilenetv3_small_100", weights=text)
 
 
 class Payload:

@@ -12,7 +12,17 @@ import uuid
 from pathlib import Path
 
 from effai.errors import EffaiError, UsageError
-from effai.export.manifest import MANIFEST
+from effai.export.manifest import MANIFEST, SCHEMA
+
+
+def is_artifact(path: Path) -> bool:
+    """A directory effai wrote: its manifest.json parses and carries effai's schema (a web app's doesn't)."""
+    import json
+
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("schema") == SCHEMA
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def prepare(out: Path) -> Path:
@@ -20,9 +30,9 @@ def prepare(out: Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; choose a directory path")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise UsageError(f"refusing to replace {out}: it is not empty and not an effai artifact (no {MANIFEST}); "
-                         "choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not is_artifact(out):
+        raise UsageError(f"refusing to replace {out}: it is not empty and not an effai artifact (no {MANIFEST} with "
+                         f"schema {SCHEMA}); choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"

@@ -17,8 +17,12 @@ MANIFEST = "manifest.json"
 PARITY_DATA = "parity.npz"
 
 
-def file_entries(root: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> list[dict[str, Any]]:
-    """Every file under root (a .mlpackage is a directory: its files are listed one by one), sorted."""
+LOG = "export.log"
+
+
+def file_entries(root: Path, exclude: tuple[str, ...] = (MANIFEST, LOG)) -> list[dict[str, Any]]:
+    """Every file under root (a .mlpackage is a directory: its files are listed one by one), sorted. The manifest
+    and the toolchain log are not hashed (the log may still be written to while the manifest is)."""
     out = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()

@@ -9,6 +9,7 @@ skipped stage is a manifest line). Toolchain output goes to export.log inside th
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
 import tempfile
@@ -36,7 +37,7 @@ from effai.export.targets import TARGETS, LowerOptions
 from effai.export.trace import trace
 
 Progress = Callable[[str, str, str, float], None]   # (event "start"|"end", stage, detail, seconds)
-LOG = "export.log"
+LOG = manifest_io.LOG
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,11 @@ class ParityFailed(EffaiError):
         self.result = result
 
 
+def safe_name(name: str) -> str:
+    """A model name usable as one path component (names can come from a checkpoint's metadata)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).lstrip(".") or "model"
+
+
 def resolve(loaded: zoo.LoadedModel, cfg: ExportConfig) -> tuple[Any, str, tuple[int, int, int, int], Path]:
     """Validate the config against the target and the model up front: (target, precision, input shape, out dir)."""
     target = TARGETS.get(cfg.target)
@@ -94,7 +100,7 @@ def resolve(loaded: zoo.LoadedModel, cfg: ExportConfig) -> tuple[Any, str, tuple
     if shape[1] != c:
         raise UsageError(f"input shape has {shape[1]} channels but {loaded.card.name} takes {c}; "
                          f"use --input-shape {shape[0]}x{c}x{shape[2]}x{shape[3]}")
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", loaded.card.name)
+    name = safe_name(loaded.card.name)
     suffix = f"-{precision}" if len(target.precisions) > 1 else ""
     out = Path(cfg.out) if cfg.out is not None else Path("effai_out") / f"{name}-{cfg.target}{suffix}"
     return target, precision, tuple(int(s) for s in shape), out  # type: ignore[return-value]
@@ -114,8 +120,13 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
         if progress:
             progress("start", name, detail, 0.0)
         t0 = time.perf_counter()
-        with captured(log):
-            yield note
+        try:
+            with captured(log):
+                yield note
+        except BaseException:
+            if progress:
+                progress("fail", name, note["detail"], time.perf_counter() - t0)
+            raise
         timings[name] = round(time.perf_counter() - t0, 3)
         if progress:
             progress("end", name, note["detail"], timings[name])
@@ -128,8 +139,13 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
         example = (torch.from_numpy(inputs[: shape[0]]).contiguous(),)
 
         with stage("fold") as note:
-            with torch.no_grad():
-                ref_t = _outputs(model(torch.from_numpy(inputs)))
+            try:
+                with torch.no_grad():
+                    ref_t = _outputs(model(torch.from_numpy(inputs)))
+            except Exception as e:  # the model itself rejects this input shape
+                raise UsageError(f"{card.name} cannot run on input {shape[1:]} ({type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); its card's size is "
+                                 f"{'x'.join(map(str, loaded.card.input_size))}: pass a size it supports") from e
             reference = [o.numpy().copy() for o in ref_t]
             if cfg.fold:
                 report = fold(model, (torch.from_numpy(inputs),), reference=ref_t)
@@ -266,9 +282,10 @@ def _parity_line(p: dict[str, Any]) -> str:
 
 def _keep_log(log: Path, out: Path) -> None:
     if log.is_file():
-        dest = Path(tempfile.gettempdir()) / f"effai-export-{out.name}.log"
         try:
-            shutil.copyfile(log, dest)
+            fd, dest = tempfile.mkstemp(prefix=f"effai-export-{out.name}-", suffix=".log")
+            with os.fdopen(fd, "wb") as f, open(log, "rb") as src:
+                shutil.copyfileobj(src, f)
         except OSError:
             pass
 

@@ -35,15 +35,16 @@ def parity_samples(root: Path, m: dict[str, Any]) -> tuple[np.ndarray, list[np.n
     """The exact inputs and torch reference outputs of the export-time parity check."""
     p = m["parity"]
     try:
-        data = np.load(root / p["data"], allow_pickle=False)
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"{root}: cannot read the parity data ({e}); re-export the artifact") from e
+        with np.load(root / p["data"], allow_pickle=False) as data:
+            photos = data["photos_u8"]
+            refs = [data[k] for k in sorted((k for k in data.files if k.startswith("reference_")),
+                                            key=lambda k: int(k[10:]))]
+    except Exception as e:  # OSError, ValueError, KeyError, BadZipFile: all mean the same to the user
+        raise UsageError(f"{root}: cannot read the parity data ({type(e).__name__}: {e}); re-export the artifact") from e
     pre = m["preprocessing"]
     c, (h, w) = pre["channels"], pre["input_size"]
-    photos = data["photos_u8"]
     parts = [normalize(photos, pre["mean"], pre["std"], c)] if photos.shape[0] else []
     parts.append(gaussian(p["samples"] - photos.shape[0], (c, h, w), p["noise_seed"]))
-    refs = [data[k] for k in sorted((k for k in data.files if k.startswith("reference_")), key=lambda k: int(k[10:]))]
     return np.concatenate(parts), refs
 
 

@@ -129,9 +129,16 @@ def _npz(path: Path, size: int, channels: int) -> ImageData:
     t = torch.from_numpy(np.ascontiguousarray(x))
     if t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3):
         t = t.permute(0, 3, 1, 2)
+    if t.is_floating_point():  # floats in [0, 1] or [0, 255]
+        t = (t * 255 if float(t.max()) <= 1.0 else t).round().clamp(0, 255)
+    elif t.dtype != torch.uint8:
+        t = t.clamp(0, 255)
     labels = torch.from_numpy(y.astype(np.int64))
     n_classes = int(labels.max()) + 1
     classes = classes or [str(i) for i in range(n_classes)]
+    if int(labels.min()) < 0 or n_classes > len(classes):
+        raise UsageError(f"--data {path}: labels must lie in 0..{len(classes) - 1}, found {int(labels.min())}.."
+                         f"{n_classes - 1}")
     return ImageData(_fit(t.to(torch.uint8), size, channels), labels, classes, str(path))
 
 

@@ -108,18 +108,31 @@ def all_equal_params(model: nn.Module) -> bool:
     """True when every process holds bit-identical parameters (ranks in sync)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return True
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()]).to(_collective_device())
     ref = flat.clone()
     dist.broadcast(ref, 0)
-    ok = torch.tensor([float(torch.equal(flat, ref))])
+    ok = torch.tensor([float(torch.equal(flat, ref))], device=flat.device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def sum_over_ranks(*values: float) -> tuple[float, ...]:
     """Sum scalars over all processes (training metrics of the global batch); identity in one process."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
-    return tuple(t.tolist())
+    return tuple(t.cpu().tolist())
+
+
+def all_ranks_true(flag: bool, device: torch.device | None = None) -> bool:
+    """True only when `flag` holds on every process (so all ranks stop together, none hangs in a collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

@@ -36,11 +36,17 @@ class TrainingDiverged(EffaiError):
     pass
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: Any = None,
+def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: Any = None,
           on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dist = ddp.init(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
     out = Path(cfg.out)
+    if (out / "checkpoint.pt").is_file() and not (resume or force):
+        raise UsageError(f"{out} already holds a training run; pass --resume to continue it, --force to start over, "
+                         "or choose another --out")
     if dist.main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -62,10 +68,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Any = None,
 
     # --- models -------------------------------------------------------------------------------------------------
     model, card = build_student(cfg, full.classes)
-    teacher = load_teacher(cfg, full.classes) if cfg.teacher else None
+    teacher, t_card = load_teacher(cfg, full.classes) if cfg.teacher else (None, None)
     kd = LOSSES.get(cfg.loss) if teacher is not None else None
     mean = torch.tensor(card.mean).view(1, -1, 1, 1)
     std = torch.tensor(card.std).view(1, -1, 1, 1)
+    t_mean = torch.tensor(t_card.mean).view(1, -1, 1, 1) if t_card else mean   # the teacher's own preprocessing
+    t_std = torch.tensor(t_card.std).view(1, -1, 1, 1) if t_card else std
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
@@ -74,7 +82,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Any = None,
         p.requires_grad_(False)
     if dist.world > 1:
         ddp.convert_batchnorm(model, device)
-        net: nn.Module = nn.parallel.DistributedDataParallel(model)
+        net: nn.Module = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         net = model
 
@@ -118,19 +127,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Any = None,
             progress.start_epoch(epoch, cfg.epochs, steps_per_epoch)
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = data_mod.augment(train_set.x[idx].float() / 255, g, hflip=bool(cfg.hflip), jitter=cfg.jitter)
-            x, y = ((x - mean) / std), train_set.y[idx]
-            x, y = x[dist.rank * local:(dist.rank + 1) * local].to(device), y[dist.rank * local:(dist.rank + 1) * local].to(device)
+            raw = data_mod.augment(train_set.x[idx].float() / 255, g, hflip=bool(cfg.hflip), jitter=cfg.jitter)
+            raw, y = raw[dist.rank * local:(dist.rank + 1) * local], train_set.y[idx][dist.rank * local:(dist.rank + 1) * local]
+            x, y = ((raw - mean) / std).to(device), y.to(device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             with autocast:
                 logits = net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 if teacher is not None:
-                    with torch.no_grad():
-                        z_t = teacher(x).float()
+                    with torch.no_grad():   # the same augmented images, normalized as the teacher expects
+                        z_t = teacher(((raw - t_mean) / t_std).to(device)).float()
                     loss = loss + cfg.kd_weight * kd(logits.float(), z_t, y)
-            if not torch.isfinite(loss):
+            if not ddp.all_ranks_true(bool(torch.isfinite(loss)), device):
                 kept = f"the last good checkpoint (epoch {start_epoch + len(history) - 1}) is kept at {last}" \
                     if last.is_file() else "no checkpoint was written yet"
                 raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch} step {i}; {kept}; "
@@ -195,12 +204,8 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def _pick_final(model: nn.Module, ema: nn.Module, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The EMA weights unless the raw weights did better on the held-out split in the last epoch."""
-    if not history:
-        return {"model": ema, "which": "ema"}
-    last = history[-1]
-    raw = ddp.revert_batchnorm(copy.deepcopy(model))
-    return {"model": ema, "which": "ema"} if last["val_acc_ema"] >= last["val_acc"] else {"model": raw, "which": "raw"}
+    """Always the EMA weights: choosing between EMA and raw by held-out accuracy would bias the reported number."""
+    return {"model": ema, "which": "ema"}
 
 
 class _null:

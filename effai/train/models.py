@@ -38,7 +38,7 @@ def build_student(cfg: TrainConfig, classes: list[str]) -> tuple[nn.Module, Mode
     return zoo.build(card), card
 
 
-def load_teacher(cfg: TrainConfig, classes: list[str]) -> nn.Module:
+def load_teacher(cfg: TrainConfig, classes: list[str]) -> tuple[nn.Module, ModelCard]:
     spec = cfg.teacher
     path = Path(spec)
     if path.is_dir():
@@ -59,10 +59,14 @@ def load_teacher(cfg: TrainConfig, classes: list[str]) -> nn.Module:
                          "use a teacher trained on the same classes")
     if loaded.card.input_size[0] != (cfg.channels or 3):
         raise UsageError(f"teacher takes {loaded.card.input_size[0]}-channel images, the student {cfg.channels}")
+    names = zoo.labels(loaded.card)
+    if names and not all(n.startswith("class_") for n in names) and list(names) != list(classes):
+        raise UsageError(f"teacher classes {names[:5]}... differ from the data's {classes[:5]}... (names or order); "
+                         "use a teacher trained on the same classes in the same order")
     model = loaded.model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return model, loaded.card
 
 
 def teacher_summary(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -86,7 +90,7 @@ def save_model(model: nn.Module, card: ModelCard, cfg: TrainConfig, out: Path, v
 
     from effai.train.loop import evaluate
 
-    model = ddp.revert_batchnorm(model).eval()
+    model = ddp.revert_batchnorm(model).eval().cpu()
     mean = torch.tensor(card.mean).view(1, -1, 1, 1)
     std = torch.tensor(card.std).view(1, -1, 1, 1)
     acc_before = evaluate(model, val_set, mean, std, torch.device("cpu"))

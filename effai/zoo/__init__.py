@@ -129,6 +129,9 @@ def build(card: ModelCard) -> nn.Module:
     raise EffaiError(f"card {card.name} has source '{card.source}', which the zoo cannot build")
 
 
+SAFE_ARCH_KWARGS = ("deploy", "num_branches", "scale_branch", "identity_bn", "drop_rate")
+
+
 def card_from_checkpoint(path: Path) -> ModelCard | None:
     """The model card effai train wrote into a safetensors file's metadata, if any."""
     meta = _safetensors_metadata(path) if path.is_file() else {}
@@ -137,13 +140,14 @@ def card_from_checkpoint(path: Path) -> ModelCard | None:
     try:
         c = json.loads(meta["effai.card"])
         labels = json.loads(meta["labels"]) if "labels" in meta else None
-        extra: dict = {"arch_kwargs": c.get("arch_kwargs", {}), **({"labels": labels} if labels else {})}
+        arch = {k: v for k, v in c.get("arch_kwargs", {}).items() if k in SAFE_ARCH_KWARGS}   # metadata is untrusted
+        extra: dict = {"arch_kwargs": arch, **({"labels": labels} if labels else {})}
         if "effai.train" in meta:  # evaluate on the training run's own held-out split
             tcfg = json.loads(meta["effai.train"]).get("config", {})
             if tcfg.get("data"):
                 extra["split"] = {"data": tcfg["data"], "seed": tcfg.get("seed", 0),
                                   "val_fraction": tcfg.get("val_fraction", 0.2)}
-                if tcfg["data"] == "digits" or Path(tcfg["data"]).exists():
+                if tcfg["data"] == "digits":   # a bundled set; a path named by metadata is not followed
                     extra["eval_data"] = tcfg["data"]
             extra["train_record"] = json.loads(meta["effai.train"])
         return ModelCard(name=c["name"], family=c.get("family", "trained"), source=c["source"],
@@ -159,8 +163,17 @@ def _load_weights(loaded: LoadedModel, path: Path) -> None:
     sd = read_state_dict(path)
     meta = _safetensors_metadata(path)
     card = loaded.card
-    classifier = _classifier_key(loaded.model)
-    if classifier and f"{classifier}.weight" in sd and card.source.startswith("timm:"):
+    if card.source.startswith("effai:ghostnetv3"):  # timm / reference-code GhostNetV3 checkpoints
+        from effai.zoo.ghostnetv3 import remap_timm_state_dict
+
+        sd = remap_timm_state_dict(sd)
+        if "conv_stem.weight" in sd and not any(".primary_rpr_conv." in k or ".cheap_rpr_conv." in k for k in sd) \
+                and not card.extra.get("arch_kwargs", {}).get("deploy"):   # a checkpoint already in deploy form
+            card = card.with_(extra={**card.extra, "arch_kwargs": {**card.extra.get("arch_kwargs", {}), "deploy": True}})
+            loaded.model = build(card)
+            loaded.notes.append("checkpoint is in deploy (folded) form; built the deploy form to match")
+    classifier = _classifier_key(loaded.model) or ("classifier" if card.source.startswith("effai:") else None)
+    if classifier and f"{classifier}.weight" in sd and card.source.startswith(("timm:", "effai:")):
         n = int(sd[f"{classifier}.weight"].shape[0])
         if n != card.num_classes:  # fine-tuned head: rebuild the model for the checkpoint's class count
             card = card.with_(num_classes=n, label_set=None)

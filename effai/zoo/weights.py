@@ -58,10 +58,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UsageError(f"refusing to unpickle {path}: it holds Python objects beyond tensors (code can run on load); "
-                         "re-save it as safetensors or as a plain state_dict") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UsageError(f"{path} is not a readable torch checkpoint (corrupt or truncated?): {_first_line(e)}") from e
+        if "Weights only load failed" in str(e) and ("Unsupported global" in str(e) or "GLOBAL" in str(e)):
+            raise UsageError(f"refusing to unpickle {path}: it holds Python objects beyond tensors (code can run on "
+                             "load); re-save it as safetensors or as a plain state_dict") from e
+        raise UsageError(f"{path} is not a readable torch checkpoint (corrupt, truncated, or not a checkpoint): "
+                         f"{_first_line(e)}") from e
+    except Exception as e:  # torch raises KeyError, RuntimeError, EOFError, ... on garbage: all mean the same
+        raise UsageError(f"{path} is not a readable torch checkpoint (corrupt, truncated, or not a checkpoint): "
+                         f"{type(e).__name__}: {_first_line(e)}") from e
     return _unwrap(obj, path)
 
 
