@@ -221,3 +221,36 @@ def test_unsupported_operator_is_named_with_other_targets(tmp_path):
         export(loaded, ExportConfig(target="tflite", out=tmp_path / "out"))
     msg = str(e.value)
     assert "operator aten.erfinv is not supported" in msg and "other targets to try:" in msg and "onnx" in msg
+
+
+TWO_OUTPUTS = '''
+import torch
+from torch import nn
+INPUT_SHAPE = (3, 32, 32)
+
+class TwoHeads(nn.Module):
+    """Class scores and an embedding, as retrieval / multi-task apps ship."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.cls, self.emb = nn.Linear(8, 5), nn.Linear(8, 16)
+
+    def forward(self, x):
+        f = self.body(x)
+        return self.cls(f), self.emb(f)
+'''
+
+
+@pytest.mark.parametrize("target", TARGET_NAMES)
+def test_models_with_several_outputs_export_with_named_outputs(target, tmp_path):
+    f = tmp_path / "two.py"
+    f.write_text(TWO_OUTPUTS)
+    loaded = zoo.create(model_def=f"{f}:TwoHeads")
+    res = export(loaded, ExportConfig(target=target, out=tmp_path / "art"))
+    outs = res.manifest["outputs"]
+    assert [tuple(o["shape"]) for o in outs] in ([(1, 5), (1, 16)], [(1, 16), (1, 5)])
+    assert res.parity_status in (("not-run",) if target == "coreml" else ("pass",))
+    if target in ("executorch", "coreml"):
+        assert [o["name"] for o in outs] == ["output_0", "output_1"]

@@ -37,6 +37,7 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 @dataclass
 class FoldReport:
     reparameterized: dict[str, int] = field(default_factory=dict)   # module class -> count
+    reparameterized_modules: list[str] = field(default_factory=list)  # their names in the model
     fused_conv_bn: int = 0
     fused_linear_bn: int = 0
     rewritten: dict[str, int] = field(default_factory=dict)         # export rewrites (effai.export.rewrites)
@@ -89,27 +90,52 @@ def fold(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *, rel_tol:
 def reparameterize(model: nn.Module, report: FoldReport) -> None:
     """Call each block's own fold method, children after parents (like timm's reparameterize_model)."""
     counts: Counter[str] = Counter()
+    names: list[str] = []
 
-    def visit(parent: nn.Module) -> None:
+    def fold_self(module: nn.Module, path: str) -> None:
+        method = next((m for m in FOLD_METHODS if _no_arg_method(module, m)), None)
+        if method is not None:
+            shape_before = _shape(module)
+            getattr(module, method)()
+            if _shape(module) != shape_before:  # count real work only, so a second fold reports nothing
+                counts[type(module).__name__] += 1
+                names.append(path or "<model>")
+
+    def visit(parent: nn.Module, prefix: str = "") -> None:
         for name, child in list(parent.named_children()):
-            method = next((m for m in FOLD_METHODS if callable(getattr(child, m, None))), None)
+            path = f"{prefix}{name}"
+            method = next((m for m in FOLD_METHODS if _no_arg_method(child, m)), None)
             if method is not None:
-                shape_before = _shape(child)
-                getattr(child, method)()
-                if _shape(child) != shape_before:  # count real work only, so a second fold reports nothing
-                    counts[type(child).__name__] += 1
-            elif callable(getattr(child, "fuse", None)) and not isinstance(child, nn.ModuleList):
+                fold_self(child, path)
+            elif _no_arg_method(child, "fuse") and not isinstance(child, nn.ModuleList):
                 fused = child.fuse()
                 if isinstance(fused, nn.Module):
                     setattr(parent, name, fused)
                     child = fused
                     counts[type(child).__name__] += 1
-            visit(child)
+                    names.append(path)
+            visit(child, f"{path}.")
 
     with torch.no_grad():
         visit(model)
+        fold_self(model, "")     # the model's own fold() (after its blocks: idempotent blocks make this a no-op)
     for k, v in counts.items():
         report.reparameterized[k] = report.reparameterized.get(k, 0) + v
+    report.reparameterized_modules.extend(names)
+
+
+def _no_arg_method(module: nn.Module, name: str) -> bool:
+    """A deploy method we may call: callable with no arguments (a user's `fold(x)` is something else)."""
+    import inspect
+
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        return False
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
 
 
 def _shape(m: nn.Module) -> tuple[int, int]:

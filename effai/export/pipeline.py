@@ -161,7 +161,8 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
             with stage("trace", "torch.export") as note:
                 program = trace(model, example)
         with stage("lower", f"{cfg.target} {precision}") as note:
-            options = LowerOptions(precision=precision)
+            names = ("logits",) if len(reference) == 1 else tuple(f"output_{i}" for i in range(len(reference)))
+            options = LowerOptions(precision=precision, output_names=names)
             try:
                 lowered = target.lower(program, example, options, tmp)
             except (EffaiError, OSError):

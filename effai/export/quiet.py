@@ -15,11 +15,16 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def captured(log: Path | None) -> Iterator[None]:
-    """Send fds 1 and 2 (and Python warnings) to `log` (appending) for the duration of the block."""
+    """Send fds 1 and 2 to `log` (appending) for the duration of the block; Python warnings are silenced."""
     sys.stdout.flush()
     sys.stderr.flush()
+    _flush_c_stdio()
     target = open(log, "ab") if log is not None else tempfile.TemporaryFile()
-    saved = os.dup(1), os.dup(2)
+    try:
+        saved = os.dup(1), os.dup(2)
+    except OSError:
+        target.close()
+        raise
     try:
         os.dup2(target.fileno(), 1)
         os.dup2(target.fileno(), 2)
@@ -29,11 +34,21 @@ def captured(log: Path | None) -> Iterator[None]:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        _flush_c_stdio()    # C/C++ toolchains buffer stdout: flush it into the log, not into effai's output
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         os.close(saved[0])
         os.close(saved[1])
         target.close()
+
+
+def _flush_c_stdio() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
 
 
 def tail(log: Path, lines: int = 5) -> str:

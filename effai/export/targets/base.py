@@ -73,6 +73,11 @@ class Target(Protocol):
 TARGETS: Registry[Target] = Registry("target")
 
 
+def layout_for(shape: tuple[int, ...]) -> str:
+    """Layout label of an output by rank: class scores NC, feature maps NCHW."""
+    return {2: "NC", 3: "NLC", 4: "NCHW"}.get(len(shape), "")
+
+
 def package_versions(*dists: str) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from effai.export.targets.base import TARGETS, Lowered, LowerOptions, Predictor, TensorSpec, package_versions, require
+from effai.export.targets.base import (TARGETS, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
+                                       package_versions, require)
 
 MIN_TARGET = "iOS16"   # ML programs with fp16 compute need iOS 15+; iOS 16 adds the ops modern nets use
 
@@ -51,7 +52,8 @@ class CoreMLTarget:
         return Lowered(
             model_file=path.name,
             inputs=[TensorSpec(i["name"], tuple(i["shape"]), i["dtype"], "NCHW") for i in summary["inputs"]],
-            outputs=[TensorSpec(o["name"], tuple(o["shape"]), o["dtype"], "NC") for o in summary["outputs"]],
+            outputs=[TensorSpec(o["name"], tuple(o["shape"]), o["dtype"], layout_for(tuple(o["shape"])))
+                     for o in summary["outputs"]],
             details={"minimum_deployment_target": MIN_TARGET, "compute_precision": options.precision,
                      "spec": summary},
         )

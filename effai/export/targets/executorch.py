@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from effai.errors import EffaiError
-from effai.export.targets.base import TARGETS, Lowered, LowerOptions, Predictor, TensorSpec, package_versions, require
+from effai.export.targets.base import (TARGETS, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
+                                       package_versions, require)
 
 
 class ExecuTorchTarget:
@@ -33,7 +34,7 @@ class ExecuTorchTarget:
         return Lowered(
             model_file=path.name,
             inputs=[TensorSpec(n, tuple(x.shape), _dt(x.dtype)) for n, x in zip(options.input_names, example_inputs)],
-            outputs=[TensorSpec(n, s, "float32", "NC") for n, s in zip(options.output_names, outs)],
+            outputs=[TensorSpec(n, s, "float32", layout_for(s)) for n, s in zip(options.output_names, outs)],
             details={"backend": "XnnpackBackend", "delegation": delegation},
         )
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from effai.export.targets.base import TARGETS, Lowered, LowerOptions, Predictor, TensorSpec, package_versions, require
+from effai.export.targets.base import (TARGETS, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
+                                       package_versions, require)
 
 OPSET = 18                 # the dynamo exporter's native opset; onnxruntime >= 1.16 runs it
 INLINE_LIMIT = 2 * 1024**3  # protobuf's hard limit: larger models keep weights in model.onnx.data
@@ -44,7 +45,7 @@ class OnnxTarget:
         return Lowered(
             model_file=path.name,
             inputs=[_spec(v, "NCHW") for v in slim.graph.input],
-            outputs=[_spec(v, "NC") for v in slim.graph.output],
+            outputs=[_spec(v, None) for v in slim.graph.output],
             details={"opset": OPSET, "nodes_before_slim": nodes_before, "nodes": len(slim.graph.node), "ops": ops,
                      "external_data": large},
         )
@@ -65,12 +66,13 @@ class OnnxTarget:
         return None
 
 
-def _spec(value_info: Any, layout: str) -> TensorSpec:
+def _spec(value_info: Any, layout: str | None) -> TensorSpec:
     import onnx
 
     t = value_info.type.tensor_type
     shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-    return TensorSpec(value_info.name, shape, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, layout)
+    return TensorSpec(value_info.name, shape, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                      layout or layout_for(shape))
 
 
 TARGETS.register("onnx", OnnxTarget())

@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from effai.export.targets.base import TARGETS, Lowered, LowerOptions, Predictor, TensorSpec, package_versions, require
+from effai.export.targets.base import (TARGETS, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
+                                       package_versions, require)
 
 
 class TFLiteTarget:
@@ -35,7 +36,7 @@ class TFLiteTarget:
         return Lowered(
             model_file=path.name,
             inputs=[_spec(d, "NCHW") for d in interp.get_input_details()],
-            outputs=[_spec(d, "NC") for d in interp.get_output_details()],
+            outputs=[_spec(d, None) for d in interp.get_output_details()],
             details={"ops": ops, "converter": "litert-torch"},
         )
 
@@ -73,8 +74,9 @@ def _runtime_name() -> tuple[str, str]:
     return "tflite-runtime", package_versions("tflite-runtime")["tflite-runtime"]
 
 
-def _spec(d: dict, layout: str) -> TensorSpec:
-    return TensorSpec(d["name"], tuple(int(s) for s in d["shape"]), np.dtype(d["dtype"]).name, layout)
+def _spec(d: dict, layout: str | None) -> TensorSpec:
+    shape = tuple(int(s) for s in d["shape"])
+    return TensorSpec(d["name"], shape, np.dtype(d["dtype"]).name, layout or layout_for(shape))
 
 
 TARGETS.register("tflite", TFLiteTarget())
