@@ -81,4 +81,4 @@ def lowering_error(target: str, e: BaseException, log: Path | None, others: list
     generic = line.startswith("Failed to convert the exported program")  # torch.onnx's boilerplate opener
     detail = f" [{line}]" if op and line and not generic and op.split(".")[-1] not in line else ""
     return EffaiError(f"{target} cannot lower this model: {what}{at}{detail}; other targets to try: "
-                      f"{', '.join(others) or 'none installed'}")
+                      f"{', '.join(others) or 'none installed'} (--target all shows which of them take it)")
