@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import nullcontext
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -101,7 +102,7 @@ def export_cmd(
             for n, why in skipped.items():
                 ui.print(f"[yellow]! skipping {n}: {why}[/]")
         t0 = time.perf_counter()
-        with ui.status(f"loading {model or model_def}", spinner="dots") if not as_json else _nullctx():
+        with ui.status(f"loading {model or model_def}", spinner="dots") if not as_json else nullcontext():
             loaded = zoo.create(model, weights=weights, pretrained=pretrained, model_def=model_def)
         load_s = time.perf_counter() - t0
         if not as_json:
@@ -148,14 +149,6 @@ def export_cmd(
     console.json_line(summary)
     if failed is not None:
         raise typer.Exit(failed.exit_code)
-
-
-class _nullctx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 
 
 def _progress(ui: Any, target: str):

@@ -31,7 +31,7 @@ from effai.export import artifact_dir, manifest as manifest_io
 from effai.export.diagnose import lowering_error
 from effai.export.fold import FoldReport, fold
 from effai.export.parity import TOLERANCES, compare, run_batched
-from effai.export.quiet import captured, tail
+from effai.export.quiet import captured
 from effai.export.samples import parity_inputs
 from effai.export.targets import TARGETS, LowerOptions
 from effai.export.trace import trace

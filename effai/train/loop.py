@@ -10,6 +10,7 @@ order and augmentation of epoch e depend only on (seed, e)), metrics as JSONL, a
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 import json
 import math
 import time
@@ -59,7 +60,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     # --- data: the whole set in memory, a stratified seeded split ---------------------------------------------
     full = data_mod.load(cfg.data, cfg.input_size, cfg.channels)
     train_set, val_set = data_mod.split(full, cfg.val_fraction, cfg.seed)
-    n_classes = len(full.classes)
     if cfg.batch_size % dist.world:
         raise EffaiError(f"--batch-size {cfg.batch_size} must be divisible by --nproc {dist.world}")
     steps_per_epoch = len(train_set) // cfg.batch_size          # drop_last: every step sees a full global batch
@@ -115,7 +115,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     if dist.main and start_epoch == 0 and metrics_path.exists():
         metrics_path.unlink()
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and device.type == "cuda") else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and device.type == "cuda") else nullcontext()
     local = cfg.batch_size // dist.world
     history: list[dict[str, Any]] = []
     for epoch in range(start_epoch, cfg.epochs):
@@ -206,11 +206,3 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def _pick_final(model: nn.Module, ema: nn.Module, history: list[dict[str, Any]]) -> dict[str, Any]:
     """Always the EMA weights: choosing between EMA and raw by held-out accuracy would bias the reported number."""
     return {"model": ema, "which": "ema"}
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
