@@ -211,16 +211,26 @@ def test_untraceable_model_names_the_failing_line(tmp_path):
     assert "torch.where" in msg and not (tmp_path / "out").exists()
 
 
-def test_unsupported_operator_is_named_with_other_targets(tmp_path):
+OPS_FILE = ("import torch\nINPUT_SHAPE = (3, 16, 16)\n"
+            "class Erfinv(torch.nn.Module):\n    def forward(self, x):\n"
+            "        return torch.special.erfinv(torch.tanh(x) * 0.5).mean((2, 3))\n"
+            "class Fft(torch.nn.Module):\n    def forward(self, x):\n"
+            "        return torch.fft.rfft2(x).abs().mean((2, 3))\n")
+
+
+@pytest.mark.parametrize("cls,op,verdict", [
+    ("Erfinv", "aten.erfinv", "no other installed target takes aten.erfinv either (probed: coreml, executorch, onnx)"),
+    ("Fft", "aten._fft_r2c", "targets that take aten._fft_r2c (probed alone with its shapes here): executorch, onnx"),
+])
+def test_unsupported_operator_is_named_with_the_targets_that_take_it(tmp_path, cls, op, verdict):
     f = tmp_path / "ops.py"
-    f.write_text("import torch\nINPUT_SHAPE = (3, 16, 16)\n"
-                 "class Erfinv(torch.nn.Module):\n    def forward(self, x):\n"
-                 "        return torch.special.erfinv(torch.tanh(x) * 0.5).mean((2, 3))\n")
-    loaded = zoo.create(model_def=f"{f}:Erfinv")
+    f.write_text(OPS_FILE)
+    loaded = zoo.create(model_def=f"{f}:{cls}")
     with pytest.raises(EffaiError) as e:
         export(loaded, ExportConfig(target="tflite", out=tmp_path / "out"))
     msg = str(e.value)
-    assert "operator aten.erfinv is not supported" in msg and "other targets to try:" in msg and "onnx" in msg
+    assert f"operator {op} is not supported" in msg and "ops.py" in msg and verdict in msg
+    assert not (tmp_path / "out").exists()
 
 
 TWO_OUTPUTS = '''

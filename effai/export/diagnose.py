@@ -6,6 +6,7 @@ import re
 import sysconfig
 import traceback
 from pathlib import Path
+from typing import Any
 
 from effai.errors import EffaiError
 
@@ -69,8 +70,11 @@ def trace_error(e: BaseException) -> EffaiError:
                       "export needs a traceable forward()")
 
 
-def lowering_error(target: str, e: BaseException, log: Path | None, others: list[str]) -> EffaiError:
-    """Name the operator a target choked on, where the user's code uses it, and the other targets to try."""
+def lowering_error(target: str, e: BaseException, log: Path | None, others: list[str],
+                   probe: Any = None) -> EffaiError:
+    """Name the operator a target choked on, where the user's code uses it, and which other targets take it.
+
+    `probe(op) -> {target: bool} | None` lowers that operator alone on the other targets (effai.export.op_probe)."""
     text = _ANSI.sub("", str(e))
     log_text = log.read_text(errors="replace")[-20000:] if log is not None and log.is_file() else ""
     op = failing_op(text) or failing_op(log_text)
@@ -80,5 +84,13 @@ def lowering_error(target: str, e: BaseException, log: Path | None, others: list
     line = first_line(text)
     generic = line.startswith("Failed to convert the exported program")  # torch.onnx's boilerplate opener
     detail = f" [{line}]" if op and line and not generic and op.split(".")[-1] not in line else ""
-    return EffaiError(f"{target} cannot lower this model: {what}{at}{detail}; other targets to try: "
-                      f"{', '.join(others) or 'none installed'} (--target all shows which of them take it)")
+    verdict = probe(op) if (op and probe is not None) else None
+    if verdict:
+        can = [t for t, ok in verdict.items() if ok]
+        tail_ = (f"targets that take {op} (probed alone with its shapes here): {', '.join(can)}" if can
+                 else f"no other installed target takes {op} either (probed: {', '.join(verdict)}); rewrite it "
+                      "with standard ops")
+    else:
+        tail_ = (f"other targets to try: {', '.join(others) or 'none installed'} (--target all shows which of them "
+                 "take the model)")
+    return EffaiError(f"{target} cannot lower this model: {what}{at}{detail}; {tail_}")

@@ -168,8 +168,14 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
             except (EffaiError, OSError):
                 raise
             except Exception as e:
-                others = [n for n, t in TARGETS.items() if n != cfg.target and t.available()[0]]
-                raise lowering_error(cfg.target, e, log, others) from e
+                others = {n: t for n, t in TARGETS.items() if n != cfg.target and t.available()[0]}
+
+                def probe(op: str) -> dict[str, bool] | None:
+                    from effai.export.op_probe import targets_taking
+
+                    return targets_taking(model, example, op, others)
+
+                raise lowering_error(cfg.target, e, log, list(others), probe) from e
             note["detail"] = f"{lowered.model_file} {_size_mb(tmp / lowered.model_file):.2f} MB"
         with stage("parity") as note:
             parity = _parity(target, tmp, lowered, cfg, precision, inputs, reference, shape, sample_names)
