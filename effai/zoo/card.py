@@ -42,7 +42,7 @@ class ModelCard:
         return {
             "input_size": [h, w],
             "channels": c,
-            "channel_order": self.channel_order,
+            "channel_order": self.channel_order if c == 3 else "gray (luma 0.299 R + 0.587 G + 0.114 B)",
             "layout": "NCHW",
             "scale": 1.0 / 255.0,
             "mean": list(self.mean),
