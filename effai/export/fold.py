@@ -67,7 +67,7 @@ def fold(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *, rel_tol:
     report = FoldReport(params_before=count_params(model), modules_before=len(list(model.modules())))
     if reference is None:
         with torch.no_grad():
-            reference = _flat(model(*example_inputs))
+            reference = flat_outputs(model(*example_inputs))
     before = reference
     probe = tuple(t[:1] for t in example_inputs)   # structure-finding passes need one sample, not the batch
     reparameterize(model, report)
@@ -77,7 +77,7 @@ def fold(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *, rel_tol:
     report.modules_after = len(list(model.modules()))
     report.batchnorms_left = sum(isinstance(m, _BatchNorm) for m in model.modules())
     with torch.no_grad():
-        after = _flat(model(*example_inputs))
+        after = flat_outputs(model(*example_inputs))
     err = max(float((a - b).abs().max()) for a, b in zip(after, before))
     scale = max(float(b.abs().max()) for b in before) or 1.0
     report.max_abs_err, report.rel_err = err, err / max(scale, 1e-12)
@@ -189,7 +189,7 @@ def find_producer_bn_pairs(model: nn.Module, example_inputs: tuple[torch.Tensor,
             handles.append(m.register_forward_pre_hook(on_bn_input(name)))
     try:
         with torch.enable_grad():
-            outs = _flat(model(*example_inputs))
+            outs = flat_outputs(model(*example_inputs))
             consumers = _count_consumers(outs)
     finally:
         for h in handles:
@@ -242,11 +242,12 @@ def _set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def _flat(out: Any) -> list[torch.Tensor]:
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    """A model's outputs as a flat list of tensors (tuples, lists and dicts unpacked)."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat(o)]
+        return [t for o in out for t in flat_outputs(o)]
     raise EffaiError(f"model returned {type(out).__name__}; effai exports models whose outputs are tensors")

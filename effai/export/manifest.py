@@ -5,12 +5,12 @@ Torch-free so device-side code can read and verify artifacts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from effai.errors import EffaiError, UsageError
+from effai.files import sha256
 
 SCHEMA = "effai.manifest/1"
 MANIFEST = "manifest.json"
@@ -29,14 +29,6 @@ def file_entries(root: Path, exclude: tuple[str, ...] = (MANIFEST, LOG)) -> list
         if p.is_file() and rel not in exclude:
             out.append({"path": rel, "bytes": p.stat().st_size, "sha256": sha256(p)})
     return out
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:

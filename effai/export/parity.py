@@ -16,7 +16,7 @@ Top-1 agreement is reported, not gated: on random-init weights near-ties flip un
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -67,6 +67,28 @@ def compare(reference: list[np.ndarray], got: list[np.ndarray], tol: Tolerance) 
             f"relative error {rel:.3g} > {tol.rel_max_abs_err:g}" if rel > tol.rel_max_abs_err
             else f"cosine {cos:.6f} < {tol.min_cosine}")
         out["reason"] = why
+    return out
+
+
+def check_artifact(target: Any, root: Any, lowered: Any, expected: dict[str, Any], batch: int,
+                   samples: Callable[[], tuple[np.ndarray, list[np.ndarray]]]) -> dict[str, Any]:
+    """Parity of an artifact dir in its target's host runtime; the structural check where no runtime exists here.
+
+    `samples()` gives (inputs, torch reference outputs); it is only called when a runtime can run them."""
+    structural = target.structural_check(root, lowered, expected)
+    predictor = target.load(root, lowered)
+    if isinstance(predictor, str):
+        out: dict[str, Any] = {"status": "not-run", "reason": predictor}
+        if structural is not None:
+            out["structural"] = structural
+            if structural["status"] == "fail":
+                out["status"], out["reason"] = "fail", "structural check: " + "; ".join(structural["problems"])
+        return out
+    inputs, reference = samples()
+    out = compare(reference, run_batched(predictor.run, inputs, batch), TOLERANCES[expected["precision"]])
+    out.update(runtime=predictor.runtime, runtime_version=predictor.version)
+    if structural is not None:
+        out["structural"] = structural
     return out
 
 

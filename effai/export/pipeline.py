@@ -29,8 +29,8 @@ from effai import toolchain, zoo
 from effai.errors import EffaiError, UsageError, choices_hint
 from effai.export import artifact_dir, manifest as manifest_io
 from effai.export.diagnose import lowering_error
-from effai.export.fold import FoldReport, fold
-from effai.export.parity import TOLERANCES, compare, run_batched
+from effai.export.fold import FoldReport, flat_outputs, fold
+from effai.export.parity import check_artifact
 from effai.export.quiet import captured
 from effai.export.samples import parity_inputs
 from effai.export.targets import TARGETS, LowerOptions
@@ -141,7 +141,7 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
         with stage("fold") as note:
             try:
                 with torch.no_grad():
-                    ref_t = _outputs(model(torch.from_numpy(inputs)))
+                    ref_t = flat_outputs(model(torch.from_numpy(inputs)))
             except Exception as e:  # the model itself rejects this input shape
                 raise UsageError(f"{card.name} cannot run on input {shape[1:]} ({type(e).__name__}: "
                                  f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); its card's size is "
@@ -246,20 +246,9 @@ def _parity(target: Any, tmp: Path, lowered: Any, cfg: ExportConfig, precision: 
         return {"status": "not-run", "reason": "disabled by --no-verify"}
     expected = {"input_shapes": [shape], "output_shapes": [(shape[0], *r.shape[1:]) for r in reference],
                 "precision": precision}
-    structural = target.structural_check(tmp, lowered, expected)
-    predictor = target.load(tmp, lowered)
-    if isinstance(predictor, str):
-        out: dict[str, Any] = {"status": "not-run", "reason": predictor}
-        if structural is not None:
-            out["structural"] = structural
-            if structural["status"] == "fail":
-                out["status"], out["reason"] = "fail", "structural check: " + "; ".join(structural["problems"])
-        return out
-    got = run_batched(predictor.run, inputs, shape[0])
-    out = compare(reference, got, TOLERANCES[precision])
-    out.update(runtime=predictor.runtime, runtime_version=predictor.version, reference="torch fp32 (unfolded, eager)")
-    if structural is not None:
-        out["structural"] = structural
+    out = check_artifact(target, tmp, lowered, expected, shape[0], lambda: (inputs, reference))
+    if "runtime" in out:
+        out["reference"] = "torch fp32 (unfolded, eager)"
     return out
 
 
@@ -269,7 +258,7 @@ def _accuracy(loaded: zoo.LoadedModel, target: Any, tmp: Path, lowered: Any, car
 
     x, labels, what = ev.eval_set(spec, card)
     with torch.no_grad():
-        ref = np.concatenate([_outputs(loaded.model(torch.from_numpy(x[i:i + 256])))[0].numpy()
+        ref = np.concatenate([flat_outputs(loaded.model(torch.from_numpy(x[i:i + 256])))[0].numpy()
                               for i in range(0, x.shape[0], 256)])
     predictor = target.load(tmp, lowered)
     if isinstance(predictor, str):
@@ -295,14 +284,6 @@ def _keep_log(log: Path, out: Path) -> None:
                 shutil.copyfileobj(src, f)
         except OSError:
             pass
-
-
-def _outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    return [t for o in out for t in _outputs(o)]
 
 
 def _size_mb(p: Path) -> float:

@@ -13,7 +13,7 @@ import numpy as np
 
 from effai.errors import UsageError
 from effai.export import manifest as manifest_io
-from effai.export.parity import TOLERANCES, compare, run_batched
+from effai.export.parity import check_artifact
 from effai.export.samples import gaussian, normalize
 from effai.export.targets import TARGETS, Lowered, TensorSpec
 
@@ -57,19 +57,6 @@ def rerun_parity(root: Path, m: dict[str, Any]) -> dict[str, Any]:
                       inputs=[TensorSpec(i["name"], tuple(i["shape"]), i["dtype"], i["layout"]) for i in m["inputs"]],
                       outputs=[TensorSpec(o["name"], tuple(o["shape"]), o["dtype"], o["layout"]) for o in m["outputs"]],
                       details=m.get("target_details", {}))
-    predictor = target.load(root, lowered)
-    if isinstance(predictor, str):
-        expected = {"input_shapes": [i["shape"] for i in m["inputs"]],
-                    "output_shapes": [o["shape"] for o in m["outputs"]], "precision": m["precision"]}
-        structural = target.structural_check(root, lowered, expected)
-        out: dict[str, Any] = {"status": "not-run", "reason": predictor}
-        if structural is not None:
-            out["structural"] = structural["status"]
-            if structural["status"] == "fail":
-                out.update(status="fail", reason="structural check: " + "; ".join(structural["problems"]))
-        return out
-    inputs, refs = parity_samples(root, m)
-    got = run_batched(predictor.run, inputs, m["parity"]["batch"])
-    res = compare(refs, got, TOLERANCES[m["precision"]])
-    res.update(runtime=predictor.runtime, runtime_version=predictor.version)
-    return res
+    expected = {"input_shapes": [i["shape"] for i in m["inputs"]],
+                "output_shapes": [o["shape"] for o in m["outputs"]], "precision": m["precision"]}
+    return check_artifact(target, root, lowered, expected, m["parity"]["batch"], lambda: parity_samples(root, m))

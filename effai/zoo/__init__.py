@@ -18,7 +18,8 @@ from effai.zoo.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard
 from effai.zoo.cards import CARDS
 from effai.zoo.labels import label_set
 from effai.zoo.user_module import load_model_def
-from effai.zoo.weights import RANDOM_INIT, WeightsInfo, load_into, read_state_dict, sha256_file
+from effai.files import sha256 as sha256_file
+from effai.zoo.weights import RANDOM_INIT, WeightsInfo, load_into, read_state_dict
 
 __all__ = ["CARDS", "LoadedModel", "ModelCard", "build", "create", "resolve_card", "labels"]
 

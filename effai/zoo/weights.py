@@ -7,7 +7,6 @@ the missing, unexpected and mis-shaped keys.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +30,6 @@ class WeightsInfo:
 
 
 RANDOM_INIT = WeightsInfo(source="random-init", sha256="random-init")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
