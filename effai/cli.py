@@ -43,6 +43,39 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _quantize_help() -> str:
+    from effai.export.precisions import help_text
+    from effai.export.targets import TARGETS
+
+    return ("Precision: fp32/fp16 or a quantization (default fp16 on coreml, fp32 elsewhere). Per target: "
+            + help_text({n: t.precisions for n, t in TARGETS.items()}) + ". Meanings: docs/quantization.md.")
+
+
+QUANTIZE_HELP = _quantize_help()
+
+
+def _default_precision(target: str) -> str:
+    from effai.export.targets import TARGETS
+
+    return TARGETS.get(target).precisions[0]
+
+
+def check_precision(precision: str, targets: list[str]) -> None:
+    """Up front, before any model is loaded: every chosen target must take this precision."""
+    from effai.errors import choices_hint
+    from effai.export.precisions import PRECISIONS
+    from effai.export.targets import TARGETS
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown --quantize '{precision}'; {choices_hint(precision, PRECISIONS.names())}")
+    for t in targets:
+        target = TARGETS.get(t)
+        if precision not in target.precisions:
+            why = getattr(target, "unsupported", {}).get(precision)
+            raise UsageError(f"--quantize {precision} is not supported by {t}" + (f" ({why})" if why else "")
+                             + f"; {t} takes: {', '.join(target.precisions)}")
+
+
 def parse_targets(text: str, skipped: dict[str, str] | None = None) -> list[str]:
     """Target names from --target; for 'all', the available ones (the others go into `skipped` with the reason)."""
     from effai.export.targets import TARGETS
@@ -69,7 +102,15 @@ def export_cmd(
                                                         "--weights from effai train or --model-def.")] = None,
     target: Annotated[str, typer.Option("--target", "-t",
                                         help="executorch | coreml | tflite | onnx, a comma list, or all.")] = "onnx",
-    precision: Annotated[Optional[str], typer.Option(help="Compute precision (Core ML: fp16|fp32; others: fp32).")] = None,
+    precision: Annotated[Optional[str], typer.Option("--quantize", "-q", "--precision", help=QUANTIZE_HELP)] = None,
+    calib: Annotated[str, typer.Option(help="Calibration data for int8: auto (the card's data, else photos), "
+                                       "photos, digits, an image folder or an .npz.")] = "auto",
+    calib_samples: Annotated[int, typer.Option(help="Calibration inputs to use (warned below 32).")] = 128,
+    io_dtype: Annotated[str, typer.Option(help="TFLite int8: float (float32 I/O) or int8 (int8 I/O).")] = "float",
+    float_layers: Annotated[Optional[str], typer.Option(help="Comma list of layers (module names) to keep in "
+                                                        "float when quantizing.")] = None,
+    no_fallback: Annotated[bool, typer.Option("--no-fallback", help="On a failed accuracy gate, fail instead of "
+                                              "keeping the most sensitive layers in float.")] = False,
     input_size: Annotated[Optional[int], typer.Option(help="Square input size H=W (default: the model card's).")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="Full input shape NxCxHxW, e.g. 1x3x256x256.")] = None,
     batch: Annotated[int, typer.Option(help="Exported (static) batch size.")] = 1,
@@ -98,6 +139,8 @@ def export_cmd(
         shape = parse_shape(input_shape) if input_shape else None
         skipped: dict[str, str] = {}
         targets = parse_targets(target, skipped)
+        if precision is not None:
+            check_precision(precision, targets)
         if skipped and not as_json:
             for n, why in skipped.items():
                 ui.print(f"[yellow]! skipping {n}: {why}[/]")
@@ -114,13 +157,19 @@ def export_cmd(
         _fail(e, as_json)
     failed: EffaiError | None = None
     for t in targets:
-        t_out = out if (out is None or len(targets) == 1) else out / f"{safe_name(loaded.card.name)}-{t}"
+        suffix = f"-{precision}" if precision and precision != _default_precision(t) else ""
+        t_out = out if (out is None or len(targets) == 1) else out / f"{safe_name(loaded.card.name)}-{t}{suffix}"
         cfg = ExportConfig(target=t, precision=precision, input_shape=shape, input_size=input_size,  # type: ignore[arg-type]
                            batch=batch, out=t_out, fold=not no_fold, verify=not no_verify, eval=eval_data,
-                           max_drop=max_drop)
+                           max_drop=max_drop, calib=calib, calib_samples=calib_samples, io_dtype=io_dtype,
+                           fallback=not no_fallback,
+                           float_layers=tuple(x.strip() for x in (float_layers or "").split(",") if x.strip()))
         try:
             res = export(loaded, cfg, progress=None if as_json else _progress(ui, t))
             results.append(_row(res))
+            if not as_json:
+                for w in res.manifest.get("warnings", []):
+                    ui.print(f"[yellow]! {t}: {w}[/]")
         except ParityFailed as e:
             results.append({**_row(e.result), "error": str(e)})
             failed = failed or e

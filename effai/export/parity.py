@@ -23,11 +23,18 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Tolerance:
-    rel_max_abs_err: float
+    rel_max_abs_err: float | None      # None: not gated (quantized precisions)
     min_cosine: float
 
 
 TOLERANCES = {"fp32": Tolerance(1e-3, 0.9999), "fp16": Tolerance(3e-2, 0.999)}
+# Quantized artifacts differ from fp32 by design, so parity only guards against broken exports (a wrong scale, a
+# dropped requantization: cosine far below 0.9); whether the accuracy is good enough is the accuracy gate's call
+# (--eval, --max-drop). The cosine floors sit under what correct artifacts of the zoo measure (see
+# docs/quantization.md) with margin: int8 0.98+, 4-bit 0.95+.
+_QUANT = {"int8": 0.95, "int8-dynamic": 0.95, "int8-weight": 0.98, "int4-weight": 0.9, "palette8": 0.98,
+          "palette6": 0.95, "palette4": 0.9}
+TOLERANCES.update({k: Tolerance(None, v) for k, v in _QUANT.items()})
 
 
 def compare(reference: list[np.ndarray], got: list[np.ndarray], tol: Tolerance) -> dict[str, Any]:
@@ -51,7 +58,8 @@ def compare(reference: list[np.ndarray], got: list[np.ndarray], tol: Tolerance) 
     max_abs, rel = float(err.max()), float(err.max()) / scale
     cos = float(min(cosines))
     finite = all(np.isfinite(g).all() for g in got)
-    ok = finite and rel <= tol.rel_max_abs_err and cos >= tol.min_cosine
+    rel_ok = tol.rel_max_abs_err is None or rel <= tol.rel_max_abs_err
+    ok = finite and rel_ok and cos >= tol.min_cosine
     out: dict[str, Any] = {
         "status": "pass" if ok else "fail",
         "max_abs_err": max_abs,
@@ -64,7 +72,7 @@ def compare(reference: list[np.ndarray], got: list[np.ndarray], tol: Tolerance) 
     }
     if not ok:
         why = "non-finite outputs" if not finite else (
-            f"relative error {rel:.3g} > {tol.rel_max_abs_err:g}" if rel > tol.rel_max_abs_err
+            f"relative error {rel:.3g} > {tol.rel_max_abs_err:g}" if not rel_ok
             else f"cosine {cos:.6f} < {tol.min_cosine}")
         out["reason"] = why
     return out

@@ -31,6 +31,7 @@ from effai.export import artifact_dir, manifest as manifest_io
 from effai.export.diagnose import lowering_error
 from effai.export.fold import FoldReport, flat_outputs, fold
 from effai.export.parity import check_artifact
+from effai.export.precisions import PRECISIONS
 from effai.export.quiet import captured
 from effai.export.samples import parity_inputs
 from effai.export.targets import TARGETS, LowerOptions
@@ -55,6 +56,11 @@ class ExportConfig:
     seed: int = 0
     eval: str | None = "auto"                     # labelled data for top-1: digits | DIR | .npz | auto (the card's) | none
     max_drop: float = 1.0                         # fail when the artifact loses more top-1 points than this
+    calib: str = "auto"                           # calibration data for static int8: auto | photos | digits | DIR | .npz
+    calib_samples: int = 128                      # how many calibration inputs
+    io_dtype: str = "float"                       # TFLite int8: float32 or int8 input/output tensors
+    fallback: bool = True                         # on a failed accuracy gate, keep the most sensitive layers in float
+    float_layers: tuple[str, ...] = ()            # layers to keep in float from the start (module names)
 
 
 @dataclass
@@ -88,9 +94,19 @@ def resolve(loaded: zoo.LoadedModel, cfg: ExportConfig) -> tuple[Any, str, tuple
     if not ok:
         raise EffaiError(f"target '{cfg.target}' is not available here: {why}")
     precision = cfg.precision or target.precisions[0]
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision '{precision}'; {choices_hint(precision, PRECISIONS.names())}")
     if precision not in target.precisions:
-        raise UsageError(f"precision '{precision}' is not supported by {cfg.target}; "
-                         f"{choices_hint(precision, target.precisions)}")
+        why = getattr(target, "unsupported", {}).get(precision)
+        raise UsageError(f"--quantize {precision} is not supported by {cfg.target}"
+                         + (f" ({why})" if why else "") + f"; {cfg.target} takes: {', '.join(target.precisions)}")
+    if cfg.io_dtype not in ("float", "int8"):
+        raise UsageError(f"--io-dtype {cfg.io_dtype!r}: choose float or int8")
+    if cfg.io_dtype == "int8" and (cfg.target, precision) != ("tflite", "int8"):
+        raise UsageError("--io-dtype int8 applies to --target tflite --quantize int8 only (other targets and "
+                         "precisions keep float32 inputs and outputs)")
+    if cfg.float_layers and not PRECISIONS.get(precision).quantized:
+        raise UsageError(f"--float-layers needs a quantized precision; {precision} is already float")
     c, h, w = loaded.card.input_size
     if cfg.input_size is not None:
         h = w = cfg.input_size
@@ -101,7 +117,7 @@ def resolve(loaded: zoo.LoadedModel, cfg: ExportConfig) -> tuple[Any, str, tuple
         raise UsageError(f"input shape has {shape[1]} channels but {loaded.card.name} takes {c}; "
                          f"use --input-shape {shape[0]}x{c}x{shape[2]}x{shape[3]}")
     name = safe_name(loaded.card.name)
-    suffix = f"-{precision}" if len(target.precisions) > 1 else ""
+    suffix = f"-{precision}" if precision != target.precisions[0] else ""
     out = Path(cfg.out) if cfg.out is not None else Path("effai_out") / f"{name}-{cfg.target}{suffix}"
     return target, precision, tuple(int(s) for s in shape), out  # type: ignore[return-value]
 
@@ -127,9 +143,10 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
             if progress:
                 progress("fail", name, note["detail"], time.perf_counter() - t0)
             raise
-        timings[name] = round(time.perf_counter() - t0, 3)
+        elapsed = time.perf_counter() - t0
+        timings[name] = round(timings.get(name, 0.0) + elapsed, 3)   # the fallback repeats lower/parity/eval
         if progress:
-            progress("end", name, note["detail"], timings[name])
+            progress("end", name, note["detail"], elapsed)
 
     try:
         model = copy.deepcopy(loaded.model).eval()
@@ -137,6 +154,7 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
         n_noise = cfg.parity_noise + (-(cfg.parity_photos + cfg.parity_noise) % shape[0])  # whole batches
         inputs, photos, sample_names = parity_inputs(preprocessing, cfg.parity_photos, n_noise, cfg.seed)
         example = (torch.from_numpy(inputs[: shape[0]]).contiguous(),)
+        warnings: list[str] = []
 
         with stage("fold") as note:
             try:
@@ -156,39 +174,92 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
             else:
                 report = FoldReport(skipped="disabled by --no-fold")
                 note["detail"] = "skipped (--no-fold)"
+        prec = PRECISIONS.get(precision)
+        calib = None
+        if prec.needs_calibration or (prec.quantized and cfg.fallback):
+            with stage("calib", cfg.calib) as note:
+                from effai.export import calibration
+
+                calib = calibration.load(cfg.calib, preprocessing, card, cfg.calib_samples, cfg.seed)
+                calibration.check_finite(model, calib.x)
+                note["detail"] = f"{calib.x.shape[0]} samples from {calib.source}"
+                warnings.extend(calib.warnings)
         program = model
         if target.needs_exported_program:
             with stage("trace", "torch.export") as note:
                 program = trace(model, example)
-        with stage("lower", f"{cfg.target} {precision}") as note:
-            names = ("logits",) if len(reference) == 1 else tuple(f"output_{i}" for i in range(len(reference)))
-            options = LowerOptions(precision=precision, output_names=names)
-            try:
-                lowered = target.lower(program, example, options, tmp)
-            except (EffaiError, OSError):
-                raise
-            except Exception as e:
-                others = {n: t for n, t in TARGETS.items() if n != cfg.target and t.available()[0]}
-
-                def probe(op: str) -> dict[str, bool] | None:
-                    from effai.export.op_probe import targets_taking
-
-                    return targets_taking(model, example, op, others)
-
-                raise lowering_error(cfg.target, e, log, list(others), probe) from e
-            note["detail"] = f"{lowered.model_file} {_size_mb(tmp / lowered.model_file):.2f} MB"
-        with stage("parity") as note:
-            parity = _parity(target, tmp, lowered, cfg, precision, inputs, reference, shape, sample_names)
-            note["detail"] = _parity_line(parity)
-        accuracy = None
         eval_spec = card.extra.get("eval_data") if cfg.eval == "auto" else (None if cfg.eval == "none" else cfg.eval)
-        if eval_spec:
-            with stage("eval", eval_spec) as note:
-                accuracy = _accuracy(loaded, target, tmp, lowered, card, eval_spec, cfg, shape[0])
-                a = accuracy
-                note["detail"] = (f"top-1 torch {a['torch']['top1']:.2%}, artifact "
-                                  + (f"{a['artifact']['top1']:.2%} ({a['status']})" if "artifact" in a
-                                     else f"not-run ({a['reason']})") + f" on {a['samples']} images")
+        evaluation = _eval_reference(loaded, card, eval_spec) if eval_spec else None
+
+        def attempt(float_layers: tuple[str, ...], label: str = "") -> tuple[Any, dict, dict | None]:
+            """lower -> parity -> eval with these layers kept in float."""
+            with stage("lower", f"{cfg.target} {precision}{label}") as note:
+                names = ("logits",) if len(reference) == 1 else tuple(f"output_{i}" for i in range(len(reference)))
+                options = LowerOptions(precision=precision, output_names=names,
+                                       calibration=calib.x if calib is not None else None,
+                                       float_layers=float_layers, io_dtype=cfg.io_dtype)
+                _clear_model_files(tmp)
+                try:
+                    lowered = target.lower(program, example, options, tmp)
+                except (EffaiError, OSError):
+                    raise
+                except Exception as e:
+                    others = {n: t for n, t in TARGETS.items() if n != cfg.target and t.available()[0]}
+
+                    def probe(op: str) -> dict[str, bool] | None:
+                        from effai.export.op_probe import targets_taking
+
+                        return targets_taking(model, example, op, others)
+
+                    raise lowering_error(cfg.target, e, log, list(others), probe) from e
+                note["detail"] = f"{lowered.model_file} {_size_mb(tmp / lowered.model_file):.2f} MB"
+            with stage("parity") as note:
+                parity = _parity(target, tmp, lowered, cfg, precision, inputs, reference, shape, sample_names)
+                note["detail"] = _parity_line(parity)
+            accuracy = None
+            if eval_spec:
+                with stage("eval", eval_spec) as note:
+                    accuracy = _accuracy(evaluation, target, tmp, lowered, cfg, shape[0])
+                    a = accuracy
+                    note["detail"] = (f"top-1 torch {a['torch']['top1']:.2%}, artifact "
+                                      + (f"{a['artifact']['top1']:.2%} ({a['status']})" if "artifact" in a
+                                         else f"not-run ({a['reason']})") + f" on {a['samples']} images")
+            return lowered, parity, accuracy
+
+        lowered, parity, accuracy = attempt(tuple(cfg.float_layers))
+        fallback = None
+        if prec.quantized and cfg.fallback and _gate_failed(parity, accuracy):
+            fallback = {"reason": (accuracy or {}).get("reason") or parity.get("reason"), "attempts": []}
+            with stage("sensitivity", f"{precision}, one layer at a time") as note:
+                from effai.export.sensitivity import fallback_schedule, layer_sensitivity
+
+                ranking = layer_sensitivity(model, calib.x, precision)
+                note["detail"] = (f"{len(ranking)} layers; most sensitive {ranking[0][0]} ({ranking[0][1]:.2e})"
+                                  if ranking else "no quantizable layers")
+            fallback["sensitivity_top"] = [{"layer": n, "score": sc} for n, sc in ranking[:16]]
+            for k in fallback_schedule(len(ranking)):
+                keep = tuple(dict.fromkeys(tuple(cfg.float_layers) + tuple(n for n, _ in ranking[:k])))
+                lowered, parity, accuracy = attempt(keep, f" ({len(keep)} float layers)")
+                fallback["attempts"].append({
+                    "float_layers": len(keep), "mb": round(_size_mb(tmp / lowered.model_file), 3),
+                    "parity": parity["status"], "cosine": parity.get("cosine"),
+                    "top1": (accuracy or {}).get("artifact", {}).get("top1"),
+                    "drop_points": (accuracy or {}).get("drop_points")})
+                if not _gate_failed(parity, accuracy):
+                    fallback["float_layers"] = list(keep)
+                    break
+            fallback["status"] = "pass" if not _gate_failed(parity, accuracy) else "fail"
+            if fallback["status"] == "pass":
+                warnings.append(f"accuracy gate passed after keeping {len(fallback['float_layers'])} most sensitive "
+                                f"layer(s) in float: {', '.join(fallback['float_layers'][:4])}"
+                                + (" ..." if len(fallback["float_layers"]) > 4 else ""))
+        warnings.extend(lowered.details.get("warnings", []))
+        quantization = None
+        if prec.quantized:
+            quantization = {"precision": precision, "description": prec.description,
+                            **lowered.details.get("quantization", {}),
+                            "calibration": calib.to_dict() if calib is not None and prec.needs_calibration else None,
+                            "fallback": fallback}
         with stage("manifest") as note:
             np.savez_compressed(tmp / manifest_io.PARITY_DATA, photos_u8=photos,
                                 **{f"reference_{i}": r for i, r in enumerate(reference)})
@@ -203,7 +274,9 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
                           "description": card.description},
                 "target": cfg.target,
                 "precision": precision,
-                "quantization": None,
+                "quantization": quantization,
+                "warnings": warnings,
+                "runtime_settings": runtime_settings(),
                 "model_file": lowered.model_file,
                 "inputs": [s.to_dict() for s in lowered.inputs],
                 "outputs": [s.to_dict() for s in lowered.outputs],
@@ -240,6 +313,24 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
     return result
 
 
+def _gate_failed(parity: dict[str, Any], accuracy: dict[str, Any] | None) -> bool:
+    return parity["status"] == "fail" or (accuracy is not None and accuracy["status"] == "fail")
+
+
+def _clear_model_files(tmp: Path) -> None:
+    """Remove what a previous lowering attempt wrote (the fallback re-lowers into the same temp dir)."""
+    for p in tmp.iterdir():
+        if p.name.startswith("model."):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def runtime_settings() -> dict[str, Any]:
+    """Threads for this host's runtimes: the physical cores up to 4 (beyond that, mobile-sized models gain little
+    and contend with the app); recorded so bench and apps start from a measured-sensible default."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"threads": max(1, min(4, n)), "host_cpus": n}
+
+
 def _parity(target: Any, tmp: Path, lowered: Any, cfg: ExportConfig, precision: str, inputs: np.ndarray,
             reference: list[np.ndarray], shape: tuple[int, ...], names: list[str]) -> dict[str, Any]:
     if not cfg.verify:
@@ -252,14 +343,22 @@ def _parity(target: Any, tmp: Path, lowered: Any, cfg: ExportConfig, precision: 
     return out
 
 
-def _accuracy(loaded: zoo.LoadedModel, target: Any, tmp: Path, lowered: Any, card: Any, spec: str,
-              cfg: ExportConfig, batch: int) -> dict[str, Any]:
+def _eval_reference(loaded: zoo.LoadedModel, card: Any, spec: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(inputs, labels, torch fp32 logits, description): loaded before lowering, so bad --eval data fails fast."""
     from effai.export import evaluate as ev
 
     x, labels, what = ev.eval_set(spec, card)
     with torch.no_grad():
         ref = np.concatenate([flat_outputs(loaded.model(torch.from_numpy(x[i:i + 256])))[0].numpy()
                               for i in range(0, x.shape[0], 256)])
+    return x, labels, ref, what
+
+
+def _accuracy(evaluation: tuple, target: Any, tmp: Path, lowered: Any, cfg: ExportConfig,
+              batch: int) -> dict[str, Any]:
+    from effai.export import evaluate as ev
+
+    x, labels, ref, what = evaluation
     predictor = target.load(tmp, lowered)
     if isinstance(predictor, str):
         return ev.accuracy_report(ref, None, labels, cfg.max_drop, what, reason=predictor)

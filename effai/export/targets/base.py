@@ -17,10 +17,15 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: str = "float32"
     layout: str = "NCHW"
+    quantization: tuple[float, int] | None = None   # (scale, zero_point) of an integer tensor: x = scale * (q - zp)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        if self.quantization is None:
+            d.pop("quantization")
+        else:
+            d["quantization"] = {"scale": self.quantization[0], "zero_point": self.quantization[1]}
         return d
 
 
@@ -28,9 +33,12 @@ class TensorSpec:
 class LowerOptions:
     """What every target's lower() receives besides the model."""
 
-    precision: str = "fp32"           # compute precision of the artifact: fp32 | fp16 (per target: Target.precisions)
+    precision: str = "fp32"           # a name from effai.export.precisions.PRECISIONS the target lists
     input_names: tuple[str, ...] = ("input",)
     output_names: tuple[str, ...] = ("logits",)
+    calibration: Any = None           # np.ndarray N,C,H,W float32, preprocessed per the card (precisions needing it)
+    float_layers: tuple[str, ...] = ()  # torch module names (Conv/Linear) to keep in float: the sensitivity fallback
+    io_dtype: str = "float"           # TFLite int8 only: "int8" makes input/output tensors int8 (scale/zero-point)
 
 
 @dataclass

@@ -1,4 +1,18 @@
-"""ExecuTorch target: torch.export -> XNNPACK delegate -> .pte, run by the ExecuTorch Runtime for parity."""
+"""ExecuTorch target: torch.export -> XNNPACK delegate -> .pte, run by the ExecuTorch Runtime for parity.
+
+Precisions (all through XNNPACK, so every quantized op runs inside the delegate):
+- fp32.
+- int8: PT2E static quantization with XNNPACKQuantizer (per-channel symmetric int8 weights, per-tensor int8
+  activations observed with a histogram on --calib data), then lowered; XNNPACK runs the QS8 kernels.
+- int8-dynamic: PT2E dynamic quantization (int8 per-channel weights; activations quantized per inference by
+  XNNPACK's dynamically-quantized kernels).
+XNNPACK has no weight-only kernels: a weight-only artifact would run a dequantize outside the delegate on every
+inference (slower than fp32), so int8-weight / int4-weight are refused with that reason instead of built.
+
+Graph hygiene for one delegate partition: `aten.hardsigmoid` (SE gates of GhostNet/MobileNetV3) is decomposed by
+ExecuTorch into add/clamp/div with int64 scalar constants whose float casts (`_to_dim_order_copy`) stay outside
+XNNPACK; effai decomposes it first with float scalars (relu6(x + 3) / 6, exact), leaving nothing outside.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +21,24 @@ from typing import Any
 
 import numpy as np
 
-from effai.errors import EffaiError
+from effai.errors import EffaiError, UsageError
 from effai.export.targets.base import (TARGETS, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
                                        package_versions, require)
+
+# Ops that carry no compute when left outside the delegate (tuple indexing of the delegate's outputs).
+_BOOKKEEPING = {"getitem"}
 
 
 class ExecuTorchTarget:
     name = "executorch"
     description = "ExecuTorch .pte with the XNNPACK delegate (Android/iOS/Linux CPU)"
-    precisions = ("fp32",)
+    precisions = ("fp32", "int8", "int8-dynamic")
+    unsupported = {
+        "int8-weight": "XNNPACK has no weight-only kernels (the dequantize would run outside the delegate, slower "
+                       "than fp32); use int8-dynamic (same int8 weights) or int8",
+        "int4-weight": "XNNPACK has no weight-only kernels; use int8-dynamic or int8, or --target tflite/coreml "
+                       "for 4-bit weights",
+    }
     needs_exported_program = True
 
     def available(self) -> tuple[bool, str]:
@@ -25,17 +48,29 @@ class ExecuTorchTarget:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
+        outs = _flat_meta(exported)
+        exported = decompose_for_xnnpack(exported)
+        quant = None
+        if options.precision in ("int8", "int8-dynamic"):
+            exported, quant = quantize_pt2e(exported, example_inputs, options)
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
         delegation = delegation_summary(edge.exported_program().graph_module)
         program = edge.to_executorch()
         path = out_dir / "model.pte"
         path.write_bytes(program.buffer)
-        outs = [o for o in _flat_meta(exported)]
+        warnings = [f"{n} {op} node(s) run outside XNNPACK (portable kernels, slower)"
+                    for op, n in delegation["non_delegated_ops"].items() if op not in _BOOKKEEPING]
+        if delegation["partitions"] > 1:
+            warnings.append(f"the graph splits into {delegation['partitions']} XNNPACK partitions; layout copies "
+                            "sit between them")
+        details: dict[str, Any] = {"backend": "XnnpackBackend", "delegation": delegation, "warnings": warnings}
+        if quant:
+            details["quantization"] = quant
         return Lowered(
             model_file=path.name,
             inputs=[TensorSpec(n, tuple(x.shape), _dt(x.dtype)) for n, x in zip(options.input_names, example_inputs)],
             outputs=[TensorSpec(n, s, "float32", layout_for(s)) for n, s in zip(options.output_names, outs)],
-            details={"backend": "XnnpackBackend", "delegation": delegation},
+            details=details,
         )
 
     def load(self, out_dir: Path, lowered: Lowered) -> Predictor | str:
@@ -52,6 +87,62 @@ class ExecuTorchTarget:
 
     def structural_check(self, out_dir: Path, lowered: Lowered, expected: dict[str, Any]) -> None:
         return None
+
+
+def _hardsigmoid(x: Any) -> Any:
+    import torch
+
+    aten = torch.ops.aten
+    return aten.div.Tensor(aten.hardtanh.default(aten.add.Tensor(x, 3.0), 0.0, 6.0), 6.0)
+
+
+def decompose_for_xnnpack(exported: Any) -> Any:
+    """hardsigmoid(x) = relu6(x + 3) / 6 with float scalars, so no dtype cast stays outside the delegate."""
+    import torch
+
+    if not any(n.target == torch.ops.aten.hardsigmoid.default for n in exported.graph.nodes):
+        return exported
+    return exported.run_decompositions({torch.ops.aten.hardsigmoid.default: _hardsigmoid})
+
+
+def quantize_pt2e(exported: Any, example_inputs: tuple, options: LowerOptions) -> tuple[Any, dict[str, Any]]:
+    """PT2E: annotate with XNNPACKQuantizer, observe calibration batches, convert to quantize/dequantize pairs that
+    XNNPACK fuses into integer kernels. Layers named in options.float_layers are left unannotated (float)."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                          get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
+
+    dynamic = options.precision == "int8-dynamic"
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
+                                                                                 is_dynamic=dynamic))
+    names = set(options.float_layers)
+    if names:
+        known = {n for n, _ in exported.module().named_modules()}
+        missing = sorted(names - known)
+        if missing:
+            raise EffaiError(f"float layer(s) {missing[:3]} are not modules of the exported model")
+        filters = [get_module_name_filter(n) for n in names]
+        quantizer.set_filter_function(lambda node: not any(f(node) for f in filters))
+    prepared = prepare_pt2e(exported.module(), quantizer)
+    batch = example_inputs[0].shape[0]
+    calibrated = 0
+    if not dynamic:
+        if options.calibration is None:
+            raise UsageError("executorch int8 needs calibration data: pass --calib DIR|digits|photos")
+        with torch.no_grad():
+            for i in range(0, options.calibration.shape[0] - batch + 1, batch):
+                prepared(torch.from_numpy(np.ascontiguousarray(options.calibration[i:i + batch])))
+                calibrated += batch
+    converted = convert_pt2e(prepared)
+    requantized = torch.export.export(converted, example_inputs)
+    q_nodes = sum(1 for n in requantized.graph.nodes if "dequantize_per_channel" in str(n.target))
+    return requantized, {
+        "scheme": "XNNPACK PT2E " + ("dynamic int8 (per-channel weights, per-run activations)" if dynamic else
+                                     "static int8 (per-channel weights, histogram-calibrated activations)"),
+        "layers_quantized": q_nodes, "float_layers": sorted(names), "calibration_samples": calibrated,
+    }
 
 
 def delegation_summary(graph_module: Any) -> dict[str, Any]:
