@@ -1,28 +1,54 @@
-"""Core ML target: torch.jit.trace -> coremltools -> .mlpackage (ML program), fp16 or fp32 compute.
+"""Core ML target: torch.jit.trace -> coremltools -> .mlpackage (ML program), float or compressed.
 
 coremltools converts on Linux, but the Core ML runtime exists only on macOS: there, parity runs predictions; on
 Linux the package is verified structurally (inputs, outputs, op census, weight dtypes) and parity says so.
 (coremltools 9's torch.export path fails on GhostNetV3 with "Unsupported fx node alias"; the trace path works.)
+
+Precisions (coremltools.optimize.coreml post-training compression, applied to the fp16-compute ML program as
+Apple's docs recommend; weights above 2048 elements are compressed, smaller ones stay fp16):
+
+| precision   | coremltools call                                    | saved ops (coremltools 9)         | target |
+|-------------|-----------------------------------------------------|-----------------------------------|--------|
+| fp16, fp32  | ct.convert(compute_precision=...)                   | const fp16 / fp32                 | iOS16  |
+| int8-weight | linear_quantize_weights: int8, per-channel, symm.   | constexpr_affine_dequantize, int8 | iOS16  |
+| int4-weight | linear_quantize_weights: int4, per-block 32, symm.  | constexpr_blockwise_shift_scale   | iOS18  |
+| paletteK    | palettize_weights: kmeans, K bits, one LUT a tensor | constexpr_lut_to_dense, 2^K LUT   | iOS16  |
+| int8 (W8A8) | linear_quantize_activations + int8 weights as above | quantize/dequantize + the above   | iOS17  |
+
+W8A8 calibration: coremltools measures activation ranges with MLModel.predict, i.e. the Core ML runtime (macOS
+only). effai measures them instead by evaluating the converted ML program op by op with torch (`MilEvaluator`),
+checks that evaluation against the torch model, and hands the ranges to coremltools' own quantize/dequantize
+insertion passes; so int8 exports on Linux too. Programs with an op the evaluator lacks need macOS.
+`simulate()` runs a saved package the same way (weights decompressed): a Linux check of compressed numerics.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
+from effai.errors import EffaiError, UsageError
+from effai.export.targets.coreml_mil import MilEvaluator, NeedsRuntime
 from effai.export.targets.base import (TARGETS, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
                                        package_versions, require)
 
 MIN_TARGET = "iOS16"   # ML programs with fp16 compute need iOS 15+; iOS 16 adds the ops modern nets use
+# quantize/dequantize (activation quantization) are iOS17 ops; int4 weights (constexpr_blockwise_shift_scale) iOS18
+MIN_TARGETS = {"int8": "iOS17", "int4-weight": "iOS18"}
+INT4_BLOCK = 32        # int4 per-block: 32 input channels share a scale (Apple's recommended block for int4)
+WEIGHT_THRESHOLD = 2048  # coremltools' default: weights with fewer elements stay fp16 (too small to be worth it)
+QUANTIZED_WEIGHT_OPS = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
 
 
 class CoreMLTarget:
     name = "coreml"
     description = "Core ML .mlpackage (ML program) for iOS/macOS (CPU, GPU, Neural Engine)"
-    precisions = ("fp16", "fp32")
+    precisions = ("fp16", "fp32", "int8", "int8-weight", "int4-weight", "palette4", "palette6", "palette8")
     needs_exported_program = False
 
     def available(self) -> tuple[bool, str]:
@@ -32,10 +58,16 @@ class CoreMLTarget:
         import coremltools as ct
         import torch
 
+        precision = options.precision
+        if precision not in self.precisions:
+            raise UsageError(f"precision '{precision}' is not supported by coreml; choose one of: "
+                             f"{', '.join(self.precisions)}")
+        min_target = MIN_TARGETS.get(precision, MIN_TARGET)
+        samples = _calibration_batches(options, example_inputs) if precision == "int8" else None
         _patch_int_cast_for_numpy2()
         with torch.no_grad():
             traced = torch.jit.trace(model.eval(), example_inputs)
-        precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
+        compute = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16  # compressed: fp16 compute
         mlmodel = ct.convert(
             traced,
             # fp32 I/O even for fp16 compute: apps feed float MLMultiArrays, Core ML casts at the boundary
@@ -43,19 +75,26 @@ class CoreMLTarget:
                     for n, x in zip(options.input_names, example_inputs)],
             outputs=[ct.TensorType(name=n, dtype=np.float32) for n in options.output_names],
             convert_to="mlprogram",
-            compute_precision=precision,
-            minimum_deployment_target=getattr(ct.target, MIN_TARGET),
+            compute_precision=compute,
+            minimum_deployment_target=getattr(ct.target, min_target),
         )
+        quantization = None
+        if precision not in ("fp16", "fp32"):
+            mlmodel, quantization = compress(mlmodel, model, options, samples)
+            quantization["minimum_deployment_target"] = min_target
         path = out_dir / "model.mlpackage"
         mlmodel.save(str(path))
         summary = spec_summary(path)
+        details: dict[str, Any] = {"minimum_deployment_target": min_target,
+                                   "compute_precision": "fp32" if precision == "fp32" else "fp16", "spec": summary}
+        if quantization is not None:
+            details["quantization"] = quantization
         return Lowered(
             model_file=path.name,
             inputs=[TensorSpec(i["name"], tuple(i["shape"]), i["dtype"], "NCHW") for i in summary["inputs"]],
             outputs=[TensorSpec(o["name"], tuple(o["shape"]), o["dtype"], layout_for(tuple(o["shape"])))
                      for o in summary["outputs"]],
-            details={"minimum_deployment_target": MIN_TARGET, "compute_precision": options.precision,
-                     "spec": summary},
+            details=details,
         )
 
     def load(self, out_dir: Path, lowered: Lowered) -> Predictor | str:
@@ -87,10 +126,255 @@ class CoreMLTarget:
             problems.append(f"output shapes {got_out} != {want_out}")
         if s["op_count"] == 0:
             problems.append("the program has no operations")
-        want_w = "fp16" if expected["precision"] == "fp16" else "fp32"
-        if want_w not in s["weight_dtypes"]:
-            problems.append(f"weights are {sorted(s['weight_dtypes'])}, expected {want_w}")
+        problems += precision_problems(expected["precision"], s, lowered.details.get("quantization"))
         return {"status": "fail" if problems else "pass", "problems": problems, **s}
+
+
+def precision_problems(precision: str, s: dict[str, Any], quantization: dict[str, Any] | None) -> list[str]:
+    """What the saved program should hold at `precision` (from spec_summary), as a list of problems.
+
+    fp16/fp32: float consts of that type. Compressed precisions keep fp16 compute, so no fp32 weight is left, and
+    each compressed weight is one constexpr op decompressing its payload when the model loads: int8/int4 affine
+    (constexpr_affine_dequantize up to iOS17, constexpr_blockwise_shift_scale from iOS18) or a 2^K-entry LUT
+    (constexpr_lut_to_dense); W8A8 adds quantize/dequantize pairs on activations."""
+    if precision in ("fp16", "fp32"):
+        if precision in s["weight_dtypes"]:
+            return []
+        return [f"weights are {sorted(s['weight_dtypes'])}, expected {precision}"]
+    c = s["compressed_weights"]
+    problems = []
+    if "fp32" in s["weight_dtypes"]:
+        problems.append(f"fp32 weights left in a {precision} package (compressed variants compute in fp16)")
+    if precision in ("int8", "int8-weight", "int4-weight"):
+        bits = "int4" if precision == "int4-weight" else "int8"
+        ops = ("constexpr_blockwise_shift_scale",) if bits == "int4" else QUANTIZED_WEIGHT_OPS
+        n = sum(c["ops"].get(o, 0) for o in ops)
+        if n == 0 or bits not in c["data_dtypes"]:
+            problems.append(f"no {bits} weights ({' / '.join(ops)}) in the package; compressed: {c}")
+    elif precision.startswith("palette"):
+        entries = 2 ** int(precision[len("palette"):])
+        if not c["ops"].get("constexpr_lut_to_dense") or set(c["lut_entries"]) != {entries}:
+            problems.append(f"expected constexpr_lut_to_dense with {entries}-entry LUTs; compressed: {c}")
+    if precision == "int8" and not (s["ops"].get("quantize") and s["ops"].get("dequantize")):
+        problems.append("no quantize/dequantize ops on activations in an int8 (W8A8) package")
+    if quantization and quantization.get("layers_quantized") not in (None, c["count"]):
+        problems.append(f"{c['count']} compressed weights in the package, the export reported "
+                        f"{quantization['layers_quantized']}")
+    return problems
+
+
+SCHEMES = {
+    "int8-weight": "int8 weights, per-channel symmetric (linear_quantize_weights); fp16 activations",
+    "int4-weight": f"int4 weights, symmetric, per block of {INT4_BLOCK} input channels (per output channel where "
+                   f"those do not divide by {INT4_BLOCK}) (linear_quantize_weights); fp16 activations",
+    "palette4": "4-bit palettized weights: one 16-entry k-means LUT per tensor (palettize_weights); fp16 activations",
+    "palette6": "6-bit palettized weights: one 64-entry k-means LUT per tensor (palettize_weights); fp16 activations",
+    "palette8": "8-bit palettized weights: one 256-entry k-means LUT per tensor (palettize_weights); fp16 activations",
+    "int8": "W8A8: int8 activations, symmetric per tensor, calibrated (linear_quantize_activations), and int8 "
+            "weights, per-channel symmetric (linear_quantize_weights)",
+}
+
+
+def compress(mlmodel: Any, model: Any, options: LowerOptions,
+             batches: list[np.ndarray] | None) -> tuple[Any, dict[str, Any]]:
+    """The fp16 ML program compressed to options.precision, with options.float_layers left in float; and the
+    details["quantization"] record of what was done."""
+    import coremltools.optimize.coreml as cto
+
+    precision = options.precision
+    kept, unmatched, consumers = float_layer_consts(mlmodel, model, options.float_layers)
+    skip = {const: None for consts in kept.values() for const in consts}   # None: leave this const uncompressed
+    info: dict[str, Any] = {"scheme": SCHEMES[precision], "float_layers": list(options.float_layers),
+                            "unmatched_float_layers": unmatched, "float_layer_weights": kept}
+    if precision == "int8":
+        assert batches is not None
+        mlmodel, info["calibration"] = quantize_activations(mlmodel, model, batches, options.input_names[0], consumers)
+    configs = weight_configs(precision)
+    for i, config in enumerate(configs):
+        compress_weights = (cto.palettize_weights if isinstance(config, cto.OpPalettizerConfig)
+                            else cto.linear_quantize_weights)
+        # a pass followed by another warns of every weight it leaves to that one ("Skipped this op"): mute it
+        with _quiet_coremltools() if i < len(configs) - 1 else contextlib.nullcontext():
+            mlmodel = compress_weights(mlmodel, cto.OptimizationConfig(global_config=config, op_name_configs=skip))
+    census = summarize_spec(mlmodel.get_spec())
+    info["layers_quantized"] = census["compressed_weights"]["count"]
+    if precision == "int8":
+        info["activations_quantized"] = census["ops"].get("quantize", 0)
+    return mlmodel, info
+
+
+@contextlib.contextmanager
+def _quiet_coremltools() -> Iterator[None]:
+    """coremltools' logger ("coremltools") at ERROR for the block."""
+    log = logging.getLogger("coremltools")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def weight_configs(precision: str) -> list[Any]:
+    """coremltools OpCompressorConfigs applied in turn to the weights at `precision`.
+
+    OpLinearQuantizerConfig(mode="linear_symmetric") stores w ~ scale * q (zero point 0) with q int8/int4; per_channel
+    gives each output channel a scale, per_block one per `block_size` input channels of each output channel (and
+    skips weights whose input channels do not divide by it: the second, per-channel int4 pass takes those).
+    OpPalettizerConfig(mode="kmeans", nbits=k, granularity="per_tensor") clusters each weight into 2^k values and
+    stores k-bit indices into that lookup table."""
+    import coremltools.optimize.coreml as cto
+
+    if precision in ("int8", "int8-weight"):
+        return [cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                            weight_threshold=WEIGHT_THRESHOLD)]
+    if precision == "int4-weight":
+        return [cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
+                                            block_size=INT4_BLOCK, weight_threshold=WEIGHT_THRESHOLD),
+                cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_channel",
+                                            weight_threshold=WEIGHT_THRESHOLD)]
+    if precision.startswith("palette"):
+        return [cto.OpPalettizerConfig(mode="kmeans", nbits=int(precision[len("palette"):]), granularity="per_tensor",
+                                       weight_threshold=WEIGHT_THRESHOLD)]
+    return []
+
+
+def float_layer_consts(mlmodel: Any, model: Any,
+                       names: tuple[str, ...]) -> tuple[dict[str, list[str]], list[str], list[str]]:
+    """({torch layer: [Core ML const ops holding its weight]}, [layers found in no const], [ops consuming them]).
+
+    coremltools.optimize.coreml.get_weights_metadata lists every const of the program with its values and consumer
+    ops; effai.export.layer_map matches them to the torch weights by content, before any compression. fp16
+    conversion rounds each weight by up to 2^-11 relative, well inside rtol 2e-3."""
+    if not names:
+        return {}, [], []
+    import coremltools.optimize.coreml as cto
+
+    from effai.export.layer_map import layer_weights, match
+
+    meta = cto.get_weights_metadata(mlmodel, weight_threshold=1)
+    candidates = {k: m.val for k, m in meta.items()
+                  if isinstance(m.val, np.ndarray) and m.val.dtype.kind == "f" and m.val.ndim >= 2}
+    found = match(layer_weights(model, names), candidates, rtol=2e-3, atol=1e-6)
+    kept = {n: sorted(c) for n, c in found.items() if c}
+    consumers = sorted({op.name for consts in kept.values() for c in consts for op in meta[c].child_ops})
+    return kept, [n for n in names if not found.get(n)], consumers
+
+
+def _calibration_batches(options: LowerOptions, example_inputs: tuple) -> list[np.ndarray]:
+    """options.calibration cut into batches of the model's input shape; UsageError when missing or mis-shaped."""
+    if options.calibration is None:
+        raise UsageError("Core ML int8 (W8A8) needs calibration images to measure activation ranges; pass --calib "
+                         "DIR, or export int8-weight, which needs none")
+    if len(example_inputs) != 1:
+        raise UsageError(f"int8 calibration feeds one input; this model takes {len(example_inputs)}: export "
+                         "int8-weight instead")
+    shape = tuple(example_inputs[0].shape)
+    cal = np.asarray(options.calibration, dtype=np.float32)
+    if cal.ndim != len(shape) or cal.shape[1:] != shape[1:] or cal.shape[0] < shape[0]:
+        raise UsageError(f"calibration data has shape {cal.shape}; the model takes batches of {shape}: preprocess "
+                         "the calibration images at the export input size")
+    return [cal[i:i + shape[0]] for i in range(0, cal.shape[0] - shape[0] + 1, shape[0])]
+
+
+def quantize_activations(mlmodel: Any, model: Any, batches: list[np.ndarray], input_name: str,
+                         float_ops: list[str]) -> tuple[Any, dict[str, Any]]:
+    """W8A8 step 1, coremltools.optimize.coreml.linear_quantize_activations: int8 quantize/dequantize pairs
+    (symmetric, one scale per tensor, from each tensor's calibrated [min, max]) before and after the conv, linear,
+    pooling and add ops, except `float_ops`.
+
+    coremltools calibrates with MLModel.predict, which needs the Core ML runtime (macOS). effai evaluates the
+    program with torch instead (`activation_ranges`) and hands coremltools those ranges; on macOS, a program the
+    evaluator cannot run falls back to coremltools' own calibration."""
+    import coremltools.optimize.coreml as cto
+
+    config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"),
+                                    op_name_configs={op: None for op in float_ops})
+    samples = [{input_name: b} for b in batches]
+    try:
+        ranges, check = activation_ranges(mlmodel, model, batches)
+    except NeedsRuntime as e:
+        if platform.system() != "Darwin":
+            raise EffaiError(f"Core ML int8 (W8A8) calibration needs macOS for this model: {e}; export int8 on a "
+                             "Mac, or int8-weight (no calibration) here") from None
+        return cto.linear_quantize_activations(mlmodel, config, samples), {
+            "method": "Core ML runtime (coremltools MLModel.predict)", "samples": int(sum(len(b) for b in batches)),
+            "evaluator_unusable": str(e)}
+    with _calibration_ranges(ranges):
+        quantized = cto.linear_quantize_activations(mlmodel, config, samples)
+    return quantized, {"method": "effai ML-program evaluator (torch, CPU), checked against the torch model",
+                       "samples": int(sum(len(b) for b in batches)), "evaluator_vs_torch": check}
+
+
+@contextlib.contextmanager
+def _calibration_ranges(ranges: dict[str, dict[str, float]]) -> Iterator[None]:
+    """Within the block, coremltools' linear_quantize_activations takes `ranges` instead of measuring them: its
+    `_get_activation_calibration_stats(mlmodel, sample_data, group_size)` (coremltools 9) is what calls
+    MLModel.predict; everything after it (coremltools' quantize/dequantize insertion passes) runs unchanged."""
+    from coremltools.optimize.coreml import _post_training_quantization as ptq
+
+    original = ptq._get_activation_calibration_stats
+    ptq._get_activation_calibration_stats = lambda *args, **kwargs: ranges
+    try:
+        yield
+    finally:
+        ptq._get_activation_calibration_stats = original
+
+
+def activation_ranges(mlmodel: Any, model: Any,
+                      batches: list[np.ndarray]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """({tensor name: {"rmin", "rmax"}} over every calibration batch, the evaluator-vs-torch metrics).
+
+    The format of coremltools' calibration stats; unlike coremltools 9's own calibration, which keeps only the last
+    sample's range, ranges accumulate over all samples. Raises NeedsRuntime when the program has an op the
+    evaluator lacks, or its outputs stray from the torch model's beyond the fp16 parity tolerance."""
+    import torch
+
+    from effai.export.fold import flat_outputs
+    from effai.export.parity import TOLERANCES, compare
+
+    program = getattr(mlmodel, "_mil_program", None)
+    if program is None or "main" not in program.functions:
+        raise NeedsRuntime("coremltools kept no in-memory ML program to evaluate")
+    fn = program.functions["main"]
+    evaluator = MilEvaluator(fn)
+    ranges: dict[str, dict[str, float]] = {}
+    got, want = [], []
+    for batch in batches:
+        env = evaluator.run({name: batch for name in fn.inputs})
+        for name, t in env.items():
+            if t.is_floating_point() and t.numel():
+                lo, hi = float(t.min()), float(t.max())
+                r = ranges.setdefault(name, {"rmin": lo, "rmax": hi})
+                r["rmin"], r["rmax"] = min(r["rmin"], lo), max(r["rmax"], hi)
+        got.append([env[v.name].numpy() for v in fn.outputs])
+        with torch.no_grad():
+            want.append([t.float().numpy() for t in flat_outputs(model(torch.from_numpy(batch)))])
+    check = compare([np.concatenate(w) for w in zip(*want)], [np.concatenate(g) for g in zip(*got)],
+                    TOLERANCES["fp16"])
+    if check["status"] != "pass":
+        raise NeedsRuntime(f"effai's evaluation of the Core ML program disagrees with torch ({check['reason']})")
+    _share_concat_ranges(fn, ranges)
+    return ranges, {"rel_err": check["rel_err"], "cosine": check["cosine"]}
+
+
+def _share_concat_ranges(fn: Any, ranges: dict[str, dict[str, float]]) -> None:
+    """As coremltools' calibration does: the inputs and output of a concat share one range (so one scale and a
+    quantized concat needs no requantization); concats sharing a tensor merge into one group."""
+    groups: list[set[str]] = []
+    for op in fn.operations:
+        if op.op_type != "concat":
+            continue
+        group = ({v.name for v in op.inputs["values"]} | {op.outputs[0].name}) & ranges.keys()
+        for g in [g for g in groups if g & group]:
+            groups.remove(g)
+            group |= g
+        if group:
+            groups.append(group)
+    for group in groups:
+        lo, hi = min(ranges[n]["rmin"] for n in group), max(ranges[n]["rmax"] for n in group)
+        for n in group:
+            ranges[n] = {"rmin": lo, "rmax": hi}
 
 
 def _patch_int_cast_for_numpy2() -> None:
@@ -118,23 +402,41 @@ def _patch_int_cast_for_numpy2() -> None:
 
 _DTYPES = {65568: "float32", 65552: "float16", 131104: "int32", 131080: "int8"}  # ArrayFeatureType.ArrayDataType
 _MIL_DTYPES = {"FLOAT32": "fp32", "FLOAT16": "fp16", "INT8": "int8", "UINT8": "uint8", "INT4": "int4",
-               "INT32": "int32", "UINT4": "uint4", "BOOL": "bool", "STRING": "string", "INT16": "int16"}
+               "INT32": "int32", "UINT4": "uint4", "BOOL": "bool", "STRING": "string", "INT16": "int16",
+               "UINT1": "uint1", "UINT2": "uint2", "UINT3": "uint3", "UINT6": "uint6", "UINT16": "uint16"}
+_PAYLOADS = ("quantized_data", "data", "indices")   # the stored tensor of constexpr_affine_dequantize /
+#                                                     constexpr_blockwise_shift_scale / constexpr_lut_to_dense
 
 
 def spec_summary(path: Path) -> dict[str, Any]:
-    """Inputs, outputs, op census and the dtypes of const tensors (weights) of a saved .mlpackage."""
+    """Inputs, outputs, op census, the dtypes of const tensors (weights), the compressed weights and the size of the
+    weight blob (weights/weight.bin) of a saved .mlpackage."""
     import coremltools as ct
-    from coremltools.proto import MIL_pb2
 
-    spec = ct.utils.load_spec(str(path))
+    weights = path / "Data" / "com.apple.CoreML" / "weights"
+    size = sum(f.stat().st_size for f in weights.rglob("*") if f.is_file()) if weights.is_dir() else 0
+    return {**summarize_spec(ct.utils.load_spec(str(path))), "weights_bytes": size}
+
+
+def summarize_spec(spec: Any) -> dict[str, Any]:
+    """spec_summary's content from a Model spec (a saved package's or an in-memory MLModel's get_spec()).
+
+    compressed_weights: each constexpr_* op is one compressed weight, decompressed when the model loads; its
+    payload's stored dtype (int8, int4, or the LUT indices' packed uint8 / uintK) and, for LUTs, their entry count."""
+    from coremltools.proto import MIL_pb2
 
     def feat(f: Any) -> dict[str, Any]:
         arr = f.type.multiArrayType
         return {"name": f.name, "shape": [int(d) for d in arr.shape], "dtype": _DTYPES.get(arr.dataType, str(arr.dataType))}
 
+    dtype_names = {v: k for k, v in MIL_pb2.DataType.items()}
+
+    def dtype(t: Any) -> str:
+        return _MIL_DTYPES.get(dtype_names.get(t.dataType, ""), str(t.dataType))
+
     ops: dict[str, int] = {}
     weight_dtypes: dict[str, int] = {}
-    dtype_names = {v: k for k, v in MIL_pb2.DataType.items()}
+    compressed: dict[str, Any] = {"count": 0, "ops": {}, "data_dtypes": {}, "lut_entries": []}
     for fn in spec.mlProgram.functions.values():
         for block in fn.block_specializations.values():
             for op in block.operations:
@@ -143,11 +445,32 @@ def spec_summary(path: Path) -> dict[str, Any]:
                     for out in op.outputs:
                         t = out.type.tensorType
                         if len(t.dimensions) >= 1 and _numel(t) > 16:  # weights, not scalars or shape vectors
-                            name = _MIL_DTYPES.get(dtype_names.get(t.dataType, ""), str(t.dataType))
-                            weight_dtypes[name] = weight_dtypes.get(name, 0) + 1
+                            weight_dtypes[dtype(t)] = weight_dtypes.get(dtype(t), 0) + 1
+                elif op.type.startswith("constexpr_"):
+                    compressed["count"] += 1
+                    compressed["ops"][op.type] = compressed["ops"].get(op.type, 0) + 1
+                    for key, t in _tensor_params(op):
+                        if key in _PAYLOADS:
+                            compressed["data_dtypes"][dtype(t)] = compressed["data_dtypes"].get(dtype(t), 0) + 1
+                        elif key == "lut":   # iOS16: [entries]; iOS18: [..., entries, vector size]
+                            dims = [int(d.constant.size) for d in t.dimensions]
+                            compressed["lut_entries"].append(dims[-2] if len(dims) > 1 else dims[0])
+    compressed["lut_entries"] = sorted(set(compressed["lut_entries"]))
     return {"inputs": [feat(f) for f in spec.description.input], "outputs": [feat(f) for f in spec.description.output],
             "spec_version": spec.specificationVersion, "op_count": sum(ops.values()), "ops": ops,
-            "weight_dtypes": weight_dtypes}
+            "weight_dtypes": weight_dtypes, "compressed_weights": compressed}
+
+
+def _tensor_params(op: Any) -> Iterator[tuple[str, Any]]:
+    """(name, TensorType) of an op's tensor-valued parameters: attributes (iOS16 constexpr ops) and inline input
+    values (iOS18 constexpr ops)."""
+    for key, value in op.attributes.items():
+        if value.type.WhichOneof("type") == "tensorType":
+            yield key, value.type.tensorType
+    for key, arg in op.inputs.items():
+        for a in arg.arguments:
+            if a.HasField("value") and a.value.type.WhichOneof("type") == "tensorType":
+                yield key, a.value.type.tensorType
 
 
 def _numel(t: Any) -> int:
