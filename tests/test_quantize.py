@@ -225,3 +225,61 @@ def test_digits_int8_coreml_is_w8a8_checked_structurally(digits_int8):
     if isinstance(q, EffaiError):
         pytest.fail(str(q))
     assert q.manifest["parity"]["structural"]["status"] == "pass"
+
+
+# --- float layers per target (the fallback's mechanism), on the tiny model -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_folded(tmp_path_factory):
+    from effai.export.fold import fold
+
+    f = tmp_path_factory.mktemp("tiny") / "tiny.py"
+    f.write_text(TINY)
+    model = zoo.create(model_def=f"{f}:Tiny").model.eval()
+    x = np.random.default_rng(0).standard_normal((32, 1, 16, 16)).astype(np.float32)
+    fold(model, (torch.from_numpy(x[:4]),))
+    return model, x
+
+
+def test_executorch_float_layers_stay_unquantized(tiny_folded, tmp_path):
+    from effai.export.targets.base import LowerOptions
+    from effai.export.trace import trace
+
+    model, x = tiny_folded
+    t = TARGETS.get("executorch")
+    ex = (torch.from_numpy(x[:1]),)
+    for d in "abc":
+        (tmp_path / d).mkdir()
+    full = t.lower(trace(model, ex), ex, LowerOptions(precision="int8", calibration=x), tmp_path / "a")
+    kept = t.lower(trace(model, ex), ex, LowerOptions(precision="int8", calibration=x, float_layers=("b",)),
+                   tmp_path / "b")
+    assert full.details["quantization"]["layers_quantized"] == 4
+    assert kept.details["quantization"]["layers_quantized"] == 3 and kept.details["quantization"]["float_layers"] == ["b"]
+    # Tiny ends in x.mean((2, 3)) without keepdim, which XNNPACK does not take in int8: effai says so
+    assert any("aten_mean_dim" in w for w in full.details["warnings"]), full.details["warnings"]
+    with pytest.raises(EffaiError, match="not modules of the exported model"):
+        t.lower(trace(model, ex), ex, LowerOptions(precision="int8", calibration=x, float_layers=("nope",)),
+                tmp_path / "c")
+
+
+def test_tflite_float_layers_and_int8_io(tiny_folded, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from effai.export.targets.base import LowerOptions
+
+    model, x = tiny_folded
+    t = TARGETS.get("tflite")
+    ex = (torch.from_numpy(x[:1]),)
+    lw = t.lower(model, ex, LowerOptions(precision="int8", calibration=x, float_layers=("b",), io_dtype="int8"),
+                 tmp_path)
+    q = lw.details["quantization"]
+    assert q["float_tensors"] and not q["unmatched_float_layers"] and q["io_dtype"] == "int8"
+    assert lw.inputs[0].dtype == "int8" and lw.inputs[0].quantization is not None
+    interp = Interpreter(model_path=str(tmp_path / "model.tflite"))
+    dtypes = {d["name"]: np.dtype(d["dtype"]).name for d in interp.get_tensor_details()}
+    assert all(dtypes[n] == "float32" for n in q["float_tensors"]), {n: dtypes[n] for n in q["float_tensors"]}
+    with torch.no_grad():
+        ref = model(ex[0]).numpy()
+    got = t.load(tmp_path, lw).run([x[:1]])[0]   # the predictor quantizes the float input with the tensor's scale
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.95

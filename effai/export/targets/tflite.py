@@ -117,7 +117,8 @@ def quantize(path: Path, model: Any, options: LowerOptions) -> dict[str, Any]:
     if options.float_layers:
         kept, unmatched = _keep_float(path, model, options.float_layers)
         for name in kept:
-            q.update_quantization_recipe(regex=f"^{re.escape(name)}$", operation_name="*",
+            # an op's scope is its output tensor names joined and ended by ';' (ai-edge-quantizer get_op_scope)
+            q.update_quantization_recipe(regex=f"(^|;){re.escape(name)};", operation_name="*",
                                          algorithm_key="no_quantize")
     calibrated = 0
     calib = None
