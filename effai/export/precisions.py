@@ -38,7 +38,8 @@ PRECISIONS: Registry[Precision] = Registry("precision")
 for _p in (
     Precision("fp32", "float32 weights and compute", 32, False),
     Precision("fp16", "float16 weights (and compute where the runtime has it)", 16, False),
-    Precision("int8", "static int8: per-channel int8 weights, int8 activations calibrated on --calib data", 8, True,
+    Precision("int8", "static int8: per-channel int8 weights, 8-bit activations (int8, or uint8 where the backend "
+              "is faster with it) calibrated on --calib data", 8, True,
               needs_calibration=True),
     Precision("int8-dynamic", "dynamic-range int8: int8 weights, activations quantized per run", 8, True),
     Precision("int8-weight", "weight-only int8: int8 weights dequantized to float compute", 8, True),
