@@ -46,6 +46,7 @@ def test_every_target_writes_an_artifact_with_a_complete_manifest(small_exports,
 def test_runtime_targets_pass_parity_at_fp32_on_real_photos(small_exports, target):
     p = small_exports[target].manifest["parity"]
     assert p["status"] == "pass", p
+    assert small_exports[target].manifest["status"] == "pass"
     assert p["rel_err"] < 1e-4 and p["cosine"] > 0.99999 and p["top1_agreement"] == 1.0
     assert p["samples"] == 8 and sum(n.startswith("photo:") for n in p["sample_names"]) == 6
     assert p["runtime"] in ("executorch-xnnpack", "onnxruntime-cpu", "ai-edge-litert")
@@ -55,6 +56,7 @@ def test_coreml_is_verified_structurally_on_linux(small_exports):
     m = small_exports["coreml"].manifest
     p = m["parity"]
     assert p["status"] == "not-run" and p["reason"] == "Core ML runtime needs macOS"
+    assert small_exports["coreml"].manifest["status"] == "unverified"
     s = p["structural"]
     assert s["status"] == "pass" and s["op_count"] > 100 and set(s["weight_dtypes"]) == {"fp16"}
     assert s["inputs"][0]["shape"] == [1, 3, SMALL, SMALL] and s["inputs"][0]["dtype"] == "float32"

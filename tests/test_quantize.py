@@ -164,7 +164,7 @@ def test_failed_gate_tries_float_layers_then_fails_with_every_attempt_recorded(t
     assert fb["status"] == "fail" and [a["float_layers"] for a in fb["attempts"]] == [1, 2]
     assert {s["layer"] for s in fb["sensitivity_top"]} == {"a", "b", "c", "fc"}
     assert q["calibration"]["samples"] == 64 and len(q["calibration"]["sha256"]) == 64
-    assert m["accuracy"]["status"] == "fail" and m["parity"]["status"] in ("pass", "fail")
+    assert m["accuracy"]["status"] == "fail" and m["status"] == "fail"
 
 
 def test_gate_passes_without_fallback_and_records_calibration(tmp_path):
@@ -203,10 +203,11 @@ def test_digits_int8_loses_at_most_one_point_and_is_much_smaller(digits_int8, ta
     assert not isinstance(q, Exception), q
     a = q.manifest["accuracy"]
     assert a["status"] == "pass" and a["drop_points"] <= 1.0 and a["artifact"]["top1"] > 0.97, a
-    size = {r.manifest["model_file"]: sum(f["bytes"] for f in r.manifest["files"]
-                                          if f["path"].startswith(r.manifest["model_file"])) for r in (fp, q)}
-    ratio = list(size.values())[0] / list(size.values())[1]
-    assert ratio > 2.5, (target, size)   # weights alone are ~4x; file formats add per-channel scales and names
+    size = [sum(f["bytes"] for f in r.manifest["files"] if f["path"].startswith(r.manifest["model_file"]))
+            for r in (fp, q)]
+    # weights alone shrink ~4x; narrow layers' per-channel scales, int32 biases, Q/DQ nodes and (TFLite) tensor
+    # names are a larger share of a small model's file: measured 2.7-3.1x here
+    assert size[0] / size[1] > 2.5, (target, size)
     qm = q.manifest["quantization"]
     assert qm["calibration"]["source"].startswith("digits training split") and qm["precision"] == "int8"
 
@@ -283,3 +284,27 @@ def test_tflite_float_layers_and_int8_io(tiny_folded, tmp_path):
         ref = model(ex[0]).numpy()
     got = t.load(tmp_path, lw).run([x[:1]])[0]   # the predictor quantizes the float input with the tensor's scale
     assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.95
+
+
+def test_executorch_int8_dynamic_lowers_into_xnnpack(tiny_folded, tmp_path):
+    from effai.export.targets.base import LowerOptions
+    from effai.export.trace import trace
+
+    model, x = tiny_folded
+    t = TARGETS.get("executorch")
+    ex = (torch.from_numpy(x[:1]),)
+    lw = t.lower(trace(model, ex), ex, LowerOptions(precision="int8-dynamic"), tmp_path)
+    assert lw.details["quantization"]["layers_quantized"] >= 1 and lw.details["quantization"]["calibration_samples"] == 0
+    with torch.no_grad():
+        ref = model(ex[0]).numpy()
+    got = t.load(tmp_path, lw).run([x[:1]])[0]
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.95
+
+
+def test_onnx_keeps_the_resize_other_targets_get_selection_maps():
+    from effai.export.fold import fold
+
+    for target, rewrites in (("onnx", 0), ("tflite", 14), ("executorch", 14), (None, 14)):
+        m = zoo.create("ghostnetv3_050").model
+        report = fold(m, (torch.randn(1, 3, 64, 64),), target=target)
+        assert sum(report.rewritten.values()) == rewrites, (target, report.rewritten)

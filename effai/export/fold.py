@@ -59,10 +59,11 @@ def count_params(model: nn.Module) -> int:
 
 
 def fold(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *, rel_tol: float = 1e-5,
-         reference: list[torch.Tensor] | None = None) -> FoldReport:
+         reference: list[torch.Tensor] | None = None, target: str | None = None) -> FoldReport:
     """Fold `model` in place (eval mode) and return what was done. Idempotent: a second call changes nothing.
 
-    `reference`: the unfolded model's outputs on `example_inputs`, when the caller already has them."""
+    `reference`: the unfolded model's outputs on `example_inputs`, when the caller already has them.
+    `target`: apply only the export rewrites that target needs (None: all of them)."""
     model.eval()
     report = FoldReport(params_before=count_params(model), modules_before=len(list(model.modules())))
     if reference is None:
@@ -72,7 +73,7 @@ def fold(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], *, rel_tol:
     probe = tuple(t[:1] for t in example_inputs)   # structure-finding passes need one sample, not the batch
     reparameterize(model, report)
     fuse_batchnorms(model, probe, report)
-    report.rewritten = apply_rewrites(model, probe)
+    report.rewritten = apply_rewrites(model, probe, target)
     report.params_after = count_params(model)
     report.modules_after = len(list(model.modules()))
     report.batchnorms_left = sum(isinstance(m, _BatchNorm) for m in model.modules())

@@ -166,7 +166,7 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
                                  f"{'x'.join(map(str, loaded.card.input_size))}: pass a size it supports") from e
             reference = [o.numpy().copy() for o in ref_t]
             if cfg.fold:
-                report = fold(model, (torch.from_numpy(inputs),), reference=ref_t)
+                report = fold(model, (torch.from_numpy(inputs),), reference=ref_t, target=cfg.target)
                 note["detail"] = (f"{sum(report.reparameterized.values())} blocks re-parameterized, "
                                   f"{report.fused_conv_bn + report.fused_linear_bn} BN fused, "
                                   f"{sum(report.rewritten.values())} ops rewritten, "
@@ -274,6 +274,7 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
                           "description": card.description},
                 "target": cfg.target,
                 "precision": precision,
+                "status": _status(parity, accuracy),
                 "quantization": quantization,
                 "warnings": warnings,
                 "runtime_settings": runtime_settings(),
@@ -311,6 +312,14 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
         raise ParityFailed(f"{cfg.target} artifact does not match the torch model: {parity.get('reason')}; it was "
                            f"kept at {out} and marked failed in its manifest", result)
     return result
+
+
+def _status(parity: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
+    """One word for apps and bundles: fail (parity or accuracy gate failed), pass (checked in a runtime), or
+    unverified (no runtime here, e.g. Core ML on Linux: structural check only)."""
+    if _gate_failed(parity, accuracy):
+        return "fail"
+    return "pass" if parity["status"] == "pass" else "unverified"
 
 
 def _gate_failed(parity: dict[str, Any], accuracy: dict[str, Any] | None) -> bool:

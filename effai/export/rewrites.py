@@ -1,7 +1,10 @@
 """Export rewrites: swap an operator that some runtime lowers wrongly or slowly for an exact equivalent.
 
-Each rewrite is registered under the module class name it applies to and runs after folding; fold() then checks
-the whole model's outputs, so a rewrite that is not exact fails the export instead of shipping.
+Each rewrite is registered under the module class name it applies to, with the targets that need it (None: all),
+and runs after folding; fold() then checks the whole model's outputs, so a rewrite that is not exact fails the
+export instead of shipping. A rewrite only goes where it helps: GhostNet's DFC upsample rewrite fixes TFLite (which
+mis-lowers non-integer nearest resizes) and ExecuTorch (which does not delegate the resize) and keeps Core ML on
+plain ops, but costs ONNX Runtime time (two MatMuls + Transposes instead of one Resize it runs correctly).
 """
 
 from __future__ import annotations
@@ -17,12 +20,21 @@ from torch import nn
 from effai.registry import Registry
 from effai.zoo.layers import NearestUpsample
 
-# class name -> (description, rewrite(module, in_shape, out_shape) -> bool applied)
-REWRITES: Registry[tuple[str, Callable[[nn.Module, dict], bool]]] = Registry("export rewrite")
+# class name -> (description, rewrite(module, shapes) -> bool applied, targets it is for or None for all)
+REWRITES: Registry[tuple[str, Callable[[nn.Module, dict], bool], tuple[str, ...] | None]] = Registry("export rewrite")
 
 
-def apply_rewrites(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
-    targets = [(n, m) for n, m in model.named_modules() if type(m).__name__ in REWRITES]
+def apply_rewrites(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], target: str | None = None
+                   ) -> dict[str, int]:
+    """Apply the rewrites registered for `target` (None: every rewrite); {description: count}."""
+
+    def wanted(m: nn.Module) -> bool:
+        if type(m).__name__ not in REWRITES:
+            return False
+        for_targets = REWRITES.get(type(m).__name__)[2]
+        return target is None or for_targets is None or target in for_targets
+
+    targets = [(n, m) for n, m in model.named_modules() if wanted(m)]
     if not targets:
         return {}
     shapes: dict[str, dict] = {}
@@ -47,7 +59,7 @@ def apply_rewrites(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -
             h.remove()
     done: Counter[str] = Counter()
     for name, m in targets:
-        desc, fn = REWRITES.get(type(m).__name__)
+        desc, fn, _ = REWRITES.get(type(m).__name__)
         if shapes.get(name) and fn(m, shapes[name]):
             done[f"{type(m).__name__}: {desc}"] += 1
     return dict(done)
@@ -76,6 +88,7 @@ def _rewrite_ghost_dfc(m: nn.Module, shapes: dict) -> bool:
 
 
 _DFC = "DFC gate nearest upsample -> constant selection maps"
-REWRITES.register("GhostModuleV2", (_DFC, _rewrite_ghost_dfc))
-REWRITES.register("GhostModuleV3", (_DFC, _rewrite_ghost_dfc))
-REWRITES.register("EffaiGhostModule", (_DFC, _rewrite_ghost_dfc))
+_DFC_TARGETS = ("executorch", "tflite", "coreml")
+REWRITES.register("GhostModuleV2", (_DFC, _rewrite_ghost_dfc, _DFC_TARGETS))
+REWRITES.register("GhostModuleV3", (_DFC, _rewrite_ghost_dfc, _DFC_TARGETS))
+REWRITES.register("EffaiGhostModule", (_DFC, _rewrite_ghost_dfc, _DFC_TARGETS))

@@ -128,7 +128,10 @@ def quantize_pt2e(exported: Any, example_inputs: tuple, options: LowerOptions) -
     prepared = prepare_pt2e(exported.module(), quantizer)
     batch = example_inputs[0].shape[0]
     calibrated = 0
-    if not dynamic:
+    if dynamic:  # no calibration, but one pass: the per-channel weight observers size their scales on it
+        with torch.no_grad():
+            prepared(*example_inputs)
+    else:
         if options.calibration is None:
             raise UsageError("executorch int8 needs calibration data: pass --calib DIR|digits|photos")
         with torch.no_grad():
