@@ -308,3 +308,12 @@ def test_onnx_keeps_the_resize_other_targets_get_selection_maps():
         m = zoo.create("ghostnetv3_050").model
         report = fold(m, (torch.randn(1, 3, 64, 64),), target=target)
         assert sum(report.rewritten.values()) == rewrites, (target, report.rewritten)
+
+
+@pytest.mark.slow
+def test_executorch_int8_dynamic_ghostnet_loads_in_the_runtime(digits, tmp_path):
+    """Regression: dynamically quantized convs made XNNPACK refuse GhostNetV3 at load time."""
+    res = export(digits, ExportConfig(target="executorch", precision="int8-dynamic", out=tmp_path / "d",
+                                      parity_photos=2, parity_noise=0))
+    assert res.manifest["status"] == "pass" and res.manifest["accuracy"]["drop_points"] <= 1.0
+    assert res.manifest["target_details"]["delegation"]["partitions"] == 1

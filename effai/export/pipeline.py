@@ -213,6 +213,11 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
 
                     raise lowering_error(cfg.target, e, log, list(others), probe) from e
                 note["detail"] = f"{lowered.model_file} {_size_mb(tmp / lowered.model_file):.2f} MB"
+                d = lowered.details.get("delegation")
+                if d:
+                    outside = sum(n for op, n in d["non_delegated_ops"].items() if op != "getitem")
+                    note["detail"] += (f", {d['partitions']} XNNPACK partition(s), {d['delegated_nodes']} ops "
+                                       f"delegated, {outside} outside")
             with stage("parity") as note:
                 parity = _parity(target, tmp, lowered, cfg, precision, inputs, reference, shape, sample_names)
                 note["detail"] = _parity_line(parity)

@@ -4,8 +4,10 @@ Precisions (all through XNNPACK, so every quantized op runs inside the delegate)
 - fp32.
 - int8: PT2E static quantization with XNNPACKQuantizer (per-channel symmetric int8 weights, per-tensor int8
   activations observed with a histogram on --calib data), then lowered; XNNPACK runs the QS8 kernels.
-- int8-dynamic: PT2E dynamic quantization (int8 per-channel weights; activations quantized per inference by
-  XNNPACK's dynamically-quantized kernels).
+- int8-dynamic: PT2E dynamic quantization of the nn.Linear layers (int8 per-channel weights; activations quantized
+  per inference by XNNPACK's dynamically-quantized kernels). Convolutions stay fp32: with dynamically quantized
+  convs XNNPACK (executorch 1.5.1) fails to load GhostNetV3 ("Failed to create static transpose node"); for CNNs
+  static int8 is the fast path anyway. The scheme in the manifest says which layers were quantized.
 XNNPACK has no weight-only kernels: a weight-only artifact would run a dequantize outside the delegate on every
 inference (slower than fp32), so int8-weight / int4-weight are refused with that reason instead of built.
 
@@ -112,11 +114,16 @@ def quantize_pt2e(exported: Any, example_inputs: tuple, options: LowerOptions) -
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
                                                                           get_symmetric_quantization_config)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torch import nn
     from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
 
     dynamic = options.precision == "int8-dynamic"
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
-                                                                                 is_dynamic=dynamic))
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
+    if dynamic:  # nn.Linear layers only: with dynamically quantized convs, XNNPACK 1.5.1 fails to load GhostNetV3
+        # ("Failed to create static transpose node", invalid parameter); convs stay fp32 (use int8 for CNNs)
+        quantizer = XNNPACKQuantizer().set_module_type(nn.Linear, config)
+    else:
+        quantizer = XNNPACKQuantizer().set_global(config)
     names = set(options.float_layers)
     if names:
         known = {n for n, _ in exported.module().named_modules()}
@@ -142,7 +149,8 @@ def quantize_pt2e(exported: Any, example_inputs: tuple, options: LowerOptions) -
     requantized = torch.export.export(converted, example_inputs)
     q_nodes = sum(1 for n in requantized.graph.nodes if "dequantize_per_channel" in str(n.target))
     return requantized, {
-        "scheme": "XNNPACK PT2E " + ("dynamic int8 (per-channel weights, per-run activations)" if dynamic else
+        "scheme": "XNNPACK PT2E " + ("dynamic int8 of nn.Linear layers (per-channel weights, per-run "
+                                     "activations; convolutions fp32)" if dynamic else
                                      "static int8 (per-channel weights, histogram-calibrated activations)"),
         "layers_quantized": q_nodes, "float_layers": sorted(names), "calibration_samples": calibrated,
     }
