@@ -34,6 +34,14 @@ def apply_rewrites(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], t
         for_targets = REWRITES.get(type(m).__name__)[2]
         return target is None or for_targets is None or target in for_targets
 
+    def needed(m: nn.Module, shape: dict) -> bool:
+        """TFLite lowers integer-scale nearest resizes correctly (and faster than two MatMuls): only fractional
+        ones (e.g. 3x3 -> 7x7 at 224) are rewritten there."""
+        if target != "tflite" or "gate" not in shape:
+            return True
+        (gh, gw), (oh, ow) = shape["gate"][-2:], shape["out"][-2:]
+        return bool(oh % gh or ow % gw)
+
     targets = [(n, m) for n, m in model.named_modules() if wanted(m)]
     if not targets:
         return {}
@@ -60,7 +68,7 @@ def apply_rewrites(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], t
     done: Counter[str] = Counter()
     for name, m in targets:
         desc, fn, _ = REWRITES.get(type(m).__name__)
-        if shapes.get(name) and fn(m, shapes[name]):
+        if shapes.get(name) and needed(m, shapes[name]) and fn(m, shapes[name]):
             done[f"{type(m).__name__}: {desc}"] += 1
     return dict(done)
 
