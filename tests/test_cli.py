@@ -30,7 +30,8 @@ def test_doctor_lists_every_target():
     (("export", "ghostnetv3-100", "--target", "onnx"), "did you mean 'ghostnetv3_100'"),
     (("export", "ghostnetv3_100", "--input-shape", "1x3x224"), "must be 4 positive numbers"),
     (("export", "ghostnetv3_100", "--weights", "/nonexistent/w.safetensors"), "weights file not found"),
-    (("export", "ghostnetv3_100", "--target", "onnx", "--precision", "int3"), "not supported by onnx"),
+    (("export", "ghostnetv3_100", "--target", "onnx", "--precision", "palette4"), "not supported by onnx"),
+    (("export", "ghostnetv3_100", "--target", "onnx", "-q", "int3"), "unknown --quantize 'int3'"),
     (("export", "--model-def", "nofile.py:Net"), "--model-def file not found"),
     (("verify", "/nonexistent/artifact"), "artifact directory not found"),
 ])
