@@ -38,7 +38,7 @@ def test_every_target_lists_only_known_precisions_default_first():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--target", "executorch", "--quantize", "int8-weight"], "XNNPACK has no weight-only kernels"),
+    (["--target", "executorch", "--quantize", "int8-weight"], "does not delegate weight-only layers"),
     (["--target", "onnx", "--quantize", "palette4"], "onnx takes: fp32, int8, int8-dynamic"),
     (["--target", "all", "--quantize", "palette4"], "not supported by executorch"),
     (["--target", "onnx", "--quantize", "int9"], "unknown --quantize 'int9'"),

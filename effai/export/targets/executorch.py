@@ -8,8 +8,11 @@ Precisions (all through XNNPACK, so every quantized op runs inside the delegate)
   per inference by XNNPACK's dynamically-quantized kernels). Convolutions stay fp32: with dynamically quantized
   convs XNNPACK (executorch 1.5.1) fails to load GhostNetV3 ("Failed to create static transpose node"); for CNNs
   static int8 is the fast path anyway. The scheme in the manifest says which layers were quantized.
-XNNPACK has no weight-only kernels: a weight-only artifact would run a dequantize outside the delegate on every
-inference (slower than fp32), so int8-weight / int4-weight are refused with that reason instead of built.
+Weight-only (int8-weight / int4-weight) is refused with the reason instead of built: the stock XNNPACK partitioner
+claims no weight-only pattern, so dequantize + addmm run outside the delegate (measured ~30x slower than fp32 on a
+Linear); XNNPACK's own f32-qc8w/qc4w linear kernels work only with three patches of executorch internals (and the
+runtime drops the linear's bias), and weight-only convolutions are rejected by XNNPACK at load. torchao's
+IntxWeightOnlyConfig path lowers "fully delegated" but computes wrong outputs (cosine 0.94). See docs/stack.md.
 
 Graph hygiene for one delegate partition: `aten.hardsigmoid` (SE gates of GhostNet/MobileNetV3) is decomposed by
 ExecuTorch into add/clamp/div with int64 scalar constants whose float casts (`_to_dim_order_copy`) stay outside
@@ -36,9 +39,11 @@ class ExecuTorchTarget:
     description = "ExecuTorch .pte with the XNNPACK delegate (Android/iOS/Linux CPU)"
     precisions = ("fp32", "int8", "int8-dynamic")
     unsupported = {
-        "int8-weight": "XNNPACK has no weight-only kernels (the dequantize would run outside the delegate, slower "
-                       "than fp32); use int8-dynamic (same int8 weights) or int8",
-        "int4-weight": "XNNPACK has no weight-only kernels; use int8-dynamic or int8, or --target tflite/coreml "
+        "int8-weight": "ExecuTorch 1.5.1's XNNPACK partitioner does not delegate weight-only layers: the dequantize "
+                       "and matmul run outside the delegate, ~30x slower than fp32; use int8-dynamic (same int8 "
+                       "weights) or int8",
+        "int4-weight": "ExecuTorch 1.5.1's XNNPACK partitioner does not delegate weight-only layers (and XNNPACK "
+                       "rejects weight-only convolutions); use int8-dynamic or int8, or --target tflite/coreml "
                        "for 4-bit weights",
     }
     needs_exported_program = True
