@@ -125,8 +125,7 @@ def quantize(path: Path, model: Any, options: LowerOptions) -> dict[str, Any]:
     if q.need_calibration:
         if options.calibration is None:
             raise UsageError("tflite int8 needs calibration data: pass --calib DIR|digits|photos")
-        key = _input_key(path)
-        batch = _input_shape(path)[0]
+        key, batch = _signature_input(path)
         data = [{key: np.ascontiguousarray(options.calibration[i:i + batch])}
                 for i in range(0, options.calibration.shape[0] - batch + 1, batch)]
         calibrated = len(data) * batch
@@ -177,13 +176,11 @@ def _keep_float(path: Path, model: Any, names: tuple[str, ...]) -> tuple[list[st
     return sorted(set(kept)), unmatched
 
 
-def _input_key(path: Path) -> str:
-    runner = _interpreter(path).get_signature_runner("serving_default")
-    return next(iter(runner.get_input_details()))
-
-
-def _input_shape(path: Path) -> tuple[int, ...]:
-    return tuple(int(s) for s in _interpreter(path).get_input_details()[0]["shape"])
+def _signature_input(path: Path) -> tuple[str, int]:
+    """(the serving signature's input name, the exported batch size), from one interpreter."""
+    interp = _interpreter(path)
+    key = next(iter(interp.get_signature_runner("serving_default").get_input_details()))
+    return key, int(interp.get_input_details()[0]["shape"][0])
 
 
 def _interpreter(path: Path, threads: int | None = None) -> Any:
