@@ -71,7 +71,7 @@ def check_precision(precision: str, targets: list[str]) -> None:
     for t in targets:
         target = TARGETS.get(t)
         if precision not in target.precisions:
-            why = getattr(target, "unsupported", {}).get(precision)
+            why = target.unsupported.get(precision)
             raise UsageError(f"--quantize {precision} is not supported by {t}" + (f" ({why})" if why else "")
                              + f"; {t} takes: {', '.join(target.precisions)}")
 

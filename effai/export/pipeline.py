@@ -35,6 +35,7 @@ from effai.export.precisions import PRECISIONS
 from effai.export.quiet import captured
 from effai.export.samples import parity_inputs
 from effai.export.targets import TARGETS, LowerOptions
+from effai.export.targets.base import ALL_LAYERS
 from effai.export.trace import trace
 
 Progress = Callable[[str, str, str, float], None]   # (event "start"|"end", stage, detail, seconds)
@@ -97,7 +98,7 @@ def resolve(loaded: zoo.LoadedModel, cfg: ExportConfig) -> tuple[Any, str, tuple
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision '{precision}'; {choices_hint(precision, PRECISIONS.names())}")
     if precision not in target.precisions:
-        why = getattr(target, "unsupported", {}).get(precision)
+        why = target.unsupported.get(precision)
         raise UsageError(f"--quantize {precision} is not supported by {cfg.target}"
                          + (f" ({why})" if why else "") + f"; {cfg.target} takes: {', '.join(target.precisions)}")
     if cfg.io_dtype not in ("float", "int8"):
@@ -175,6 +176,20 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
                 report = FoldReport(skipped="disabled by --no-fold")
                 note["detail"] = "skipped (--no-fold)"
         prec = PRECISIONS.get(precision)
+        rule = target.quantizes.get(precision, ALL_LAYERS)
+        if cfg.float_layers:
+            from effai.export.sensitivity import quantizable_layers
+
+            layers = quantizable_layers(model)
+            for n in cfg.float_layers:
+                if n not in layers:
+                    raise UsageError(f"--float-layers: {card.name} has no Conv2d/Linear layer '{n}'; "
+                                     f"{choices_hint(n, layers)}")
+            covered = set(quantizable_layers(model, rule))
+            idle = [n for n in cfg.float_layers if n not in covered]
+            if idle:
+                warnings.append(f"--float-layers {', '.join(idle)}: {cfg.target} {precision} does not quantize "
+                                f"{'this layer' if len(idle) == 1 else 'these layers'} anyway")
         calib = None
         if prec.needs_calibration or (prec.quantized and cfg.fallback):
             with stage("calib", cfg.calib) as note:
@@ -238,7 +253,7 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
             with stage("sensitivity", f"{precision}, one layer at a time") as note:
                 from effai.export.sensitivity import fallback_schedule, layer_sensitivity
 
-                ranking = layer_sensitivity(model, calib.x, precision)
+                ranking = layer_sensitivity(model, calib.x, precision, rule)
                 note["detail"] = (f"{len(ranking)} layers; most sensitive {ranking[0][0]} ({ranking[0][1]:.2e})"
                                   if ranking else "no quantizable layers")
             fallback["sensitivity_top"] = [{"layer": n, "score": sc} for n, sc in ranking[:16]]

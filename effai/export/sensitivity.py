@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from effai.export.targets.base import ALL_LAYERS, LayerRule
+
 WEIGHT_BITS = {"int8": 8, "int8-dynamic": 8, "int8-weight": 8, "int4-weight": 4, "palette4": 4, "palette6": 6,
                "palette8": 8, "fp16": 11}
 QUANTIZED_INPUTS = {"int8"}
@@ -43,18 +45,28 @@ def fake_quant_act(x: torch.Tensor, lo: float, hi: float, bits: int = 8) -> torc
     return (torch.clamp(torch.round(x / scale) + zero, 0, levels) - zero) * scale
 
 
-def quantizable_layers(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n]
+def layer_kind(m: nn.Module) -> str:
+    """'linear', 'depthwise' (one group per input channel: TFLite's DEPTHWISE_CONV_2D) or 'conv'."""
+    if isinstance(m, nn.Linear):
+        return "linear"
+    return "depthwise" if m.groups > 1 and m.groups == m.in_channels else "conv"
 
 
-def layer_sensitivity(model: nn.Module, x: np.ndarray, precision: str, max_samples: int = 32,
-                      batch: int = 16) -> list[tuple[str, float]]:
-    """[(layer name, s_l)] sorted most sensitive first, on up to max_samples calibration inputs."""
+def quantizable_layers(model: nn.Module, rule: LayerRule = ALL_LAYERS) -> list[str]:
+    """Conv2d/Linear module names the backend quantizes under `rule` (the target's LayerRule for the precision)."""
+    return [n for n, m in model.named_modules()
+            if n and isinstance(m, (nn.Conv2d, nn.Linear)) and rule.covers(layer_kind(m), m.weight.numel())]
+
+
+def layer_sensitivity(model: nn.Module, x: np.ndarray, precision: str, rule: LayerRule = ALL_LAYERS,
+                      max_samples: int = 32, batch: int = 16) -> list[tuple[str, float]]:
+    """[(layer name, s_l)] sorted most sensitive first, on up to max_samples calibration inputs, over the layers
+    the target quantizes at this precision (`rule`)."""
     bits = WEIGHT_BITS.get(precision, 8)
     quant_inputs = precision in QUANTIZED_INPUTS
     xs = [torch.from_numpy(np.ascontiguousarray(x[i:i + batch])) for i in range(0, min(len(x), max_samples), batch)]
     model = model.eval()
-    names = quantizable_layers(model)
+    names = quantizable_layers(model, rule)
     modules = dict(model.named_modules())
     ranges: dict[str, list[float]] = {n: [float("inf"), float("-inf")] for n in names}
 

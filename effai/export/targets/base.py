@@ -41,6 +41,25 @@ class LowerOptions:
     io_dtype: str = "float"           # TFLite int8 only: "int8" makes input/output tensors int8 (scale/zero-point)
 
 
+LAYER_KINDS = ("conv", "depthwise", "linear")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Which Conv/Linear layers a backend really quantizes at one precision: the layer kinds its quantizer handles
+    and the smallest weight (elements) it touches. The sensitivity fallback ranks only these layers, since keeping a
+    layer in float that the backend leaves in float anyway changes nothing."""
+
+    kinds: frozenset[str] = frozenset(LAYER_KINDS)
+    min_weights: int = 0
+
+    def covers(self, kind: str, weights: int) -> bool:
+        return kind in self.kinds and weights >= self.min_weights
+
+
+ALL_LAYERS = LayerRule()
+
+
 @dataclass
 class Lowered:
     """What lower() wrote into the artifact directory."""
@@ -65,6 +84,8 @@ class Target(Protocol):
     description: str
     precisions: tuple[str, ...]       # first one is the default
     needs_exported_program: bool      # lower() takes a torch.export ExportedProgram (else the nn.Module)
+    unsupported: dict[str, str]       # precision -> why this target does not offer it (shown when it is refused)
+    quantizes: dict[str, LayerRule]   # precision -> the layers its quantizer touches (absent: every Conv/Linear)
 
     def available(self) -> tuple[bool, str]:
         """(True, versions) or (False, what is missing and how to install it). Never raises."""

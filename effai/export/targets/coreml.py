@@ -34,7 +34,7 @@ import numpy as np
 
 from effai.errors import EffaiError, UsageError
 from effai.export.targets.coreml_mil import MilEvaluator, NeedsRuntime
-from effai.export.targets.base import (TARGETS, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
+from effai.export.targets.base import (TARGETS, LayerRule, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
                                        package_versions, require)
 
 MIN_TARGET = "iOS16"   # ML programs with fp16 compute need iOS 15+; iOS 16 adds the ops modern nets use
@@ -50,6 +50,11 @@ class CoreMLTarget:
     description = "Core ML .mlpackage (ML program) for iOS/macOS (CPU, GPU, Neural Engine)"
     precisions = ("fp16", "fp32", "int8", "int8-weight", "int4-weight", "palette4", "palette6", "palette8")
     needs_exported_program = False
+    unsupported: dict[str, str] = {}
+    # coremltools compresses a weight only when it has more than weight_threshold elements; W8A8 (int8) quantizes
+    # every layer's activations, so all layers count there.
+    quantizes = {p: LayerRule(min_weights=WEIGHT_THRESHOLD + 1)
+                 for p in ("int8-weight", "int4-weight", "palette4", "palette6", "palette8")}
 
     def available(self) -> tuple[bool, str]:
         return require(("coremltools", "coremltools"), extra="coreml")

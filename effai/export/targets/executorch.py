@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from effai.errors import EffaiError, UsageError
-from effai.export.targets.base import (TARGETS, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
+from effai.export.targets.base import (TARGETS, LayerRule, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
                                        package_versions, require)
 
 # Ops that carry no compute when left outside the delegate (tuple indexing of the delegate's outputs).
@@ -47,6 +47,7 @@ class ExecuTorchTarget:
                        "for 4-bit weights",
     }
     needs_exported_program = True
+    quantizes = {"int8-dynamic": LayerRule(frozenset({"linear"}))}   # see quantize_pt2e: nn.Linear only
 
     def available(self) -> tuple[bool, str]:
         return require(("executorch", "executorch"), extra="executorch")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from effai.errors import EffaiError, UsageError, choices_hint
-from effai.export.targets.base import (TARGETS, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
+from effai.export.targets.base import (TARGETS, LayerRule, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
                                        package_versions, require)
 
 OPSET = 18                 # the dynamo exporter's native opset; onnxruntime >= 1.16 runs it
@@ -44,6 +44,8 @@ class OnnxTarget:
     description = "ONNX (opset 18, simplified with onnxslim) for onnxruntime / ONNX Runtime Mobile"
     precisions = ("fp32", "int8", "int8-dynamic")
     needs_exported_program = True
+    unsupported: dict[str, str] = {}
+    quantizes = {"int8-dynamic": LayerRule(frozenset({"linear"}))}   # MatMul/Gemm only (DYNAMIC_OP_TYPES)
 
     def available(self) -> tuple[bool, str]:
         return require(("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime"),

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from effai.export.targets.base import (TARGETS, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
+from effai.export.targets.base import (TARGETS, LayerRule, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
                                        package_versions, require)
 
 
@@ -29,6 +29,10 @@ class TFLiteTarget:
     description = "TFLite / LiteRT flatbuffer via litert-torch (Android, microcontrollers, Coral)"
     precisions = ("fp32", "int8", "int8-dynamic", "int8-weight", "int4-weight", "fp16")
     needs_exported_program = False
+    unsupported: dict[str, str] = {}
+    quantizes = {   # ai-edge-quantizer's default policy: weight-only int4 has no DEPTHWISE_CONV_2D kernel
+        "int4-weight": LayerRule(frozenset({"conv", "linear"})),
+    }
 
     def available(self) -> tuple[bool, str]:
         return require(("litert_torch", "litert-torch"), ("ai_edge_litert", "ai-edge-litert"), extra="tflite")
