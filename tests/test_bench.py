@@ -104,6 +104,15 @@ def test_remote_runner_min_seconds_and_errors(digits_artifacts, tmp_path):
     assert "pip install onnxruntime" in events[-1]["message"]
 
 
+def test_timed_loop_streams_each_sample_before_the_next_invoke():
+    calls: list[int] = []
+    seen: list[tuple[int, int]] = []
+    samples = remote_runner.timed_loop(lambda: calls.append(1), 5, None,
+                                       on_sample=lambda i, ns: seen.append((i, len(calls))))
+    assert [i for i, _ in seen] == [0, 1, 2, 3, 4] and [n for _, n in seen] == [1, 2, 3, 4, 5]
+    assert len(samples) == 5 and all(ns >= 0 for ns in samples)
+
+
 def test_make_inputs_quantizes_int8_per_manifest():
     specs = [{"name": "x", "shape": [1, 3, 4, 4], "dtype": "int8", "quantization": {"scale": 0.5, "zero_point": -3}},
              {"name": "y", "shape": [2, 5], "dtype": "float32"}]

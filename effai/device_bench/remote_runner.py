@@ -4,7 +4,7 @@ This file is standalone on purpose: it imports only the standard library and num
 effai, so the ssh runner can copy it alone to a board that has Python, numpy and one runtime (ExecuTorch, LiteRT /
 tflite_runtime, onnxruntime, or Core ML on macOS). It keeps to Python 3.8 syntax for the same reason.
 
-    python remote_runner.py ARTIFACT_DIR --threads N --warmup W --runs R [--min-seconds S] [--seed K]
+    python remote_runner.py ARTIFACT_DIR --threads N --warmup W --runs R [--min-seconds S] [--seed K] [--no-stream]
 
 prints one JSON object per line on stdout, flushed:
 
@@ -20,8 +20,9 @@ Exit codes: 0 success, 3 runtime missing, 2 bad artifact, 1 anything else. `meas
 in-process (effai's host runner calls it), so host and remote numbers come from one code path.
 
 The timed loop is kept minimal (ARCHITECTURE.md: harness overhead <= 2% of a bare loop): inputs are bound before
-the loop, only perf_counter_ns brackets each invoke, samples go into a preallocated-by-append list, and the `iter`
-events are emitted after the loop ends.
+the loop, only perf_counter_ns brackets each invoke and samples are appended to a list. As a script the `iter`
+events stream out one by one, each written after its invoke's timing ends (a connection lost mid-loop keeps what
+was sent); in-process (host runner) or with --no-stream they are emitted after the loop.
 """
 
 from __future__ import annotations
@@ -256,12 +257,25 @@ def load(manifest: Dict[str, Any], artifact_dir: str, threads: int,
 
 
 def timed_loop(invoke: Callable[[], Any], runs: int, min_seconds: Optional[float],
-               samples: Optional[List[int]] = None) -> List[int]:
+               samples: Optional[List[int]] = None,
+               on_sample: Optional[Callable[[int, int], None]] = None) -> List[int]:
     """Nanoseconds of each invoke appended to `samples` in order: exactly `runs`, or at least `runs` and until
-    `min_seconds` passed. Passing the list in keeps what was measured when an invoke raises."""
+    `min_seconds` passed. Passing the list in keeps what was measured when an invoke raises. `on_sample(i, ns)`,
+    when given, is called after each timed invoke, outside the timed span (streaming to a remote host)."""
     pc = time.perf_counter_ns
     samples = [] if samples is None else samples
     append = samples.append
+    if on_sample is not None:
+        deadline = pc() + int((min_seconds or 0) * 1e9)
+        n = 0
+        while n < runs or (min_seconds is not None and pc() < deadline):
+            t0 = pc()
+            invoke()
+            dt = pc() - t0
+            append(dt)
+            on_sample(n, dt)
+            n += 1
+        return samples
     if min_seconds is None:
         for _ in range(runs):
             t0 = pc()
@@ -281,8 +295,12 @@ def timed_loop(invoke: Callable[[], Any], runs: int, min_seconds: Optional[float
 
 
 def measure(artifact_dir: Any, threads: int, warmup: int, runs: int, min_seconds: Optional[float] = None,
-            seed: int = 0, emit: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+            seed: int = 0, emit: Optional[Callable[[Dict[str, Any]], None]] = None,
+            stream: bool = False) -> Dict[str, Any]:
     """Load, run once (first), warm up, time; call `emit` with each protocol event and return the totals.
+
+    With `stream`, each `iter` event is emitted as soon as its invoke ends (outside the timed span), so a remote
+    host that loses the connection mid-loop still has every sample sent so far; otherwise they follow the loop.
 
     Raises MeasureError (after emitting its `error` event) for a missing runtime, a bad artifact, or a failure
     loading or running the model; the samples timed before a run error are in its `.partial` (and emitted as
@@ -312,7 +330,8 @@ def measure(artifact_dir: Any, threads: int, warmup: int, runs: int, min_seconds
             invoke()
         start = time.time()
         emit({"event": "start", "t": start})
-        timed_loop(invoke, runs, min_seconds, samples)
+        on_sample = (lambda i, ns: emit({"event": "iter", "i": i, "ms": ns / 1e6})) if stream else None
+        timed_loop(invoke, runs, min_seconds, samples, on_sample)
         end = time.time()
     except MeasureError as e:
         emit({"event": "error", "kind": e.kind, "message": e.message})
@@ -327,11 +346,12 @@ def measure(artifact_dir: Any, threads: int, warmup: int, runs: int, min_seconds
                                                                     detail, fix))
         err.partial = [ns / 1e6 for ns in samples]
         for i, ms in enumerate(err.partial):
-            emit({"event": "iter", "i": i, "ms": ms})
+            if not stream:
+                emit({"event": "iter", "i": i, "ms": ms})
         emit({"event": "error", "kind": err.kind, "message": err.message})
         raise err from e
     samples_ms = [ns / 1e6 for ns in samples]
-    for i, ms in enumerate(samples_ms):
+    for i, ms in enumerate(samples_ms if not stream else ()):
         emit({"event": "iter", "i": i, "ms": ms})
     emit({"event": "end", "t": end})
     return {"runtime": runtime, "runtime_version": version, "threads": threads, "warmup": warmup, "load_ms": load_ms,
@@ -354,11 +374,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--min-seconds", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="print the iter events after the timed loop instead of one by one as it runs")
     args = p.parse_args(argv)
     emit = _printer(sys.stdout)
     emit(hello())
     try:
-        measure(args.artifact_dir, args.threads, args.warmup, args.runs, args.min_seconds, args.seed, emit)
+        measure(args.artifact_dir, args.threads, args.warmup, args.runs, args.min_seconds, args.seed, emit,
+                args.stream)
     except MeasureError as e:
         return e.exit_code
     except KeyboardInterrupt:
