@@ -23,7 +23,7 @@ from typing import Any
 
 from effai.device_bench import artifact as artifact_mod
 from effai.device_bench.base import BenchConfig, BenchRecord, EnergyReading, Timings
-from effai.device_bench.stats import summarize
+from effai.device_bench.stats import from_aggregate, summarize
 from effai.errors import EffaiError, UsageError
 
 
@@ -91,12 +91,17 @@ def _record(art: artifact_mod.Artifact, device: dict[str, Any], threads: int, cf
         extra["window_s"] = list(timings.window_s)
         extra["runner"] = timings.extra
     nan = float("nan")
+    aggregate = timings.extra.get("aggregate_ms") if timings is not None else None
+    if timings is not None and timings.extra.get("timing") == "aggregate-only" and aggregate:
+        stats = from_aggregate(aggregate)   # the tool printed no per-iteration times: its own summary, not ours
+    else:
+        stats = summarize(samples)
     return BenchRecord(
         artifact=art.describe(), device=device, runtime=timings.runtime if timings else "",
         runtime_version=timings.runtime_version if timings else "", threads=threads,
-        warmup=timings.warmup if timings else cfg.warmup, runs=len(samples),
+        warmup=timings.warmup if timings else cfg.warmup, runs=int(stats.get("n", len(samples))),
         load_ms=timings.load_ms if timings else nan, first_ms=timings.first_ms if timings else nan,
-        stats=summarize(samples), samples_ms=samples, throttling=throttling,
+        stats=stats, samples_ms=samples, throttling=throttling,
         energy=dataclasses.asdict(reading), effai_version=_version(), created_at=_now(),
         status="error" if error else "ok", error=error, extra=extra)
 

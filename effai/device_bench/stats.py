@@ -30,3 +30,13 @@ def summarize(samples_ms: Sequence[float]) -> dict[str, float]:
     p50, p90, p99 = np.percentile(x, [50, 90, 99])
     return {"n": int(x.size), "median": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(x.mean()),
             "std": float(x.std()), "min": float(x.min()), "max": float(x.max()), "trimmed_mean": trimmed_mean(x)}
+
+
+def from_aggregate(agg: dict[str, float]) -> dict[str, float]:
+    """Stats of a run whose tool printed only aggregates (LiteRT benchmark_model: count, min, max, avg, std and, in
+    newer builds, p5/median/p95; parsed by runners/tool_output.py). What the tool did not print is NaN, never
+    recomputed from one mean: p90/p99 and the trimmed mean need the samples."""
+    nan = float("nan")
+    get = lambda k: float(agg[k]) if agg.get(k) is not None else nan  # noqa: E731
+    return {"n": int(agg.get("count", 0)), "median": get("median_ms"), "p90": nan, "p99": nan, "mean": get("avg_ms"),
+            "std": get("std_ms"), "min": get("min_ms"), "max": get("max_ms"), "trimmed_mean": nan}
