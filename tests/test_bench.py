@@ -167,6 +167,16 @@ def test_device_specs():
             open_runner(bad, FAST)
 
 
+def test_cli_host_bench_every_host_runnable_format_in_one_command(small_exports, tmp_path):
+    dirs = [str(small_exports[t].out_dir) for t in ("executorch", "tflite", "onnx")]
+    code, last, _, err = run_cli("bench", *dirs, "--runs", "5", "--warmup", "1", "--cooldown", "0", "--idle", "0",
+                                 "--out", str(tmp_path / "all.json"), env={"OMP_NUM_THREADS": "1"})
+    assert code == 0, err
+    _, records = report.load(tmp_path / "all.json")
+    assert [r.runtime for r in records] == ["executorch", "litert", "onnxruntime"]
+    assert all(r.status == "ok" and len(r.samples_ms) == 5 and r.stats["median"] > 0 for r in records)
+
+
 def test_cli_host_bench_threads_sweep_report_plot_and_baseline(digits_artifacts, tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     code, last, stdout, err = run_cli("bench", str(digits_artifacts["tflite"]), str(digits_artifacts["onnx"]),
