@@ -9,7 +9,8 @@ tflite_runtime, onnxruntime, or Core ML on macOS). It keeps to Python 3.8 syntax
 prints one JSON object per line on stdout, flushed:
 
     {"event": "hello", "python": ..., "platform": ..., "machine": ..., "runtimes": {package: version}}
-    {"event": "load", "ms": ..., "runtime": "litert", "runtime_version": "2.3.0"}
+    {"event": "load", "ms": ..., "runtime": "litert", "runtime_version": "2.3.0", "import_ms": ...}
+                                                  # ms: the model's load; import_ms: importing the runtime
     {"event": "first", "ms": ...}                 # the first inference, never among the timed samples
     {"event": "start", "t": time.time()}
     {"event": "iter", "i": 0, "ms": ...}          # one per timed iteration, in order
@@ -238,6 +239,22 @@ def load_coreml(path: str, inputs: List[np.ndarray], threads: int,
     return invoke, "coreml", _version("coremltools")
 
 
+def import_runtime(target: str) -> None:
+    """Import the target's runtime before load time is measured, so `load` is the model's load, not Python importing
+    the runtime (ExecuTorch's pulls in torch: seconds). A missing runtime is reported by the load_* function."""
+    modules = {"executorch": ("executorch.runtime", "torch"), "tflite": ("ai_edge_litert.interpreter",),
+               "onnx": ("onnxruntime",), "coreml": ("coremltools",) if sys.platform == "darwin" else ()}
+    for name in modules.get(target, ()):
+        try:
+            __import__(name)
+        except ImportError:
+            if name == "ai_edge_litert.interpreter":
+                try:
+                    __import__("tflite_runtime.interpreter")
+                except ImportError:
+                    pass
+
+
 def load(manifest: Dict[str, Any], artifact_dir: str, threads: int,
          inputs: List[np.ndarray]) -> Tuple[Callable[[], Any], str, str]:
     """(invoke, runtime name, runtime version) for the artifact's target."""
@@ -318,9 +335,12 @@ def measure(artifact_dir: Any, threads: int, warmup: int, runs: int, min_seconds
         manifest = read_manifest(artifact_dir)
         inputs = make_inputs(manifest["inputs"], seed)
         t0 = time.perf_counter_ns()
+        import_runtime(str(manifest["target"]))
+        t1 = time.perf_counter_ns()
         invoke, runtime, version = load(manifest, artifact_dir, threads, inputs)
-        load_ms = (time.perf_counter_ns() - t0) / 1e6
-        emit({"event": "load", "ms": load_ms, "runtime": runtime, "runtime_version": version})
+        load_ms = (time.perf_counter_ns() - t1) / 1e6
+        import_ms = (t1 - t0) / 1e6
+        emit({"event": "load", "ms": load_ms, "runtime": runtime, "runtime_version": version, "import_ms": import_ms})
         stage = "run"
         t0 = time.perf_counter_ns()
         invoke()
@@ -355,6 +375,7 @@ def measure(artifact_dir: Any, threads: int, warmup: int, runs: int, min_seconds
         emit({"event": "iter", "i": i, "ms": ms})
     emit({"event": "end", "t": end})
     return {"runtime": runtime, "runtime_version": version, "threads": threads, "warmup": warmup, "load_ms": load_ms,
+            "import_ms": import_ms,
             "first_ms": first_ms, "samples_ms": samples_ms, "window_s": (start, end)}
 
 

@@ -278,16 +278,30 @@ def status_text(rec: BenchRecord) -> str:
 
 
 def table(records: list[BenchRecord], title: str | None = "effai bench") -> Any:
-    """A rich Table, one row per record: artifact, device, threads, runtime, runs, median/p90/p99/first/load (ms),
-    energy, throttling verdict (with drift), status."""
+    """A rich Table, one row per record: artifact, threads, runtime, runs, median/p90/p99/first/load (ms), energy,
+    throttling verdict (with drift), status. Columns that would say the same thing on every row move to the caption
+    (one device; energy unavailable everywhere for one reason; every status ok), so the table fits a terminal."""
     from rich.table import Table
 
-    t = Table(title=title, show_lines=False)
-    for name, justify in (("artifact", "left"), ("device", "left"), ("thr", "right"), ("runtime", "left"),
-                          ("runs", "right"), ("median ms", "right"), ("p90", "right"), ("p99", "right"),
-                          ("first", "right"), ("load", "right"), ("energy", "left"), ("throttling", "left"),
-                          ("status", "left")):
-        t.add_column(name, justify=justify, overflow="fold")
+    devices = {str(r.device.get("name", "?")) for r in records}
+    energies = {energy_text(r.energy) for r in records if not (r.energy or {}).get("available")}
+    any_energy = any((r.energy or {}).get("available") for r in records)
+    any_failed = any(r.status != "ok" for r in records)
+    caption = []
+    if len(devices) == 1:
+        caption.append(f"device {next(iter(devices))}")
+    if not any_energy and records:
+        caption.append("energy unavailable (reason below)" if len(energies) == 1 else "energy unavailable")
+    t = Table(title=title, caption="; ".join(caption) or None, show_lines=False)
+    columns = [("artifact", "left"), ("device", "left"), ("thr", "right"), ("runtime", "left"), ("runs", "right"),
+               ("median ms", "right"), ("p90", "right"), ("p99", "right"), ("first", "right"), ("load", "right"),
+               ("energy", "left"), ("throttling", "left"), ("status", "left")]
+    drop = {"device"} if len(devices) == 1 else set()
+    drop |= set() if any_energy else {"energy"}
+    drop |= set() if any_failed else {"status"}
+    for name, justify in columns:
+        if name not in drop:
+            t.add_column(name, justify=justify, overflow="fold")
     for rec in records:
         s = rec.stats or {}
         th = rec.throttling or {}
@@ -295,8 +309,11 @@ def table(records: list[BenchRecord], title: str | None = "effai bench") -> Any:
         drift = th.get("drift")
         if isinstance(drift, (int, float)) and math.isfinite(drift):
             verdict += f" (drift {drift:.2f})"
-        runtime = f"{rec.runtime} {rec.runtime_version}".strip()
-        t.add_row(artifact_label(rec), str(rec.device.get("name", "?")), str(rec.threads), runtime,
-                  str(len(rec.samples_ms)), fmt_ms(s.get("median")), fmt_ms(s.get("p90")), fmt_ms(s.get("p99")),
-                  fmt_ms(rec.first_ms), fmt_ms(rec.load_ms), energy_text(rec.energy), verdict, status_text(rec))
+        cells = {"artifact": artifact_label(rec), "device": str(rec.device.get("name", "?")),
+                 "thr": str(rec.threads), "runtime": f"{rec.runtime} {rec.runtime_version}".strip(),
+                 "runs": str(rec.runs),
+                 "median ms": fmt_ms(s.get("median")), "p90": fmt_ms(s.get("p90")), "p99": fmt_ms(s.get("p99")),
+                 "first": fmt_ms(rec.first_ms), "load": fmt_ms(rec.load_ms), "energy": energy_text(rec.energy),
+                 "throttling": verdict, "status": status_text(rec)}
+        t.add_row(*(cells[name] for name, _ in columns if name not in drop))
     return t

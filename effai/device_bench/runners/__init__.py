@@ -85,6 +85,8 @@ def timings_from_events(events: list[dict[str, Any]], threads: int, warmup: int)
     hello = next((e for e in events if e.get("event") == "hello"), None)
     samples = [float(e["ms"]) for e in sorted((e for e in events if e.get("event") == "iter"), key=lambda e: e["i"])]
     extra: dict[str, Any] = {"complete": bool(end)}
+    if "import_ms" in load:
+        extra["import_ms"] = float(load["import_ms"])
     if hello:
         extra["hello"] = {k: v for k, v in hello.items() if k != "event"}
     return Timings(runtime=str(load.get("runtime", "")), runtime_version=str(load.get("runtime_version", "")),

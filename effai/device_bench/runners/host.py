@@ -50,7 +50,7 @@ class HostRunner:
             raise EffaiError(e.message) from None   # missing runtime (what to pip install), load failure
         return Timings(runtime=res["runtime"], runtime_version=res["runtime_version"], threads=threads,
                        load_ms=res["load_ms"], first_ms=res["first_ms"], samples_ms=res["samples_ms"],
-                       warmup=cfg.warmup, window_s=tuple(res["window_s"]), extra={"in_process": True})
+                       warmup=cfg.warmup, window_s=tuple(res["window_s"]), extra={"in_process": True, "import_ms": res["import_ms"]})
 
     def close(self) -> None:
         """Nothing was copied anywhere; nothing to clean up."""
