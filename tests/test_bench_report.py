@@ -114,11 +114,23 @@ def test_failed_replace_leaves_previous_report_intact(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", boom)
+    import os
+
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
         w.append(make_record(threads=2))
+    monkeypatch.undo()
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()    # not mkstemp's 0600: others may read a report
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_existing_report_is_appended_to(tmp_path):

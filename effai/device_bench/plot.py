@@ -14,15 +14,15 @@ beside the target and os.replace-d, so a half-written PNG never sits at `png`.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import re
-import tempfile
 import textwrap
 from pathlib import Path
 
 from effai.device_bench.base import BenchRecord
 from effai.device_bench.report import artifact_label, shorten
+from effai.files import atomic_write
 
 LOG_SCALE_RATIO = 30.0
 
@@ -130,18 +130,7 @@ def plot(records: list[BenchRecord], png: Path | str) -> Path:
         fig.supxlabel(_energy_note(records, 150), fontsize=8, color="#555555")
     fig.suptitle("effai bench", fontsize=12)
 
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{png.name}.", suffix=".tmp", dir=png.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", metadata={"Software": "effai"})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, png)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": "effai"})
+    atomic_write(png, buf.getvalue())
     return png

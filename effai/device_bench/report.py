@@ -21,9 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 
 from effai.device_bench.base import REPORT_SCHEMA, BenchRecord
 from effai.errors import UsageError
+from effai.files import atomic_write
 
 SCHEMA_PREFIX = "effai.bench/"
 STATUSES = ("running", "complete", "interrupted")
@@ -205,22 +204,8 @@ class ReportWriter:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, fsync it, then os.replace: readers see the old or the new file,
-    never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Readers see the old report or the new one, never half of one (effai.files.atomic_write)."""
+    atomic_write(path, text)
 
 
 # ---------------------------------------------------------------------------------------------------- the table
