@@ -313,12 +313,13 @@ def bench_cmd(
     baseline: Annotated[Optional[Path], typer.Option(help="An earlier report to compare with (exit 1 on a "
                                                      "regression).")] = None,
     fail_on: Annotated[Optional[str], typer.Option(help="Regression rules for --baseline: metric:+PCT%, comma "
-                                                   "separated (latency, p90, energy, first, load); default "
+                                                   "separated (latency, p90, p99, energy, first, load; end a "
+                                                   "rule with ! to fail even within noise); default "
                                                    "latency:+5%,energy:+5%.")] = None,
     trust_new_host: Annotated[bool, typer.Option("--trust-new-host", help="ssh: accept and store an unknown host "
                                                  "key (default: known_hosts must have it).")] = False,
     runner_binary: Annotated[Optional[Path], typer.Option(help="adb: executor_runner or benchmark_model built for "
-                                                          "the phone.")] = None,
+                                                          "the phone, or a directory holding both.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
