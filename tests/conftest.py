@@ -30,6 +30,23 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
                     m.bias.normal_(0, 0.2, generator=g)
 
 
+def write_tree(root: Path, files: dict[str, str]) -> None:
+    """Files under a fake root (a sysfs tree for EFFAI_SYSFS_ROOT): {"/sys/class/...": "text"}."""
+    for rel, text in files.items():
+        p = root / rel.lstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+
+
+def plant(root: Path, name: str, script: str) -> Path:
+    """An executable stand-in program in root/bin (LocalFS.run looks there first under a fake root)."""
+    p = root / "bin" / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(script)
+    p.chmod(0o755)
+    return p
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
     """Run `effai ARGS` in a real process; returns (exit code, last-line JSON object or None, stdout, stderr)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}

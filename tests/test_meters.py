@@ -28,6 +28,7 @@ from effai.device_bench.meters.rapl import RaplMeter
 from effai.device_bench.meters.rpi import RpiPmicMeter, parse_pmic, pmic_watts
 from effai.device_bench.meters.sampling import SampledMeter
 from effai.errors import EffaiError, UsageError
+from tests.conftest import plant, write_tree
 
 # Real `vcgencmd pmic_read_adc` output of a Raspberry Pi 5 Model B (2 GB, Raspberry Pi OS bookworm, four busy cores),
 # as recorded in ml-energy/zeus tests/device/machine/test_rpi.py (commit 09de54d90c81dac3b480212e0be76436faa62886).
@@ -89,20 +90,6 @@ Combined Power (CPU + GPU + ANE): 1290 mW
 """
 
 
-def write_tree(root: Path, files: dict[str, str]) -> None:
-    for rel, text in files.items():
-        p = root / rel.lstrip("/")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-
-
-def plant(root: Path, name: str, script: str) -> Path:
-    """An executable stand-in program in root/bin (LocalFS.run looks there first under a fake root)."""
-    p = root / "bin" / name
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(script)
-    p.chmod(0o755)
-    return p
 
 
 @pytest.fixture

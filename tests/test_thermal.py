@@ -13,20 +13,9 @@ import pytest
 
 from effai.device_bench import device, thermal
 from effai.device_bench.hostfs import LocalFS
+from tests.conftest import plant, write_tree
 
 
-def write_tree(root: Path, files: dict[str, str]) -> None:
-    for rel, text in files.items():
-        p = root / rel.lstrip("/")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-
-
-def plant(root: Path, name: str, script: str) -> None:
-    p = root / "bin" / name
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(script)
-    p.chmod(0o755)
 
 
 @pytest.fixture

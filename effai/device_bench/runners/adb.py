@@ -308,6 +308,19 @@ class AdbRunner:
                                f"far kept, run marked incomplete: reconnect it and rerun ({tail(text, 2)})", partial)
         return RunnerError(f"the benchmark tool exited with {code} on {self.serial}: {tail(text)}", partial)
 
+    def finish(self, code: int, text: str, parse: Any, build: Any, missing: str) -> Timings:
+        """Timings from a tool's output: a failed run raises with what was parsed so far (self.failed), output the
+        parser cannot read raises showing its last lines."""
+        if code != 0:
+            raise self.failed(code, text, parse, build)
+        try:
+            t = build(parse(text))
+        except ToolOutputError as e:
+            raise RunnerError(str(e), None) from None
+        if t is None:
+            raise RunnerError(f"{missing}; last lines: {tail(text)}", None)
+        return t
+
     def run_benchmark_model(self, cmd: list[str], model: str, threads: int, cfg: BenchConfig,
                             extra: dict[str, Any]) -> Timings:
         min_s = cfg.min_seconds or 0.0
@@ -333,16 +346,7 @@ class AdbRunner:
                            warmup=int(res.warmup_aggregate.get("count", max(1, cfg.warmup))),
                            window_s=(t_end - total_s, t_end), extra=ex)
 
-        if code != 0:
-            raise self.failed(code, text, parse_benchmark_model, build)
-        try:
-            res = parse_benchmark_model(text)
-        except ToolOutputError as e:
-            raise RunnerError(str(e), None) from None
-        t = build(res)
-        if t is None:
-            raise RunnerError(f"benchmark_model did not report its init time; last lines: {tail(text)}", None)
-        return t
+        return self.finish(code, text, parse_benchmark_model, build, "benchmark_model did not report its init time")
 
     def run_executor_runner(self, cmd: list[str], model: str, threads: int, cfg: BenchConfig,
                             extra: dict[str, Any]) -> Timings:
@@ -381,12 +385,4 @@ class AdbRunner:
                            first_ms=first, samples_ms=samples, warmup=cfg.warmup,
                            window_s=(t_end - total_s, t_end), extra=ex)
 
-        if code != 0:
-            raise self.failed(code, text, parse_executor_runner, build)
-        try:
-            res = parse_executor_runner(text)
-        except ToolOutputError as e:
-            raise RunnerError(str(e), None) from None
-        t = build(res)
-        assert t is not None
-        return t
+        return self.finish(code, text, parse_executor_runner, build, "executor_runner printed no timings")
