@@ -79,7 +79,17 @@ def read(root: Path) -> dict[str, Any]:
     if version > SCHEMA_VERSION:
         raise UsageError(f"{path} was written by a newer effai ({schema}; this effai reads {SCHEMA}); upgrade "
                          "effai: pip install -U effai")
+    for f in index.get("files", []):
+        if not safe_relpath(str(f.get("path", ""))):
+            raise UsageError(f"{path} lists an unsafe path {f.get('path')!r} (absolute or with '..'): refusing "
+                             "the bundle; re-pack it")
     return index
+
+
+def safe_relpath(rel: str) -> bool:
+    """A posix path relative to the bundle root that stays inside it: not empty, not absolute, no '..', no '\\'."""
+    parts = rel.split("/")
+    return bool(rel) and not rel.startswith("/") and "\\" not in rel and ".." not in parts and "" not in parts
 
 
 def check(root: Path, index: dict[str, Any] | None = None) -> list[str]:

@@ -1,0 +1,261 @@
+"""perf.json: measured latency (and energy) of a bundle's artifacts per device, appended by `effai bench --record`.
+
+    {"schema": "effai.perf/1",
+     "rows": [{"device": "Raspberry Pi 5 Model B Rev 1.0 (Cortex-A76)", "device_class": "board", "transport": "ssh",
+               "os": "Debian GNU/Linux 12 (bookworm)", "runtime": "litert", "runtime_version": "2.0.2",
+               "target": "tflite", "precision": "fp32", "artifact": "tflite-fp32", "threads": 4, "runs": 100,
+               "median_ms": 3.21, "p90_ms": 3.4, "energy_j": null, "throttling": "none",
+               "effai_version": "0.1.0", "date": "2026-11-30", "match": "manifest"}, ...]}
+
+Rows are appended in the order recorded; an identical row is not added twice (recording the same report again
+changes nothing). A row never holds the device's address: adb serials and ssh user@host stay in the bench report,
+because bundles are shipped. `date` is the measurement's date (the record's created_at), the only time in the file.
+
+Which artifact a record belongs to: the record's manifest_sha256 equal to the sha256 of an artifact's manifest.json
+in the bundle ("match": "manifest", the artifact dir inside the bundle was benchmarked); else the same model name,
+target and precision ("match": "model-target-precision": a separate export of the same thing). Anything else is a
+UsageError naming the bundle's artifacts, and nothing is written.
+
+Device classes (`device_class`), first rule that fits, from the record's device description:
+    phone    adb transport (`--device adb:SERIAL`), or an Android OS
+    board    model or SoC naming a single-board computer: Raspberry Pi, Jetson/Orin/Xavier, Rockchip RK3xxx,
+             Radxa/Rock, Odroid, Orange/Banana Pi, Khadas, BeagleBone, Coral, Pine64, i.MX 8; or an ssh device whose
+             machine is aarch64/armv7 and that is not a server by the rule below
+    laptop   model naming a laptop line: MacBook, ThinkPad, Latitude, XPS, ZenBook, Surface Laptop, ... or "laptop" /
+             "notebook" / "chromebook"
+    server   CPU or model of a server or cloud VM: Xeon, EPYC, Neoverse/Ampere/Graviton, PowerEdge, ProLiant, EC2,
+             Google Compute Engine, KVM/QEMU/VMware virtual machines; or 32 or more cores
+    desktop  everything else (a host machine that is none of the above: newer Apple "MacNN,N" identifiers included,
+             which do not say whether they are laptops)
+A record's device may carry "device_class" itself to override the rules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from effai.bundle import index as index_mod
+from effai.bundle import sign
+from effai.errors import EffaiError, UsageError
+from effai.files import atomic_write, sha256
+
+PERF = "perf.json"
+SCHEMA = "effai.perf/1"
+SCHEMA_VERSION = 1
+CLASSES = ("phone", "board", "laptop", "desktop", "server")
+ARM = ("aarch64", "arm64", "armv6l", "armv7l", "armv8l")
+
+BOARD = re.compile(r"raspberry pi|jetson|\borin\b|xavier|rockchip|\brk3[0-9]{3}|radxa|\brock ?(pi|[0-9])|odroid|"
+                   r"orange ?pi|banana ?pi|khadas|beagle|\bcoral\b|pine64|i\.?mx ?8", re.I)
+LAPTOP = re.compile(r"macbook|thinkpad|latitude|\bxps\b|zenbook|vivobook|ideapad|\byoga\b|spectre|elitebook|"
+                    r"probook|surface (laptop|pro|book)|laptop|notebook|chromebook", re.I)
+SERVER = re.compile(r"xeon|epyc|opteron|neoverse|ampere|graviton|poweredge|proliant|supermicro|amazon ec2|"
+                    r"google compute engine|openstack|\bkvm\b|qemu|virtual machine|vmware|hvm domu", re.I)
+
+
+def device_class(device: dict[str, Any]) -> str:
+    """phone | board | laptop | desktop | server for a BenchRecord's device description (rules in the module doc)."""
+    explicit = device.get("device_class")
+    if explicit in CLASSES:
+        return str(explicit)
+    name = str(device.get("name") or "")
+    transport = str(device.get("transport") or (name.split(":", 1)[0] if ":" in name else "host"))
+    model = " ".join(str(device.get(k) or "") for k in ("model", "soc"))
+    os_name = str(device.get("os") or "")
+    if transport == "adb" or os_name.lower().startswith("android"):
+        return "phone"
+    if BOARD.search(model):
+        return "board"
+    if LAPTOP.search(model):
+        return "laptop"
+    cores = device.get("cores")
+    if SERVER.search(f"{model} {device.get('cpu') or ''}") or (isinstance(cores, int) and cores >= 32):
+        return "server"
+    if transport == "ssh" and str(device.get("machine") or "").lower() in ARM:
+        return "board"
+    return "desktop"
+
+
+def describe_device(device: dict[str, Any]) -> str:
+    """A readable, address-free device name: model (SoC or CPU)."""
+    model = str(device.get("model") or "").strip()
+    detail = str(device.get("soc") or device.get("cpu") or "").strip()
+    if model and detail and detail.lower() not in model.lower():
+        return f"{model} ({detail})"
+    return model or detail or f"unknown {device_class(device)}"
+
+
+def _num(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(f, 4) if math.isfinite(f) else None
+
+
+# ------------------------------------------------------------------------------------------------- reading
+
+
+def load_rows(root: Path) -> list[dict[str, Any]]:
+    """The rows of root/perf.json ([] when the bundle has none); UsageError for garbage or a newer schema."""
+    path = Path(root) / PERF
+    if not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e}); restore it from the bundle's source") from None
+    schema = str(doc.get("schema", "")) if isinstance(doc, dict) else ""
+    m = re.fullmatch(r"effai\.perf/(\d+)", schema)
+    if not m or not isinstance(doc.get("rows"), list):
+        raise UsageError(f"{path} is not an effai perf table (schema {schema!r}); restore it from the bundle's source")
+    if int(m.group(1)) > SCHEMA_VERSION:
+        raise UsageError(f"{path} was written by a newer effai ({schema}; this effai reads {SCHEMA}); upgrade "
+                         "effai: pip install -U effai")
+    return [r for r in doc["rows"] if isinstance(r, dict)]
+
+
+def best_latency(root: Path) -> dict[str, dict[str, Any]]:
+    """The fastest measured median per device class: {class: {median_ms, p90_ms, device, target, precision, threads,
+    runtime, date}}, classes in CLASSES order; {} when nothing was measured."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in load_rows(root):
+        cls, median = r.get("device_class"), _num(r.get("median_ms"))
+        if cls is None or median is None:
+            continue
+        if cls not in best or median < best[cls]["median_ms"]:
+            best[str(cls)] = {"median_ms": median, "p90_ms": _num(r.get("p90_ms")), "device": r.get("device"),
+                              "target": r.get("target"), "precision": r.get("precision"),
+                              "threads": r.get("threads"), "runtime": r.get("runtime"), "date": r.get("date")}
+    order = {c: i for i, c in enumerate(CLASSES)}
+    return dict(sorted(best.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+# ------------------------------------------------------------------------------------------------ recording
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """What `record` did: rows added (duplicates and failed measurements are not), the table's size, and what
+    happened to the signature ("re-signed", "dropped": a now-stale bundle.sig was removed, "unsigned",
+    "unchanged": nothing was added so nothing was rewritten)."""
+
+    added: int
+    rows: int
+    duplicates: int
+    skipped: list[str]
+    signature: str
+    perf: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _artifact_keys(root: Path, index: dict[str, Any]) -> list[tuple[dict[str, Any], str | None, str | None]]:
+    """(artifact entry, sha256 of its manifest.json, the manifest's model name) for each artifact with a manifest."""
+    out = []
+    for a in index.get("artifacts", []):
+        if not isinstance(a, dict) or a.get("status") == "export-failed":
+            continue
+        mpath = root / str(a.get("dir", "")) / "manifest.json"
+        digest = name = None
+        if a.get("dir") and mpath.is_file():
+            digest = sha256(mpath)
+            try:
+                model = json.loads(mpath.read_text(encoding="utf-8")).get("model") or {}
+                name = model.get("name") if isinstance(model, dict) else str(model)
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                name = None
+        out.append((a, digest, name))
+    return out
+
+
+def match(root: Path, index: dict[str, Any], rec: Any) -> tuple[dict[str, Any], str]:
+    """(the bundle's artifact entry, how it matched) for a BenchRecord; UsageError naming the artifacts if none."""
+    arts = _artifact_keys(root, index)
+    a = rec.artifact or {}
+    for art, digest, _ in arts:
+        if digest and a.get("manifest_sha256") == digest:
+            return art, "manifest"
+    bundle_model = (index.get("model") or {}).get("name")
+    for art, _, name in arts:
+        if (art.get("target"), art.get("precision")) == (a.get("target"), a.get("precision")) \
+                and a.get("model") in {bundle_model, name} - {None}:
+            return art, "model-target-precision"
+    have = ", ".join(f"{x.get('target')}/{x.get('precision')} ({x.get('dir')})" for x, _, _ in arts) or "none"
+    raise UsageError(f"the record for {a.get('model')} {a.get('target')}/{a.get('precision')} ({a.get('path')}) "
+                     f"matches no artifact of bundle {root} ({bundle_model}); its artifacts: {have}. Bench one of "
+                     f"them: effai bench {root}/<artifact dir> --record {root}")
+
+
+def row(rec: Any, art: dict[str, Any], how: str) -> dict[str, Any]:
+    """One perf.json row for a BenchRecord measured on the bundle artifact `art`."""
+    dev = rec.device or {}
+    name = str(dev.get("name") or "")
+    energy = rec.energy or {}
+    stats = rec.stats or {}
+    return {"device": describe_device(dev), "device_class": device_class(dev),
+            "transport": str(dev.get("transport") or (name.split(":", 1)[0] if ":" in name else "host")),
+            "os": dev.get("os"), "runtime": rec.runtime, "runtime_version": rec.runtime_version,
+            "target": art.get("target"), "precision": art.get("precision"), "artifact": art.get("dir"),
+            "threads": int(rec.threads), "runs": int(rec.runs), "median_ms": _num(stats.get("median")),
+            "p90_ms": _num(stats.get("p90")),
+            "energy_j": _num(energy.get("joules_per_inference")) if energy.get("available") else None,
+            "throttling": (rec.throttling or {}).get("verdict"), "effai_version": rec.effai_version,
+            "date": str(rec.created_at or "")[:10] or None, "match": how}
+
+
+def record(root: Path, records: list[Any], sign_key: Path | None = None) -> RecordResult:
+    """Append the ok BenchRecords to root/perf.json, regenerate MODEL_CARD.md and bundle.json, and re-sign with
+    `sign_key` or drop the now-stale signature (bundle.json changes, so an old bundle.sig would no longer match).
+
+    Refused (nothing written): a bundle whose files do not match its index or whose signature is invalid (re-indexing
+    would bless the change), a record for an artifact not in the bundle, a bad key."""
+    root = Path(root)
+    index = index_mod.read(root)
+    if sign_key is not None:
+        sign.load_private(sign_key)
+    problems = index_mod.check(root, index)
+    if problems:
+        raise EffaiError(f"bundle {root} does not match its bundle.json ({'; '.join(problems[:3])}); recording would "
+                         "re-index the changed files: restore or re-pack the bundle first")
+    sig = sign.check_signature(root, index)
+    if sig.state == "invalid":
+        raise EffaiError(f"bundle {root}: {'; '.join(sig.problems[:2])}; recording would re-index it: restore or "
+                         "re-pack the bundle first")
+    ok = [r for r in records if getattr(r, "status", "ok") == "ok"]
+    skipped = [f"{r.artifact.get('target')}/{r.artifact.get('precision')} threads={r.threads}: {r.error}"
+               for r in records if getattr(r, "status", "ok") != "ok"]
+    new_rows = [row(r, *match(root, index, r)) for r in ok]
+    rows = load_rows(root)
+    added = []
+    for r in new_rows:
+        if r not in rows and r not in added:
+            added.append(r)
+    duplicates = len(new_rows) - len(added)
+    if not added:
+        return RecordResult(0, len(rows), duplicates, skipped, "unchanged", str(root / PERF))
+    sig_path = root / index_mod.SIGNATURE
+    had_signature = sig_path.exists() or index.get("signing") is not None
+    if sign_key is None and sig_path.exists():
+        sig_path.unlink()        # first: an interruption below leaves an unsigned bundle, never a wrong signature
+    atomic_write(root / PERF, json.dumps({"schema": SCHEMA, "rows": rows + added}, indent=1, sort_keys=True,
+                                         ensure_ascii=False) + "\n")
+    index["signing"] = sign.public_block(sign_key) if sign_key is not None else None
+    index, note = sign.reindex(root, index)
+    notes = [note] if note else []
+    if sign_key is not None:
+        sign.sign(root, sign_key)
+        state = "re-signed"
+    else:
+        state = "dropped" if had_signature else "unsigned"
+        if had_signature:
+            notes.append("the bundle's signature was removed (bundle.json changed); re-sign it with: effai zoo sign "
+                         f"{root} --key KEY")
+    return RecordResult(len(added), len(rows) + len(added), duplicates, skipped, state, str(root / PERF), notes)

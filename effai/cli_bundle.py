@@ -1,0 +1,178 @@
+"""`effai zoo keygen | sign | verify | unpack | install | archive`: the bundle commands that check and copy.
+
+Registered on the `zoo` typer app by `register(zoo_app)` (effai/cli.py calls it). Thin like the rest of the CLI:
+parse, call effai.bundle, print, end stdout with one JSON object. Exit codes: 0 success; 1 a bundle that fails
+verification (tampered file, invalid signature, wrong key) or another failure; 2 bad input (not a bundle, a bad
+key file, an unsafe archive, an unknown target). Imports nothing heavy: no torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+
+from effai import console
+from effai.errors import EffaiError
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output only (one JSON object).")]
+PubkeyOpt = Annotated[Optional[Path], typer.Option("--pubkey", help="The signer's public key (KEY.pub from effai zoo "
+                                                   "keygen): the bundle must be signed by it.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an earlier effai unpack/install at --into.")]
+
+
+def _fail(e: EffaiError, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+    from effai.cli import _fail as fail
+
+    fail(e, as_json, extra)
+
+
+def _notes(notes: list[str], as_json: bool) -> None:
+    if not as_json:
+        for n in notes:
+            console.err().print(f"[yellow]! {escape(n)}[/]", highlight=False)
+
+
+def keygen_cmd(
+    key: Annotated[Path, typer.Argument(help="Private key file to write (the public key goes to KEY.pub).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing key pair.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make an Ed25519 key pair for signing bundles: KEY (private, 0600) and KEY.pub (publish this one)."""
+    from effai.bundle import sign
+
+    try:
+        info = sign.keygen(key, force=force)
+    except EffaiError as e:
+        _fail(e, as_json)
+    if not as_json:
+        console.err().print(f"[green]✓[/] private key {info['private']} (keep it secret), public key "
+                            f"{info['public']} (key_id {info['key_id']})")
+    console.json_line({"ok": True, **info})
+
+
+def sign_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory written by effai zoo pack.")],
+    key: Annotated[Path, typer.Option("--key", "-k", help="Private key from effai zoo keygen.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Sign a bundle's bundle.json with Ed25519 (writes bundle.sig; replaces an earlier signature)."""
+    from effai.bundle import sign
+
+    try:
+        info = sign.sign_bundle(bundle, key)
+    except EffaiError as e:
+        _fail(e, as_json)
+    if not as_json:
+        console.err().print(f"[green]✓[/] signed {bundle} with key {info['key_id']}; check it with: effai zoo verify "
+                            f"{bundle} --pubkey {key}.pub")
+    console.json_line({"ok": True, "bundle": str(bundle), **info})
+
+
+def verify_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory, or a .zip / .tar.gz of one.")],
+    pubkey: PubkeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check every file's hash against bundle.json and the signature; name exactly what changed."""
+    from effai.bundle import archive, sign
+
+    try:
+        with archive.opened(bundle) as root:
+            result = sign.verify(root, pubkey)
+    except EffaiError as e:
+        _fail(e, as_json)
+    if not as_json:
+        ui = console.err()
+        for p in result.problems:
+            ui.print(f"[bold red]✗[/] {escape(p)}", highlight=False)
+        _notes(result.notes, as_json)
+        if result.ok:
+            what = {"valid": f"signature valid (key {result.key_id}"
+                             + (", the key you gave)" if result.trusted else ")"),
+                    "unsigned": "unsigned"}[result.signature]
+            ui.print(f"[green]✓[/] {bundle}: all {result.files} files match bundle.json; {what}")
+        else:
+            ui.print(f"[bold red]{bundle} failed verification[/] ({len(result.problems)} problem"
+                     f"{'s' if len(result.problems) != 1 else ''}; signature {result.signature})")
+    summary: dict[str, Any] = {"bundle": str(bundle), **result.to_dict()}
+    if not result.ok:
+        summary["error"] = result.problems[0] if result.problems else f"signature {result.signature}"
+        summary["exit_code"] = 1
+    console.json_line(summary)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def unpack_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory, or a .zip / .tar.gz of one.")],
+    into: Annotated[Path, typer.Option("--into", help="Folder to create with the whole verified bundle.")],
+    pubkey: PubkeyOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy a whole bundle out of a directory or archive, verifying every file and the signature first."""
+    from effai.bundle import install
+
+    try:
+        info = install.unpack(bundle, into, pubkey=pubkey, force=force)
+    except EffaiError as e:
+        _fail(e, as_json)
+    _notes(info["notes"], as_json)
+    if not as_json:
+        console.err().print(f"[green]✓[/] unpacked {info['files']} verified files to {into} (signature "
+                            f"{info['signature']})")
+    console.json_line({"ok": True, **info})
+
+
+def install_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory, or a .zip / .tar.gz of one.")],
+    into: Annotated[Path, typer.Option("--into", help="Folder to create for the app (e.g. MyApp/Models/digits).")],
+    target: Annotated[str, typer.Option("--target", "-t", help="coreml | tflite | executorch | onnx")],
+    precision: Annotated[Optional[str], typer.Option("--precision", "-q", "--quantize",
+                                                     help="Which precision when the bundle has several.")] = None,
+    pubkey: PubkeyOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy just what an app needs for one target (model, manifest.json, labels, preprocessing, card), verified."""
+    from effai.bundle import install
+
+    try:
+        info = install.install(bundle, into, target, precision=precision, pubkey=pubkey, force=force)
+    except EffaiError as e:
+        _fail(e, as_json)
+    _notes(info["notes"], as_json)
+    if not as_json:
+        console.err().print(f"[green]✓[/] installed {info['target']}/{info['precision']} to {into}: "
+                            f"{', '.join(info['files'])} (signature {info['signature']})")
+    console.json_line({"ok": True, **info})
+
+
+def archive_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory written by effai zoo pack.")],
+    out: Annotated[Path, typer.Argument(help="Archive to write: NAME.zip, NAME.tar.gz or NAME.tgz.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Ship a bundle as one file: a deterministic .zip or .tar.gz (verified before it is written)."""
+    from effai.bundle import archive
+
+    try:
+        info = archive.make_archive(bundle, out)
+    except EffaiError as e:
+        _fail(e, as_json)
+    if not as_json:
+        console.err().print(f"[green]✓[/] wrote {out} ({info['files']} files, {info['bytes']} bytes)")
+    console.json_line({"ok": True, **info})
+
+
+COMMANDS = {"keygen": keygen_cmd, "sign": sign_cmd, "verify": verify_cmd, "unpack": unpack_cmd,
+            "install": install_cmd, "archive": archive_cmd}
+
+
+def register(zoo_app: typer.Typer) -> None:
+    """Add the bundle commands to the `effai zoo` typer app."""
+    for name, fn in COMMANDS.items():
+        zoo_app.command(name)(fn)
