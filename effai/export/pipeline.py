@@ -1,4 +1,5 @@
-"""The export pipeline, one way through named stages: fold -> trace -> lower -> parity -> manifest -> commit.
+"""The export pipeline, one way through named stages: fold -> trace -> lower -> parity -> metadata -> manifest ->
+commit.
 
     result = export(zoo.create("ghostnetv3_100"), ExportConfig(target="onnx"))
 
@@ -27,7 +28,7 @@ import torch
 import effai
 from effai import toolchain, zoo
 from effai.errors import EffaiError, UsageError, choices_hint
-from effai.export import artifact_dir, manifest as manifest_io
+from effai.export import artifact_dir, manifest as manifest_io, metadata
 from effai.export.diagnose import lowering_error
 from effai.export.fold import FoldReport, flat_outputs, fold
 from effai.export.parity import check_artifact
@@ -280,12 +281,16 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
                             **lowered.details.get("quantization", {}),
                             "calibration": calib.to_dict() if calib is not None and prec.needs_calibration else None,
                             "fallback": fallback}
+        labels = zoo.labels(card) if card.num_classes else []
+        if not labels and reference and reference[0].ndim == 2:
+            labels = [f"class_{i}" for i in range(reference[0].shape[1])]
+        with stage("metadata", cfg.target) as note:   # the model's description inside the model file itself
+            info = metadata.describe(card, loaded.weights.sha256, loaded.random_init, preprocessing, labels)
+            native = metadata.embed(target, tmp, lowered, info, inputs[: shape[0]] if cfg.verify else None)
+            note["detail"] = metadata.summary(native)
         with stage("manifest") as note:
             np.savez_compressed(tmp / manifest_io.PARITY_DATA, photos_u8=photos,
                                 **{f"reference_{i}": r for i, r in enumerate(reference)})
-            labels = zoo.labels(card) if card.num_classes else []
-            if not labels and reference and reference[0].ndim == 2:
-                labels = [f"class_{i}" for i in range(reference[0].shape[1])]
             manifest = {
                 "effai_version": effai.__version__,
                 "model": {"name": card.name, "family": card.family, "source": card.source,
@@ -303,6 +308,7 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
                 "outputs": [s.to_dict() for s in lowered.outputs],
                 "preprocessing": preprocessing,
                 "labels": labels,
+                "native_metadata": native,
                 "fold": report.to_dict(),
                 "parity": {**parity, "samples": len(sample_names), "sample_names": sample_names,
                            "data": manifest_io.PARITY_DATA, "noise_seed": cfg.seed,

@@ -461,7 +461,13 @@ def summarize_spec(spec: Any) -> dict[str, Any]:
                             dims = [int(d.constant.size) for d in t.dimensions]
                             compressed["lut_entries"].append(dims[-2] if len(dims) > 1 else dims[0])
     compressed["lut_entries"] = sorted(set(compressed["lut_entries"]))
-    return {"inputs": [feat(f) for f in spec.description.input], "outputs": [feat(f) for f in spec.description.output],
+    # tensor outputs only: a classifier's label (string) and {label: score} (dictionary) outputs (the metadata stage
+    # adds them, keeping the scores tensor) are named in "classifier"
+    tensors = [f for f in spec.description.output if f.type.WhichOneof("Type") == "multiArrayType"]
+    d = spec.description
+    classifier = ({"label": d.predictedFeatureName, "scores": d.predictedProbabilitiesName}
+                  if d.predictedFeatureName else None)
+    return {"inputs": [feat(f) for f in d.input], "outputs": [feat(f) for f in tensors], "classifier": classifier,
             "spec_version": spec.specificationVersion, "op_count": sum(ops.values()), "ops": ops,
             "weight_dtypes": weight_dtypes, "compressed_weights": compressed}
 

@@ -39,7 +39,10 @@ def simulate(path: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
         env = MilEvaluator(fn).run(dict(zip(names, inputs)))
     except NeedsRuntime as e:
         raise EffaiError(f"cannot compute {path.name} without the Core ML runtime: {e}") from None
-    return [env[v.name].numpy() for v in fn.outputs]
+    return [env[v.name].numpy() for v in fn.outputs if v.name in env]   # tensors: not a classifier's label/dict
+
+
+SKIPPED = ("const", "classify")   # consts are read as values; classify only maps scores to labels (no tensor out)
 
 
 class MilEvaluator:
@@ -53,7 +56,7 @@ class MilEvaluator:
         if not _MIL_OPS:
             _MIL_OPS.update(_mil_ops())
         missing = sorted({op.op_type for op in fn.operations
-                          if op.op_type != "const" and (op.op_type not in _MIL_OPS or op.blocks)})
+                          if op.op_type not in SKIPPED and (op.op_type not in _MIL_OPS or op.blocks)})
         if missing:
             raise NeedsRuntime(f"effai's Linux evaluator of Core ML programs lacks the op(s) {', '.join(missing)}")
         self.consts: dict[str, Any] = {}
@@ -66,7 +69,7 @@ class MilEvaluator:
                                for name in self.fn.inputs}
         with torch.no_grad():
             for op in self.fn.operations:
-                if op.op_type == "const":
+                if op.op_type in SKIPPED:
                     continue
                 args = {k: tuple(self._value(u, env) for u in v) if isinstance(v, (list, tuple))
                         else self._value(v, env) for k, v in op.inputs.items()}
