@@ -321,6 +321,10 @@ def bench_cmd(
     runner_binary: Annotated[Optional[Path], typer.Option(help="adb: executor_runner or benchmark_model built for "
                                                           "the phone, or a directory holding both.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
+    record: Annotated[Optional[Path], typer.Option(help="A bundle (effai zoo pack) to append these results to: its "
+                                                   "perf.json and MODEL_CARD.md perf table.")] = None,
+    record_key: Annotated[Optional[Path], typer.Option(help="With --record: re-sign the bundle with this private "
+                                                       "key (else its now-stale signature is removed).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Latency (and energy where a meter is readable) of artifacts on this host, a phone (adb) or a board (ssh)."""
@@ -414,6 +418,18 @@ def bench_cmd(
             summary["ok"] = False
             summary["error"] = (f"{len(comparison.regressions)} regression(s) against {baseline}: "
                                 + comparison.regressions[0].line())
+    if record is not None:
+        from effai.bundle import perf
+
+        try:
+            rec = perf.record(record, [r for r in records if r.status == "ok"], sign_key=record_key)
+        except EffaiError as e:
+            _fail(e, as_json, {"report": str(out)})
+        summary["recorded"] = rec.to_dict()
+        if not as_json:
+            ui.print(f"[green]✓[/] recorded {rec.added} result(s) in {record}/perf.json (signature {rec.signature})")
+            for n in rec.notes:
+                ui.print(f"[yellow]! {n}[/]")
     if code:
         summary["exit_code"] = code
     console.json_line(summary)
@@ -515,24 +531,144 @@ def _relaunch_distributed(nproc: int) -> int:
 
 
 @zoo_app.command("list")
-def zoo_list(as_json: JsonOpt = False) -> None:
-    """The zoo's model cards (any timm model name works too)."""
+def zoo_list(
+    bundles: Annotated[Optional[Path], typer.Option("--bundles", help="Directory of bundles (effai zoo pack --out): "
+                                                    "adds each model's best measured latency per device class "
+                                                    "[default: ./bundles when it exists]")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The zoo's model cards with task, size and cost (any timm model name works too)."""
     from rich.table import Table
 
     from effai.zoo import CARDS
 
-    rows = [{"name": n, "family": c.family, "input": "x".join(map(str, c.input_size)), "classes": c.num_classes,
-             "reparameterizable": c.reparameterizable, "weights": c.bundled_weights and "bundled" or "random-init / --weights / --pretrained",
-             "description": c.description} for n, c in CARDS.items()]
+    try:
+        if bundles is not None and not bundles.is_dir():
+            raise UsageError(f"--bundles {bundles} is not a directory; pass the --out of `effai zoo pack`")
+        bundle_dir = bundles if bundles is not None else (Path("bundles") if Path("bundles").is_dir() else None)
+        latency = _bundle_latency(bundle_dir) if bundle_dir is not None else {}
+        rows = [_zoo_row(n, c, latency.get(n)) for n, c in CARDS.items()]
+    except EffaiError as e:
+        _fail(e, as_json)
     if not as_json:
         table = Table(title="effai zoo")
-        for col in ("name", "family", "input", "classes", "re-param", "description"):
-            table.add_column(col)
+        for col in ("name", "task", "family", "params", "MACs", "input", "license", "weights", "best latency"):
+            table.add_column(col, overflow="fold", no_wrap=col in ("name", "params", "MACs", "input"))
         for r in rows:
-            table.add_row(r["name"], r["family"], r["input"], str(r["classes"]), "yes" if r["reparameterizable"] else "",
-                          r["description"])
+            best = "; ".join(f"{cls} {b['median_ms']:.2f} ms" for cls, b in (r["best_latency"] or {}).items()) or "-"
+            macs = f"{r['macs'] / 1e9:.2f} G" if r["macs"] >= 1e9 else f"{r['macs'] / 1e6:.1f} M"
+            table.add_row(r["name"], r["task"], r["family"], f"{r['params'] / 1e6:.2f} M", macs, r["input"],
+                          r["license"].split(" (")[0], r["weights_available"], best)
         console.out().print(table)
-    console.json_line({"ok": True, "models": rows})
+    console.json_line({"ok": True, "models": rows, "bundles": str(bundle_dir) if bundle_dir is not None else None,
+                       "macs_convention": "1 MAC = one multiply-add over Conv2d/Linear of the deploy form at the "
+                                          "card's input size, batch 1 (docs/bundle.md)"})
+
+
+def _zoo_row(name: str, c: Any, best: dict[str, Any] | None) -> dict[str, Any]:
+    from effai.bundle.pack import TASK, card_stats
+
+    stats = card_stats(name)
+    return {"name": name, "task": TASK, "family": c.family, "params": stats["params"], "macs": stats["macs"],
+            "input": "x".join(map(str, c.input_size)), "input_size": list(c.input_size), "classes": c.num_classes,
+            "license": c.weights_license, "reparameterizable": c.reparameterizable,
+            "weights": "bundled" if c.bundled_weights else "hub (--pretrained) / --weights; random-init without",
+            "weights_available": "bundled" if c.bundled_weights else "hub",
+            "description": c.description, "best_latency": best}
+
+
+def _bundle_latency(root: Path) -> dict[str, dict[str, Any]]:
+    """{model name: best measured latency per device class} over the bundles under root (root may be one bundle)."""
+    import json
+
+    try:
+        from effai.bundle.perf import best_latency
+    except ImportError:
+        best_latency = _best_latency_rows
+    out: dict[str, dict[str, Any]] = {}
+    for b in ([root] if (root / "bundle.json").is_file() else sorted(p for p in root.iterdir() if p.is_dir())):
+        try:
+            name = json.loads((b / "bundle.json").read_text())["model"]["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        try:
+            best = best_latency(b)
+        except EffaiError:      # an unreadable perf.json: that bundle shows no latency, the catalogue still lists
+            continue
+        if best:
+            out[name] = best
+    return out
+
+
+def _best_latency_rows(root: Path) -> dict[str, dict[str, Any]]:
+    from effai.bundle.card import perf_rows
+
+    best: dict[str, dict[str, Any]] = {}
+    for r in perf_rows(root):
+        cls, ms = r.get("device_class"), r.get("median_ms")
+        if isinstance(cls, str) and isinstance(ms, (int, float)) and (cls not in best or ms < best[cls]["median_ms"]):
+            best[cls] = {k: r.get(k) for k in ("median_ms", "p90_ms", "device", "target", "precision", "threads")}
+    return best
+
+
+@zoo_app.command("pack")
+def zoo_pack(
+    model: Annotated[str, typer.Argument(help="Zoo or timm model name (effai zoo list).")],
+    targets: Annotated[str, typer.Option("--targets", "-t", help="Comma list of executorch, coreml, tflite, onnx "
+                                         "(or all: the available ones).")] = "all",
+    quantize: Annotated[Optional[str], typer.Option("--quantize", "-q", help="Comma list of precisions (fp32,int8,"
+                                                    "...); each target gets those it takes, the others are skipped "
+                                                    "with a note. Default: each target's default.")] = None,
+    eval_data: Annotated[str, typer.Option("--eval", help="Top-1 of torch vs each artifact: auto (the card's own "
+                                           "set), digits, an image folder, an .npz, or none.")] = "auto",
+    max_drop: Annotated[float, typer.Option(help="Fail an artifact losing more top-1 points than this.")] = 1.0,
+    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint (.safetensors or .pt/.pth, weights only).")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Download timm's hub weights (needs network).")] = False,
+    sign_key: Annotated[Optional[Path], typer.Option("--sign", help="Ed25519 private key (effai zoo keygen): "
+                                                     "writes bundle.sig over bundle.json.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundles directory; the bundle is <out>/<model>/.")] = Path("bundles"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a model to several targets and pack an app-ready bundle: artifacts, labels, preprocessing, model card
+    and bundle.json (every file's sha256). Exit 1 with status "partial" when a target failed; 0 when complete."""
+    from effai.bundle.pack import pack
+
+    ui = console.err()
+    skipped: dict[str, str] = {}
+    try:
+        names = parse_targets(targets, skipped)
+        if skipped and not as_json:
+            for n, why in skipped.items():
+                ui.print(f"[yellow]! skipping {n}: {why}[/]")
+
+        def on_artifact(a: dict[str, Any]) -> None:
+            if as_json:
+                return
+            color = {"pass": "green", "unverified": "yellow"}.get(a["status"], "red")
+            ui.print(f"[{color}]{'✓' if a['status'] in ('pass', 'unverified') else '✗'}[/] {a['dir']}: {a['status']}"
+                     + (f": {a['error']}" if a.get("error") else ""))
+
+        res = pack(model, names, quantize.split(",") if quantize else None, out,
+                   sign_key=sign_key, eval=eval_data, max_drop=max_drop, weights=weights, pretrained=pretrained,
+                   progress=None if as_json else (lambda rel: _progress(ui, rel)), on_artifact=on_artifact)
+    except EffaiError as e:
+        _fail(e, as_json)
+    index = res.index
+    if not as_json:
+        for s in res.skipped:
+            ui.print(f"[yellow]! {s['target']} {s['precision']} skipped: {s['reason']}[/]")
+        ui.print(f"{'[green]✓' if res.status == 'complete' else '[bold red]✗'}[/] bundle {res.root} ({res.status}, "
+                 f"{len(index['files'])} files{', signed' if index.get('signing') else ''})")
+    arts = [{k: a[k] for k in ("target", "precision", "dir", "status", "error", "bytes")} for a in index["artifacts"]]
+    summary = {"ok": res.status == "complete", "status": res.status, "bundle": str(res.root),
+               "model": index["model"]["name"], "artifacts": arts, "skipped": res.skipped,
+               "skipped_targets": skipped, "files": len(index["files"]), "signed": index.get("signing") is not None}
+    if res.status != "complete":
+        failed = "; ".join(f"{a['dir']}: {a['status']}" for a in arts if a["status"] not in ("pass", "unverified"))
+        summary["error"], summary["exit_code"] = f"partial bundle ({failed})", 1
+    console.json_line(summary)
+    if res.status != "complete":
+        raise typer.Exit(1)
 
 
 @zoo_app.command("show")
@@ -589,6 +725,11 @@ def doctor(as_json: JsonOpt = False) -> None:
         console.out().print(table)
         console.out().print(" ".join(f"{k}={v}" for k, v in versions.items()))
     console.json_line({"ok": True, "targets": targets, "toolchain": versions})
+
+
+from effai.cli_bundle import register as _register_bundle_commands  # noqa: E402  (zoo verify/unpack/install/...)
+
+_register_bundle_commands(zoo_app)
 
 
 def main() -> None:

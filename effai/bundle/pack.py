@@ -1,0 +1,443 @@
+"""effai zoo pack: export one model to several targets/precisions and assemble an app-ready bundle.
+
+    result = pack("ghostnetv3_050.digits", ["coreml", "tflite", "executorch", "onnx"], None, Path("bundles"))
+
+The bundle (layout in effai.bundle.index) is built in a temp dir beside `<out>/<model>` and renamed into place at
+the end: an existing bundle there is replaced only as a whole, anything else there is never touched.
+
+Determinism: the bundle's files are a function of the inputs (model, weights, options, toolchain versions) except
+where `VARIES` says otherwise. What effai controls is normalized in the bundle copy of each artifact:
+  - manifest.json: `created_at` is SOURCE_DATE_EPOCH when that is set (else left out), `timings_s` is left out,
+    `export_config.out` is the artifact's dir inside the bundle, bundled weights are named `bundled:<file>` rather
+    than by their install path; `bundle_copy` says so. The manifest's own file list is re-hashed.
+  - export.log (the toolchain's build log: times, PIDs, temp paths) is not copied into bundles.
+  - Core ML: model.mlmodel is re-serialized with protobuf's deterministic map order (the spec is unchanged), the
+    .mlpackage Manifest.json's random item UUIDs become name-based UUIDs, and coremltools' conversion_date becomes
+    SOURCE_DATE_EPOCH's date when that is set.
+This module also measures models (params, MACs) for the card and `effai zoo list`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import effai
+from effai.bundle import card as card_mod
+from effai.bundle import index as index_mod
+from effai.errors import EffaiError, UsageError, choices_hint
+from effai.files import atomic_write
+
+TASK = "image-classification"
+ARTIFACT_STATUSES = ("pass", "fail", "unverified", "export-failed")
+
+# Measured by packing twice (tests/test_bundle_pack.py re-checks every "identical" claim; docs/bundle.md).
+VARIES = {
+    "coreml": {"model.mlpackage/Data/com.apple.CoreML/model.mlmodel":
+               "coremltools records the conversion date (day resolution) in the spec's user-defined metadata: "
+               "identical within one day; set SOURCE_DATE_EPOCH to pin it"},
+}
+
+Progress = Callable[[str, str, str, float], None]
+
+
+@dataclass(frozen=True)
+class PackResult:
+    root: Path                                   # <out>/<model>
+    index: dict[str, Any]                        # bundle.json as written
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return self.index["status"]
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [a for a in self.index["artifacts"] if a["status"] in ("export-failed", "fail")]
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+def plan(targets: Sequence[str],
+         precisions: Sequence[str] | None) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+    """(target, precision) pairs to build, and the skipped ones with the reason. No precisions: each target's
+    default (fp16 for Core ML, fp32 elsewhere). A precision a target does not take is skipped, not an error."""
+    from effai.export.precisions import PRECISIONS
+    from effai.export.targets import TARGETS
+
+    targets = list(dict.fromkeys(t.strip() for t in targets if t.strip()))
+    if not targets:
+        raise UsageError(f"--targets is empty; choose from: {', '.join(TARGETS.names())}")
+    for t in targets:
+        TARGETS.get(t)                                   # unknown -> UsageError listing the choices
+    precs = list(dict.fromkeys(p.strip() for p in (precisions or []) if p.strip()))
+    for p in precs:
+        if p not in PRECISIONS:
+            raise UsageError(f"unknown --quantize '{p}'; {choices_hint(p, PRECISIONS.names())}")
+    pairs, skipped = [], []
+    for t in targets:
+        target = TARGETS.get(t)
+        for p in precs or [target.precisions[0]]:
+            if p in target.precisions:
+                pairs.append((t, p))
+            else:
+                why = target.unsupported.get(p) or f"{t} takes {', '.join(target.precisions)}"
+                skipped.append({"target": t, "precision": p, "reason": f"{t} does not take {p}: {why}"})
+    if not pairs:
+        raise UsageError("no target takes any of the precisions asked for (" + "; ".join(s["reason"] for s in skipped)
+                         + "); choose precisions the targets list in `effai doctor`")
+    return pairs, skipped
+
+
+def destination(out: Path, name: str) -> Path:
+    """<out>/<model>; UsageError when something that is not an effai bundle is already there."""
+    from effai.export.pipeline import safe_name
+
+    dest = Path(out) / safe_name(name)
+    if dest.exists() and not dest.is_dir():
+        raise UsageError(f"refusing to replace {dest}: it is a file, not a bundle; choose another --out")
+    if dest.is_dir() and any(dest.iterdir()) and not is_bundle(dest):
+        raise UsageError(f"refusing to replace {dest}: it is not empty and not an effai bundle (no {index_mod.INDEX} "
+                         f"with schema {index_mod.SCHEMA}); choose another --out or move it away")
+    return dest
+
+
+def is_bundle(path: Path) -> bool:
+    try:
+        return str(json.loads((Path(path) / index_mod.INDEX).read_text()).get("schema", "")).startswith("effai.bundle/")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ packing
+
+
+def pack(model: str, targets: Sequence[str], precisions: Sequence[str] | None = None, out: Path = Path("bundles"),
+         sign_key: Path | None = None, *, eval: str = "auto", weights: Path | None = None, pretrained: bool = False,
+         max_drop: float = 1.0, progress: Callable[[str], Progress | None] | None = None,
+         on_artifact: Callable[[dict[str, Any]], None] | None = None) -> PackResult:
+    """Export `model` to every target x precision and write the bundle <out>/<model>/ (see the module doc).
+
+    An export that fails is recorded (status "export-failed" and its one-line error) and the others are still
+    packed: the bundle's status is then "partial". An artifact that fails its parity/accuracy gate is packed with
+    status "fail" (flagged in the card and the index) and also makes the bundle partial. When every export fails
+    nothing is written and the (first) error is raised. `progress(dir)` returns
+    the export progress callback for one artifact dir; `on_artifact` hears each bundle.json artifact entry."""
+    from effai import zoo
+    from effai.export.pipeline import ExportConfig, ParityFailed, export
+
+    pairs, skipped = plan(targets, precisions)
+    sign_block = None
+    if sign_key is not None:
+        from effai.bundle import sign as sign_mod
+
+        sign_mod.load_private(Path(sign_key))            # a missing or wrong key fails before minutes of exports
+        sign_block = sign_mod.public_block(Path(sign_key))
+    loaded = zoo.create(model, weights=weights, pretrained=pretrained)
+    dest = destination(Path(out), loaded.card.name)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise UsageError(f"cannot create the bundle directory {dest}: {e.strerror}; choose a writable --out") from e
+    try:
+        artifacts: list[dict[str, Any]] = []
+        errors: list[EffaiError] = []
+        for target, precision in pairs:
+            rel = f"{target}-{precision}"
+            cfg = ExportConfig(target=target, precision=precision, out=tmp / rel, eval=eval, max_drop=max_drop)
+            entry: dict[str, Any] = {"target": target, "precision": precision, "dir": rel}
+            try:
+                res = export(loaded, cfg, progress=progress(rel) if progress else None)
+                entry["manifest"] = res.manifest
+            except ParityFailed as e:
+                entry["manifest"], entry["error"] = e.result.manifest, _one_line(e)
+            except EffaiError as e:
+                entry["error"] = _one_line(e)
+                errors.append(e)
+            except Exception as e:  # a toolchain bug must not lose the other targets
+                if os.environ.get("EFFAI_DEBUG"):
+                    raise
+                entry["error"] = f"internal error exporting to {target}: {type(e).__name__}: {_one_line(e)}"
+                errors.append(EffaiError(entry["error"] + " (EFFAI_DEBUG=1 shows the traceback; please report it)"))
+            if "manifest" in entry:
+                entry["manifest"] = normalize_artifact(tmp / rel, rel, loaded.card.bundled_weights)
+            artifacts.append(_artifact_entry(tmp, entry))
+            if on_artifact:
+                on_artifact(artifacts[-1])
+        if all(a["status"] == "export-failed" for a in artifacts):   # nothing to ship: no bundle, the first error
+            raise errors[0] if len(errors) == 1 or isinstance(errors[0], UsageError) else EffaiError(
+                "every export failed, nothing was packed: " + "; ".join(f"{a['dir']}: {a['error']}" for a in artifacts))
+        index = _write_bundle(tmp, loaded, artifacts, skipped, sign_block)
+        if sign_key is not None:
+            from effai.bundle import sign as sign_mod
+
+            sign_mod.sign(tmp, Path(sign_key))
+        _commit(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PackResult(dest, index, skipped)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:400]
+
+
+def _artifact_entry(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """The bundle.json `artifacts` item for one export (its manifest, or its error)."""
+    m = entry.get("manifest")
+    rel = entry["dir"]
+    if m is None:
+        return {"target": entry["target"], "precision": entry["precision"], "dir": rel, "model_file": None,
+                "status": "export-failed", "error": entry.get("error"), "parity": None, "accuracy": None, "bytes": 0}
+    p = m.get("parity") or {}
+    parity = {k: p[k] for k in ("status", "max_abs_err", "rel_err", "cosine", "top1_agreement", "runtime",
+                                "runtime_version", "reason") if p.get(k) is not None}
+    a = m.get("accuracy")
+    accuracy = None if not a else {
+        "data": a.get("data"), "samples": a.get("samples"), "torch": a.get("torch"), "artifact": a.get("artifact"),
+        "drop_points": a.get("drop_points"), "max_drop_points": a.get("max_drop_points"), "status": a.get("status"),
+        **({"reason": a["reason"]} if a.get("reason") else {})}
+    model_file = f"{rel}/{m['model_file']}"
+    size = sum(f["bytes"] for f in m.get("files", [])
+               if f["path"] == m["model_file"] or f["path"].startswith(m["model_file"] + "/"))
+    status = m.get("status", "unverified")
+    return {"target": entry["target"], "precision": entry["precision"], "dir": rel, "model_file": model_file,
+            "status": status if status in ARTIFACT_STATUSES else "unverified",
+            "error": entry.get("error") if status == "fail" else None, "parity": parity, "accuracy": accuracy,
+            "bytes": size}
+
+
+def _write_bundle(root: Path, loaded: Any, artifacts: list[dict[str, Any]], skipped: list[dict[str, str]],
+                  sign_block: dict[str, Any] | None) -> dict[str, Any]:
+    card = loaded.card
+    labels = _labels(loaded, root, artifacts)
+    atomic_write(root / card_mod.LABELS, "".join(f"{x}\n" for x in labels))
+    first = next((json.loads((root / a["dir"] / "manifest.json").read_text()) for a in artifacts
+                  if a["status"] != "export-failed"), None)
+    pre = card_mod.preprocessing_doc(card.preprocessing(), first.get("inputs") if first else None)
+    atomic_write(root / card_mod.PREPROCESSING, json.dumps(pre, indent=1, sort_keys=True) + "\n")
+    stats = model_stats(loaded.model, tuple(card.input_size))
+    status = "complete" if all(a["status"] in ("pass", "unverified") for a in artifacts) else "partial"
+    index: dict[str, Any] = {
+        "schema": index_mod.SCHEMA,
+        "effai_version": effai.__version__,
+        "model": {"name": card.name, "family": card.family, "task": TASK, "params": stats["params"],
+                  "macs": stats["macs"], "input_size": list(card.input_size), "num_classes": len(labels),
+                  "license": card.weights_license, "weights": weights_block(loaded),
+                  "description": card.description, "trained": trained_block(card)},
+        "artifacts": artifacts,
+        "skipped": skipped,
+        "status": status,
+        "deterministic": determinism(root, artifacts),
+        "signing": sign_block,
+        "macs_convention": card_mod.MAC_CONVENTION,
+    }
+    index_mod.write(root, index)           # the card reads bundle.json ...
+    card_mod.write(root)
+    return index_mod.write(root, index)    # ... and bundle.json lists the card
+
+
+def _labels(loaded: Any, root: Path, artifacts: list[dict[str, Any]]) -> list[str]:
+    for a in artifacts:
+        if a["status"] != "export-failed":
+            labels = json.loads((root / a["dir"] / "manifest.json").read_text()).get("labels")
+            if labels:
+                return [str(x) for x in labels]
+    from effai import zoo
+
+    return [str(x) for x in zoo.labels(loaded.card)] or [f"class_{i}" for i in range(loaded.card.num_classes)]
+
+
+def weights_block(loaded: Any) -> dict[str, Any]:
+    """Where the weights came from, independent of where effai is installed."""
+    card, w = loaded.card, loaded.weights
+    if loaded.random_init:
+        return {"source": "random-init", "sha256": None, "available": "random-init"}
+    if card.bundled_weights and Path(w.source).name == card.bundled_weights:
+        return {"source": f"bundled:{card.bundled_weights}", "sha256": w.sha256, "available": "bundled"}
+    if w.source.startswith("timm-hub:"):
+        return {"source": w.source, "sha256": w.sha256, "available": "hub"}
+    return {"source": Path(w.source).name, "sha256": w.sha256, "available": "user"}
+
+
+def trained_block(card: Any) -> dict[str, Any] | None:
+    """effai's own training record (card.extra['train_record'], from the weights' metadata), as `zoo show` gives it."""
+    record = card.extra.get("train_record")
+    if not record:
+        return None
+    cfg = record.get("config", {})
+    return {"recipe": record.get("recipe"), "data": cfg.get("data"), "teacher": cfg.get("teacher"),
+            "loss": cfg.get("loss"), "epochs": record.get("epochs"), "held_out_top1": record.get("val_acc"),
+            "folded": record.get("folded")}
+
+
+def _commit(tmp: Path, dest: Path) -> None:
+    """Move the finished bundle into place; a previous bundle is replaced only once the new one is complete."""
+    old = None
+    if dest.exists():
+        if any(dest.iterdir()) and not is_bundle(dest):   # appeared while packing: still never replaced
+            raise UsageError(f"refusing to replace {dest}: it is not an effai bundle; choose another --out")
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+
+
+def source_date() -> datetime | None:
+    """SOURCE_DATE_EPOCH (reproducible-builds.org) as a UTC time, None when unset; UsageError when malformed."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH")
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return datetime.fromtimestamp(int(raw.strip()), tz=timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise UsageError(f"SOURCE_DATE_EPOCH={raw!r} must be a Unix time in seconds, like 1764460800") from None
+
+
+def normalize_artifact(art: Path, rel: str, bundled: str | None = None) -> dict[str, Any]:
+    """Make the bundle copy of one artifact dir a function of its inputs (see the module doc); returns its manifest."""
+    from effai.export import manifest as manifest_io
+
+    log = art / manifest_io.LOG
+    if log.exists():
+        log.unlink()
+    m = json.loads((art / manifest_io.MANIFEST).read_text())
+    if m.get("target") == "coreml":
+        _normalize_mlpackage(art / m["model_file"])
+    when = source_date()
+    m.pop("timings_s", None)
+    m.pop("created_at", None)
+    if when is not None:
+        m["created_at"] = when.isoformat(timespec="seconds")
+    if isinstance(m.get("export_config"), dict):
+        m["export_config"]["out"] = rel
+    model = m.get("model") or {}
+    if bundled and isinstance(model.get("weights"), str) and Path(model["weights"]).name == bundled:
+        model["weights"] = f"bundled:{bundled}"      # not effai's install path
+    m["bundle_copy"] = ("normalized by effai zoo pack: created_at " + ("from SOURCE_DATE_EPOCH" if when else
+                        "left out (set SOURCE_DATE_EPOCH to record one)") + ", timings_s and export.log left out, "
+                        "export_config.out relative to the bundle" + (", Core ML spec re-serialized deterministically"
+                                                                      if m.get("target") == "coreml" else ""))
+    m.pop("schema", None)
+    m.pop("files", None)
+    return manifest_io.write(art, m)
+
+
+def _normalize_mlpackage(pkg: Path) -> None:
+    """Canonical bytes for a .mlpackage: deterministic protobuf serialization, name-based item UUIDs, and
+    coremltools' conversion_date from SOURCE_DATE_EPOCH when set. The spec's content is unchanged otherwise."""
+    if not pkg.is_dir():
+        return
+    manifest_path = pkg / "Manifest.json"
+    if manifest_path.is_file():
+        doc = json.loads(manifest_path.read_text())
+        entries = doc.get("itemInfoEntries") or {}
+        renamed = {k: str(uuid.uuid5(uuid.NAMESPACE_URL, "effai-mlpackage:" + str(v.get("path", k))))
+                   for k, v in entries.items()}
+        doc["itemInfoEntries"] = {renamed[k]: v for k, v in entries.items()}
+        if doc.get("rootModelIdentifier") in renamed:
+            doc["rootModelIdentifier"] = renamed[doc["rootModelIdentifier"]]
+        atomic_write(manifest_path, json.dumps(doc, indent=4, sort_keys=True))
+    spec_path = next(iter(sorted(pkg.glob("Data/*/model.mlmodel"))), None)
+    if spec_path is None:
+        return
+    try:
+        from coremltools.proto import Model_pb2
+    except ImportError:          # no coremltools here: leave the bytes as the exporter wrote them
+        return
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    when = source_date()
+    meta = spec.description.metadata.userDefined
+    if when is not None and "com.github.apple.coremltools.conversion_date" in meta:
+        meta["com.github.apple.coremltools.conversion_date"] = when.strftime("%Y-%m-%d")
+    atomic_write(spec_path, spec.SerializeToString(deterministic=True))
+
+
+def determinism(root: Path, artifacts: list[dict[str, Any]]) -> dict[str, Any]:
+    """bundle.json's `deterministic` block: which files come out bit-identical when packed again from the same
+    inputs with the same toolchain versions, and which do not and why (measured: docs/bundle.md)."""
+    varies: dict[str, str] = {}
+    pinned = source_date() is not None
+    for a in artifacts:
+        for rel, why in VARIES.get(a["target"], {}).items():
+            path = f"{a['dir']}/{rel}"
+            if (root / path).exists() and not (pinned and "SOURCE_DATE_EPOCH" in why):
+                varies[path] = why
+    files = [e["path"] for e in index_mod.file_entries(root)] + [card_mod.CARD]
+    identical = sorted(p for p in dict.fromkeys(files) if p not in varies)
+    return {"identical": identical, "varies": varies,
+            "note": "Packing again from the same model, weights, options and toolchain versions gives these files "
+                    "bit-identical (bundle.json too when nothing varies). effai leaves wall-clock times out of the "
+                    "bundle (SOURCE_DATE_EPOCH sets manifest created_at when wanted) and does not copy export.log. "
+                    "Different toolchain versions or CPUs may produce different model bytes; parity and accuracy "
+                    "are re-checked on every export."}
+
+
+# ------------------------------------------------------------------------------------------------ model stats
+
+
+def model_stats(model: Any, input_size: tuple[int, int, int]) -> dict[str, int]:
+    """{"params", "macs"} of the deploy form (a folded copy; the caller's model is untouched), batch 1 at
+    input_size. MACs: card.MAC_CONVENTION (forward hooks over Conv2d and Linear, groups respected)."""
+    import torch
+    from torch import nn
+
+    from effai.export.fold import FoldReport, count_params, fuse_batchnorms, reparameterize
+
+    m = copy.deepcopy(model).eval()
+    x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+    report = FoldReport()
+    reparameterize(m, report)     # fold()'s two passes without its output check and export rewrites (which touch no
+    fuse_batchnorms(m, (x,), report)   # Conv/Linear): the same params and MACs, two forward passes fewer
+    macs = 0
+
+    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+        nonlocal macs
+        if isinstance(mod, nn.Conv2d):
+            kh, kw = mod.kernel_size
+            macs += out.numel() * (mod.in_channels // mod.groups) * kh * kw
+        else:
+            macs += out.numel() * mod.in_features
+
+    handles = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            m(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {"params": count_params(m), "macs": int(macs)}
+
+
+@functools.lru_cache(maxsize=None)
+def card_stats(name: str) -> dict[str, int]:
+    """model_stats of a zoo card at its own input size (random-init build: weights do not change the counts);
+    cached per process."""
+    from effai import zoo
+
+    card = zoo.resolve_card(name)
+    return model_stats(zoo.build(card).eval(), tuple(card.input_size))
