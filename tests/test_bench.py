@@ -253,6 +253,34 @@ def test_device_failure_mid_run_keeps_partial_samples_and_goes_on(digits_artifac
     assert records[0].status == "error" and len(records[0].samples_ms) == 3 and len(records[1].samples_ms) == 5
 
 
+def test_a_meter_that_fails_to_start_costs_only_the_energy(digits_artifacts, tmp_path, monkeypatch):
+    from effai.device_bench import meters
+
+    class Broken:
+        name = "android"
+
+        def start(self, fs):
+            raise OSError("adb: device offline")
+
+        def stop(self):
+            raise AssertionError("never started")
+
+    monkeypatch.setattr(meters, "choose", lambda spec, fs: (Broken(), "android"))
+    run = run_bench([digits_artifacts["onnx"]], "host", FAST, tmp_path / "r.json")
+    rec = run.records[0]
+    assert run.status == "complete" and rec.status == "ok" and len(rec.samples_ms) == 5
+    assert rec.energy["available"] is False and "failed to start: OSError: adb: device offline" in rec.energy["reason"]
+
+
+def test_aggregate_only_timings_count_the_tools_runs_per_joule():
+    from effai.device_bench.bench import inferences
+
+    agg = Timings("benchmark_model", "sha256:x", 1, 1.0, 2.0, [4.0], 1, (0.0, 0.4),
+                  extra={"timing": "aggregate-only", "aggregate_ms": {"count": 100.0, "avg_ms": 4.0}})
+    assert inferences(agg) == 100
+    assert inferences(Timings("litert", "2.3", 1, 1.0, 2.0, [4.0, 4.1, 3.9], 1, (0.0, 0.012))) == 3
+
+
 def _coreml_artifact(root: Path) -> Path:
     """A Core ML artifact directory (manifest + .mlpackage layout) for the non-macOS path; its contents are never
     read on Linux, so a hand-written package stands in for the exported one."""

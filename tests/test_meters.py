@@ -300,6 +300,22 @@ def test_android_flags_current_into_the_battery_during_the_run(root):
     assert any("flowing into the battery" in c and "adb tcpip 5555" in c for c in trace.caveats)
 
 
+def test_android_keeps_its_first_calibration_and_refuses_a_cable_plugged_in_mid_matrix(root):
+    battery(root, "-500000", "4000000")
+    fs = LocalFS()
+    m = AndroidBatteryMeter(period_s=0.01)
+    m.start(fs)
+    first = m.stop()
+    assert first.values[0] == pytest.approx(2.0) and any("discharge sign negative" in c for c in first.caveats)
+    battery(root, "300000", "4000000", status="Charging", usb="1")     # the cable goes in between measurements
+    with pytest.raises(OSError, match="charging over USB"):
+        m.start(fs)
+    battery(root, "-250000", "4000000")                                # unplugged again: same sign as learned
+    m.start(fs)
+    again = m.stop()
+    assert again.values[0] == pytest.approx(1.0) and any("discharge sign negative" in c for c in again.caveats)
+
+
 @pytest.mark.parametrize("status,usb", [("Charging", "0"), ("Full", "0"), ("Discharging", "1")])
 def test_android_refuses_while_charging_and_says_how_to_measure(root, status, usb):
     battery(root, "-400000", "3900000", status=status, usb=usb)

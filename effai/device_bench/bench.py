@@ -78,7 +78,14 @@ def _energy(meter: Any, trace: Any, timings: Timings | None, idle: tuple[float, 
         return EnergyReading.unavailable(meter.name, "no timed window to integrate over (the run failed)")
     from effai.device_bench import energy
 
-    return energy.reading(meter.name, trace, timings.window_s, idle, len(timings.samples_ms))
+    return energy.reading(meter.name, trace, timings.window_s, idle, inferences(timings))
+
+
+def inferences(timings: Timings) -> int:
+    """Inferences in the timed window: one per sample, or the tool's own count when it printed only aggregates
+    (benchmark_model: one mean stands for `count` runs)."""
+    agg = timings.extra.get("aggregate_ms") if timings.extra.get("timing") == "aggregate-only" else None
+    return int(agg.get("count") or len(timings.samples_ms)) if agg else len(timings.samples_ms)
 
 
 def _record(art: artifact_mod.Artifact, device: dict[str, Any], threads: int, cfg: BenchConfig,
@@ -166,10 +173,15 @@ def _measure_one(runner: Any, meter: Any, note: str, art: artifact_mod.Artifact,
     trace = None
     idle: tuple[float, float] | None = None
     started = False
+    meter_error = ""
     try:
         if meter is not None:
-            meter.start(runner.fs)
-            started = True
+            try:
+                meter.start(runner.fs)
+                started = True
+            except Exception as e:   # a meter that cannot start costs this record its energy, not the matrix
+                meter_error = f"the {meter.name} meter failed to start: {type(e).__name__}: {e}"
+        if started:
             if cfg.idle_s > 0:
                 t0 = time.time()
                 sleep(cfg.idle_s)
@@ -183,8 +195,12 @@ def _measure_one(runner: Any, meter: Any, note: str, art: artifact_mod.Artifact,
             error = str(e)
     finally:
         if started:
-            trace = meter.stop()
-    reading = _energy(meter, trace, timings, idle, note)
+            try:
+                trace = meter.stop()
+            except Exception as e:
+                meter_error = f"the {meter.name} meter failed to stop: {type(e).__name__}: {e}"
+    reading = (EnergyReading.unavailable(meter.name, meter_error) if meter_error
+               else _energy(meter, trace, timings, idle, note))
     after = thermal.snapshot(runner.fs)
     samples = timings.samples_ms if timings else []
     throttling = thermal.verdict(before, after, list(samples))

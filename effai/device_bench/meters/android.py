@@ -70,6 +70,7 @@ class AndroidBatteryMeter(SampledMeter):
         self.calibration: dict[str, object] = {}
         self.raw: list[tuple[float, float]] = []     # (current_now, voltage_now) as read, for the record
         self._reversed = 0
+        self._calibration_caveats: list[str] = []
 
     def probe(self, fs: DeviceFS) -> str | None:
         if not fs.listdir(BATTERY):
@@ -87,6 +88,18 @@ class AndroidBatteryMeter(SampledMeter):
         return None
 
     def prepare(self, fs: DeviceFS) -> None:
+        # Every measurement re-checks that the phone is still on battery: a cable plugged in mid-matrix would
+        # otherwise be taken for the discharge direction (the sign is learned only while Discharging).
+        charging = charging_reason(fs) or (None if read_line(fs, f"{BATTERY}/status") == "Discharging" else
+                                           f"battery status is {read_line(fs, f'{BATTERY}/status')!r}, not "
+                                           f"Discharging: {CHARGING_ADVICE}")
+        if charging:
+            raise OSError(charging)
+        if self.calibration:          # calibrated on the first measurement: the sign convention is the device's
+            self.raw = []
+            self._reversed = 0
+            self.caveats.extend(self._calibration_caveats)
+            return
         reads = []
         for _ in range(self.calibration_reads):
             c, v = read_number(fs, f"{BATTERY}/current_now"), read_number(fs, f"{BATTERY}/voltage_now")
@@ -110,6 +123,7 @@ class AndroidBatteryMeter(SampledMeter):
             f"current_now in {c_unit}, voltage_now in {v_unit}, discharge sign {self.calibration['discharge_sign']} "
             f"(raw while Discharging: current_now={med_c:g}, voltage_now={med_v:g})")
         self.caveats.append("fuel gauges update slowly (often every 0.25-1 s): use --min-seconds 10 or more")
+        self._calibration_caveats = list(self.caveats)
 
     def sample(self, fs: DeviceFS) -> float | None:
         c, v = read_number(fs, f"{BATTERY}/current_now"), read_number(fs, f"{BATTERY}/voltage_now")
