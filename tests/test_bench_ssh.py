@@ -127,6 +127,27 @@ def test_unknown_host_key_refused_then_trusted(board, sshd, tmp_path, monkeypatc
     open_runner(board, BenchConfig()).close()  # stored: accepted without the flag now
 
 
+def test_known_hosts_is_appended_to_never_rewritten_and_revoked_keys_refused(board, sshd, tmp_path, monkeypatch):
+    kh = tmp_path / "known_hosts"
+    theirs = ("# the user's own notes\n"
+              "@cert-authority *.corp ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH4yJ3uZl2Nq0Jv9lH9eZkY3n1V1WZ3O5c1kB8o8xYzQ\n"
+              "github.com sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29tAAAAIBZnK0\n"
+              "garbage line\n")
+    kh.write_text(theirs)
+    monkeypatch.setenv("EFFAI_KNOWN_HOSTS", str(kh))
+    with pytest.raises(EffaiError, match="--trust-new-host"):     # markers and unknown key types do not crash it
+        open_runner(board, BenchConfig())
+    open_runner(board, BenchConfig(trust_new_host=True)).close()
+    text = kh.read_text()
+    assert text.startswith(theirs) and text.count("\n") == theirs.count("\n") + 1    # one line appended
+    open_runner(board, BenchConfig(trust_new_host=True)).close()
+    assert kh.read_text() == text                                                   # known: nothing appended
+    server_key = (Path(sshd["dir"]) / "host_ed25519.pub").read_text().split()
+    kh.write_text(text + f"@revoked * {server_key[0]} {server_key[1]}\n")
+    with pytest.raises(EffaiError, match="@revoked"):
+        open_runner(board, BenchConfig())
+
+
 def test_wrong_key_is_an_auth_error(board, tmp_path, monkeypatch):
     monkeypatch.setenv("EFFAI_SSH_KEY", str(keygen(tmp_path / "other")))
     with pytest.raises(EffaiError, match="authentication .* failed.*ssh-copy-id"):

@@ -27,7 +27,14 @@ from effai.device_bench.base import BenchConfig, Timings
 from effai.device_bench.runners import RunnerError, timings_from_events
 from effai.errors import EffaiError, UsageError
 
+try:  # paramiko is needed only to connect; without it this module still imports (and connect() says what to install)
+    from paramiko.ssh_exception import SSHException as SSH_ERRORS
+except ImportError:  # pragma: no cover
+    class SSH_ERRORS(Exception):  # type: ignore[no-redef]  # noqa: N801
+        """Stand-in when paramiko is absent."""
+
 KNOWN_HOSTS_ENV = "EFFAI_KNOWN_HOSTS"
+STALL_S = float(os.environ.get("EFFAI_SSH_STALL_S", "300"))   # silence from a running benchmark = board gone
 KEY_ENV = "EFFAI_SSH_KEY"
 PYTHON_ENV = "EFFAI_REMOTE_PYTHON"
 REMOTE_RUNNER = Path(__file__).resolve().parents[1] / "remote_runner.py"
@@ -67,6 +74,35 @@ def known_hosts_path() -> Path:
     return Path(os.environ.get(KNOWN_HOSTS_ENV) or Path.home() / ".ssh" / "known_hosts").expanduser()
 
 
+def load_known_hosts(client: Any, path: Path) -> set[str]:
+    """Host keys from an OpenSSH known_hosts file, line by line: lines paramiko cannot parse (key types it does
+    not know) are skipped instead of failing the whole file, @cert-authority lines are ignored (paramiko has no
+    certificates) and the keys of @revoked lines are returned so that the caller refuses them."""
+    from paramiko.hostkeys import HostKeyEntry
+
+    revoked: set[str] = set()
+    if not path.is_file():
+        return revoked
+    keys = client.get_host_keys()
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("@"):
+            fields = line.split()
+            if fields[0] == "@revoked" and len(fields) >= 4:
+                revoked.add(fields[3])
+            continue
+        try:
+            entry = HostKeyEntry.from_line(line, n)
+        except Exception:  # noqa: BLE001 - an unknown key type or a damaged line: skip it, keep the rest
+            continue
+        if entry is not None and entry.key is not None:
+            for host in entry.hostnames:
+                keys.add(host, entry.key.get_name(), entry.key)
+    return revoked
+
+
 def remote_python() -> list[str]:
     return shlex.split(os.environ.get(PYTHON_ENV) or "python3")
 
@@ -86,17 +122,20 @@ class SshFS:
         try:
             with self.runner.sftp().open(path, "r") as f:
                 return f.read().decode("utf-8", "replace")
-        except (OSError, EOFError):
+        except (OSError, EOFError, AttributeError, SSH_ERRORS):
             return None
 
     def listdir(self, path: str) -> list[str]:
         try:
             return sorted(self.runner.sftp().listdir(path))
-        except (OSError, EOFError):
+        except (OSError, EOFError, AttributeError, SSH_ERRORS):
             return []
 
     def run(self, argv: list[str], timeout: float = 10.0) -> tuple[int, str]:
-        code, out, _ = self.runner.exec(argv, timeout=timeout)
+        try:
+            code, out, _ = self.runner.exec(argv, timeout=timeout)
+        except (OSError, EOFError, AttributeError, SSH_ERRORS):
+            return 255, ""
         return code, out
 
 
@@ -122,8 +161,8 @@ class SshRunner:
         where = f"{self.user}@{self.host}:{self.port}"
         kh = known_hosts_path()
         client = paramiko.SSHClient()
-        if kh.is_file():
-            client.load_host_keys(str(kh))
+        revoked = load_known_hosts(client, kh)
+        known_before = self._known(client)
         if trust_new_host:
             client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
         else:
@@ -155,12 +194,27 @@ class SshRunner:
         except (OSError, paramiko.ssh_exception.NoValidConnectionsError) as e:
             raise EffaiError(f"cannot reach {where} ({e.strerror if getattr(e, 'strerror', None) else e}): check "
                              "the host name, the port and that sshd runs on the board") from None
-        if trust_new_host:
+        server_key = client.get_transport().get_remote_server_key()
+        if server_key.get_base64() in revoked:
+            client.close()
+            raise EffaiError(f"the host key of {self.host}:{self.port} is marked @revoked in {kh}: refusing to "
+                             "connect; check the board with its administrator")
+        if trust_new_host and not known_before:
+            # Append one line: the user's file (comments, @cert-authority/@revoked markers, key types paramiko does
+            # not know) is never rewritten.
             kh.parent.mkdir(parents=True, exist_ok=True)
-            tmp = kh.with_name(kh.name + ".effai-tmp")
-            client.save_host_keys(str(tmp))
-            os.replace(tmp, kh)
+            name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+            fd = os.open(kh, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a") as f:
+                f.write(f"{name} {server_key.get_name()} {server_key.get_base64()}\n")
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(15)     # a board that loses power is noticed, not waited on forever
         return client
+
+    def _known(self, client: Any) -> bool:
+        name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        return client.get_host_keys().lookup(name) is not None
 
     def sftp(self):
         if self._sftp is None:
@@ -217,6 +271,14 @@ class SshRunner:
                 sftp.put(str(p), f"{remote}/{rel}")
 
     def run(self, artifact: Any, threads: int, cfg: BenchConfig) -> Timings:
+        try:
+            return self._run(artifact, threads, cfg)
+        except (OSError, EOFError, AttributeError, SSH_ERRORS) as e:
+            raise RunnerError(f"connection to {self.host} failed while preparing or running the benchmark "
+                              f"({type(e).__name__}: {e}); check the board's power and network, then rerun",
+                              None) from None
+
+    def _run(self, artifact: Any, threads: int, cfg: BenchConfig) -> Timings:
         code, out, err = self.exec(["mktemp", "-d", "/tmp/effai-XXXXXXXX"])
         if code != 0 or not out.strip():
             raise EffaiError(f"could not make a temp dir on {self.host} (mktemp -d: {err.strip()[-200:]}); check "
@@ -243,6 +305,7 @@ class SshRunner:
         """Run remote_runner and read its events as they arrive. The board's clock may differ from the host's
         (whose clock the energy meters use), so the window is shifted by the offset observed at `start`."""
         chan = self.client.get_transport().open_session()
+        chan.settimeout(STALL_S)      # no byte for this long (not even a streamed iter) = the board is gone
         chan.exec_command(command(argv))
         events: list[dict[str, Any]] = []
         host_t: dict[str, float] = {}
@@ -253,7 +316,7 @@ class SshRunner:
             while True:
                 try:
                     data = chan.recv(65536)
-                except (OSError, EOFError):
+                except (OSError, EOFError, socket.timeout):
                     lost = True
                     break
                 if not data:
