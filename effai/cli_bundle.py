@@ -56,13 +56,15 @@ def keygen_cmd(
 def sign_cmd(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory written by effai zoo pack.")],
     key: Annotated[Path, typer.Option("--key", "-k", help="Private key from effai zoo keygen.")],
+    force: Annotated[bool, typer.Option("--force", help="Sign even though the current signature is invalid "
+                                        "(only when you changed bundle.json yourself).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Sign a bundle's bundle.json with Ed25519 (writes bundle.sig; replaces an earlier signature)."""
+    """Sign a bundle's bundle.json with Ed25519 (writes bundle.sig; replaces an earlier valid signature)."""
     from effai.bundle import sign
 
     try:
-        info = sign.sign_bundle(bundle, key)
+        info = sign.sign_bundle(bundle, key, force=force)
     except EffaiError as e:
         _fail(e, as_json)
     if not as_json:

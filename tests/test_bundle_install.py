@@ -248,8 +248,9 @@ def test_install_copies_only_the_targets_files(bundle, tmp_path, key):
     got = tree(into)
     want = {"MODEL_CARD.md", "labels.txt", "preprocessing.json", "manifest.json",
             "model.mlpackage/Manifest.json", "model.mlpackage/Data/com.apple.CoreML/model.mlmodel",
-            "model.mlpackage/Data/com.apple.CoreML/weights/weight.bin"}
+            "model.mlpackage/Data/com.apple.CoreML/weights/weight.bin", ".effai-install.json"}
     assert set(got) == want
+    assert json.loads(got[".effai-install.json"])["target"] == "coreml"    # what --force may replace later
     for rel in ("MODEL_CARD.md", "labels.txt", "preprocessing.json"):
         assert got[rel] == (bundle / rel).read_bytes()
     assert got["manifest.json"] == (bundle / "coreml-fp16" / "manifest.json").read_bytes()
@@ -323,6 +324,13 @@ def test_install_refuses_to_replace_a_foreign_folder(bundle, tmp_path):
     with pytest.raises(UsageError, match="not an earlier effai unpack/install"):
         install.install(bundle, into, "onnx", precision="fp32", force=True)
     assert listing(into) == ["Info.plist"]
+    export_dir = tmp_path / "mymodel-onnx"           # an `effai export` artifact dir has a manifest.json too
+    export_dir.mkdir()
+    (export_dir / "manifest.json").write_text("{}")
+    (export_dir / "model.onnx").write_bytes(b"mine")
+    with pytest.raises(UsageError, match="not an earlier effai unpack/install"):
+        install.install(bundle, export_dir, "onnx", precision="fp32", force=True)
+    assert listing(export_dir) == ["manifest.json", "model.onnx"]
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -200,7 +200,9 @@ def test_wrong_key_names_both_key_ids(signed, keys):
 def test_attacker_resigning_with_own_key_is_caught_by_pubkey(signed, keys):
     (signed / "labels.txt").write_text("evil\n")
     index_mod.write(signed, index_mod.read(signed))
-    sign.sign_bundle(signed, Path(keys[1]["private"]))
+    with pytest.raises(EffaiError, match="current signature is invalid"):   # effai will not bless the change ...
+        sign.sign_bundle(signed, Path(keys[1]["private"]))
+    sign.sign_bundle(signed, Path(keys[1]["private"]), force=True)        # ... but an attacker can sign anyway
     assert sign.verify(signed).ok                             # self-consistent ...
     result = sign.verify(signed, Path(keys[0]["public"]))     # ... but not by the key the user trusts
     assert not result.ok and "not by the key you gave" in result.problems[0]
@@ -243,6 +245,17 @@ def test_newer_schema_asks_to_upgrade(signed):
     (signed / "bundle.json").write_text(json.dumps(index))
     with pytest.raises(UsageError, match=r"newer effai \(effai.bundle/7.*pip install -U effai"):
         sign.verify(signed)
+
+
+@pytest.mark.parametrize("files", [["x"], {"a": 1}, [{"path": "labels.txt"}], [{"path": "../x", "bytes": 1,
+                                                                                   "sha256": "0" * 64}]])
+def test_malformed_index_is_a_one_line_refusal(signed, files):
+    index = json.loads((signed / "bundle.json").read_text())
+    index["files"] = files
+    (signed / "bundle.json").write_text(json.dumps(index))
+    with pytest.raises(UsageError, match="bundle.json is damaged|unsafe path") as e:
+        sign.verify(signed)
+    assert "\n" not in str(e.value)
 
 
 def test_not_a_bundle(tmp_path):

@@ -79,9 +79,18 @@ def read(root: Path) -> dict[str, Any]:
     if version > SCHEMA_VERSION:
         raise UsageError(f"{path} was written by a newer effai ({schema}; this effai reads {SCHEMA}); upgrade "
                          "effai: pip install -U effai")
-    for f in index.get("files", []):
-        if not safe_relpath(str(f.get("path", ""))):
-            raise UsageError(f"{path} lists an unsafe path {f.get('path')!r} (absolute or with '..'): refusing "
+    files = index.get("files", [])
+    if not isinstance(files, list) or not isinstance(index.get("model", {}), dict) or not isinstance(
+            index.get("artifacts", []), list):
+        raise UsageError(f"{path}: 'files', 'artifacts' or 'model' has the wrong type; bundle.json is damaged or "
+                         "was edited: re-pack the bundle")
+    for n, f in enumerate(files):
+        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("bytes"), int)
+                and isinstance(f.get("sha256"), str)):
+            raise UsageError(f"{path}: files[{n}] is not {{path, bytes, sha256}}; bundle.json is damaged or was "
+                             "edited: re-pack the bundle")
+        if not safe_relpath(f["path"]):
+            raise UsageError(f"{path} lists an unsafe path {f['path']!r} (absolute or with '..'): refusing "
                              "the bundle; re-pack it")
     return index
 

@@ -8,7 +8,8 @@
         into/labels.txt, into/preprocessing.json, into/MODEL_CARD.md   from the bundle root, when it has them
 
 `into` is the folder to create. It must not exist or be empty; with `force`, an earlier effai unpack/install there
-(a folder holding bundle.json or manifest.json) is replaced as a whole. Files are copied into a temp directory
+(an unpacked bundle holding bundle.json; an install holding the .effai-install.json marker it writes) is replaced
+as a whole, never an arbitrary folder that merely has a manifest.json. Files are copied into a temp directory
 beside `into`, each one hashed as it is copied and compared with bundle.json (refused on any mismatch), and the
 temp directory is renamed into place at the end: a refusal leaves `into` as it was. Signatures: a signed bundle's
 signature must be valid (and made by `pubkey` when one is given); `pubkey` with an unsigned bundle is refused.
@@ -17,6 +18,8 @@ install checks only the files it copies (a changed file of another target does n
 """
 
 from __future__ import annotations
+
+import json
 
 import difflib
 import hashlib
@@ -36,6 +39,8 @@ APP_FILES = ("labels.txt", "preprocessing.json", "MODEL_CARD.md")
 USABLE = ("pass", "unverified")
 _CHUNK = 1 << 20
 
+
+INSTALL_MARKER = ".effai-install.json"   # written by install; --force replaces only a folder that holds it
 
 def _safe_rel(rel: Any, root: Path) -> str:
     """A path from bundle.json that stays inside the bundle (no absolute path, '..' or backslash)."""
@@ -101,7 +106,8 @@ def _copy_verified(root: Path, rel: str, want: dict[str, Any], dest: Path) -> in
 
 
 def _stage_copy(root: Path, into: Path, plan: list[tuple[str, str]], listed: dict[str, dict[str, Any]],
-                extra: list[tuple[Path, str]] | None = None, before_swap: Callable[[Path], None] | None = None) -> int:
+                extra: list[tuple[Path, str]] | None = None, before_swap: Callable[[Path], None] | None = None,
+                notes: dict[str, str] | None = None) -> int:
     """Copy plan [(bundle rel, dest rel)] (+ `extra` files copied as is) into a temp folder beside `into`, run
     `before_swap(staged)` (raises to refuse), then swap it in. Returns the bytes copied."""
     into.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +122,8 @@ def _stage_copy(root: Path, into: Path, plan: list[tuple[str, str]], listed: dic
             total += _copy_verified(root, rel, listed[rel], dest)
         for src, out_rel in extra or []:
             shutil.copyfile(src, staged / out_rel)
+        for out_rel, text in (notes or {}).items():
+            (staged / out_rel).write_text(text)
         if before_swap is not None:
             before_swap(staged)
         os.chmod(staged, 0o755 & ~_umask())
@@ -211,7 +219,7 @@ def install(bundle: Path, into: Path, target: str, precision: str | None = None,
     """Copy one artifact's model file (or .mlpackage folder), its manifest.json, and the bundle's labels.txt,
     preprocessing.json and MODEL_CARD.md to `into`, each file verified against bundle.json on the way."""
     into = Path(into)
-    _prepare(into, force, ("manifest.json", index_mod.INDEX))
+    _prepare(into, force, (INSTALL_MARKER,))
     with archive.opened(Path(bundle)) as root:
         index = index_mod.read(root)
         check = sign.check_signature(root, index, pubkey)
@@ -240,7 +248,9 @@ def install(bundle: Path, into: Path, target: str, precision: str | None = None,
         if art.get("status") == "unverified":
             notes.append(f"the {target} artifact is unverified (no {target} runtime where it was packed: checked "
                          "structurally only); test it on a device")
-        total = _stage_copy(root, into, plan, listed)
+        marker = json.dumps({"installed_by": "effai zoo install", "model": (index.get("model") or {}).get("name"),
+                             "target": art.get("target"), "precision": art.get("precision")}, sort_keys=True)
+        total = _stage_copy(root, into, plan, listed, notes={INSTALL_MARKER: marker + "\n"})
     return {"into": str(into), "model": (index.get("model") or {}).get("name"), "target": art.get("target"),
             "precision": art.get("precision"), "status": art.get("status"), "model_file": name,
             "files": sorted({out.split("/", 1)[0] for _, out in plan}), "bytes": total,

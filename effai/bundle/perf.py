@@ -243,7 +243,7 @@ def record(root: Path, records: list[Any], sign_key: Path | None = None) -> Reco
         return RecordResult(0, len(rows), duplicates, skipped, "unchanged", str(root / PERF))
     sig_path = root / index_mod.SIGNATURE
     had_signature = sig_path.exists() or index.get("signing") is not None
-    if sign_key is None and sig_path.exists():
+    if sig_path.exists():
         sig_path.unlink()        # first: an interruption below leaves an unsigned bundle, never a wrong signature
     atomic_write(root / PERF, json.dumps({"schema": SCHEMA, "rows": rows + added}, indent=1, sort_keys=True,
                                          ensure_ascii=False) + "\n")

@@ -236,10 +236,11 @@ def sign(root: Path, key_path: Path) -> dict[str, Any]:
     return {"signature": str(root / index_mod.SIGNATURE), "key_id": block["key_id"]}
 
 
-def sign_bundle(root: Path, key_path: Path) -> dict[str, Any]:
+def sign_bundle(root: Path, key_path: Path, force: bool = False) -> dict[str, Any]:
     """Sign an existing bundle with `key_path` (`effai zoo sign`): check the files against the index, put the key's
     signing block into bundle.json (regenerating MODEL_CARD.md, which names the key), re-index, then sign.
-    Replaces an earlier signature by another key."""
+    Replaces an earlier valid signature by another key; an INVALID one (bundle.json edited after signing, e.g.
+    files swapped and their hashes updated) is refused unless `force`, since signing would bless the change."""
     root = Path(root)
     key = load_private(key_path)  # a public key or garbage is refused before anything is written
     del key
@@ -248,6 +249,11 @@ def sign_bundle(root: Path, key_path: Path) -> dict[str, Any]:
     if problems:
         raise EffaiError(f"refusing to sign {root}: its files do not match bundle.json ({_first(problems)}); "
                          "re-pack the bundle")
+    earlier = check_signature(root, index)
+    if earlier.state == "invalid" and not force:
+        raise EffaiError(f"refusing to sign {root}: its current signature is invalid ({_first(earlier.problems)}), "
+                         "so bundle.json changed after it was signed; re-pack the bundle, or pass --force if you "
+                         "made that change yourself")
     sig = root / index_mod.SIGNATURE
     if sig.exists():
         sig.unlink()
