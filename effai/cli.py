@@ -368,6 +368,16 @@ def bench_cmd(
         else:
             ui.print(f"[bold red]✗[/] {rec.artifact['model']} {rec.artifact['target']} t={rec.threads}: {rec.error}")
 
+    if record_key is not None and record is None:
+        _fail(UsageError("--record-key needs --record BUNDLE (the bundle to append the results to)"), as_json)
+    if record is not None:
+        from effai.bundle import perf
+        from effai.device_bench import artifact as artifact_mod
+
+        try:   # refuse a bad bundle, key or artifact now, not after the measurements
+            perf.precheck(record, [artifact_mod.load(a) for a in artifacts], record_key)
+        except EffaiError as e:
+            _fail(e, as_json)
     meta = {"command": ["effai", *sys.argv[1:]]}
     try:
         result = run_bench(artifacts, device, cfg, out, on_record, meta=meta, on_start=on_start)

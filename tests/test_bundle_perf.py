@@ -227,3 +227,40 @@ def test_real_host_bench_records_into_a_bundle(tmp_path):
     assert row["device_class"] in perf.CLASSES and row["median_ms"] > 0
     assert sign.verify(root).ok
     assert perf.best_latency(root)[row["device_class"]]["median_ms"] == row["median_ms"]
+
+    # effai bench --record checks the bundle, the key and the artifacts BEFORE measuring
+    from tests.conftest import run_cli
+
+    stranger = tmp_path / "stranger"
+    import shutil
+
+    shutil.copytree(d, stranger)
+    manifest["model"]["name"] = "othernet"
+    (stranger / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "never.json"
+    code, last, _, _ = run_cli("bench", str(stranger), "--runs", "5", "--out", str(out), "--record", str(root),
+                               "--json")
+    assert code == 2 and "matches no artifact of bundle" in last["error"] and not out.exists()
+    code, last, _, _ = run_cli("bench", str(d), "--runs", "5", "--out", str(out), "--record", str(root),
+                               "--record-key", str(tmp_path / "no-such-key"), "--json")
+    assert code == 2 and "no-such-key" in last["error"] and not out.exists()
+    code, last, _, _ = run_cli("bench", str(d), "--runs", "5", "--out", str(out), "--record-key", "k", "--json")
+    assert code == 2 and "--record-key needs --record" in last["error"] and not out.exists()
+
+
+def test_repacking_keeps_rows_of_unchanged_artifacts_only(tmp_path):
+    import shutil
+
+    from effai.bundle.pack import carry_perf
+
+    old = make_bundle(tmp_path / "old")
+    rows = [{"artifact": d, "device": "Pixel 8", "device_class": "phone", "median_ms": 1.0}
+            for d in ("onnx-fp32", "tflite-fp32", "gone-fp32")]
+    (old / "perf.json").write_text(json.dumps({"schema": "effai.perf/1", "rows": rows}))
+    new = tmp_path / "new"
+    shutil.copytree(old, new)
+    (new / "perf.json").unlink()
+    (new / "tflite-fp32" / "model.tflite").write_bytes(b"re-exported, other bytes")
+    assert carry_perf(old, new, index_mod.read(old)["artifacts"]) == 1
+    assert [r["artifact"] for r in perf.load_rows(new)] == ["onnx-fp32"]
+    assert carry_perf(tmp_path / "nothing-there", new, []) == 0

@@ -179,6 +179,7 @@ def pack(model: str, targets: Sequence[str], precisions: Sequence[str] | None = 
         if all(a["status"] == "export-failed" for a in artifacts):   # nothing to ship: no bundle, the first error
             raise errors[0] if len(errors) == 1 or isinstance(errors[0], UsageError) else EffaiError(
                 "every export failed, nothing was packed: " + "; ".join(f"{a['dir']}: {a['error']}" for a in artifacts))
+        carry_perf(dest, tmp, artifacts)     # measured rows of unchanged artifacts survive a re-pack
         index = _write_bundle(tmp, loaded, artifacts, skipped, sign_block)
         if sign_key is not None:
             from effai.bundle import sign as sign_mod
@@ -189,6 +190,33 @@ def pack(model: str, targets: Sequence[str], precisions: Sequence[str] | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return PackResult(dest, index, skipped)
+
+
+def carry_perf(old: Path, new: Path, artifacts: list[dict[str, Any]]) -> int:
+    """Re-packing over a bundle keeps its measured perf.json rows (hours of phone runs) for the artifacts whose
+    model file is byte-identical in the new pack; rows of changed or dropped artifacts are left behind, since they
+    measured other bytes. Returns the rows kept (0 when there is no earlier bundle or perf table)."""
+    from effai.bundle import perf
+
+    if not is_bundle(old) or not (old / perf.PERF).is_file():
+        return 0
+    try:
+        old_files = {f["path"]: f["sha256"] for f in index_mod.read(old).get("files", [])}
+        rows = perf.load_rows(old)
+    except EffaiError:
+        return 0            # an unreadable old bundle is replaced; its table cannot be trusted anyway
+    new_files = {e["path"]: e["sha256"] for e in index_mod.file_entries(new)}
+    same = set()
+    for a in artifacts:
+        mf = a.get("model_file")
+        parts = {p: h for p, h in new_files.items() if mf and (p == mf or p.startswith(mf + "/"))}
+        if parts and all(old_files.get(p) == h for p, h in parts.items()):
+            same.add(a["dir"])
+    kept = [r for r in rows if r.get("artifact") in same]
+    if kept:
+        atomic_write(new / perf.PERF, json.dumps({"schema": perf.SCHEMA, "rows": kept}, indent=1, sort_keys=True,
+                                                 ensure_ascii=False) + "\n")
+    return len(kept)
 
 
 def _one_line(e: BaseException) -> str:

@@ -211,6 +211,29 @@ def row(rec: Any, art: dict[str, Any], how: str) -> dict[str, Any]:
             "date": str(rec.created_at or "")[:10] or None, "match": how}
 
 
+def precheck(root: Path, artifacts: list[Any], sign_key: Path | None = None) -> None:
+    """Everything `record` would refuse, checked before any device time is spent (`effai bench --record`): the
+    bundle reads and matches its index, its signature is not invalid, the key loads, and every artifact to be
+    measured (an artifact.Artifact: `.describe()` gives model/target/precision/manifest_sha256) belongs to it."""
+    from types import SimpleNamespace
+
+    from effai.bundle import sign
+
+    root = Path(root)
+    index = index_mod.read(root)
+    problems = index_mod.check(root, index)
+    if problems:
+        raise EffaiError(f"--record {root}: the bundle does not match its bundle.json ({'; '.join(problems[:3])}); "
+                         "restore or re-pack it before measuring")
+    sig = sign.check_signature(root, index)
+    if sig.state == "invalid":
+        raise EffaiError(f"--record {root}: {'; '.join(sig.problems[:2])}; restore or re-pack it before measuring")
+    if sign_key is not None:
+        sign.load_private(sign_key)
+    for art in artifacts:
+        match(root, index, SimpleNamespace(artifact=art.describe()))
+
+
 def record(root: Path, records: list[Any], sign_key: Path | None = None) -> RecordResult:
     """Append the ok BenchRecords to root/perf.json, regenerate MODEL_CARD.md and bundle.json, and re-sign with
     `sign_key` or drop the now-stale signature (bundle.json changes, so an old bundle.sig would no longer match).
