@@ -14,9 +14,10 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
+def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None:
     """Write `data` to a temp file beside `path`, fsync it, then os.replace: readers see the old file or the new
-    one, never half of one. The file gets the usual permissions (0666 minus the umask), not mkstemp's 0600."""
+    one, never half of one. The file gets the usual permissions (0666 minus the umask), not mkstemp's 0600, or
+    `mode` (0o600 for a private key: set before the first byte is written)."""
     import os
     import tempfile
 
@@ -24,9 +25,11 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()

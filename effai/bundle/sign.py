@@ -29,8 +29,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,22 +96,8 @@ def public_path(path: Path) -> Path:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Atomically, readable by the owner only from the first byte on (mkstemp creates files 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Atomically, readable by the owner only from the first byte on."""
+    atomic_write(path, data, mode=0o600)
 
 
 def _read_key_file(path: Path, what: str) -> bytes:
