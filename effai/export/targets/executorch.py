@@ -104,13 +104,34 @@ def _hardsigmoid(x: Any) -> Any:
     return aten.div.Tensor(aten.hardtanh.default(aten.add.Tensor(x, 3.0), 0.0, 6.0), 6.0)
 
 
-def decompose_for_xnnpack(exported: Any) -> Any:
-    """hardsigmoid(x) = relu6(x + 3) / 6 with float scalars, so no dtype cast stays outside the delegate."""
+def _mean_keepdim(x: Any, dim: Any, keepdim: bool = False, *, dtype: Any = None) -> Any:
+    """mean(x, dims) without keepdim = view(mean(x, dims, keepdim=True)): XNNPACK's mean kernel (fp32 and int8)
+    takes only the keepdim form over the spatial dims of a 4-D tensor; a classifier's `x.mean((2, 3))` otherwise
+    stays outside the delegate in int8. The keepdim call itself is left as is (NotImplemented)."""
     import torch
 
-    if not any(n.target == torch.ops.aten.hardsigmoid.default for n in exported.graph.nodes):
-        return exported
-    return exported.run_decompositions({torch.ops.aten.hardsigmoid.default: _hardsigmoid})
+    if keepdim or dtype is not None or x.dim() != 4:
+        return NotImplemented
+    y = torch.ops.aten.mean.dim(x, dim, True)
+    dims = {d % 4 for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
+    return torch.ops.aten.view.default(y, [s for i, s in enumerate(x.shape) if i not in dims])
+
+
+def decompose_for_xnnpack(exported: Any) -> Any:
+    """hardsigmoid(x) = relu6(x + 3) / 6 with float scalars, so no dtype cast stays outside the delegate; and
+    4-D means without keepdim as keepdim + view, the only form XNNPACK delegates."""
+    import torch
+
+    aten = torch.ops.aten
+    table = {}
+    for node in exported.graph.nodes:
+        if node.target == aten.hardsigmoid.default:
+            table[aten.hardsigmoid.default] = _hardsigmoid
+        elif (node.target == aten.mean.dim and not (node.args[2:3] or [node.kwargs.get("keepdim", False)])[0]
+              and len(getattr(node.args[0], "meta", {}).get("val", ()).shape
+                      if hasattr(getattr(node.args[0], "meta", {}).get("val"), "shape") else ()) == 4):
+            table[aten.mean.dim] = _mean_keepdim
+    return exported.run_decompositions(table) if table else exported
 
 
 def quantize_pt2e(exported: Any, example_inputs: tuple, options: LowerOptions) -> tuple[Any, dict[str, Any]]:
