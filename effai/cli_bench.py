@@ -1,0 +1,203 @@
+"""`effai bench`: latency and energy of exported artifacts on the host, Android phones (adb) and boards (ssh).
+
+Registered on the main app by effai/cli.py (`register(app)`); the measurement itself is effai.device_bench.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from effai import console
+from effai.errors import EffaiError, UsageError
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output only (one JSON object).")]
+
+
+def _fail(e: EffaiError, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+    from effai.cli import _fail as fail
+
+    fail(e, as_json, extra)
+
+
+def parse_threads(text: str) -> tuple[int, ...]:
+    """--threads "1,4" -> (1, 4); UsageError for anything that is not a comma list of positive integers."""
+    try:
+        threads = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise UsageError(f"--threads '{text}' must be a comma list of thread counts, like 1,4") from None
+    if not threads or min(threads) < 1:
+        raise UsageError(f"--threads '{text}' must be a comma list of thread counts >= 1, like 1,4")
+    return tuple(dict.fromkeys(threads))
+
+
+def bench_cmd(
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact directories written by effai export.")],
+    device: Annotated[str, typer.Option("--device", "-d", help="host | adb:SERIAL | ssh:USER@HOST[:PORT]")] = "host",
+    threads: Annotated[str, typer.Option(help="Thread counts to sweep, a comma list like 1,4.")] = "1",
+    runs: Annotated[int, typer.Option(help="Timed iterations (at least this many with --min-seconds).")] = 100,
+    min_seconds: Annotated[Optional[float], typer.Option(help="Keep timing until this many seconds passed.")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed iterations after the first inference.")] = 10,
+    cooldown: Annotated[float, typer.Option(help="Seconds to rest between measurements (heat, turbo budgets).")] = 2.0,
+    idle: Annotated[float, typer.Option(help="Seconds of idle power measured before each timed window "
+                                        "(subtracted from energy).")] = 1.0,
+    energy: Annotated[str, typer.Option(help="auto | none | rapl | android | jetson | rpi | apple")] = "auto",
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON report, rewritten after every record "
+                                      "(appended to when it is an earlier report).")] = Path("bench.json"),
+    plot_png: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: latency distributions, energy "
+                                                     "bars.")] = None,
+    baseline: Annotated[Optional[Path], typer.Option(help="An earlier report to compare with (exit 1 on a "
+                                                     "regression).")] = None,
+    fail_on: Annotated[Optional[str], typer.Option(help="Regression rules for --baseline: metric:+PCT%, comma "
+                                                   "separated (latency, p90, p99, energy, first, load; end a "
+                                                   "rule with ! to fail even within noise); default "
+                                                   "latency:+5%,energy:+5%.")] = None,
+    trust_new_host: Annotated[bool, typer.Option("--trust-new-host", help="ssh: accept and store an unknown host "
+                                                 "key (default: known_hosts must have it).")] = False,
+    runner_binary: Annotated[Optional[Path], typer.Option(help="adb: executor_runner or benchmark_model built for "
+                                                          "the phone, or a directory holding both.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
+    record: Annotated[Optional[Path], typer.Option(help="A bundle (effai zoo pack) to append these results to: its "
+                                                   "perf.json and MODEL_CARD.md perf table.")] = None,
+    record_key: Annotated[Optional[Path], typer.Option(help="With --record: re-sign the bundle with this private "
+                                                       "key (else its now-stale signature is removed).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Latency (and energy where a meter is readable) of artifacts on this host, a phone (adb) or a board (ssh)."""
+    from effai.device_bench import report
+    from effai.device_bench.base import BenchConfig
+    from effai.device_bench.bench import run_bench
+
+    ui = console.err()
+    try:
+        cfg = BenchConfig(threads=parse_threads(threads), warmup=warmup, runs=runs, min_seconds=min_seconds,
+                          cooldown_s=cooldown, idle_s=idle, energy=energy, trust_new_host=trust_new_host,
+                          runner_binary=str(runner_binary) if runner_binary else None, seed=seed)
+        if fail_on is not None and baseline is None:
+            raise UsageError("--fail-on needs --baseline FILE (an earlier effai bench report) to compare with")
+        rules = base_records = None
+        if baseline is not None:
+            from effai.device_bench import baseline as baseline_mod
+
+            rules = baseline_mod.parse_fail_on(fail_on or "latency:+5%,energy:+5%")
+            _, base_records = report.load(baseline)
+        if plot_png is not None and plot_png.suffix.lower() != ".png":
+            raise UsageError(f"--plot {plot_png} must be a .png path")
+    except EffaiError as e:
+        _fail(e, as_json)
+
+    def on_start(art: Any, n: int) -> None:
+        if not as_json:
+            ui.print(f"[dim]… {art.model_name} {art.target}/{art.precision} threads={n} on {device}[/]")
+
+    measured: list[Any] = []   # this run's records (the report may also hold an earlier run's)
+
+    def on_record(rec: Any) -> None:
+        measured.append(rec)
+        if as_json:
+            return
+        s = rec.stats
+        if rec.status == "ok":
+            ui.print(f"[green]✓[/] {rec.artifact['model']} {rec.artifact['target']}/{rec.artifact['precision']} "
+                     f"t={rec.threads}: median {s['median']:.3f} ms, p90 {s['p90']:.3f} ms ({rec.runs} runs, "
+                     f"first {rec.first_ms:.2f} ms, load {rec.load_ms:.1f} ms)")
+        else:
+            ui.print(f"[bold red]✗[/] {rec.artifact['model']} {rec.artifact['target']} t={rec.threads}: {rec.error}")
+
+    if record_key is not None and record is None:
+        _fail(UsageError("--record-key needs --record BUNDLE (the bundle to append the results to)"), as_json)
+    if record is not None:
+        from effai.bundle import perf
+        from effai.device_bench import artifact as artifact_mod
+
+        try:   # refuse a bad bundle, key or artifact now, not after the measurements
+            perf.precheck(record, [artifact_mod.load(a) for a in artifacts], record_key)
+        except EffaiError as e:
+            _fail(e, as_json)
+    meta = {"command": ["effai", *sys.argv[1:]]}
+    try:
+        result = run_bench(artifacts, device, cfg, out, on_record, meta=meta, on_start=on_start)
+    except KeyboardInterrupt:
+        records = measured
+        if not as_json and records:
+            console.out().print(report.table(records))
+        ui.print(f"[red]interrupted[/]; the {len(records)} record(s) measured so far are in {out} "
+                 "(status interrupted)")
+        console.json_line({"ok": False, "interrupted": True, "report": str(out), "records": len(records),
+                           "error": "interrupted", "exit_code": 130})
+        raise typer.Exit(130)
+    except EffaiError as e:
+        _fail(e, as_json, {"report": str(out)} if out.exists() else None)
+    for n in result.notices:
+        if not as_json:
+            ui.print(f"[yellow]! {n}[/]")
+    records = result.records
+    summary: dict[str, Any] = {"ok": not result.failed, "report": str(out), "device": result.device.get("name"),
+                               "energy": result.energy_note, "records": [_bench_row(r) for r in records]}
+    if not as_json:
+        console.out().print(report.table(records))
+        ui.print(f"[dim]energy: {result.energy_note}[/]")
+        ui.print(f"[green]✓[/] report {out}")
+    code = 0 if not result.failed else 1
+    if result.failed:
+        summary["error"] = f"{len(result.failed)} of {len(records)} measurement(s) failed: {result.failed[0].error}"
+    if plot_png is not None:
+        from effai.device_bench.plot import plot
+
+        try:
+            summary["plot"] = str(plot(records, plot_png))
+            if not as_json:
+                ui.print(f"[green]✓[/] plot {plot_png}")
+        except (OSError, ValueError) as e:
+            summary["plot_error"] = f"cannot write the plot {plot_png}: {e}"
+            ui.print(f"[yellow]! {summary['plot_error']}[/]")
+    if rules is not None:
+        from effai.device_bench import baseline as baseline_mod
+
+        comparison = baseline_mod.compare(records, base_records, rules)
+        if not as_json:
+            (console.out() if comparison.ok else ui).print(comparison.render(), markup=False, highlight=False)
+        summary["baseline"] = {"file": str(baseline), "ok": comparison.ok,
+                               "regressions": [r.to_dict() for r in comparison.regressions]}
+        if not comparison.ok:
+            code = 1
+            summary["ok"] = False
+            summary["error"] = (f"{len(comparison.regressions)} regression(s) against {baseline}: "
+                                + comparison.regressions[0].line())
+    if record is not None:
+        from effai.bundle import perf
+
+        try:
+            rec = perf.record(record, [r for r in records if r.status == "ok"], sign_key=record_key)
+        except EffaiError as e:
+            _fail(e, as_json, {"report": str(out)})
+        summary["recorded"] = rec.to_dict()
+        if not as_json:
+            ui.print(f"[green]✓[/] recorded {rec.added} result(s) in {record}/perf.json (signature {rec.signature})")
+            for n in rec.notes:
+                ui.print(f"[yellow]! {n}[/]")
+    if code:
+        summary["exit_code"] = code
+    console.json_line(summary)
+    if code:
+        raise typer.Exit(code)
+
+
+def _bench_row(rec: Any) -> dict[str, Any]:
+    s, e = rec.stats, rec.energy
+    return {"model": rec.artifact.get("model"), "target": rec.artifact.get("target"),
+            "precision": rec.artifact.get("precision"), "path": rec.artifact.get("path"), "threads": rec.threads,
+            "status": rec.status, "error": rec.error or None, "runtime": rec.runtime,
+            "runtime_version": rec.runtime_version, "runs": rec.runs, "median_ms": s.get("median"),
+            "p90_ms": s.get("p90"), "first_ms": rec.first_ms, "load_ms": rec.load_ms,
+            "joules_per_inference": e.get("joules_per_inference") if e.get("available") else None,
+            "energy": "available" if e.get("available") else e.get("reason"),
+            "throttling": rec.throttling.get("verdict")}
+
+
+def register(app: typer.Typer) -> None:
+    """Add `effai bench` to the main typer app."""
+    app.command("bench")(bench_cmd)
