@@ -41,3 +41,25 @@ def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None
         except FileNotFoundError:
             pass
         raise
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move the finished directory `tmp` to `dest`, replacing an earlier `dest` only once the new one is in place
+    (the old one is renamed aside first and put back if the move fails). Shared by export artifact dirs, bundles
+    and installs."""
+    import os
+    import shutil
+    import uuid
+
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

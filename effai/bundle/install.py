@@ -34,6 +34,7 @@ from typing import Any
 from effai.bundle import archive, sign
 from effai.bundle import index as index_mod
 from effai.errors import EffaiError, UsageError
+from effai.files import replace_dir
 
 APP_FILES = ("labels.txt", "preprocessing.json", "MODEL_CARD.md")
 USABLE = ("pass", "unverified")
@@ -67,23 +68,6 @@ def _prepare(into: Path, force: bool, marker: tuple[str, ...]) -> None:
     if not any((into / m).is_file() for m in marker):
         raise UsageError(f"--into {into} is not an earlier effai unpack/install (no {' or '.join(marker)}); "
                          "refusing to replace it: choose a new folder")
-
-
-def _swap(staged: Path, into: Path) -> None:
-    """Move the staged folder to `into`, replacing an old one only once the new one is complete."""
-    old = None
-    if into.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{into.name}.old.", dir=into.parent))
-        os.rename(into, old / "x")
-    try:
-        os.rename(staged, into)
-    except BaseException:
-        if old is not None:
-            os.rename(old / "x", into)
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _copy_verified(root: Path, rel: str, want: dict[str, Any], dest: Path) -> int:
@@ -127,7 +111,7 @@ def _stage_copy(root: Path, into: Path, plan: list[tuple[str, str]], listed: dic
         if before_swap is not None:
             before_swap(staged)
         os.chmod(staged, 0o755 & ~_umask())
-        _swap(staged, into)
+        replace_dir(staged, into)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

@@ -35,7 +35,7 @@ import effai
 from effai.bundle import card as card_mod
 from effai.bundle import index as index_mod
 from effai.errors import EffaiError, UsageError, choices_hint
-from effai.files import atomic_write
+from effai.files import atomic_write, replace_dir
 
 TASK = "image-classification"
 ARTIFACT_STATUSES = ("pass", "fail", "unverified", "export-failed")
@@ -315,20 +315,9 @@ def trained_block(card: Any) -> dict[str, Any] | None:
 
 def _commit(tmp: Path, dest: Path) -> None:
     """Move the finished bundle into place; a previous bundle is replaced only once the new one is complete."""
-    old = None
-    if dest.exists():
-        if any(dest.iterdir()) and not is_bundle(dest):   # appeared while packing: still never replaced
-            raise UsageError(f"refusing to replace {dest}: it is not an effai bundle; choose another --out")
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dest, old)
-    try:
-        os.replace(tmp, dest)
-    except OSError:
-        if old is not None:
-            os.replace(old, dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if dest.exists() and any(dest.iterdir()) and not is_bundle(dest):   # appeared while packing: never replaced
+        raise UsageError(f"refusing to replace {dest}: it is not an effai bundle; choose another --out")
+    replace_dir(tmp, dest)
 
 
 # ------------------------------------------------------------------------------------------------ determinism

@@ -6,12 +6,12 @@ A failed or interrupted export leaves the destination as it was (absent, or the 
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import uuid
 from pathlib import Path
 
 from effai.errors import EffaiError, UsageError
+from effai.files import replace_dir
 from effai.export.manifest import MANIFEST, SCHEMA
 
 
@@ -46,18 +46,7 @@ def prepare(out: Path) -> Path:
 
 def commit(tmp: Path, out: Path) -> None:
     """Move the finished temp dir into place, replacing a previous artifact only after the new one is complete."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
 
 
 def discard(tmp: Path) -> None:
