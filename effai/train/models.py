@@ -29,7 +29,7 @@ def build_student(cfg: TrainConfig, classes: list[str]) -> tuple[nn.Module, Mode
     c = int(cfg.channels or 3)
     mean, std = (card.mean, card.std) if c == 3 else DIGITS_NORM
     arch_kwargs: dict[str, Any] = {}
-    if card.source.startswith("effai:"):
+    if card.source.startswith("effai:ghostnetv3"):
         arch_kwargs = {"num_branches": cfg.num_branches, "scale_branch": cfg.scale_branch,
                        "identity_bn": cfg.identity_bn}
     card = card.with_(input_size=(c, cfg.input_size, cfg.input_size), num_classes=len(classes), label_set=None,

@@ -121,7 +121,10 @@ def build(card: ModelCard) -> nn.Module:
     if kind == "effai":
         from effai.zoo.archs import ARCHS
 
-        return ARCHS.get(ref)(num_classes=card.num_classes, in_chans=card.input_size[0], **kwargs)
+        factory = ARCHS.get(ref)
+        if getattr(factory, "takes_img_size", False):
+            kwargs["img_size"] = card.input_size[1]
+        return factory(num_classes=card.num_classes, in_chans=card.input_size[0], **kwargs)
     if kind == "timm":
         import timm
 
@@ -130,7 +133,12 @@ def build(card: ModelCard) -> nn.Module:
     raise EffaiError(f"card {card.name} has source '{card.source}', which the zoo cannot build")
 
 
-SAFE_ARCH_KWARGS = ("deploy", "num_branches", "scale_branch", "identity_bn", "drop_rate")
+# Architecture options a checkpoint's metadata may set (metadata is untrusted: only these names, JSON values).
+SAFE_ARCH_KWARGS = ("deploy", "num_branches", "scale_branch", "identity_bn", "drop_rate", "patch_size",
+                    # CDFKD-MFS multi-header student (effai/train/cdfkd)
+                    "backbone", "backbone_kwargs", "exits", "exit_channels", "header_dims", "aggregation",
+                    # DeViT parts and fusion head (effai/train/devit)
+                    "parts", "d_sub", "d_teacher", "split_hash", "part_classes")
 
 
 def card_from_checkpoint(path: Path) -> ModelCard | None:

@@ -1,4 +1,8 @@
-"""effai's own architectures, by name (card source `effai:<name>`), imported lazily."""
+"""effai's own architectures, by name (card source `effai:<name>`), imported lazily.
+
+A factory is called as `factory(num_classes=..., in_chans=..., **arch_kwargs)`; factories marked with
+`takes_img_size` also get `img_size` (the card's input height), for models whose parameters depend on it.
+"""
 
 from __future__ import annotations
 
@@ -23,3 +27,33 @@ def _ghostnetv3(factory: str) -> Callable[..., nn.Module]:
 
 for _w in ("050", "100", "130", "160"):
     ARCHS.register(f"ghostnetv3_{_w}", _ghostnetv3(f"ghostnetv3_{_w}"))
+
+
+def _token(kind: str, name: str) -> Callable[..., nn.Module]:
+    def build(**kwargs: Any) -> nn.Module:
+        from effai.zoo import vit
+
+        return getattr(vit, kind)(name, **kwargs)
+
+    build.takes_img_size = True  # type: ignore[attr-defined]
+    return build
+
+
+for _name in ("vit_pico", "vit_tiny", "vit_small"):
+    ARCHS.register(_name, _token("vit", _name))
+ARCHS.register("mixer_pico", _token("mixer", "mixer_pico"))
+
+
+def _lazy(module: str, factory: str, takes_img_size: bool = False) -> Callable[..., nn.Module]:
+    def build(**kwargs: Any) -> nn.Module:
+        import importlib
+
+        return getattr(importlib.import_module(module), factory)(**kwargs)
+
+    build.takes_img_size = takes_img_size  # type: ignore[attr-defined]
+    return build
+
+
+# Trained composites whose checkpoints `effai export --weights` rebuilds from their card's arch_kwargs.
+ARCHS.register("cdfkd_student", _lazy("effai.train.cdfkd.student", "build_multi_header", takes_img_size=True))
+ARCHS.register("devit_fusion", _lazy("effai.train.devit.fusion", "build_fusion_head"))

@@ -60,3 +60,13 @@ CARDS.register("ghostnetv3_050.digits", ModelCard(
     extra={"arch_kwargs": {"deploy": True}},
     description="GhostNetV3 0.5x trained by effai (ghostnetv3 recipe, KD from a ResNet-18 teacher) on scikit-learn "
                 "digits upsampled to 64x64 greyscale; the README's main job exports it"))
+
+# Small token models (effai/zoo/vit.py) for training on small images: teachers and students of the heterogeneous
+# distillation recipes (OFA-KD) and DeViT's device models. No pretrained weights: train them with `effai train`.
+for _name, _what in (("vit_pico", "ViT, dim 96, depth 6, 3 heads"), ("vit_tiny", "ViT-Ti shape: dim 192, depth 12, 3 heads"),
+                     ("vit_small", "ViT-S shape: dim 384, depth 12, 6 heads"), ("mixer_pico", "MLP-Mixer, dim 96, depth 6")):
+    CARDS.register(_name, ModelCard(
+        name=_name, family=_name.split("_")[0], source=f"effai:{_name}", input_size=(3, 64, 64), mean=(0.5,) * 3,
+        std=(0.5,) * 3, interpolation="bilinear", crop_pct=1.0, num_classes=10, label_set=None,
+        weights_license="none (no pretrained weights; train with effai train)",
+        description=f"{_what}, patch 8, for 64x64 inputs (timm's classes at effai's small sizes)"))

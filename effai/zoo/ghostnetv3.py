@@ -327,9 +327,11 @@ class GhostNetV3(nn.Module):
         self.conv_stem = nn.Conv2d(in_chans, stem_chs, 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_chs)
         self.act1 = nn.ReLU()
-        prev, index, stages = stem_chs, 0, []
+        prev, index, stages, reduction = stem_chs, 0, [], 2
+        self.feature_info: list[dict[str, Any]] = []   # timm's convention: one entry per stage output
         for stage in _STAGES:
             layers = []
+            reduction *= stage[0][4]
             for k, exp, c, se, s in stage:
                 out_chs, mid_chs = make_divisible(c * width, 4), make_divisible(exp * width, 4)
                 layers.append(EffaiGhostBottleneck(
@@ -337,8 +339,10 @@ class GhostNetV3(nn.Module):
                     scale_branch=scale_branch, identity_bn=identity_bn, deploy=deploy))
                 prev, index = out_chs, index + 1
             stages.append(nn.Sequential(*layers))
+            self.feature_info.append({"module": f"blocks.{len(stages) - 1}", "num_chs": prev, "reduction": reduction})
         head_chs = make_divisible(960 * width, 4)   # the last stage's expansion (960), as in the paper
         stages.append(nn.Sequential(ConvBn(prev, head_chs, 1, act=True)))
+        self.feature_info.append({"module": f"blocks.{len(stages) - 1}", "num_chs": head_chs, "reduction": reduction})
         self.blocks = nn.Sequential(*stages)
         self.num_features, self.head_hidden_size = head_chs, _HEAD_HIDDEN
         self.global_pool = nn.AdaptiveAvgPool2d(1)
