@@ -283,87 +283,6 @@ def verify_cmd(artifact: Annotated[Path, typer.Argument(help="An artifact direct
         raise typer.Exit(1)
 
 
-@app.command("train", context_settings={"allow_extra_args": False})
-def train_cmd(
-    recipe: Annotated[str, typer.Argument(help="ghostnetv3 | kd | supervised")],
-    data: Annotated[str, typer.Option(help="'digits', an ImageFolder directory, or a CIFAR-style .npz.")] = "digits",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (checkpoint, metrics.jsonl, model.safetensors).")] = Path("runs/train"),
-    student: Annotated[Optional[str], typer.Option(help="Model to train, zoo or timm name (ghostnetv3 recipe: "
-                                                   "ghostnetv3_050|100|130|160).")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher: an effai run dir / .safetensors, or a model name.")] = None,
-    teacher_weights: Annotated[Optional[str], typer.Option(help="Weights for a teacher given by name.")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="Distillation loss: kd | dkd | dist.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (recipe default 15).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (default 64).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="SGD learning rate per 128 images (default 0.05).")] = None,
-    input_size: Annotated[Optional[int], typer.Option(help="Training resolution (default 64).")] = None,
-    branches: Annotated[Optional[int], typer.Option(help="GhostNetV3 training-time branches (default 3).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for init, split, data order and augmentation.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Start over in an OUT that holds a previous run.")] = False,
-    nproc: Annotated[int, typer.Option(help="Data-parallel processes (torchrun; gloo on CPU, nccl on GPU).")] = 1,
-    as_json: JsonOpt = False,
-) -> None:
-    """Train a compact model with a recipe (KD from a teacher, EMA, cosine), fold it, write model.safetensors."""
-    from effai.train.recipes import make_config
-
-    try:
-        if nproc < 1:
-            raise UsageError(f"--nproc {nproc} must be >= 1")
-        cfg = make_config(recipe, data=data, out=str(out), student=student, teacher=teacher,
-                          teacher_weights=teacher_weights, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr,
-                          input_size=input_size, num_branches=branches, seed=seed)
-        if cfg.teacher:
-            from effai.train.losses import LOSSES
-
-            LOSSES.get(cfg.loss)
-        if nproc > 1:
-            code = _relaunch_distributed(nproc)
-            raise typer.Exit(code)
-        from effai.train.loop import train
-        from effai.train.progress import RichProgress
-
-        if not cfg.teacher and not as_json:
-            console.err().print(f"[yellow]! no --teacher: recipe '{recipe}' trains with cross-entropy only[/]")
-        result = train(cfg, resume=resume, force=force, progress=None if as_json else RichProgress(console.err()))
-    except EffaiError as e:
-        _fail(e, as_json)
-    import os as _os
-
-    if int(_os.environ.get("RANK", "0")) != 0:
-        return
-    last = result["history"][-1] if result["history"] else {}
-    summary = {"ok": True, "recipe": recipe, "out": str(out), "model": result.get("model_path"),
-               "val_acc": result.get("val_acc"), "folded": result.get("folded"), "epochs": len(result["history"]),
-               "world_size": result["world_size"], "ranks_in_sync": result["ranks_in_sync"],
-               "train_acc": last.get("train_acc")}
-    if not as_json:
-        console.err().print(f"[green]✓[/] wrote {summary['model']}  held-out accuracy {summary['val_acc']:.2%}"
-                            f"{' (folded)' if summary['folded'] else ''}; export it with: effai export --weights "
-                            f"{summary['model']} --target all")
-    console.json_line(summary)
-
-
-def _relaunch_distributed(nproc: int) -> int:
-    """Run this same command under torchrun with --nproc removed (argument list, never a shell string)."""
-    import subprocess
-
-    args, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "effai", *args]
-    return subprocess.call(cmd)
-
-
 @zoo_app.command("list")
 def zoo_list(
     bundles: Annotated[Optional[Path], typer.Option("--bundles", help="Directory of bundles (effai zoo pack --out): "
@@ -562,8 +481,10 @@ def doctor(as_json: JsonOpt = False) -> None:
 
 
 from effai.cli_bench import register as _register_bench_command  # noqa: E402  (effai bench)
+from effai.cli_train import register as _register_train_command  # noqa: E402  (effai train)
 from effai.cli_bundle import register as _register_bundle_commands  # noqa: E402  (zoo verify/unpack/install/...)
 
+_register_train_command(app)
 _register_bench_command(app)
 _register_bundle_commands(zoo_app)
 

@@ -63,6 +63,20 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 
 @pytest.fixture(scope="session")
+def digits_npz(tmp_path_factory):
+    """240 real digits (24 per class) as a CIFAR-style .npz: small enough for quick epochs."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    idx = np.concatenate([np.nonzero(d.target == c)[0][:24] for c in range(10)])
+    x = np.round(d.images[idx] * 255 / 16).astype(np.uint8)[..., None]      # N,8,8,1
+    path = tmp_path_factory.mktemp("data") / "digits240.npz"
+    np.savez(path, x=x, y=d.target[idx], classes=np.array([str(i) for i in range(10)]))
+    return path
+
+
+@pytest.fixture(scope="session")
 def small_exports(tmp_path_factory):
     """ghostnetv3_050 at 64x64 exported once to every target; many tests read these artifacts."""
     from effai import zoo

@@ -20,19 +20,6 @@ from tests.conftest import run_cli
 TINY = dict(student="resnet10t", channels=1, input_size=32, batch_size=32, epochs=3, warmup_epochs=1)
 
 
-@pytest.fixture(scope="module")
-def digits_npz(tmp_path_factory):
-    """240 real digits (24 per class) as a CIFAR-style .npz: small enough for quick epochs."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    idx = np.concatenate([np.nonzero(d.target == c)[0][:24] for c in range(10)])
-    x = np.round(d.images[idx] * 255 / 16).astype(np.uint8)[..., None]      # N,8,8,1
-    path = tmp_path_factory.mktemp("data") / "digits240.npz"
-    np.savez(path, x=x, y=d.target[idx], classes=np.array([str(i) for i in range(10)]))
-    return path
-
-
 def test_digits_load_and_stratified_seeded_split():
     d = data_mod.load("digits", 64, 1)
     assert d.x.shape == (1797, 1, 64, 64) and d.x.dtype == torch.uint8 and len(d.classes) == 10

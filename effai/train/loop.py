@@ -1,8 +1,9 @@
 """One training loop, readable top to bottom (nanoGPT style).
 
-    loss = CE_smooth(z_s, y) + kd_weight * L_kd(z_s, z_t, y)      z_t = teacher(x) on the SAME augmented batch
+    logits, losses = distiller(x, x_t, y)      e.g. CE_smooth(z_s, y) + kd_weight * L_kd(z_s, z_t, y), z_t = teacher(x_t)
+    loss = sum(losses)                         on the SAME augmented batch (effai.train.distillers: vanilla, ofa)
 
-SGD + linear warmup + cosine, EMA of weights, bf16 autocast on GPU, DDP across processes (each takes a slice of
+SGD (AdamW for token models) + linear warmup + cosine, EMA of weights, bf16 autocast on GPU, DDP across processes (each takes a slice of
 the global batch; BN statistics are synchronized), atomic checkpoints every epoch with exact resume (the data
 order and augmentation of epoch e depend only on (seed, e)), metrics as JSONL, a rich progress bar.
 """
@@ -19,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from effai.errors import EffaiError, UsageError
 from effai.train import checkpoint as ckpt
 from effai.train import data as data_mod
 from effai.train import distributed as ddp
-from effai.train.losses import LOSSES
+from effai.train.distillers import build_distiller
 from effai.train.models import build_student, load_teacher, save_model
 from effai.train.recipes import TrainConfig
 
@@ -59,7 +59,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
 
     # --- data: the whole set in memory, a stratified seeded split ---------------------------------------------
     full = data_mod.load(cfg.data, cfg.input_size, cfg.channels)
-    train_set, val_set = data_mod.split(full, cfg.val_fraction, cfg.seed)
+    train_set, val_set = data_mod.split(full, cfg.val_fraction, split_seed(cfg))
     if cfg.batch_size % dist.world:
         raise EffaiError(f"--batch-size {cfg.batch_size} must be divisible by --nproc {dist.world}")
     steps_per_epoch = len(train_set) // cfg.batch_size          # drop_last: every step sees a full global batch
@@ -69,30 +69,34 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     # --- models -------------------------------------------------------------------------------------------------
     model, card = build_student(cfg, full.classes)
     teacher, t_card = load_teacher(cfg, full.classes) if cfg.teacher else (None, None)
-    kd = LOSSES.get(cfg.loss) if teacher is not None else None
     mean = torch.tensor(card.mean).view(1, -1, 1, 1)
     std = torch.tensor(card.std).view(1, -1, 1, 1)
     t_mean = torch.tensor(t_card.mean).view(1, -1, 1, 1) if t_card else mean   # the teacher's own preprocessing
     t_std = torch.tensor(t_card.std).view(1, -1, 1, 1) if t_card else std
-    model.to(device)
-    if teacher is not None:
-        teacher.to(device).eval()
+    example = (train_set.x[:2].float() / 255 - mean) / std
+    distiller = build_distiller(cfg, model, teacher, example, (train_set.x[:2].float() / 255 - t_mean) / t_std)
+    distiller.to(device)
+    aux = distiller.aux()                       # training-only modules (OFA projectors): trained, never exported
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
     if dist.world > 1:
         ddp.convert_batchnorm(model, device)
+        if aux is not None:
+            ddp.convert_batchnorm(aux, device)
         net: nn.Module = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            distiller, device_ids=[device.index] if device.type == "cuda" else None)
     else:
-        net = model
+        net = distiller
 
     # --- optimizer and schedule ------------------------------------------------------------------------------------
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    params = [p for p in distiller.parameters() if p.requires_grad]    # the student and aux; never the teacher
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     base_lr = cfg.lr * cfg.batch_size / 128
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}], lr=base_lr, momentum=cfg.momentum, nesterov=True)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = (torch.optim.AdamW(groups, lr=base_lr) if cfg.optimizer == "adamw"
+           else torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum, nesterov=True))
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
 
     def lr_at(step: int) -> float:
@@ -107,6 +111,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     if resume and last.is_file():
         state = ckpt.load(last)
         model.load_state_dict(state["model"])
+        if aux is not None:
+            aux.load_state_dict(state["aux"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"] + 1, state["step"]
@@ -132,13 +138,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             x, y = ((raw - mean) / std).to(device), y.to(device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
+            x_t = ((raw - t_mean) / t_std).to(device) if teacher is not None else None   # as the teacher expects
             with autocast:
-                logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                if teacher is not None:
-                    with torch.no_grad():   # the same augmented images, normalized as the teacher expects
-                        z_t = teacher(((raw - t_mean) / t_std).to(device)).float()
-                    loss = loss + cfg.kd_weight * kd(logits.float(), z_t, y)
+                logits, losses = net(x, x_t, y)
+                loss = sum(losses.values())
             if not ddp.all_ranks_true(bool(torch.isfinite(loss)), device):
                 kept = f"the last good checkpoint (epoch {start_epoch + len(history) - 1}) is kept at {last}" \
                     if last.is_file() else "no checkpoint was written yet"
@@ -165,6 +168,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             ckpt.save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                              **({"aux": aux.state_dict()} if aux is not None else {}),
                               "epoch": epoch, "step": step, "rng": ckpt.rng_state(), "config": cfg.to_dict()}, last)
         if progress:
             progress.end_epoch(row)
@@ -180,6 +184,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         result.update(save_model(final["model"], card, cfg, out, val_set, result, final["which"]))
     ddp.shutdown()
     return result
+
+
+def split_seed(cfg: TrainConfig) -> int:
+    return cfg.seed if cfg.split_seed is None else cfg.split_seed
 
 
 @torch.no_grad()

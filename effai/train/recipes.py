@@ -5,6 +5,10 @@ GhostNetV3's recipe (Liu et al. 2024, arXiv:2404.11202): SGD momentum 0.9, lr 0.
 jitter 0.4, and NO mixup/cutmix (they hurt compact models). Vanilla KD (Hao et al. 2023, arXiv:2305.15781):
 L = CE(z_s, y) + T^2 KL(p_t || p_s), weights 1 and 1, teacher run on the same augmented batch.
 The epoch counts are scaled for small data (300 ImageNet epochs -> 15 on digits).
+OFA-KD (Hao et al. 2023, arXiv:2310.19444): recipe `ofa`, L = CE + L_OFA(final) + sum over the student's stage exits
+of L_OFA(projector(exit)), eps = 1 and T = 1 by default (METHODS.md section 3).
+Token students (ViT, Mixer, Swin, DeiT) train with AdamW (lr 1e-3 per 128 images, weight decay 0.05) unless
+--lr/--set say otherwise: SGD at CNN learning rates does not train them.
 """
 
 from __future__ import annotations
@@ -40,11 +44,17 @@ class TrainConfig:
     jitter: float = 0.4                 # brightness/contrast jitter strength
     val_fraction: float = 0.2           # stratified held-out split, seeded
     seed: int = 0
+    split_seed: int | None = None       # seed of the train/held-out split (None: `seed`); fix it to compare seeds
     num_branches: int = 3               # GhostNetV3 training-time conv branches (ablations: 1..N)
     scale_branch: bool = True           # GhostNetV3 1x1 'scale' branch in the cheap operation
     identity_bn: bool = True            # GhostNetV3 identity-BN branch in the cheap operation
     amp: bool = True                    # bf16 autocast where a GPU is present; CPU runs fp32
     fold: bool = True                   # fold the final model (effai.export.fold) before writing it
+    optimizer: str = "auto"             # sgd | adamw | auto (adamw for token models, sgd otherwise)
+    exits: tuple[str, ...] = ()         # OFA: student module paths to distil from (default: its last 4 stages)
+    ofa_eps: tuple[float, ...] = (1.0,)  # OFA target enhancement: one value, or one per exit then the final logits
+    ofa_temperature: float = 1.0
+    ofa_weight: float = 1.0             # weight of every OFA term next to CE (the paper: 1)
 
     def resolved(self) -> TrainConfig:
         digits = self.data == "digits"
@@ -59,6 +69,10 @@ RECIPES: Registry[TrainConfig] = Registry("recipe")
 RECIPES.register("ghostnetv3", TrainConfig(recipe="ghostnetv3", student="ghostnetv3_050"))
 RECIPES.register("kd", TrainConfig(recipe="kd", student="ghostnetv3_050"))
 RECIPES.register("supervised", TrainConfig(recipe="supervised", student="resnet18", teacher=None, lr=0.1))
+RECIPES.register("ofa", TrainConfig(recipe="ofa", student="ghostnetv3_050"))
+
+TOKEN_FAMILIES = ("vit", "deit", "mixer", "swin", "beit", "cait", "eva", "xcit", "resmlp", "gmlp")
+ADAMW = {"lr": 1e-3, "weight_decay": 0.05}
 
 
 def make_config(recipe: str, **overrides: Any) -> TrainConfig:
@@ -68,9 +82,20 @@ def make_config(recipe: str, **overrides: Any) -> TrainConfig:
     unknown = set(overrides) - known
     if unknown:
         raise UsageError(f"unknown training options {sorted(unknown)}; valid: {', '.join(sorted(known))}")
-    cfg = replace(base, **{k: v for k, v in overrides.items() if v is not None})
-    if cfg.recipe == "kd" and not cfg.teacher:
-        raise UsageError("recipe 'kd' needs --teacher (a checkpoint path, or a model name with --teacher-weights)")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    cfg = replace(base, **given)
+    if cfg.optimizer not in ("auto", "sgd", "adamw"):
+        raise UsageError(f"optimizer '{cfg.optimizer}' is not one of: auto, sgd, adamw")
+    if cfg.optimizer == "auto":
+        from effai import zoo
+
+        token = zoo.resolve_card(cfg.student).family in TOKEN_FAMILIES
+        cfg = replace(cfg, optimizer="adamw" if token else "sgd")
+        if token:
+            cfg = replace(cfg, **{k: v for k, v in ADAMW.items() if k not in given})
+    if cfg.recipe in ("kd", "ofa") and not cfg.teacher:
+        raise UsageError(f"recipe '{cfg.recipe}' needs --teacher (a checkpoint path, or a model name with "
+                         "--teacher-weights)")
     if cfg.recipe == "supervised" and cfg.teacher:
         raise UsageError("recipe 'supervised' trains without a teacher; use recipe 'kd' or 'ghostnetv3' to distil")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:

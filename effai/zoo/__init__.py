@@ -154,7 +154,8 @@ def card_from_checkpoint(path: Path) -> ModelCard | None:
         if "effai.train" in meta:  # evaluate on the training run's own held-out split
             tcfg = json.loads(meta["effai.train"]).get("config", {})
             if tcfg.get("data"):
-                extra["split"] = {"data": tcfg["data"], "seed": tcfg.get("seed", 0),
+                seed = tcfg.get("split_seed")
+                extra["split"] = {"data": tcfg["data"], "seed": tcfg.get("seed", 0) if seed is None else seed,
                                   "val_fraction": tcfg.get("val_fraction", 0.2)}
                 if tcfg["data"] == "digits":   # a bundled set; a path named by metadata is not followed
                     extra["eval_data"] = tcfg["data"]

@@ -14,8 +14,9 @@ from effai.registry import Registry
 from effai.train.losses.dist import dist_loss
 from effai.train.losses.dkd import dkd_loss
 from effai.train.losses.kd import kd_loss
+from effai.train.losses.ofa import ofa_loss
 
-__all__ = ["LOSSES", "dist_loss", "dkd_loss", "kd_loss"]
+__all__ = ["LOSSES", "dist_loss", "dkd_loss", "kd_loss", "ofa_loss"]
 
 LOSSES: Registry[Callable[[Tensor, Tensor, Tensor], Tensor]] = Registry("distillation loss")
 

@@ -1,0 +1,163 @@
+"""`effai train RECIPE`: the training recipes behind one command.
+
+Recipes on the shared loop (effai/train/loop.py): ghostnetv3, kd, supervised, ofa. Recipes with their own loop:
+cdfkd (data-free, effai/train/cdfkd) and devit (decomposition, effai/train/devit). Every recipe's config is a frozen
+dataclass; `--set KEY=VALUE` reaches any of its fields (typed by the dataclass).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from effai import console
+from effai.errors import EffaiError, UsageError
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output only (one JSON object).")]
+
+# Recipes with a loop of their own: name -> (module, config class, entry point).
+OWN_LOOP = {"cdfkd": ("effai.train.cdfkd", "CdfkdConfig", "train_cdfkd"),
+            "devit": ("effai.train.devit", "DevitConfig", "train_devit")}
+
+
+def _fail(e: EffaiError, as_json: bool) -> None:
+    from effai.cli import _fail as fail
+
+    fail(e, as_json)
+
+
+def train_cmd(
+    recipe: Annotated[str, typer.Argument(help="ghostnetv3 | kd | supervised | ofa | cdfkd | devit")],
+    data: Annotated[str, typer.Option(help="'digits', an ImageFolder directory, or a CIFAR-style .npz.")] = "digits",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (checkpoint, metrics.jsonl, model.safetensors).")] = Path("runs/train"),
+    student: Annotated[Optional[str], typer.Option(help="Model to train, zoo or timm name (ghostnetv3 recipe: "
+                                                   "ghostnetv3_050|100|130|160).")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher: an effai run dir / .safetensors, or a model name.")] = None,
+    teachers: Annotated[Optional[str], typer.Option(help="cdfkd: comma list of teacher run dirs / .safetensors.")] = None,
+    teacher_weights: Annotated[Optional[str], typer.Option(help="Weights for a teacher given by name.")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="Distillation loss: kd | dkd | dist.")] = None,
+    parts: Annotated[Optional[int], typer.Option(help="devit: number of sub-models (devices).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (recipe default 15).")] = None,
+    iterations: Annotated[Optional[int], typer.Option(help="cdfkd: adversarial iterations.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (default 64).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate per 128 images (SGD 0.05; AdamW 1e-3 for token "
+                                                "models).")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Training resolution (default 64).")] = None,
+    branches: Annotated[Optional[int], typer.Option(help="GhostNetV3 training-time branches (default 3).")] = None,
+    real_samples: Annotated[Optional[int], typer.Option(help="cdfkd: real images for the attention aggregation "
+                                                        "(default 0: mean of headers).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for init, split, data order and augmentation.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE for any field of the recipe's config "
+                                                      "(repeatable), e.g. --set ofa_eps=1.5 --set exits=blocks.2,blocks.9.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over in an OUT that holds a previous run.")] = False,
+    nproc: Annotated[int, typer.Option(help="Data-parallel processes (torchrun; gloo on CPU, nccl on GPU).")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a compact model with a recipe (KD / OFA-KD from a teacher, data-free CDFKD-MFS, DeViT), write model.safetensors."""
+    from effai.train.progress import RichProgress
+
+    given = {"data": data, "out": str(out), "student": student, "teacher": teacher, "epochs": epochs,
+             "batch_size": batch_size, "lr": lr, "input_size": input_size, "seed": seed}
+    progress = None if as_json else RichProgress(console.err())
+    try:
+        if nproc < 1:
+            raise UsageError(f"--nproc {nproc} must be >= 1")
+        if recipe in OWN_LOOP:
+            result = _run_own_loop(recipe, {**given, "teachers": teachers, "parts": parts, "iterations": iterations,
+                                            "real_samples": real_samples}, set_, force, progress, nproc)
+        else:
+            for name, value in (("--teachers", teachers), ("--parts", parts), ("--iterations", iterations),
+                                ("--real-samples", real_samples)):
+                if value is not None:
+                    raise UsageError(f"{name} belongs to recipe {'cdfkd' if name != '--parts' else 'devit'}, not "
+                                     f"'{recipe}'")
+            result = _run_loop(recipe, {**given, "teacher_weights": teacher_weights, "loss": loss,
+                                        "num_branches": branches}, set_, resume, force, progress, nproc, as_json)
+    except EffaiError as e:
+        _fail(e, as_json)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    model = result.get("model_path")
+    summary = {"ok": True, "recipe": recipe, "out": str(out), "model": model, "val_acc": result.get("val_acc"),
+               **{k: v for k, v in result.items() if k not in ("model_path", "val_acc", "history", "config", "out")
+                  and isinstance(v, (int, float, str, bool, type(None)))}}
+    if not as_json and model:
+        acc = f"  held-out accuracy {summary['val_acc']:.2%}" if isinstance(summary["val_acc"], float) else ""
+        console.err().print(f"[green]✓[/] wrote {model}{acc}{' (folded)' if summary.get('folded') else ''}; export "
+                            f"it with: effai export --weights {model} --target all")
+    console.json_line(summary)
+
+
+def _run_loop(recipe: str, given: dict[str, Any], sets: list[str] | None, resume: bool, force: bool,
+              progress: Any, nproc: int, as_json: bool) -> dict[str, Any]:
+    from effai.train.overrides import parse_sets
+    from effai.train.recipes import TrainConfig, make_config
+
+    cfg = make_config(recipe, **given, **parse_sets(TrainConfig, sets))
+    if cfg.teacher:
+        from effai.train.losses import LOSSES
+
+        LOSSES.get(cfg.loss)
+    if nproc > 1:
+        raise typer.Exit(_relaunch_distributed(nproc))
+    from effai.train.loop import train
+
+    if not cfg.teacher and not as_json:
+        console.err().print(f"[yellow]! no --teacher: recipe '{recipe}' trains with cross-entropy only[/]")
+    result = train(cfg, resume=resume, force=force, progress=progress)
+    last = result["history"][-1] if result["history"] else {}
+    return {**result, "epochs": len(result["history"]), "train_acc": last.get("train_acc")}
+
+
+def _run_own_loop(recipe: str, given: dict[str, Any], sets: list[str] | None, force: bool, progress: Any,
+                  nproc: int) -> dict[str, Any]:
+    from effai.train.overrides import parse_sets
+
+    if nproc > 1:
+        raise UsageError(f"recipe '{recipe}' runs in one process; drop --nproc")
+    module, config_name, entry = OWN_LOOP[recipe]
+    mod = importlib.import_module(module)
+    config_cls = getattr(mod, config_name)
+    opts = {k: v for k, v in given.items() if v is not None}
+    if "teachers" in opts:
+        opts["teachers"] = tuple(t.strip() for t in opts["teachers"].split(",") if t.strip())
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(k for k in opts if k not in known and k not in ("data", "out"))
+    if unknown:
+        raise UsageError(f"recipe '{recipe}' does not take --{unknown[0].replace('_', '-')}; its options: "
+                         f"{', '.join(sorted(known))}")
+    opts = {k: v for k, v in opts.items() if k in known}
+    cfg = config_cls(**opts, **parse_sets(config_cls, sets))
+    return getattr(mod, entry)(cfg, force=force, progress=progress)
+
+
+def _relaunch_distributed(nproc: int) -> int:
+    """Run this same command under torchrun with --nproc removed (argument list, never a shell string)."""
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "effai", *args]
+    return subprocess.call(cmd)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", context_settings={"allow_extra_args": False})(train_cmd)

@@ -1,0 +1,142 @@
+"""Distillers: the student, the frozen teacher and any training-only modules, with the recipe's loss in forward.
+
+    logits, losses = distiller(x, x_t, y)      # x: the student's input, x_t: the same images normalized for the teacher
+    loss = sum(losses.values())
+
+The training loop wraps the distiller (not the bare student) in DDP, so training-only modules (OFA-KD's exit
+projectors) are synchronized with the student; only `distiller.student` is kept, averaged (EMA) and exported.
+
+- `Vanilla`: L = CE_smooth(z_s, y) + kd_weight * L_kd(z_s, z_t, y) (L_kd from the LOSSES registry: kd, dkd, dist);
+  without a teacher, CE only.
+- `OFA`: L = CE_smooth(z_s, y) + w * [L_OFA(z_s; eps_final) + sum_s L_OFA(proj_s(f_s); eps_s)] (effai.train.losses.ofa,
+  projectors from effai.train.projectors), exits after the student's stages captured by module path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from effai.errors import UsageError
+from effai.registry import Registry
+from effai.train.features import FeatureCapture, feature_info, stage_exits
+from effai.train.losses import LOSSES
+from effai.train.losses.ofa import ofa_loss
+from effai.train.projectors import PROJECTORS, family_of, init_projector
+
+
+class Distiller(nn.Module):
+    """Base: holds `student` and an optional frozen `teacher` (always in eval mode)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: Any) -> None:
+        super().__init__()
+        self.student, self.teacher, self.cfg = student, teacher, cfg
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def aux(self) -> nn.Module | None:
+        """Training-only modules (trained with the student, dropped at export); None when there are none."""
+        return None
+
+    def teacher_logits(self, x_t: Tensor | None) -> Tensor | None:
+        if self.teacher is None or x_t is None:
+            return None
+        with torch.no_grad():
+            return self.teacher(x_t).float()
+
+    def forward(self, x: Tensor, x_t: Tensor | None, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+
+class Vanilla(Distiller):
+    """CE with label smoothing, plus kd_weight * the registered distillation loss when a teacher is given."""
+
+    def forward(self, x: Tensor, x_t: Tensor | None, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.student(x)
+        losses = {"ce": F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)}
+        z_t = self.teacher_logits(x_t)
+        if z_t is not None:
+            losses["kd"] = self.cfg.kd_weight * LOSSES.get(self.cfg.loss)(logits.float(), z_t, y)
+        return logits, losses
+
+
+def final_width(model: nn.Module, example: Tensor) -> int:
+    """The width of a model's final feature (timm's num_features, else its last stage's channels)."""
+    n = getattr(model, "num_features", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    info = feature_info(model)
+    if info:
+        return int(info[-1]["num_chs"])
+    raise UsageError(f"{type(model).__name__} declares neither num_features nor feature_info; OFA-KD needs the "
+                     "final feature width of student and teacher")
+
+
+class OFA(Distiller):
+    """OFA-KD (Hao et al., NeurIPS 2023, arXiv:2310.19444): exits after the student's stages, each projected into
+    the teacher's logit space and trained with the adaptive-target OFA loss, as are the final logits."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: Any, example: Tensor,
+                 example_t: Tensor | None = None) -> None:
+        super().__init__(student, teacher, cfg)
+        if teacher is None:
+            raise UsageError("recipe 'ofa' distils from a teacher; pass --teacher (an effai run dir or .safetensors)")
+        self.exits = list(cfg.exits) if cfg.exits else stage_exits(student)
+        n = len(self.exits)
+        if not 1 <= n <= 4:
+            raise UsageError(f"OFA-KD takes 1 to 4 exits (the student's stages), got {n}: {self.exits}")
+        eps = tuple(cfg.ofa_eps)
+        if len(eps) == 1:
+            eps = eps * (n + 1)
+        if len(eps) != n + 1:
+            raise UsageError(f"--set ofa_eps needs 1 value or {n + 1} (one per exit, then the final logits), got {len(eps)}")
+        self.eps = eps
+        was = student.training
+        student.eval()
+        with torch.no_grad(), FeatureCapture(student, self.exits) as cap:
+            z = student(example[:1])
+        student.train(was)
+        d_s = final_width(student, example)
+        d_t = final_width(teacher, example_t if example_t is not None else example)
+        self.family = family_of(student, cap.outputs[-1], self.exits[-1])
+        rule = PROJECTORS.get(self.family)
+        stages = range(5 - n, 5)                          # the last exit is stage 4
+        self.projectors = nn.ModuleList(rule.build(student, f, s, d_s, d_t, z.shape[1])
+                                        for f, s in zip(cap.outputs, stages))
+        init_projector(self.projectors)
+
+    def aux(self) -> nn.Module:
+        return self.projectors
+
+    def forward(self, x: Tensor, x_t: Tensor | None, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with FeatureCapture(self.student, self.exits) as cap:
+            logits = self.student(x)
+        z_t = self.teacher_logits(x_t)
+        assert z_t is not None
+        t, w = self.cfg.ofa_temperature, self.cfg.ofa_weight
+        losses = {"ce": F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing),
+                  "ofa": w * ofa_loss(logits.float(), z_t, y, self.eps[-1], t)}
+        for i, (proj, f) in enumerate(zip(self.projectors, cap.outputs)):
+            losses[f"ofa_exit{i + 1}"] = w * ofa_loss(proj(f).float(), z_t, y, self.eps[i], t)
+        return logits, losses
+
+
+DISTILLERS: Registry[type[Distiller]] = Registry("distiller")
+DISTILLERS.register("vanilla", Vanilla)
+DISTILLERS.register("ofa", OFA)
+
+
+def build_distiller(cfg: Any, student: nn.Module, teacher: nn.Module | None, example: Tensor,
+                    example_t: Tensor | None) -> Distiller:
+    kind = "ofa" if cfg.recipe == "ofa" else "vanilla"
+    cls = DISTILLERS.get(kind)
+    if cls is OFA:
+        return OFA(student, teacher, cfg, example, example_t)
+    return cls(student, teacher, cfg)
