@@ -130,11 +130,12 @@ def teachers(tmp_path_factory, digits_npz):
     return root
 
 
-@pytest.mark.parametrize("teacher,student", [("vit", "resnet10t"), ("cnn", "mixer_pico")])
-def test_heterogeneous_ofa_both_ways_exports_the_plain_student(teachers, tmp_path, digits_npz, teacher, student):
+@pytest.mark.parametrize("teacher,student,size", [("vit", "resnet10t", 48), ("cnn", "mixer_pico", 32)])
+def test_heterogeneous_ofa_both_ways_exports_the_plain_student(teachers, tmp_path, digits_npz, teacher, student, size):
+    """ViT -> CNN (the student at 48 px, the ViT teacher sees its own 32 px) and CNN -> MLP-Mixer."""
     out = tmp_path / "ofa"
     cfg = make_config("ofa", student=student, teacher=str(teachers / teacher), data=str(digits_npz), channels=1,
-                      input_size=32, batch_size=32, epochs=2, out=str(out))
+                      input_size=size, batch_size=32, epochs=2, out=str(out))
     assert cfg.optimizer == ("adamw" if student == "mixer_pico" else "sgd")
     result = train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

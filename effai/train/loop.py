@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from effai.errors import EffaiError, UsageError
@@ -73,8 +74,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     std = torch.tensor(card.std).view(1, -1, 1, 1)
     t_mean = torch.tensor(t_card.mean).view(1, -1, 1, 1) if t_card else mean   # the teacher's own preprocessing
     t_std = torch.tensor(t_card.std).view(1, -1, 1, 1) if t_card else std
+    t_size = tuple(t_card.input_size[1:]) if t_card else tuple(card.input_size[1:])
+
+    def teacher_view(raw: torch.Tensor) -> torch.Tensor:
+        """The same images as the teacher expects them: its own resolution and normalization."""
+        if tuple(raw.shape[-2:]) != t_size:
+            raw = F.interpolate(raw, size=t_size, mode="bilinear", align_corners=False,
+                                antialias=t_size[0] < raw.shape[-2])
+        return (raw - t_mean) / t_std
+
     example = (train_set.x[:2].float() / 255 - mean) / std
-    distiller = build_distiller(cfg, model, teacher, example, (train_set.x[:2].float() / 255 - t_mean) / t_std)
+    distiller = build_distiller(cfg, model, teacher, example, teacher_view(train_set.x[:2].float() / 255))
     distiller.to(device)
     aux = distiller.aux()                       # training-only modules (OFA projectors): trained, never exported
     ema = copy.deepcopy(model).eval()
@@ -138,7 +148,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             x, y = ((raw - mean) / std).to(device), y.to(device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            x_t = ((raw - t_mean) / t_std).to(device) if teacher is not None else None   # as the teacher expects
+            x_t = teacher_view(raw).to(device) if teacher is not None else None
             with autocast:
                 logits, losses = net(x, x_t, y)
                 loss = sum(losses.values())
