@@ -130,17 +130,11 @@ def _digits(pre: dict[str, Any], card: Any, n: int, seed: int) -> tuple[np.ndarr
     h, w = pre["input_size"]
     if h != w:
         raise UsageError(f"--calib digits needs a square input; the export is {h}x{w}")
-    data = data_mod.load("digits", h, pre["channels"])
-    what = "digits"
-    split = card.extra.get("split")
-    if split and split.get("data") == "digits":
-        data, _ = data_mod.split(data, split["val_fraction"], split["seed"])
-        what = f"digits training split (seed {split['seed']})"
+    data, what = data_mod.load_part("digits", h, pre["channels"], card.extra.get("split"), "train")
+    what = "digits" if what.startswith("digits (all") else what
     idx = np.random.default_rng(seed).permutation(len(data))[:n]
-    x = data.x[torch.from_numpy(idx)].float() / 255
-    mean = torch.tensor(pre["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(pre["std"], dtype=torch.float32).view(1, -1, 1, 1)
-    return ((x - mean) / std).numpy(), f"{what}, {len(idx)} images"
+    x = data_mod.normalized(data.x[torch.from_numpy(idx)], pre["mean"], pre["std"])
+    return x.numpy(), f"{what}, {len(idx)} images"
 
 
 def _folder(root: Path, pre: dict[str, Any]) -> np.ndarray:

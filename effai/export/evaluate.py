@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from effai.errors import UsageError
 from effai.zoo.card import ModelCard
@@ -24,16 +23,10 @@ def eval_set(spec: str, card: ModelCard) -> tuple[np.ndarray, np.ndarray, str]:
     c, h, w = card.input_size
     if h != w:
         raise UsageError(f"--eval needs a square input; the export is {h}x{w}")
-    data = data_mod.load(spec, h, c)
+    data, what = data_mod.load_part(spec, h, c, card.extra.get("split"), "val")
     if len(data.classes) != card.num_classes:
         raise UsageError(f"--eval {spec} has {len(data.classes)} classes but the model predicts {card.num_classes}")
-    split = card.extra.get("split")
-    what = f"{spec} (all {len(data)})"
-    if split and split.get("data") == spec:
-        _, data = data_mod.split(data, split["val_fraction"], split["seed"])
-        what = f"{spec} held-out split (seed {split['seed']}, {split['val_fraction']:.0%}: {len(data)} images)"
-    x = data.x.float() / 255
-    x = (x - torch.tensor(card.mean).view(1, -1, 1, 1)) / torch.tensor(card.std).view(1, -1, 1, 1)
+    x = data_mod.normalized(data.x, card.mean, card.std)
     return x.numpy(), data.y.numpy(), what
 
 

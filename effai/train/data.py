@@ -73,6 +73,26 @@ def split(data: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, I
     return data.subset(torch.cat(train_idx).sort().values), data.subset(torch.cat(val_idx).sort().values)
 
 
+def load_part(spec: str, size: int, channels: int, split_spec: dict | None, part: str) -> tuple[ImageData, str]:
+    """The `part` ("train" | "val") of a run's recorded split (`{"data", "seed", "val_fraction"}`) when `spec` is the
+    set it was trained on; the whole set otherwise. Returns the data and a description for manifests."""
+    data = load(spec, size, channels)
+    if not (split_spec and split_spec.get("data") == spec):
+        return data, f"{spec} (all {len(data)})"
+    train_part, val_part = split(data, split_spec["val_fraction"], split_spec["seed"])
+    if part == "train":
+        return train_part, f"{spec} training split (seed {split_spec['seed']})"
+    return val_part, (f"{spec} held-out split (seed {split_spec['seed']}, {split_spec['val_fraction']:.0%}: "
+                      f"{len(val_part)} images)")
+
+
+def normalized(x: torch.Tensor, mean: tuple[float, ...] | list[float], std: tuple[float, ...] | list[float]) -> torch.Tensor:
+    """uint8 N,C,H,W -> float32 (x / 255 - mean) / std, the model's input."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x.float() / 255 - m) / s
+
+
 def _fit(x: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     """uint8 N,C,h,w -> uint8 N,channels,size,size (bilinear; shorter side then centre crop)."""
     if x.shape[1] != channels:
