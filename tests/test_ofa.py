@@ -130,14 +130,19 @@ def teachers(tmp_path_factory, digits_npz):
     return root
 
 
-@pytest.mark.parametrize("teacher,student,size", [("vit", "resnet10t", 48), ("cnn", "mixer_pico", 32)])
-def test_heterogeneous_ofa_both_ways_exports_the_plain_student(teachers, tmp_path, digits_npz, teacher, student, size):
-    """ViT -> CNN (the student at 48 px, the ViT teacher sees its own 32 px) and CNN -> MLP-Mixer."""
+@pytest.mark.parametrize("teacher,student,size,seed", [("vit", "resnet10t", 48, 0), ("cnn", "mixer_pico", 32, 1)])
+def test_heterogeneous_ofa_both_ways_exports_the_plain_student(teachers, tmp_path, digits_npz, teacher, student, size,
+                                                              seed):
+    """ViT -> CNN (the student at 48 px, the ViT teacher sees its own 32 px) and CNN -> MLP-Mixer (another seed,
+    so another held-out split than the teacher's: warned)."""
     out = tmp_path / "ofa"
     cfg = make_config("ofa", student=student, teacher=str(teachers / teacher), data=str(digits_npz), channels=1,
-                      input_size=size, batch_size=32, epochs=2, out=str(out))
+                      input_size=size, batch_size=32, epochs=2, out=str(out), seed=seed)
     assert cfg.optimizer == ("adamw" if student == "mixer_pico" else "sgd")
     result = train(cfg)
+    assert bool(result["warnings"]) == (seed == 1)
+    if seed == 1:
+        assert "split_seed=0" in result["warnings"][0]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     saved = load_file(str(out / "model.safetensors"))

@@ -28,9 +28,10 @@ import torch
 import effai
 from effai import toolchain, zoo
 from effai.errors import EffaiError, UsageError, choices_hint
-from effai.export import artifact_dir, manifest as manifest_io, metadata
+from effai.export import artifact_dir, fallback as fallback_stage, manifest as manifest_io, metadata
 from effai.export.diagnose import lowering_error
 from effai.export.fold import FoldReport, flat_outputs, fold
+from effai.export.fallback import gate_failed
 from effai.export.parity import check_artifact
 from effai.export.precisions import PRECISIONS
 from effai.export.quiet import captured
@@ -249,31 +250,13 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
 
         lowered, parity, accuracy = attempt(tuple(cfg.float_layers))
         fallback = None
-        if prec.quantized and cfg.fallback and _gate_failed(parity, accuracy):
-            fallback = {"reason": (accuracy or {}).get("reason") or parity.get("reason"), "attempts": []}
-            with stage("sensitivity", f"{precision}, one layer at a time") as note:
-                from effai.export.sensitivity import fallback_schedule, layer_sensitivity
-
-                ranking = layer_sensitivity(model, calib.x, precision, rule)
-                note["detail"] = (f"{len(ranking)} layers; most sensitive {ranking[0][0]} ({ranking[0][1]:.2e})"
-                                  if ranking else "no quantizable layers")
-            fallback["sensitivity_top"] = [{"layer": n, "score": sc} for n, sc in ranking[:16]]
-            for k in fallback_schedule(len(ranking)):
-                keep = tuple(dict.fromkeys(tuple(cfg.float_layers) + tuple(n for n, _ in ranking[:k])))
-                lowered, parity, accuracy = attempt(keep, f" ({len(keep)} float layers)")
-                fallback["attempts"].append({
-                    "float_layers": len(keep), "mb": round(_size_mb(tmp / lowered.model_file), 3),
-                    "parity": parity["status"], "cosine": parity.get("cosine"),
-                    "top1": (accuracy or {}).get("artifact", {}).get("top1"),
-                    "drop_points": (accuracy or {}).get("drop_points")})
-                if not _gate_failed(parity, accuracy):
-                    fallback["float_layers"] = list(keep)
-                    break
-            fallback["status"] = "pass" if not _gate_failed(parity, accuracy) else "fail"
-            if fallback["status"] == "pass":
-                warnings.append(f"accuracy gate passed after keeping {len(fallback['float_layers'])} most sensitive "
-                                f"layer(s) in float: {', '.join(fallback['float_layers'][:4])}"
-                                + (" ..." if len(fallback["float_layers"]) > 4 else ""))
+        if prec.quantized and cfg.fallback and gate_failed(parity, accuracy):
+            (lowered, parity, accuracy), fallback, note = fallback_stage.run(
+                attempt, (lowered, parity, accuracy), model=model, calib_x=calib.x, precision=precision, rule=rule,
+                float_layers=tuple(cfg.float_layers), stage=stage,
+                size_mb=lambda low: _size_mb(tmp / low.model_file))
+            if note:
+                warnings.append(note)
         warnings.extend(lowered.details.get("warnings", []))
         quantization = None
         if prec.quantized:
@@ -343,13 +326,9 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
 def _status(parity: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
     """One word for apps and bundles: fail (parity or accuracy gate failed), pass (checked in a runtime), or
     unverified (no runtime here, e.g. Core ML on Linux: structural check only)."""
-    if _gate_failed(parity, accuracy):
+    if gate_failed(parity, accuracy):
         return "fail"
     return "pass" if parity["status"] == "pass" else "unverified"
-
-
-def _gate_failed(parity: dict[str, Any], accuracy: dict[str, Any] | None) -> bool:
-    return parity["status"] == "fail" or (accuracy is not None and accuracy["status"] == "fail")
 
 
 def _clear_model_files(tmp: Path) -> None:

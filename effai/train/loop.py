@@ -70,6 +70,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     # --- models -------------------------------------------------------------------------------------------------
     model, card = build_student(cfg, full.classes)
     teacher, t_card = load_teacher(cfg, full.classes) if cfg.teacher else (None, None)
+    leak = split_leak_warning(cfg, t_card) if t_card is not None else None
+    notes = [leak] if leak else []
+    if notes and progress is not None and hasattr(progress, "console") and dist.main:
+        progress.console.print(f"[yellow]! {notes[0]}[/]")
     mean = torch.tensor(card.mean).view(1, -1, 1, 1)
     std = torch.tensor(card.std).view(1, -1, 1, 1)
     t_mean = torch.tensor(t_card.mean).view(1, -1, 1, 1) if t_card else mean   # the teacher's own preprocessing
@@ -189,7 +193,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     final = _pick_final(model, ema, history)
     result = {"config": cfg.to_dict(), "classes": full.classes, "dataset": {"source": full.source,
               "fingerprint": full.fingerprint(), "train": len(train_set), "val": len(val_set)},
-              "world_size": dist.world, "ranks_in_sync": in_sync, "history": history}
+              "world_size": dist.world, "ranks_in_sync": in_sync, "history": history, "warnings": notes}
     if dist.main:
         result.update(save_model(final["model"], card, cfg, out, val_set, result, final["which"]))
     ddp.shutdown()
@@ -198,6 +202,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
 
 def split_seed(cfg: TrainConfig) -> int:
     return cfg.seed if cfg.split_seed is None else cfg.split_seed
+
+
+def split_leak_warning(cfg: TrainConfig, t_card: Any) -> str | None:
+    """A teacher trained on the same data with another split has seen part of this run's held-out images."""
+    t_split = t_card.extra.get("split")
+    if not t_split or t_split.get("data") != cfg.data:
+        return None
+    if (t_split.get("seed"), t_split.get("val_fraction")) == (split_seed(cfg), cfg.val_fraction):
+        return None
+    return (f"the teacher was trained on {cfg.data} with split seed {t_split.get('seed')}, this run holds out with "
+            f"split seed {split_seed(cfg)}: the teacher has seen some held-out images, so held-out accuracy is "
+            f"optimistic; pass --set split_seed={t_split.get('seed')} to use the teacher's split")
 
 
 @torch.no_grad()
