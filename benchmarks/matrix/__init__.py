@@ -1,0 +1,1 @@
+"""Parts of benchmarks/export_matrix.py: the model case, the upstream flows, the runtimes that time artifacts."""
