@@ -316,9 +316,13 @@ def _calibration_ranges(ranges: dict[str, dict[str, float]]) -> Iterator[None]:
     """Within the block, coremltools' linear_quantize_activations takes `ranges` instead of measuring them: its
     `_get_activation_calibration_stats(mlmodel, sample_data, group_size)` (coremltools 9) is what calls
     MLModel.predict; everything after it (coremltools' quantize/dequantize insertion passes) runs unchanged."""
+    import coremltools
     from coremltools.optimize.coreml import _post_training_quantization as ptq
 
-    original = ptq._get_activation_calibration_stats
+    original = getattr(ptq, "_get_activation_calibration_stats", None)
+    if original is None:   # a private hook: fail clearly if coremltools moves it
+        raise EffaiError(f"coremltools {coremltools.__version__} no longer has the calibration hook effai's Core ML "
+                         "int8 (W8A8) uses off macOS; install coremltools 9.x (constraints.txt) or export int8-weight")
     ptq._get_activation_calibration_stats = lambda *args, **kwargs: ranges
     try:
         yield
