@@ -153,3 +153,17 @@ def test_heterogeneous_ofa_both_ways_exports_the_plain_student(teachers, tmp_pat
                                  "--out", str(tmp_path / "art"), "--json")
     assert code == 0, err
     assert last["artifacts"][0]["parity"] == "pass" and result["val_acc"] > 0
+
+
+def test_cli_bad_exit_path_and_unknown_set_key_exit_2_with_the_fix(teachers, tmp_path, digits_npz):
+    common = ("--teacher", str(teachers / "vit"), "--data", str(digits_npz), "--input-size", "32", "--epochs", "1",
+              "--json")
+    code, last, _, _ = run_cli("train", "ofa", "--student", "resnet10t", *common, "--out", str(tmp_path / "c"))
+    assert code == 2 and "--set channels=1" in last["error"]        # the npz is greyscale; default is RGB
+    common = (*common, "--set", "channels=1")
+    code, last, _, _ = run_cli("train", "ofa", "--student", "resnet10t", "--set", "exits=layer9", *common,
+                               "--out", str(tmp_path / "a"))
+    assert code == 2 and "has no module 'layer9'" in last["error"] and "layer4" in last["error"]
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+    code, last, _, _ = run_cli("train", "ofa", "--set", "ofa_epsilon=2", *common, "--out", str(tmp_path / "b"))
+    assert code == 2 and "did you mean 'ofa_eps'" in last["error"]

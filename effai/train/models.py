@@ -58,7 +58,9 @@ def load_teacher(cfg: TrainConfig, classes: list[str]) -> tuple[nn.Module, Model
         raise UsageError(f"teacher {loaded.card.name} predicts {n} classes but the data has {len(classes)}; "
                          "use a teacher trained on the same classes")
     if loaded.card.input_size[0] != (cfg.channels or 3):
-        raise UsageError(f"teacher takes {loaded.card.input_size[0]}-channel images, the student {cfg.channels}")
+        c = loaded.card.input_size[0]
+        raise UsageError(f"teacher takes {c}-channel images, the student {cfg.channels}; train the student on the "
+                         f"teacher's channels (--set channels={c})")
     names = zoo.labels(loaded.card)
     if names and not all(n.startswith("class_") for n in names) and list(names) != list(classes):
         raise UsageError(f"teacher classes {names[:5]}... differ from the data's {classes[:5]}... (names or order); "
