@@ -482,9 +482,11 @@ def doctor(as_json: JsonOpt = False) -> None:
 
 from effai.cli_bench import register as _register_bench_command  # noqa: E402  (effai bench)
 from effai.cli_train import register as _register_train_command  # noqa: E402  (effai train)
+from effai.cli_devit import register as _register_devit_commands  # noqa: E402  (effai devit serve|run)
 from effai.cli_bundle import register as _register_bundle_commands  # noqa: E402  (zoo verify/unpack/install/...)
 
 _register_train_command(app)
+_register_devit_commands(app)
 _register_bench_command(app)
 _register_bundle_commands(zoo_app)
 

@@ -1,0 +1,62 @@
+"""DeViT's decomposition by class subsets (Xu et al., "DeViT: Decomposing Vision Transformers for Collaborative
+Inference in Edge Devices", IEEE TMC 2023, arXiv:2309.05015; falcon-xu/DeViT splite_dataset.py).
+
+    perm   = seeded shuffle of the class ids 0..K-1           (seed 42 in the paper)
+    subset = the N contiguous chunks of perm                  (sizes differ by at most one; each sorted)
+
+Device i holds a small model trained only on subset i. The subsets are disjoint and together cover every class.
+`split_hash` (sha256 of the sorted subsets, N and the seed) is written into every part and the fusion head, so
+parts of different decompositions are never combined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from effai.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ClassSplit:
+    subsets: tuple[tuple[int, ...], ...]   # global class ids of each part, sorted
+    seed: int
+
+    @property
+    def parts(self) -> int:
+        return len(self.subsets)
+
+    @property
+    def num_classes(self) -> int:
+        return sum(len(s) for s in self.subsets)
+
+    @property
+    def hash(self) -> str:
+        return split_hash(self.subsets, self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parts": self.parts, "seed": self.seed, "subsets": [list(s) for s in self.subsets],
+                "split_hash": self.hash}
+
+
+def split_classes(num_classes: int, parts: int, seed: int = 42) -> ClassSplit:
+    """Shuffle the class ids with `seed`, cut them into `parts` contiguous chunks."""
+    if parts < 1:
+        raise UsageError(f"--parts {parts}: a decomposition needs at least 1 part")
+    if parts > num_classes:
+        raise UsageError(f"--parts {parts} is more than the data's {num_classes} classes (each part needs at least "
+                         f"one class of its own); choose --parts between 1 and {num_classes}")
+    perm = np.random.RandomState(seed).permutation(num_classes)
+    chunks = np.array_split(perm, parts)
+    return ClassSplit(tuple(tuple(sorted(int(c) for c in chunk)) for chunk in chunks), seed)
+
+
+def split_hash(subsets: tuple[tuple[int, ...], ...] | list[list[int]], seed: int) -> str:
+    """sha256 over the sorted subsets (each sorted), their number and the seed: the decomposition's identity."""
+    canon = sorted(sorted(int(c) for c in s) for s in subsets)
+    text = json.dumps({"subsets": canon, "parts": len(canon), "seed": int(seed)}, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,192 @@
+"""DeViT's three training stages, each a plain loop over one data set (Xu et al., arXiv:2309.05015):
+
+    finetune_sub_teacher   the trained teacher, its head cut to subset i's rows, fine-tuned on subset i   (stage 1)
+    distil_sub_model       a small ViT trained on subset i by DEKD from sub-teacher i                     (stage 3)
+    train_ensemble         the N sub-models (CLS features) + fusion head on all classes:                   (stage 4)
+                           L = w MSE(project(concat CLS), teacher CLS) + (1-a) CE(z, y) + a CE(z, argmax z_teacher)
+
+All stages: AdamW (no decay on biases, norms, position embeddings, class token), linear warmup then cosine to 0,
+seeded data order and augmentation per epoch (translation + brightness/contrast jitter), drop_last batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from effai.train import data as data_mod
+from effai.train.devit import dekd
+from effai.train.devit.config import DevitConfig
+from effai.train.devit.fusion import Ensemble
+from effai.train.features import FeatureCapture
+from effai.train.loop import TrainingDiverged, evaluate
+
+# step(x normalized, y) -> (loss, logits for train accuracy, terms to log)
+Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class Norm:
+    """The teacher's preprocessing, shared by every model of the decomposition."""
+    mean: Tensor
+    std: Tensor
+    device: torch.device
+
+    def __call__(self, raw: Tensor) -> Tensor:
+        return ((raw - self.mean) / self.std).to(self.device)
+
+
+def subset_data(data: data_mod.ImageData, classes: Sequence[int]) -> data_mod.ImageData:
+    """The images of `classes`, relabelled 0..len(classes)-1 in the order given."""
+    keep = torch.isin(data.y, torch.tensor(list(classes)))
+    local = torch.full((len(data.classes),), -1, dtype=torch.long)
+    local[torch.tensor(list(classes))] = torch.arange(len(classes))
+    return data_mod.ImageData(data.x[keep], local[data.y[keep]], [data.classes[c] for c in classes], data.source)
+
+
+def param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for m in modules:
+        for name, p in m.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = p.ndim <= 1 or name.split(".")[-1] in ("pos_embed", "cls_token", "reg_token")
+            (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def fit(stage: str, modules: Sequence[nn.Module], step: Step, train: data_mod.ImageData, val_model: nn.Module,
+        val: data_mod.ImageData, *, epochs: int, lr: float, cfg: DevitConfig, norm: Norm, seed: int,
+        progress: Any = None) -> list[dict[str, Any]]:
+    """Train `modules` with `step` for `epochs`; returns one metrics row per epoch (val accuracy of `val_model`)."""
+    if epochs == 0:
+        return []
+    batch = min(cfg.batch_size, len(train))
+    steps_per_epoch = len(train) // batch
+    opt = torch.optim.AdamW(param_groups(modules, cfg.weight_decay), lr=lr)
+    total, warmup = epochs * steps_per_epoch, min(cfg.warmup_epochs, epochs - 1) * steps_per_epoch
+    hflip = (cfg.data != "digits") if cfg.hflip is None else cfg.hflip
+
+    def lr_at(i: int) -> float:
+        if i < warmup:
+            return lr * (i + 1) / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, total - warmup)))
+
+    if progress is not None and hasattr(progress, "console"):
+        progress.console.print(f"[bold]{stage}[/]  {len(train)} images, {epochs} epochs")
+    rows, i = [], 0
+    for epoch in range(epochs):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(len(train), generator=g)
+        for m in modules:
+            m.train()
+        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        if progress is not None:
+            progress.start_epoch(epoch, epochs, steps_per_epoch)
+        for s in range(steps_per_epoch):
+            idx = perm[s * batch:(s + 1) * batch]
+            raw = data_mod.augment(train.x[idx].float() / 255, g, hflip=hflip, jitter=cfg.jitter)
+            y = train.y[idx].to(norm.device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(i)
+            loss, logits, _ = step(norm(raw), y)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"{stage}: loss became {loss.item()} at epoch {epoch} step {s}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            i += 1
+            seen += y.shape[0]
+            loss_sum += loss.item() * y.shape[0]
+            correct += int((logits.argmax(1) == y).sum())
+            if progress is not None:
+                progress.step(loss.item(), correct / seen, seen / (time.perf_counter() - t0))
+        acc = evaluate(val_model, val, norm.mean, norm.std, norm.device)
+        row = {"stage": stage, "epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+               "val_acc": acc, "val_acc_ema": acc, "images_per_s": seen / (time.perf_counter() - t0),
+               "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        if progress is not None:
+            progress.end_epoch(row)
+    for m in modules:
+        m.eval()
+    return rows
+
+
+def finetune_sub_teacher(teacher: nn.Module, classes: Sequence[int], train: data_mod.ImageData,
+                         val: data_mod.ImageData, cfg: DevitConfig, norm: Norm, seed: int,
+                         progress: Any = None, label: str = "") -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Stage 1: a copy of the teacher whose head keeps only `classes`' rows, fine-tuned on that subset."""
+    model = copy.deepcopy(teacher)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    old = model.get_classifier()
+    model.reset_classifier(len(classes))
+    with torch.no_grad():   # start from the teacher's own decision rule restricted to the subset
+        model.head.weight.copy_(old.weight[list(classes)])
+        model.head.bias.copy_(old.bias[list(classes)])
+
+    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
+        z = model(x)
+        return F.cross_entropy(z, y, label_smoothing=cfg.label_smoothing), z, {}
+
+    rows = fit(f"{label}sub-teacher fine-tuning", [model], step, train, model, val, epochs=cfg.finetune_epochs,
+               lr=cfg.finetune_lr, cfg=cfg, norm=norm, seed=seed, progress=progress)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), rows
+
+
+def distil_sub_model(student: nn.Module, sub_teacher: nn.Module, train: data_mod.ImageData,
+                     val: data_mod.ImageData, cfg: DevitConfig, norm: Norm, seed: int,
+                     progress: Any = None, label: str = "") -> list[dict[str, Any]]:
+    """Stage 3: DEKD from the sub-teacher on its subset (hard KD + CE + middle-block Q/K/V relation KL)."""
+    heads_t, heads_s = dekd.num_heads(sub_teacher), dekd.num_heads(student)
+    cap_t = FeatureCapture(sub_teacher, [dekd.qkv_path(sub_teacher)], detach=True)
+    cap_s = FeatureCapture(student, [dekd.qkv_path(student)])
+
+    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
+        with torch.no_grad():
+            z_t = sub_teacher(x)
+        z_s = student(x)
+        (qkv_t,), (qkv_s,) = cap_t.outputs, cap_s.outputs
+        rel = dekd.qkv_relation_terms(qkv_t, qkv_s, heads_t, heads_s)
+        loss, terms = dekd.dekd_loss(z_s, z_t, y, rel, alpha=cfg.alpha, gammas=cfg.gammas,
+                                     label_smoothing=cfg.label_smoothing)
+        return loss, z_s, terms
+
+    with cap_t, cap_s:
+        return fit(f"{label}DEKD sub-model", [student], step, train, student, val, epochs=cfg.epochs, lr=cfg.lr,
+                   cfg=cfg, norm=norm, seed=seed, progress=progress)
+
+
+def teacher_outputs(teacher: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(CLS feature after the final norm, logits) of a timm ViT in one pass."""
+    cls = teacher.forward_head(teacher.forward_features(x), pre_logits=True)
+    return cls, teacher.get_classifier()(cls)
+
+
+def train_ensemble(ensemble: Ensemble, teacher: nn.Module, train: data_mod.ImageData, val: data_mod.ImageData,
+                   cfg: DevitConfig, norm: Norm, seed: int, progress: Any = None) -> list[dict[str, Any]]:
+    """Stage 4: sub-models and fusion head jointly, against the full teacher's CLS feature and predictions."""
+    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
+        with torch.no_grad():
+            t_cls, z_t = teacher_outputs(teacher, x)
+        h = ensemble.head.forward_features(torch.cat([p(x) for p in ensemble.parts], dim=1))
+        z = ensemble.head.classifier(h)
+        mse = F.mse_loss(h, t_cls)
+        ce = F.cross_entropy(z, y, label_smoothing=cfg.label_smoothing)
+        hard = F.cross_entropy(z, z_t.argmax(1))
+        loss = cfg.feature_weight * mse + (1 - cfg.alpha) * ce + cfg.alpha * hard
+        return loss, z, {"mse": mse.item(), "ce": ce.item(), "hard_kd": hard.item()}
+
+    return fit("ensemble: sub-models + fusion head", [ensemble], step, train, ensemble, val,
+               epochs=cfg.ensemble_epochs, lr=cfg.lr, cfg=cfg, norm=norm, seed=seed, progress=progress)

@@ -1,0 +1,275 @@
+"""DeViT: class split, DEKD relations, fusion head, the training pipeline on real digits, collaborative inference over
+real gloo/TCP processes (equal to the single-process ensemble), failures (dead device, missing device, mixed
+decompositions, widths) and export of a part and the fusion head."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from effai import zoo
+from effai.errors import EffaiError, UsageError
+from effai.train.devit import DevitConfig, dekd, train_devit
+from effai.train.devit.fusion import FusionHead, build_fusion_head
+from effai.train.devit.split import split_classes, split_hash
+from effai.train.features import FeatureCapture
+
+SIZE = 16   # 16x16 digits, patch 4: 16 patches + CLS, the same token count for teacher and parts
+
+
+@pytest.fixture(scope="module")
+def digits_npz(tmp_path_factory):
+    """240 real digits (24 per class) as a CIFAR-style .npz."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    idx = np.concatenate([np.nonzero(d.target == c)[0][:24] for c in range(10)])
+    x = np.round(d.images[idx] * 255 / 16).astype(np.uint8)[..., None]
+    path = tmp_path_factory.mktemp("data") / "digits240.npz"
+    np.savez(path, x=x, y=d.target[idx], classes=np.array([str(i) for i in range(10)]))
+    return path
+
+
+def _teacher(root: Path, data: Path) -> Path:
+    """A vit_tiny teacher checkpoint (random init: these tests check the pipeline, the benchmark its accuracy)."""
+    from effai.train import data as data_mod
+    from effai.train.models import build_student, save_model
+    from effai.train.recipes import make_config
+
+    cfg = make_config("supervised", student="vit_tiny", data=str(data), input_size=SIZE, channels=1, out=str(root),
+                      fold=False)
+    full = data_mod.load(cfg.data, SIZE, 1)
+    _, val = data_mod.split(full, 0.2, cfg.seed)
+    _, card = build_student(cfg, full.classes)
+    card = card.with_(extra={**card.extra, "arch_kwargs": {"patch_size": 4}})
+    torch.manual_seed(0)
+    model = zoo.build(card)
+    root.mkdir(parents=True, exist_ok=True)
+    save_model(model, card, cfg, root, val, {"dataset": {"source": str(data)}, "history": [], "world_size": 1}, "raw")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, digits_npz):
+    """A 2-part decomposition trained for one epoch per stage on 240 digits (~10 s)."""
+    root = tmp_path_factory.mktemp("devit")
+    teacher = _teacher(root / "teacher", digits_npz)
+    cfg = DevitConfig(teacher=str(teacher), parts=2, data=str(digits_npz), out=str(root / "run"), epochs=1,
+                      finetune_epochs=1, ensemble_epochs=1, batch_size=32)
+    return {"result": train_devit(cfg), "cfg": cfg, "dir": root / "run", "teacher": teacher, "root": root}
+
+
+# --- split ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k,n", [(10, 2), (10, 3), (10, 4), (100, 7), (5, 5)])
+def test_split_is_disjoint_complete_seeded(k, n):
+    s = split_classes(k, n, seed=42)
+    flat = [c for sub in s.subsets for c in sub]
+    assert sorted(flat) == list(range(k)) and len(flat) == len(set(flat))          # complete, disjoint
+    assert len(s.subsets) == n and max(map(len, s.subsets)) - min(map(len, s.subsets)) <= 1
+    assert split_classes(k, n, seed=42) == s                                        # seeded
+    assert split_classes(k, n, seed=7).subsets != s.subsets or k == n
+
+
+def test_split_hash_changes_with_seed_and_parts():
+    s = split_classes(10, 2, seed=42)
+    assert s.hash == split_hash([list(x) for x in reversed(s.subsets)], 42)        # order of listing irrelevant
+    assert split_classes(10, 2, seed=43).hash != s.hash
+    assert split_classes(10, 5, seed=42).hash != s.hash
+    assert split_hash(s.subsets, 43) != s.hash                                      # same subsets, other seed
+
+
+def test_more_parts_than_classes_is_refused():
+    with pytest.raises(UsageError, match="--parts 11 is more than the data's 10 classes.*between 1 and 10"):
+        split_classes(10, 11)
+    with pytest.raises(UsageError, match="needs --teacher"):
+        DevitConfig()
+    with pytest.raises(UsageError, match="alpha"):
+        DevitConfig(teacher="t", alpha=1.5)
+
+
+# --- DEKD -------------------------------------------------------------------------------------------------------------
+def _vit(name: str, seed: int):
+    torch.manual_seed(seed)
+    return zoo.build(zoo.resolve_card(name).with_(input_size=(1, SIZE, SIZE), num_classes=4, label_set=None,
+                                                   extra={"arch_kwargs": {"patch_size": 4}})).eval()
+
+
+def _qkv(model, x):
+    with FeatureCapture(model, [dekd.qkv_path(model)]) as cap, torch.no_grad():
+        z = model(x)
+    return z, cap.outputs[0]
+
+
+def test_relation_kl_is_zero_for_the_same_features_and_positive_otherwise():
+    x = torch.randn(3, 1, SIZE, SIZE)
+    teacher, other, wide = _vit("vit_pico", 0), _vit("vit_pico", 1), _vit("vit_tiny", 2)
+    _, qkv_t = _qkv(teacher, x)
+    _, qkv_copy = _qkv(copy.deepcopy(teacher), x)
+    heads = dekd.num_heads(teacher)
+    assert all(float(r) == 0.0 for r in dekd.qkv_relation_terms(qkv_t, qkv_copy, heads, heads))   # X_s = X_t
+    r_other = dekd.qkv_relation_terms(qkv_t, _qkv(other, x)[1], heads, heads)
+    assert all(float(r) > 1e-4 for r in r_other)
+    qkv_w = _qkv(wide, x)[1]                                          # 192 vs 96 wide: relations still comparable
+    assert qkv_w.shape[-1] == 2 * qkv_t.shape[-1]
+    r_wide = dekd.qkv_relation_terms(qkv_w, qkv_t, dekd.num_heads(wide), heads)
+    assert all(torch.isfinite(r) and float(r) > 0 for r in r_wide)
+    # R_Q by hand: KL(softmax(Q_t Q_t^T / sqrt(hd_t)) || softmax(Q_s Q_s^T / sqrt(hd_s))) per row, mean over rows
+    q_t, q_s = qkv_w[..., :192], qkv_t[..., :96]
+    p = torch.softmax(q_t @ q_t.transpose(1, 2) / 64 ** 0.5, -1)
+    q = torch.softmax(q_s @ q_s.transpose(1, 2) / 32 ** 0.5, -1)
+    assert torch.allclose(r_wide[0], (p * (p.log() - q.log())).sum(-1).mean(), rtol=1e-4)
+
+
+def test_dekd_total_is_the_weighted_sum():
+    z_s, z_t, y = torch.randn(5, 4), torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    rel = (torch.tensor(0.5), torch.tensor(2.0), torch.tensor(1.0))
+    total, terms = dekd.dekd_loss(z_s, z_t, y, rel, alpha=0.5, gammas=(0.2, 0.1, 0.3))
+    ce = torch.nn.functional.cross_entropy(z_s, y)
+    hard = torch.nn.functional.cross_entropy(z_s, z_t.argmax(1))
+    assert torch.allclose(total, 0.5 * ce + 0.5 * hard + 0.2 * 0.5 + 0.1 * 2.0 + 0.3 * 1.0)
+    assert terms["r_k"] == 2.0
+
+
+# --- fusion head ------------------------------------------------------------------------------------------------------
+def test_fusion_head_widths_are_checked():
+    head = FusionHead(parts=2, d_sub=8, d_teacher=12, num_classes=5)
+    f = [torch.randn(3, 8), torch.randn(3, 8)]
+    assert torch.equal(head.fuse(f), head(torch.cat(f, 1)[..., None, None]))       # 2-D and export's 4-D layout
+    with pytest.raises(UsageError, match="part 1 gives 6-wide CLS features but the fusion head expects d_sub=8"):
+        head.fuse([torch.randn(3, 8), torch.randn(3, 6)])
+    with pytest.raises(UsageError, match="fuses 2 parts, got features from 1"):
+        head.fuse([torch.randn(3, 8)])
+    with pytest.raises(UsageError, match="input width 15 != 2 parts x d_sub 8 = 16"):
+        build_fusion_head(num_classes=5, in_chans=15, parts=2, d_sub=8, d_teacher=12)
+
+
+# --- training pipeline ------------------------------------------------------------------------------------------------
+def test_train_devit_writes_parts_fusion_and_manifest(run):
+    from effai.devit.parts import devit_info
+
+    res, d = run["result"], run["dir"]
+    manifest = json.loads((d / "devit.json").read_text())
+    assert res["val_acc"] == manifest["val_acc"] and 0.0 <= res["val_acc"] <= 1.0
+    subsets = manifest["split"]["subsets"]
+    assert sorted(c for s in subsets for c in s) == list(range(10)) and manifest["split_hash"] == res["split_hash"]
+    for i, part in enumerate(manifest["parts"]):
+        info = devit_info(d / part["path"])
+        assert info["split_hash"] == res["split_hash"] and info["part"] == i and info["classes"] == subsets[i]
+        assert part["params"] < manifest["teacher"]["params"] and "rank" in part["runs_on"]
+    assert manifest["traffic_bytes_per_image"] == 2 * 96 * 4 and manifest["teacher"]["d_teacher"] == 192
+    with pytest.raises(UsageError, match="already holds a training run; pass --force"):
+        train_devit(run["cfg"])
+    bad = DevitConfig(teacher=str(run["teacher"]), parts=11, data=run["cfg"].data, out=str(run["root"] / "bad"))
+    with pytest.raises(UsageError, match="more than the data's 10 classes"):
+        train_devit(bad)
+
+
+def test_parts_of_another_decomposition_are_refused(run, tmp_path):
+    from safetensors.torch import load_file
+
+    from effai.devit.parts import load_run
+
+    other = tmp_path / "other"     # another split seed; sub-models start from part 0's weights and are not trained
+    cfg = DevitConfig(**{**run["cfg"].to_dict(), "gammas": (0.2, 0.1, 0.3), "seed": 7, "out": str(other),
+                         "epochs": 0, "finetune_epochs": 0, "ensemble_epochs": 0,
+                         "student_weights": str(run["dir"] / "part_0")})
+    train_devit(cfg)
+    init = load_file(run["dir"] / "part_0" / "model.safetensors")
+    got = load_file(other / "part_1" / "model.safetensors")
+    assert init.keys() == got.keys() and all(torch.equal(init[k], got[k]) for k in init)
+    decomp = load_run(run["dir"])
+    assert len(decomp.parts) == 2
+    with pytest.raises(UsageError, match="another decomposition"):
+        load_run(run["dir"], part_paths=[run["dir"] / "part_0", other / "part_1"])
+    with pytest.raises(UsageError, match="is part 1, but was given as part 0"):
+        load_run(run["dir"], part_paths=[run["dir"] / "part_1", run["dir"] / "part_0"])
+    run["other"] = other
+
+
+# --- collaborative inference ------------------------------------------------------------------------------------------
+def test_three_process_run_equals_the_single_process_ensemble(run):
+    from effai.devit import RunSpec, load_run, run_local
+    from effai.devit.inputs import load_stream
+
+    decomp = load_run(run["dir"])
+    spec = RunSpec(data="random:3", images=12, batch_size=3, warmup=1, timeout_s=30)
+    result = run_local(decomp, run["dir"], spec)                 # 2 device processes + this one, gloo over TCP
+    card = decomp.parts[0].card
+    x = load_stream("random:3", tuple(card.input_size), list(card.mean), list(card.std), 12).x
+    with torch.no_grad():
+        ref = torch.cat([decomp.ensemble()(x[i:i + 3]) for i in range(0, 12, 3)])
+    assert result.logits.shape == (12, 10)
+    assert torch.allclose(result.logits, ref, atol=1e-6, rtol=0)
+    r = result.report
+    d_sub = decomp.fusion.model.d_sub
+    assert r["feature_bytes_per_image"] == 2 * d_sub * 4                          # traffic: N x d_sub float32
+    for dev in r["devices"]:
+        assert dev["bytes_per_image"] == d_sub * 4 and dev["bytes_sent"] == (12 + 3) * d_sub * 4   # + warmup batch
+        assert dev["compute_ms"]["median"] > 0
+    assert r["end_to_end_ms"]["median"] > 0 and r["world_size"] == 3
+
+
+def test_a_device_that_dies_mid_stream_ends_the_run_naming_it(run):
+    from effai.devit import DeviceLost, RunSpec, load_run, run_local
+
+    t0 = time.monotonic()
+    with pytest.raises(DeviceLost, match=r"device rank 2 \(part 1, .*pid \d+\).*aborted"):
+        run_local(load_run(run["dir"]), run["dir"], RunSpec(images=20, batch_size=2, timeout_s=15),
+                  fail_after={1: 3})
+    assert time.monotonic() - t0 < 40                                             # no hang: start-up + timeout
+
+
+def test_missing_device_and_foreign_part_are_refused_before_data_flows(run):
+    from effai.devit import RunSpec, coordinate, load_part, load_run, serve
+
+    decomp = load_run(run["dir"])
+    t0 = time.monotonic()
+    with pytest.raises(EffaiError, match=r"device rank 1 \(part 0\), device rank 2 \(part 1\) did not join"):
+        coordinate(decomp, "127.0.0.1:0", RunSpec(timeout_s=1.0))
+    assert time.monotonic() - t0 < 10
+    other = run.get("other")
+    if other is None:
+        pytest.skip("needs test_parts_of_another_decomposition_are_refused")
+    foreign, own = load_part(other / "part_1"), load_part(run["dir"] / "part_0")
+    errors: dict[str, BaseException] = {}
+
+    def device(part, key):
+        try:
+            serve(part, f"127.0.0.1:{port['p']}", timeout_s=10)
+        except BaseException as e:   # noqa: BLE001 - collected for the assertion
+            errors[key] = e
+
+    port: dict[str, int] = {}
+    threads: list[threading.Thread] = []
+
+    def listening(host, p):
+        port["p"] = p
+        for part, key in ((own, "own"), (foreign, "foreign")):
+            threads.append(threading.Thread(target=device, args=(part, key), daemon=True))
+            threads[-1].start()
+
+    with pytest.raises(UsageError, match=r"device rank 2 \(part 1.*another decomposition"):
+        coordinate(decomp, "127.0.0.1:0", RunSpec(timeout_s=10), on_listening=listening)
+    for t in threads:
+        t.join(15)
+    assert isinstance(errors.get("foreign"), UsageError) and "refused by the coordinator" in str(errors["foreign"])
+
+
+# --- export -----------------------------------------------------------------------------------------------------------
+def test_a_part_and_the_fusion_head_export_to_onnx_with_parity(run, tmp_path):
+    from effai.export.pipeline import ExportConfig, export
+
+    for name in ("part_0", "fusion"):
+        loaded = zoo.create(weights=run["dir"] / name / "model.safetensors")
+        res = export(loaded, ExportConfig(target="onnx", out=tmp_path / name))
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert manifest["parity"]["status"] == "pass", manifest["parity"]
+        assert manifest["parity"]["max_abs_err"] < 1e-4
+        assert res is not None
