@@ -27,11 +27,9 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds any wait m
 
 
 def _fail(e: EffaiError, as_json: bool, extra: dict[str, Any] | None = None) -> None:
-    kind = "usage error" if e.exit_code == 2 else "error"
-    if not as_json:
-        console.err().print(f"[bold red]{kind}:[/] {e}")
-    console.json_line({"ok": False, "error": str(e), "exit_code": e.exit_code, **(extra or {})})
-    raise typer.Exit(e.exit_code)
+    from effai.cli import _fail as fail
+
+    fail(e, as_json, extra)
 
 
 def _threads(n: int | None) -> None:

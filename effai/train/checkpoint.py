@@ -13,6 +13,16 @@ import torch
 from effai.errors import UsageError
 
 
+def writable_run_dir(out: Path) -> None:
+    """Create the run directory `out` and prove it writable, or a UsageError naming the fix."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out}: {e.strerror}; choose a writable directory") from e
+
+
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)

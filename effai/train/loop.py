@@ -50,12 +50,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         raise UsageError(f"{out} already holds a training run; pass --resume to continue it, --force to start over, "
                          "or choose another --out")
     if dist.main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / ".write-test").touch()
-            (out / ".write-test").unlink()
-        except OSError as e:
-            raise UsageError(f"cannot write to --out {out}: {e.strerror}; choose a writable directory") from e
+        ckpt.writable_run_dir(out)
     torch.manual_seed(cfg.seed)
 
     # --- data: the whole set in memory, a stratified seeded split ---------------------------------------------

@@ -325,12 +325,7 @@ def _check_out(out: Path, cfg: CdfkdConfig, force: bool) -> None:
 
 
 def _prepare_out(out: Path, force: bool) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to --out {out}: {e.strerror}; choose a writable directory") from e
+    ckpt.writable_run_dir(out)
     if force:
         for name in ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "train_record.json"):
             (out / name).unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from effai import zoo
 from effai.errors import UsageError
 from effai.files import atomic_write
 from effai.train import data as data_mod
+from effai.train.checkpoint import writable_run_dir
 from effai.train.devit import dekd, stages
 from effai.train.devit.config import DevitConfig
 from effai.train.devit.fusion import Ensemble, FusionHead
@@ -45,12 +46,7 @@ def train_devit(cfg: DevitConfig, *, force: bool = False, progress: Any = None) 
     out = Path(cfg.out)
     if (out / "devit.json").is_file() and not force:
         raise UsageError(f"{out} already holds a training run; pass --force to start over, or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to --out {out}: {e.strerror}; choose a writable directory") from e
+    writable_run_dir(out)
     (out / "devit.json").unlink(missing_ok=True)   # --force: the old run is no longer complete
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
