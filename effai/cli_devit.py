@@ -132,6 +132,38 @@ def run_cmd(
     console.json_line({"ok": True, **report})
 
 
+@devit_app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="The effai train devit run directory (fusion/ and part_<i>/).")],
+    target: Annotated[str, typer.Option("--target", "-t", help="Comma list: executorch, coreml, tflite, onnx.")] = "tflite",
+    precision: Annotated[Optional[str], typer.Option("--quantize", "-q", help="Precision for every piece (default: "
+                                                     "the target's).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory.")] = Path("effai_out/devit"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Export every part (for its device) and the fusion head (for the coordinator), with parity, and record which
+    artifact runs where in devit_bundle.json."""
+    from effai.cli import check_precision, parse_targets
+    from effai.devit.bundle import export_run
+
+    try:
+        targets = parse_targets(target)
+        if precision:
+            check_precision(precision, targets)
+        ui = console.err()
+        record = export_run(run, targets, out, precision,
+                            progress=None if as_json else (lambda what: ui.print(f"[dim]… export {what}[/]")))
+    except EffaiError as e:
+        _fail(e, as_json)
+    if not as_json:
+        for piece in record["pieces"]:
+            name = "fusion head" if piece["role"] == "fusion" else f"part {piece['index']}"
+            arts = ", ".join(f"{t}: {a['file']} ({a['parity']})" for t, a in piece["artifacts"].items())
+            console.out().print(f"{name:<12} -> {piece['runs_on']}: {arts}")
+        console.err().print(f"[green]✓[/] wrote {out}/devit_bundle.json")
+    console.json_line({"ok": True, "out": str(out), **record})
+
+
 def _table(r: dict[str, Any]) -> Any:
     from rich.table import Table
 

@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,19 +21,6 @@ from effai.train.devit.split import split_classes, split_hash
 from effai.train.features import FeatureCapture
 
 SIZE = 16   # 16x16 digits, patch 4: 16 patches + CLS, the same token count for teacher and parts
-
-
-@pytest.fixture(scope="module")
-def digits_npz(tmp_path_factory):
-    """240 real digits (24 per class) as a CIFAR-style .npz."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    idx = np.concatenate([np.nonzero(d.target == c)[0][:24] for c in range(10)])
-    x = np.round(d.images[idx] * 255 / 16).astype(np.uint8)[..., None]
-    path = tmp_path_factory.mktemp("data") / "digits240.npz"
-    np.savez(path, x=x, y=d.target[idx], classes=np.array([str(i) for i in range(10)]))
-    return path
 
 
 def _teacher(root: Path, data: Path) -> Path:
@@ -263,13 +249,22 @@ def test_missing_device_and_foreign_part_are_refused_before_data_flows(run):
 
 
 # --- export -----------------------------------------------------------------------------------------------------------
-def test_a_part_and_the_fusion_head_export_to_onnx_with_parity(run, tmp_path):
-    from effai.export.pipeline import ExportConfig, export
+def test_devit_export_writes_every_piece_with_parity_and_where_it_runs(run, tmp_path):
+    from tests.conftest import run_cli
 
-    for name in ("part_0", "fusion"):
-        loaded = zoo.create(weights=run["dir"] / name / "model.safetensors")
-        res = export(loaded, ExportConfig(target="onnx", out=tmp_path / name))
-        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
-        assert manifest["parity"]["status"] == "pass", manifest["parity"]
-        assert manifest["parity"]["max_abs_err"] < 1e-4
-        assert res is not None
+    out = tmp_path / "bundle"
+    code, last, _, err = run_cli("devit", "export", str(run["dir"]), "--target", "onnx", "--out", str(out), "--json")
+    assert code == 0, err
+    rec = json.loads((out / "devit_bundle.json").read_text())
+    assert rec["schema"] == "effai.devit-bundle/1" and rec["split_hash"] == run["result"]["split_hash"]
+    assert [p["role"] for p in rec["pieces"]] == ["part", "part", "fusion"]
+    assert [p["runs_on"] for p in rec["pieces"]] == ["device 0 (rank 1)", "device 1 (rank 2)", "coordinator (rank 0)"]
+    assert sorted(rec["pieces"][0]["classes"] + rec["pieces"][1]["classes"]) == list(range(10))
+    assert rec["traffic_bytes_per_image"] == 2 * rec["d_sub"] * 4
+    for piece in rec["pieces"]:
+        art = piece["artifacts"]["onnx"]
+        manifest = json.loads((out / art["dir"] / "manifest.json").read_text())
+        assert art["parity"] == manifest["parity"]["status"] == "pass" and manifest["parity"]["max_abs_err"] < 1e-4
+        assert (out / art["file"]).is_file()
+    code, last, _, _ = run_cli("devit", "export", str(run["root"] / "teacher"), "--out", str(tmp_path / "x"), "--json")
+    assert code == 2 and "fusion" in last["error"] and not (tmp_path / "x").exists()

@@ -1,0 +1,70 @@
+"""`effai devit export`: every piece of a DeViT decomposition exported for its device, plus the record of which
+artifact runs where.
+
+    OUT/part_<i>/<target>[-<precision>]/    device i's model (image -> CLS feature), an effai export artifact dir
+    OUT/fusion/<target>[-<precision>]/      the coordinator's fusion head (N CLS features -> logits)
+    OUT/devit_bundle.json                   schema effai.devit-bundle/1: split hash, classes per part, feature
+                                            widths, traffic per image, and per piece: where it runs, its artifacts
+                                            (file, parity, the sha256 of its manifest, which hashes every file)
+
+The decomposition is checked first (one split hash, widths that fit the fusion head); everything is written into a
+temp directory beside OUT and moved into place at the end, so a failed export leaves no half-written bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from effai.devit.parts import features_bytes, load_run
+from effai.errors import UsageError
+
+SCHEMA = "effai.devit-bundle/1"
+
+
+def export_run(run_dir: Path, targets: list[str], out: Path, precision: str | None = None,
+               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    from effai import zoo
+    from effai.export.pipeline import ExportConfig, export
+    from effai.files import atomic_write, replace_dir, sha256
+
+    decomp = load_run(run_dir)
+    if out.exists() and not (out / "devit_bundle.json").is_file():
+        raise UsageError(f"--out {out} exists and is not a DeViT bundle; choose a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    n, d_sub = decomp.fusion.parts, decomp.fusion.model.d_sub
+    pieces = [("part", p.index, p.path, f"device {p.index} (rank {p.index + 1})", list(p.info.get("classes", [])))
+              for p in decomp.parts]
+    pieces.append(("fusion", None, decomp.fusion.path, "coordinator (rank 0)", None))
+    record: dict[str, Any] = {"schema": SCHEMA, "run": str(run_dir), "split_hash": decomp.fusion.split_hash,
+                              "parts": n, "d_sub": d_sub, "traffic_bytes_per_image": features_bytes(n, d_sub),
+                              "pieces": []}
+    try:
+        for role, index, path, runs_on, classes in pieces:
+            name = role if index is None else f"part_{index}"
+            entry: dict[str, Any] = {"role": role, "index": index, "runs_on": runs_on, "classes": classes,
+                                     "checkpoint_sha256": sha256(path), "artifacts": {}}
+            for target in targets:
+                sub = f"{name}/{target}" + (f"-{precision}" if precision else "")
+                if progress:
+                    progress(f"{name} -> {target}")
+                res = export(zoo.create(weights=path), ExportConfig(target=target, precision=precision, out=tmp / sub,
+                                                                    eval="none"))
+                m = res.manifest
+                entry["artifacts"][target] = {"dir": sub, "file": f"{sub}/{m['model_file']}",
+                                              "manifest_sha256": sha256(tmp / sub / "manifest.json"),
+                                              "precision": m["precision"],
+                                              "parity": m["parity"]["status"],
+                                              "max_abs_err": m["parity"].get("max_abs_err")}
+            record["pieces"].append(entry)
+        atomic_write(tmp / "devit_bundle.json", json.dumps(record, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return record
