@@ -69,8 +69,11 @@ def train_cmd(
         if nproc < 1:
             raise UsageError(f"--nproc {nproc} must be >= 1")
         if recipe in OWN_LOOP:
+            for name, value in (("--loss", loss), ("--teacher-weights", teacher_weights), ("--branches", branches)):
+                if value is not None:
+                    raise UsageError(f"{name} belongs to the shared loop's recipes (kd, ofa, ghostnetv3), not '{recipe}'")
             result = _run_own_loop(recipe, {**given, "teachers": teachers, "parts": parts, "iterations": iterations,
-                                            "real_samples": real_samples}, set_, force, progress, nproc)
+                                            "real_samples": real_samples}, set_, resume, force, progress, nproc)
         else:
             for name, value in (("--teachers", teachers), ("--parts", parts), ("--iterations", iterations),
                                 ("--real-samples", real_samples)):
@@ -94,12 +97,22 @@ def train_cmd(
     console.json_line(summary)
 
 
+def _merge(given: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
+    """The options given as flags (None: not given) and as --set; the same field both ways must agree."""
+    opts = {k: v for k, v in given.items() if v is not None}
+    for k, v in sets.items():
+        if k in opts and opts[k] != v:
+            raise UsageError(f"{k} is given twice ({opts[k]!r} as an option, {v!r} with --set); pass it once")
+        opts[k] = v
+    return opts
+
+
 def _run_loop(recipe: str, given: dict[str, Any], sets: list[str] | None, resume: bool, force: bool,
               progress: Any, nproc: int, as_json: bool) -> dict[str, Any]:
     from effai.train.overrides import parse_sets
     from effai.train.recipes import TrainConfig, make_config
 
-    cfg = make_config(recipe, **given, **parse_sets(TrainConfig, sets))
+    cfg = make_config(recipe, **_merge(given, parse_sets(TrainConfig, sets)))
     if cfg.teacher:
         from effai.train.losses import LOSSES
 
@@ -115,8 +128,8 @@ def _run_loop(recipe: str, given: dict[str, Any], sets: list[str] | None, resume
     return {**result, "epochs": len(result["history"]), "train_acc": last.get("train_acc")}
 
 
-def _run_own_loop(recipe: str, given: dict[str, Any], sets: list[str] | None, force: bool, progress: Any,
-                  nproc: int) -> dict[str, Any]:
+def _run_own_loop(recipe: str, given: dict[str, Any], sets: list[str] | None, resume: bool, force: bool,
+                  progress: Any, nproc: int) -> dict[str, Any]:
     from effai.train.overrides import parse_sets
 
     if nproc > 1:
@@ -125,6 +138,8 @@ def _run_own_loop(recipe: str, given: dict[str, Any], sets: list[str] | None, fo
     mod = importlib.import_module(module)
     config_cls = getattr(mod, config_name)
     opts = {k: v for k, v in given.items() if v is not None}
+    if resume:
+        opts["resume"] = True
     if "teachers" in opts:
         opts["teachers"] = tuple(t.strip() for t in opts["teachers"].split(",") if t.strip())
     import dataclasses
@@ -134,8 +149,10 @@ def _run_own_loop(recipe: str, given: dict[str, Any], sets: list[str] | None, fo
     if unknown:
         raise UsageError(f"recipe '{recipe}' does not take --{unknown[0].replace('_', '-')}; its options: "
                          f"{', '.join(sorted(known))}")
+    if "resume" in opts and "resume" not in known:
+        raise UsageError(f"recipe '{recipe}' cannot resume; run it again with --force")
     opts = {k: v for k, v in opts.items() if k in known}
-    cfg = config_cls(**opts, **parse_sets(config_cls, sets))
+    cfg = config_cls(**_merge(opts, parse_sets(config_cls, sets)))
     return getattr(mod, entry)(cfg, force=force, progress=progress)
 
 

@@ -201,3 +201,19 @@ def test_pretrained_offline_is_a_clear_error_not_a_hang(monkeypatch):
         zoo.create("mobilenetv3_small_100", pretrained=True)
     assert time.perf_counter() - t0 < 15
     assert constants.HF_HUB_OFFLINE == before  # restored
+
+
+@pytest.mark.parametrize("arch,fragment", [
+    ({"header_dims": [2 ** 31]}, "header_dims=2147483648 is out of range"),          # would exhaust memory
+    ({"backbone_kwargs": {"channels": [10 ** 9]}}, "out of range"),
+    ({"parts": 2}, "cannot be built with options ['parts']"),                         # not this architecture's
+])
+def test_crafted_checkpoint_cards_are_refused_before_building(tmp_path, arch, fragment):
+    import json
+
+    card = {"name": "x", "source": "timm:resnet10t", "input_size": [1, 32, 32], "mean": [0.5], "std": [0.5],
+            "num_classes": 10, "arch_kwargs": arch}
+    path = tmp_path / "crafted.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"effai.card": json.dumps(card)})
+    with pytest.raises(UsageError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        zoo.create(weights=path)

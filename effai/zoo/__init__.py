@@ -124,12 +124,20 @@ def build(card: ModelCard) -> nn.Module:
         factory = ARCHS.get(ref)
         if getattr(factory, "takes_img_size", False):
             kwargs["img_size"] = card.input_size[1]
-        return factory(num_classes=card.num_classes, in_chans=card.input_size[0], **kwargs)
+        try:
+            return factory(num_classes=card.num_classes, in_chans=card.input_size[0], **kwargs)
+        except TypeError as e:
+            raise UsageError(f"{card.name} ({card.source}) cannot be built with options {sorted(kwargs)}: {e}; the "
+                             "checkpoint's card does not fit this architecture") from e
     if kind == "timm":
         import timm
 
-        return timm.create_model(ref, pretrained=False, num_classes=card.num_classes, in_chans=card.input_size[0],
-                                 **kwargs)
+        try:
+            return timm.create_model(ref, pretrained=False, num_classes=card.num_classes,
+                                     in_chans=card.input_size[0], **kwargs)
+        except TypeError as e:
+            raise UsageError(f"{card.name} ({card.source}) cannot be built with options {sorted(kwargs)}: {e}; the "
+                             "checkpoint's card does not fit this architecture") from e
     raise EffaiError(f"card {card.name} has source '{card.source}', which the zoo cannot build")
 
 
@@ -141,6 +149,29 @@ SAFE_ARCH_KWARGS = ("deploy", "num_branches", "scale_branch", "identity_bn", "dr
                     "parts", "d_sub", "d_teacher", "split_hash", "part_classes")
 
 
+MAX_WIDTH = 65536        # no width, class count or input side in a plausible checkpoint is larger
+
+
+def _plausible(key: str, v: object, depth: int = 0) -> None:
+    """Checkpoint metadata is untrusted: bounded JSON values only, so a crafted card cannot ask for a model that
+    exhausts memory before its weights are even read."""
+    ok = (v is None or isinstance(v, bool)
+          or (isinstance(v, int) and 0 <= v <= MAX_WIDTH)
+          or (isinstance(v, float) and 0.0 <= v <= MAX_WIDTH)
+          or (isinstance(v, str) and len(v) <= 200))
+    if isinstance(v, list) and len(v) <= 64 and depth < 3:
+        for x in v:
+            _plausible(key, x, depth + 1)
+        return
+    if isinstance(v, dict) and len(v) <= 16 and depth < 3:
+        for k, x in v.items():
+            _plausible(f"{key}.{k}", x, depth + 1)
+        return
+    if not ok:
+        raise UsageError(f"checkpoint card option {key}={str(v)[:60]} is out of range (ints 0..{MAX_WIDTH}, short "
+                         "strings, small lists); the file is damaged or not from effai: re-save it")
+
+
 def card_from_checkpoint(path: Path) -> ModelCard | None:
     """The model card effai train wrote into a safetensors file's metadata, if any."""
     meta = _safetensors_metadata(path) if path.is_file() else {}
@@ -150,6 +181,8 @@ def card_from_checkpoint(path: Path) -> ModelCard | None:
         c = json.loads(meta["effai.card"])
         labels = json.loads(meta["labels"]) if "labels" in meta else None
         arch = {k: v for k, v in c.get("arch_kwargs", {}).items() if k in SAFE_ARCH_KWARGS}   # metadata is untrusted
+        for k, v in {**arch, "input_size": list(c["input_size"]), "num_classes": c["num_classes"]}.items():
+            _plausible(k, v)
         extra: dict = {"arch_kwargs": arch, **({"labels": labels} if labels else {})}
         if "effai.train" in meta:  # evaluate on the training run's own held-out split
             tcfg = json.loads(meta["effai.train"]).get("config", {})

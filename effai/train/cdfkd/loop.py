@@ -70,12 +70,18 @@ def train_cdfkd(cfg: CdfkdConfig, *, force: bool = False, progress: Any = None) 
     if len(full.classes) != card.num_classes:
         raise UsageError(f"--data {cfg.data} has {len(full.classes)} classes but the teachers predict "
                          f"{card.num_classes}; evaluate on the data the teachers were trained on")
-    split_seed = teachers[0].seed if teachers[0].seed is not None else cfg.seed
-    if len({t.seed for t in teachers}) > 1:
-        notes.append(f"teachers were trained with different split seeds {[t.seed for t in teachers]}; the held-out "
-                     f"split uses {split_seed}, so it overlaps some teachers' training images")
+    # the held-out split: the one the teachers trained with on this data (so none of them has seen it)
+    splits = [t.split if t.split and t.split.get("data") == cfg.data else None for t in teachers]
+    ref = next((sp for sp in splits if sp), None)
+    split_seed, val_fraction = (ref["seed"], ref["val_fraction"]) if ref else (cfg.seed, cfg.val_fraction)
+    if any(sp is None or (sp["seed"], sp["val_fraction"]) != (split_seed, val_fraction) for sp in splits):
+        seen = [sp and (sp["seed"], sp["val_fraction"]) for sp in splits]
+        notes.append(f"the teachers' held-out splits differ ({seen}, (seed, fraction) on {cfg.data}); the held-out "
+                     f"split uses seed {split_seed}, fraction "
+                     f"{val_fraction}, so it may overlap some teachers' training images and their accuracies are "
+                     "optimistic")
         warnings.warn(notes[-1], stacklevel=2)
-    train_set, val_set = data_mod.split(full, cfg.val_fraction, split_seed)
+    train_set, val_set = data_mod.split(full, val_fraction, split_seed)
     mean, std = torch.tensor(card.mean).view(1, -1, 1, 1), torch.tensor(card.std).view(1, -1, 1, 1)
     _prepare_out(out, force)     # inputs are valid: only now a --force run clears the old one
     teacher_acc = [evaluate(t.model, val_set, torch.tensor(t.card.mean).view(1, -1, 1, 1),
@@ -164,7 +170,8 @@ def train_cdfkd(cfg: CdfkdConfig, *, force: bool = False, progress: Any = None) 
 
     # --- save: one plain module whose card rebuilds it (`effai export --weights out/model.safetensors`) ------------
     # config.split_seed: the zoo reads it so `effai export --eval auto` uses the same held-out split
-    record = {"recipe": "cdfkd", "config": {**cfg.to_dict(), "split_seed": split_seed}, "split_seed": split_seed,
+    record = {"recipe": "cdfkd", "config": {**cfg.to_dict(), "split_seed": split_seed, "val_fraction": val_fraction},
+              "split_seed": split_seed,
               "dataset": {"source": full.source, "fingerprint": full.fingerprint(), "val": len(val_set),
                           "used_for": "held-out evaluation" + (" + attention samples" if attention else "")},
               "teachers": [{**t.summary(), "val_acc": a} for t, a in zip(teachers, teacher_acc)],

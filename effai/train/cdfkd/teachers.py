@@ -31,9 +31,13 @@ class Teacher:
     record: dict[str, Any] = field(default_factory=dict)   # the teacher's own effai.train record, if any
 
     @property
+    def split(self) -> dict[str, Any] | None:
+        """The held-out split the teacher was trained with ({data, seed, val_fraction}), as the zoo resolved it."""
+        return self.card.extra.get("split")
+
+    @property
     def seed(self) -> int | None:
-        cfg = self.record.get("config", {})
-        return cfg.get("seed") if cfg.get("data") else None
+        return self.split["seed"] if self.split else None
 
     def summary(self) -> dict[str, Any]:
         return {"spec": self.spec, "model": self.card.source, "feature_dim": self.dim,
