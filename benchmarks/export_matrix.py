@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ import torch
 from effai import toolchain
 from effai.export.pipeline import ExportConfig, ParityFailed, export
 from effai.export.targets import TARGETS
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/matrix/, also when run from elsewhere
 from matrix.case import Case, _delegation_short, _first_line
 from matrix.runtime import cosine, load_all, measure, top1
 from matrix.upstream import run_upstream

@@ -157,16 +157,23 @@ def test_train_devit_writes_parts_fusion_and_manifest(run):
         train_devit(bad)
 
 
-def test_parts_of_another_decomposition_are_refused(run, tmp_path):
-    from safetensors.torch import load_file
-
-    from effai.devit.parts import load_run
-
-    other = tmp_path / "other"     # another split seed; sub-models start from part 0's weights and are not trained
+@pytest.fixture(scope="module")
+def other_run(run, tmp_path_factory):
+    """Another decomposition (split seed 7) whose sub-models start from part 0's weights, untrained."""
+    other = tmp_path_factory.mktemp("devit_other") / "run"
     cfg = DevitConfig(**{**run["cfg"].to_dict(), "gammas": (0.2, 0.1, 0.3), "seed": 7, "out": str(other),
                          "epochs": 0, "finetune_epochs": 0, "ensemble_epochs": 0,
                          "student_weights": str(run["dir"] / "part_0")})
     train_devit(cfg)
+    return other
+
+
+def test_parts_of_another_decomposition_are_refused(run, other_run):
+    from safetensors.torch import load_file
+
+    from effai.devit.parts import load_run
+
+    other = other_run
     init = load_file(run["dir"] / "part_0" / "model.safetensors")
     got = load_file(other / "part_1" / "model.safetensors")
     assert init.keys() == got.keys() and all(torch.equal(init[k], got[k]) for k in init)
@@ -176,7 +183,6 @@ def test_parts_of_another_decomposition_are_refused(run, tmp_path):
         load_run(run["dir"], part_paths=[run["dir"] / "part_0", other / "part_1"])
     with pytest.raises(UsageError, match="is part 1, but was given as part 0"):
         load_run(run["dir"], part_paths=[run["dir"] / "part_1", run["dir"] / "part_0"])
-    run["other"] = other
 
 
 # --- collaborative inference ------------------------------------------------------------------------------------------
@@ -212,7 +218,7 @@ def test_a_device_that_dies_mid_stream_ends_the_run_naming_it(run):
     assert time.monotonic() - t0 < 40                                             # no hang: start-up + timeout
 
 
-def test_missing_device_and_foreign_part_are_refused_before_data_flows(run):
+def test_missing_device_and_foreign_part_are_refused_before_data_flows(run, other_run):
     from effai.devit import RunSpec, coordinate, load_part, load_run, serve
 
     decomp = load_run(run["dir"])
@@ -220,10 +226,7 @@ def test_missing_device_and_foreign_part_are_refused_before_data_flows(run):
     with pytest.raises(EffaiError, match=r"device rank 1 \(part 0\), device rank 2 \(part 1\) did not join"):
         coordinate(decomp, "127.0.0.1:0", RunSpec(timeout_s=1.0))
     assert time.monotonic() - t0 < 10
-    other = run.get("other")
-    if other is None:
-        pytest.skip("needs test_parts_of_another_decomposition_are_refused")
-    foreign, own = load_part(other / "part_1"), load_part(run["dir"] / "part_0")
+    foreign, own = load_part(other_run / "part_1"), load_part(run["dir"] / "part_0")
     errors: dict[str, BaseException] = {}
 
     def device(part, key):
@@ -252,8 +255,9 @@ def test_missing_device_and_foreign_part_are_refused_before_data_flows(run):
 def test_devit_export_writes_every_piece_with_parity_and_where_it_runs(run, tmp_path):
     from tests.conftest import run_cli
 
-    out = tmp_path / "bundle"
-    code, last, _, err = run_cli("devit", "export", str(run["dir"]), "--target", "onnx", "--out", str(out), "--json")
+    out = tmp_path / "bundle"        # parts quantized; the fusion head (CLS features in) stays float, noted
+    code, last, _, err = run_cli("devit", "export", str(run["dir"]), "--target", "onnx", "-q", "int8-dynamic", "--out",
+                                 str(out), "--json")
     assert code == 0, err
     rec = json.loads((out / "devit_bundle.json").read_text())
     assert rec["schema"] == "effai.devit-bundle/1" and rec["split_hash"] == run["result"]["split_hash"]
@@ -261,10 +265,12 @@ def test_devit_export_writes_every_piece_with_parity_and_where_it_runs(run, tmp_
     assert [p["runs_on"] for p in rec["pieces"]] == ["device 0 (rank 1)", "device 1 (rank 2)", "coordinator (rank 0)"]
     assert sorted(rec["pieces"][0]["classes"] + rec["pieces"][1]["classes"]) == list(range(10))
     assert rec["traffic_bytes_per_image"] == 2 * rec["d_sub"] * 4
+    assert [p["artifacts"]["onnx"]["precision"] for p in rec["pieces"]] == ["int8-dynamic", "int8-dynamic", "fp32"]
+    assert "CLS features" in rec["pieces"][2]["note"]
     for piece in rec["pieces"]:
         art = piece["artifacts"]["onnx"]
         manifest = json.loads((out / art["dir"] / "manifest.json").read_text())
-        assert art["parity"] == manifest["parity"]["status"] == "pass" and manifest["parity"]["max_abs_err"] < 1e-4
-        assert (out / art["file"]).is_file()
+        assert art["parity"] == manifest["parity"]["status"] == "pass" and (out / art["file"]).is_file()
+    assert manifest["parity"]["max_abs_err"] < 1e-4                       # the float fusion head matches exactly
     code, last, _, _ = run_cli("devit", "export", str(run["root"] / "teacher"), "--out", str(tmp_path / "x"), "--json")
     assert code == 2 and "fusion" in last["error"] and not (tmp_path / "x").exists()

@@ -38,6 +38,8 @@ def export_run(run_dir: Path, targets: list[str], out: Path, precision: str | No
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     n, d_sub = decomp.fusion.parts, decomp.fusion.model.d_sub
+    data = str(decomp.manifest.get("config", {}).get("data") or "")
+    calib = data if data == "digits" or Path(data).is_dir() else "auto"   # the parts calibrate on the run's images
     pieces = [("part", p.index, p.path, f"device {p.index} (rank {p.index + 1})", list(p.info.get("classes", [])))
               for p in decomp.parts]
     pieces.append(("fusion", None, decomp.fusion.path, "coordinator (rank 0)", None))
@@ -49,12 +51,17 @@ def export_run(run_dir: Path, targets: list[str], out: Path, precision: str | No
             name = role if index is None else f"part_{index}"
             entry: dict[str, Any] = {"role": role, "index": index, "runs_on": runs_on, "classes": classes,
                                      "checkpoint_sha256": sha256(path), "artifacts": {}}
+            # the fusion head takes CLS features, not images: no image calibration set fits it, so it stays float
+            prec = precision if role == "part" else None
+            if precision and role == "fusion":
+                entry["note"] = (f"kept at the target's float precision: {precision} needs calibration on CLS "
+                                 "features, which effai does not collect yet (the head is 2 small Linear layers)")
             for target in targets:
-                sub = f"{name}/{target}" + (f"-{precision}" if precision else "")
+                sub = f"{name}/{target}" + (f"-{prec}" if prec else "")
                 if progress:
                     progress(f"{name} -> {target}")
-                res = export(zoo.create(weights=path), ExportConfig(target=target, precision=precision, out=tmp / sub,
-                                                                    eval="none"))
+                res = export(zoo.create(weights=path), ExportConfig(target=target, precision=prec, out=tmp / sub,
+                                                                    eval="none", calib=calib))
                 m = res.manifest
                 entry["artifacts"][target] = {"dir": sub, "file": f"{sub}/{m['model_file']}",
                                               "manifest_sha256": sha256(tmp / sub / "manifest.json"),

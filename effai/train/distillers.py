@@ -97,6 +97,9 @@ class OFA(Distiller):
             eps = eps * (n + 1)
         if len(eps) != n + 1:
             raise UsageError(f"--set ofa_eps needs 1 value or {n + 1} (one per exit, then the final logits), got {len(eps)}")
+        if min(eps) <= 0 or cfg.ofa_temperature <= 0:
+            raise UsageError(f"ofa_eps {eps} and ofa_temperature {cfg.ofa_temperature} must be > 0 (the paper: eps 1 "
+                             "to 1.5, temperature 1)")
         self.eps = eps
         was = student.training
         student.eval()

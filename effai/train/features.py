@@ -76,8 +76,8 @@ class FeatureCapture:
     def outputs(self) -> list[torch.Tensor]:
         missing = [self.paths[i] for i in range(len(self.paths)) if i not in self._store]
         if missing:
-            raise RuntimeError(f"modules {missing} did not run in the forward pass; capture modules on the path "
-                               "from input to output")
+            raise UsageError(f"modules {missing} did not run in the forward pass; choose modules on the path from "
+                             "input to output (e.g. --set exits=... with the model's stage paths)")
         return [self._store[i] for i in range(len(self.paths))]
 
     def clear(self) -> None:

@@ -29,6 +29,7 @@ from effai.train import data as data_mod
 from effai.train import distributed as ddp
 from effai.train.distillers import build_distiller
 from effai.train.models import build_student, load_teacher, save_model
+from effai.train.optim import param_groups
 from effai.train.recipes import TrainConfig
 
 EpochHook = Callable[[int, nn.Module], None]
@@ -99,11 +100,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         net = distiller
 
     # --- optimizer and schedule ------------------------------------------------------------------------------------
-    params = [p for p in distiller.parameters() if p.requires_grad]    # the student and aux; never the teacher
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
+    groups = param_groups([distiller], cfg.weight_decay)    # the student and aux; never the (frozen) teacher
     base_lr = cfg.lr * cfg.batch_size / 128
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = (torch.optim.AdamW(groups, lr=base_lr) if cfg.optimizer == "adamw"
            else torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum, nesterov=True))
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch

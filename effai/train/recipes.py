@@ -71,7 +71,9 @@ RECIPES.register("kd", TrainConfig(recipe="kd", student="ghostnetv3_050"))
 RECIPES.register("supervised", TrainConfig(recipe="supervised", student="resnet18", teacher=None, lr=0.1))
 RECIPES.register("ofa", TrainConfig(recipe="ofa", student="ghostnetv3_050"))
 
-TOKEN_FAMILIES = ("vit", "deit", "mixer", "swin", "beit", "cait", "eva", "xcit", "resmlp", "gmlp")
+# Families (prefixes of timm / zoo family names: deit3, swinv2, eva02 ... included) trained with AdamW.
+TOKEN_FAMILIES = ("vit", "deit", "mixer", "swin", "beit", "cait", "eva", "xcit", "resmlp", "gmlp", "flexivit",
+                  "crossvit", "pvt", "twins", "volo", "mvit", "levit", "tnt", "convit", "hiera", "davit", "maxvit")
 ADAMW = {"lr": 1e-3, "weight_decay": 0.05}
 
 
@@ -89,7 +91,7 @@ def make_config(recipe: str, **overrides: Any) -> TrainConfig:
     if cfg.optimizer == "auto":
         from effai import zoo
 
-        token = zoo.resolve_card(cfg.student).family in TOKEN_FAMILIES
+        token = zoo.resolve_card(cfg.student).family.startswith(TOKEN_FAMILIES)
         cfg = replace(cfg, optimizer="adamw" if token else "sgd")
         if token:
             cfg = replace(cfg, **{k: v for k, v in ADAMW.items() if k not in given})

@@ -28,6 +28,7 @@ from effai.train.devit.config import DevitConfig
 from effai.train.devit.fusion import Ensemble
 from effai.train.features import FeatureCapture
 from effai.train.loop import TrainingDiverged, evaluate
+from effai.train.optim import param_groups
 
 # step(x normalized, y) -> (loss, logits for train accuracy, terms to log)
 Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, dict[str, float]]]
@@ -50,17 +51,6 @@ def subset_data(data: data_mod.ImageData, classes: Sequence[int]) -> data_mod.Im
     local = torch.full((len(data.classes),), -1, dtype=torch.long)
     local[torch.tensor(list(classes))] = torch.arange(len(classes))
     return data_mod.ImageData(data.x[keep], local[data.y[keep]], [data.classes[c] for c in classes], data.source)
-
-
-def param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for m in modules:
-        for name, p in m.named_parameters():
-            if not p.requires_grad:
-                continue
-            skip = p.ndim <= 1 or name.split(".")[-1] in ("pos_embed", "cls_token", "reg_token")
-            (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def fit(stage: str, modules: Sequence[nn.Module], step: Step, train: data_mod.ImageData, val_model: nn.Module,

@@ -6,7 +6,8 @@ Architectures in Knowledge Distillation", NeurIPS 2023, arXiv:2310.19444; code H
 The target class is weighted (1 + p_t,gt)^eps - 1 (>= p_t,gt for eps >= 1: the teacher's confidence in the true
 class is enhanced), every other class p_t,c^eps (< p_t,c: dark knowledge is damped). At eps = 1 the weights are
 p_t exactly, so L is the cross-entropy to the teacher, whose gradient equals vanilla KD's: dL/dz_s = (p_s - p_t)/B
-at T = 1. The teacher gives only logits.
+at T = 1. The teacher gives only logits. As in the reference code, L is not multiplied by T^2 (vanilla KD's
+convention), so at T != 1 its gradients are 1/T of KD's; the paper uses T = 1.
 """
 
 from __future__ import annotations
