@@ -143,13 +143,19 @@ def coordinate(decomp: Decomposition, address: str, spec: RunSpec,
         part_card = decomp.parts[0].card if decomp.parts else None
         size = tuple(part_card.input_size) if part_card else tuple(peers[1]["input_size"])
         mean, std = (list(part_card.mean), list(part_card.std)) if part_card else (peers[1]["mean"], peers[1]["std"])
-        val_seed = int(decomp.manifest.get("dataset", {}).get("val_seed", fusion.info.get("seed", 42)))
-        stream = load_stream(spec.data, size, mean, std, spec.images, val_seed)  # type: ignore[arg-type]
+        dataset = decomp.manifest.get("dataset", {})
+        if "val_seed" not in dataset and not spec.data.startswith("random"):
+            raise UsageError("the run's devit.json (its held-out split) is missing: copy it next to fusion/, or "
+                             "stream --data random")
+        val_seed, val_fraction = int(dataset.get("val_seed", 0)), float(dataset.get("val_fraction", 0.2))
+        stream = load_stream(spec.data, size, mean, std, spec.images, val_seed,  # type: ignore[arg-type]
+                             val_fraction)
         if stream.batches(spec.batch_size) < 1:
             raise UsageError(f"--images {spec.images} is fewer than one batch of {spec.batch_size}")
     except EffaiError as e:
         refusal = e
     _publish(store, n, {"ok": refusal is None, "spec": asdict(spec), "val_seed": val_seed if refusal is None else 0,
+                        "val_fraction": val_fraction if refusal is None else 0.2,
                         "error": f"refused by the coordinator at {address}: {refusal}" if refusal else None,
                         "usage": isinstance(refusal, UsageError)})
     if refusal is not None:
@@ -291,7 +297,8 @@ def serve(part: Part, address: str, timeout_s: float = 60.0, fail_after: int | N
         raise (UsageError if verdict.get("usage") else EffaiError)(verdict["error"])
     spec = RunSpec(**verdict["spec"])
     stream = None if spec.send_images else load_stream(spec.data, tuple(card.input_size), list(card.mean),
-                                                      list(card.std), spec.images, int(verdict["val_seed"]))
+                                                      list(card.std), spec.images, int(verdict["val_seed"]),
+                                                      float(verdict.get("val_fraction", 0.2)))
     _init_group(store, rank, n + 1, spec.timeout_s, address)
     coordinator = f"the coordinator at {address}"
     timings: list[tuple[float, float, float]] = []

@@ -115,7 +115,7 @@ def train_devit(cfg: DevitConfig, *, force: bool = False, progress: Any = None) 
 
     # --- write the parts, the fusion head, then devit.json ------------------------------------------------------------
     dataset = {"source": full.source, "fingerprint": full.fingerprint(), "train": len(train_set), "val": len(val_set),
-               "val_seed": val_seed, "classes": full.classes}
+               "val_seed": val_seed, "val_fraction": cfg.val_fraction, "classes": full.classes}
     record = {"recipe": "devit", "devit": cfg.to_dict(), "dataset": dataset, "teacher": str(t_path),
               "ensemble_val_acc": acc, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for i, (part, rep) in enumerate(zip(parts, part_reports)):
@@ -175,6 +175,12 @@ def _val_seed(cfg: DevitConfig, t_card: Any) -> int:
     split = t_card.extra.get("split", {})
     if split.get("data") == cfg.data and float(split.get("val_fraction", -1)) == cfg.val_fraction:
         return int(split.get("seed", cfg.seed))
+    if split.get("data") == cfg.data:
+        import warnings
+
+        warnings.warn(f"the teacher held out {split.get('val_fraction')} of {cfg.data}, this run "
+                      f"{cfg.val_fraction}: its held-out images overlap the teacher's training images, so held-out "
+                      f"accuracies are optimistic; pass --set val_fraction={split.get('val_fraction')}", stacklevel=2)
     return cfg.seed
 
 
