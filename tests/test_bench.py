@@ -333,13 +333,14 @@ def test_bench_imports_without_torch():
 
 
 def test_cli_ctrl_c_writes_a_partial_report_and_exits_130(digits_artifacts, tmp_path):
-    """A real SIGINT to `effai bench` while it times the second artifact."""
+    """A real SIGINT to `effai bench` while it times the second artifact (5 s each: a window a loaded CI machine's
+    polling cannot miss)."""
     import signal
     import time
 
     out = tmp_path / "cc.json"
     proc = subprocess.Popen([sys.executable, "-m", "effai", "bench", str(digits_artifacts["tflite"]),
-                             str(digits_artifacts["onnx"]), "--runs", "1", "--warmup", "0", "--min-seconds", "2",
+                             str(digits_artifacts["onnx"]), "--runs", "1", "--warmup", "0", "--min-seconds", "5",
                              "--cooldown", "0", "--idle", "0", "--energy", "none", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
