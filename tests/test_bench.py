@@ -343,7 +343,9 @@ def test_cli_ctrl_c_writes_a_partial_report_and_exits_130(digits_artifacts, tmp_
                              str(digits_artifacts["onnx"]), "--runs", "1", "--warmup", "0", "--min-seconds", "5",
                              "--cooldown", "0", "--idle", "0", "--energy", "none", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # a suite started as a background job (`cmd &`) inherits SIGINT ignored: undo that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         if out.exists() and len(json.loads(out.read_text())["records"]) == 1:
