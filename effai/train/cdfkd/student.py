@@ -33,22 +33,13 @@ from torch import nn
 
 from effai.errors import UsageError
 from effai.train.features import FeatureCapture, feature_info, stage_exits
+from effai.train.projectors import SepConv   # OFA-KD's and CDFKD-MFS's separable block (DARTS)
 
 AGGREGATIONS = ("mean", "attention")
 # Backbone options a checkpoint may carry (its metadata is untrusted: no paths, no pretrained/checkpoint options).
 BACKBONE_KWARGS = ("channels", "stem_width", "base_width", "drop_rate", "drop_path_rate", "num_branches",
                    "scale_branch", "identity_bn")
 NUM_EXITS = 4
-
-
-class SepConv(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, stride: int = 2) -> None:
-        p = kernel_size // 2
-        super().__init__(
-            nn.Conv2d(c_in, c_in, kernel_size, stride, p, groups=c_in, bias=False),
-            nn.Conv2d(c_in, c_in, 1, bias=False), nn.BatchNorm2d(c_in), nn.ReLU(),
-            nn.Conv2d(c_in, c_in, kernel_size, 1, p, groups=c_in, bias=False),
-            nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
 
 
 class StageTrunk(nn.Module):
