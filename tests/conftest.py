@@ -76,6 +76,32 @@ def digits_npz(tmp_path_factory):
     return path
 
 
+DEVIT_SIZE = 16   # DeViT tests: 16x16 digits, patch 4: 16 patches + CLS for teacher and parts alike
+
+
+@pytest.fixture(scope="session")
+def devit_teacher(tmp_path_factory, digits_npz):
+    """A vit_tiny checkpoint on the 240 digits (random init: the DeViT tests check the pipeline, the benchmark its
+    accuracy), shared by every DeViT test module."""
+    from effai import zoo
+    from effai.train import data as data_mod
+    from effai.train.models import build_student, save_model
+    from effai.train.recipes import make_config
+
+    root = tmp_path_factory.mktemp("devit_teacher")
+    cfg = make_config("supervised", student="vit_tiny", data=str(digits_npz), input_size=DEVIT_SIZE, channels=1,
+                      out=str(root), fold=False)
+    full = data_mod.load(cfg.data, DEVIT_SIZE, 1)
+    _, val = data_mod.split(full, 0.2, cfg.seed)
+    _, card = build_student(cfg, full.classes)
+    card = card.with_(extra={**card.extra, "arch_kwargs": {"patch_size": 4}})
+    torch.manual_seed(0)
+    model = zoo.build(card)
+    save_model(model, card, cfg, root, val, {"dataset": {"source": str(digits_npz)}, "history": [], "world_size": 1},
+               "raw")
+    return root
+
+
 @pytest.fixture(scope="session")
 def small_exports(tmp_path_factory):
     """ghostnetv3_050 at 64x64 exported once to every target; many tests read these artifacts."""

@@ -20,33 +20,14 @@ from effai.train.devit.fusion import FusionHead, build_fusion_head
 from effai.train.devit.split import split_classes, split_hash
 from effai.train.features import FeatureCapture
 
-SIZE = 16   # 16x16 digits, patch 4: 16 patches + CLS, the same token count for teacher and parts
-
-
-def _teacher(root: Path, data: Path) -> Path:
-    """A vit_tiny teacher checkpoint (random init: these tests check the pipeline, the benchmark its accuracy)."""
-    from effai.train import data as data_mod
-    from effai.train.models import build_student, save_model
-    from effai.train.recipes import make_config
-
-    cfg = make_config("supervised", student="vit_tiny", data=str(data), input_size=SIZE, channels=1, out=str(root),
-                      fold=False)
-    full = data_mod.load(cfg.data, SIZE, 1)
-    _, val = data_mod.split(full, 0.2, cfg.seed)
-    _, card = build_student(cfg, full.classes)
-    card = card.with_(extra={**card.extra, "arch_kwargs": {"patch_size": 4}})
-    torch.manual_seed(0)
-    model = zoo.build(card)
-    root.mkdir(parents=True, exist_ok=True)
-    save_model(model, card, cfg, root, val, {"dataset": {"source": str(data)}, "history": [], "world_size": 1}, "raw")
-    return root
+from tests.conftest import DEVIT_SIZE as SIZE
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, digits_npz):
+def run(tmp_path_factory, digits_npz, devit_teacher):
     """A 2-part decomposition trained for one epoch per stage on 240 digits (~10 s)."""
     root = tmp_path_factory.mktemp("devit")
-    teacher = _teacher(root / "teacher", digits_npz)
+    teacher = devit_teacher
     cfg = DevitConfig(teacher=str(teacher), parts=2, data=str(digits_npz), out=str(root / "run"), epochs=1,
                       finetune_epochs=1, ensemble_epochs=1, batch_size=32)
     return {"result": train_devit(cfg), "cfg": cfg, "dir": root / "run", "teacher": teacher, "root": root}
@@ -272,5 +253,5 @@ def test_devit_export_writes_every_piece_with_parity_and_where_it_runs(run, tmp_
         manifest = json.loads((out / art["dir"] / "manifest.json").read_text())
         assert art["parity"] == manifest["parity"]["status"] == "pass" and (out / art["file"]).is_file()
     assert manifest["parity"]["max_abs_err"] < 1e-4                       # the float fusion head matches exactly
-    code, last, _, _ = run_cli("devit", "export", str(run["root"] / "teacher"), "--out", str(tmp_path / "x"), "--json")
+    code, last, _, _ = run_cli("devit", "export", str(run["teacher"]), "--out", str(tmp_path / "x"), "--json")
     assert code == 2 and "fusion" in last["error"] and not (tmp_path / "x").exists()
