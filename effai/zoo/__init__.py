@@ -146,7 +146,9 @@ SAFE_ARCH_KWARGS = ("deploy", "num_branches", "scale_branch", "identity_bn", "dr
                     # CDFKD-MFS multi-header student (effai/train/cdfkd)
                     "backbone", "backbone_kwargs", "exits", "exit_channels", "header_dims", "aggregation",
                     # DeViT parts and fusion head (effai/train/devit)
-                    "parts", "d_sub", "d_teacher", "split_hash", "part_classes")
+                    "parts", "d_sub", "d_teacher", "split_hash", "part_classes",
+                    # structurally pruned ViTs (DeViT's optional stage): heads and MLP neurons per block
+                    "block_heads", "block_mlp")
 
 
 MAX_WIDTH = 65536        # no width, class count or input side in a plausible checkpoint is larger

@@ -3,7 +3,7 @@
 Defaults follow the reference (falcon-xu/DeViT): split seed 42, alpha 0.5, gammas (0.2, 0.1, 0.3), AdamW with cosine
 decay and weight decay 0.05 (DeiT's), label smoothing 0.1. Epoch counts and the learning rate are set for small data
 (few steps per epoch): on digits, 10 ensemble epochs at lr 1e-3 reach 95.8% held-out with 2 parts where 4 epochs at
-the reference 5e-4 reach 90.8% (teacher 98.3%).
+the reference 5e-4 reach 90.8% (teacher 98.3%). Pruning (stage 2) is off unless prune_neurons or prune_heads > 0.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ class DevitConfig:
     val_fraction: float = 0.2
     alpha: float = 0.5                  # weight of the hard-KD term against CE (DEKD and ensemble)
     gammas: tuple[float, float, float] = (0.2, 0.1, 0.3)   # weights of R_Q, R_K, R_V
+    prune_neurons: float = 0.0          # stage 2 (optional): fraction of every block's MLP neurons to remove
+    prune_heads: float = 0.0            # stage 2 (optional): fraction of every block's attention heads to remove
+    prune_epochs: int = 3               # DEKD epochs that recover the accuracy after pruning (over the subset)
+    prune_images: int = 256             # training images of the part that the neurons and heads are ranked on
     feature_weight: float = 1.0         # weight of MSE(projected fused CLS, teacher CLS) in the ensemble stage
     label_smoothing: float = 0.1        # on the CE(z, y) terms (reference base criterion)
     jitter: float = 0.2                 # brightness/contrast augmentation; translation is always on
@@ -49,7 +53,12 @@ class DevitConfig:
                              "trained by effai on the same --data")
         if self.parts < 1:
             raise UsageError(f"--parts {self.parts} must be >= 1")
-        for name in ("epochs", "finetune_epochs", "ensemble_epochs"):
+        from effai.train.devit.prune import check_ratios
+
+        check_ratios(self.prune_neurons, self.prune_heads)
+        if self.prune_images < 2:
+            raise UsageError(f"prune_images {self.prune_images} must be >= 2 (HSIC compares images with each other)")
+        for name in ("epochs", "finetune_epochs", "ensemble_epochs", "prune_epochs"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} {getattr(self, name)} must be >= 0")
         if self.batch_size < 2 or self.lr <= 0 or self.finetune_lr <= 0:

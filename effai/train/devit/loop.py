@@ -4,6 +4,7 @@ Decomposing Vision Transformers for Collaborative Inference in Edge Devices", IE
     split          classes -> N disjoint subsets (seeded shuffle, contiguous chunks)          split.py
     for i < N:     sub-teacher_i = teacher fine-tuned on subset i                              stages.py (stage 1)
                    sub-model_i   = small ViT distilled from sub-teacher_i by DEKD on subset i  stages.py (stage 3)
+                   optional: prune sub-model_i's heads/neurons, DEKD again to recover           prune.py  (stage 2)
     ensemble       sub-models (CLS features) + fusion head trained jointly on all classes      stages.py (stage 4)
 
 Writes (atomically; `devit.json` last, so its presence marks a finished run):
@@ -12,7 +13,10 @@ Writes (atomically; `devit.json` last, so its presence marks a finished run):
     OUT/devit.json                    split + hash, per-part classes/params/accuracy, placement, traffic per image
 Each checkpoint carries its model card (`effai export --weights` rebuilds it) and `effai.devit` metadata (split hash,
 part index, classes, widths) that `effai devit serve/run` checks before any data flows.
-Pruning (the paper's optional stage 2) is not implemented.
+
+Stage 2 (pruning, `--set prune_neurons=R --set prune_heads=R`) runs on the distilled sub-model, as the reference's
+shrink.py does on a trained one: rank, cut, then `prune_epochs` more DEKD epochs. A pruned part's card carries its
+heads and MLP neurons per block, so export and serve rebuild it.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from effai.errors import UsageError
 from effai.files import atomic_write
 from effai.train import data as data_mod
 from effai.train.checkpoint import writable_run_dir
-from effai.train.devit import dekd, stages
+from effai.train.devit import dekd, prune, stages
 from effai.train.devit.config import DevitConfig
 from effai.train.devit.fusion import Ensemble, FusionHead
 from effai.train.devit.split import ClassSplit, split_classes
@@ -95,11 +99,14 @@ def train_devit(cfg: DevitConfig, *, force: bool = False, progress: Any = None) 
                                        label=f"part {i + 1}/{cfg.parts}: ")
         history += [{**r, "part": i} for r in rows]
         student_acc = evaluate(student, va_i, norm.mean, norm.std, device)
+        pruning = _prune(student, sub_teacher, tr_i, va_i, cfg, norm, seed_i, progress, f"part {i + 1}/{cfg.parts}: ")
+        history += [{**r, "part": i} for r in pruning.pop("history", [])]
         del sub_teacher
         student.reset_classifier(0)      # from here on the part outputs its CLS feature
         parts.append(student)
         part_reports.append({"index": i, "classes": list(classes), "class_names": [full.classes[c] for c in classes],
                              "sub_teacher_val_acc": sub_teacher_acc, "dekd_val_acc": student_acc,
+                             **({"pruning": pruning} if pruning else {}),
                              "finetune_seconds": round(t1 - t0, 1), "dekd_seconds": round(time.perf_counter() - t1, 1)})
 
     # --- stage 4: ensemble --------------------------------------------------------------------------------------------
@@ -121,7 +128,8 @@ def train_devit(cfg: DevitConfig, *, force: bool = False, progress: Any = None) 
     for i, (part, rep) in enumerate(zip(parts, part_reports)):
         card = {"name": f"devit_part{i}", "family": "devit", "source": f"effai:{cfg.student}",
                 "input_size": [channels, size, size], "mean": list(t_card.mean), "std": list(t_card.std),
-                "num_classes": 0, "interpolation": "bilinear", "crop_pct": 1.0, "arch_kwargs": {"patch_size": patch}}
+                "num_classes": 0, "interpolation": "bilinear", "crop_pct": 1.0,
+                "arch_kwargs": {"patch_size": patch, **rep.get("pruning", {}).get("arch_kwargs", {})}}
         info = {"role": "part", "part": i, **_identity(split, d_sub, d_teacher), "classes": rep["classes"],
                 "class_names": rep["class_names"]}
         path = out / f"part_{i}" / "model.safetensors"
@@ -154,6 +162,23 @@ def train_devit(cfg: DevitConfig, *, force: bool = False, progress: Any = None) 
             "parts": [str(out / r["path"]) for r in part_reports], "split_hash": split.hash,
             "params_per_device": [r["params"] for r in part_reports], "teacher_params": _params(teacher),
             "traffic_bytes_per_image": cfg.parts * d_sub * 4, "seconds": summary["seconds"]}
+
+
+def _prune(student: nn.Module, sub_teacher: nn.Module, train: data_mod.ImageData, val: data_mod.ImageData,
+           cfg: DevitConfig, norm: stages.Norm, seed: int, progress: Any, label: str) -> dict[str, Any]:
+    """Stage 2 on a distilled sub-model (in place): rank and cut its heads and MLP neurons, then recover by DEKD.
+    Returns the report ({} when pruning is off), with the card options that rebuild the pruned model."""
+    if cfg.prune_neurons == 0 and cfg.prune_heads == 0:
+        return {}
+    t0 = time.perf_counter()
+    result = prune.prune_vit(student, stages.ranking_batches(train, cfg, norm, seed), neurons=cfg.prune_neurons,
+                             heads=cfg.prune_heads)
+    acc_cut = evaluate(student, val, norm.mean, norm.std, norm.device)
+    rows = stages.distil_sub_model(student, sub_teacher, train, val, cfg, norm, seed + 1, progress,
+                                   label=f"{label}pruned, ", epochs=cfg.prune_epochs)
+    return {**result.to_dict(), "arch_kwargs": result.arch_kwargs(), "val_acc_after_cut": acc_cut,
+            "val_acc_recovered": evaluate(student, val, norm.mean, norm.std, norm.device),
+            "seconds": round(time.perf_counter() - t0, 1), "history": [{**r, "pruned": True} for r in rows]}
 
 
 def _teacher_card(cfg: DevitConfig) -> tuple[Path, Any]:

@@ -1,6 +1,7 @@
 """DeViT's three training stages, each a plain loop over one data set (Xu et al., arXiv:2309.05015):
 
     finetune_sub_teacher   the trained teacher, its head cut to subset i's rows, fine-tuned on subset i   (stage 1)
+    ranking_batches        the subset images that prune.py ranks heads and neurons on                     (stage 2)
     distil_sub_model       a small ViT trained on subset i by DEKD from sub-teacher i                     (stage 3)
     train_ensemble         the N sub-models (CLS features) + fusion head on all classes:                   (stage 4)
                            L = w MSE(project(concat CLS), teacher CLS) + (1-a) CE(z, y) + a CE(z, argmax z_teacher)
@@ -137,8 +138,9 @@ def finetune_sub_teacher(teacher: nn.Module, classes: Sequence[int], train: data
 
 def distil_sub_model(student: nn.Module, sub_teacher: nn.Module, train: data_mod.ImageData,
                      val: data_mod.ImageData, cfg: DevitConfig, norm: Norm, seed: int,
-                     progress: Any = None, label: str = "") -> list[dict[str, Any]]:
-    """Stage 3: DEKD from the sub-teacher on its subset (hard KD + CE + middle-block Q/K/V relation KL)."""
+                     progress: Any = None, label: str = "", epochs: int | None = None) -> list[dict[str, Any]]:
+    """Stage 3: DEKD from the sub-teacher on its subset (hard KD + CE + middle-block Q/K/V relation KL), for
+    `epochs` (default cfg.epochs; after pruning, cfg.prune_epochs)."""
     heads_t, heads_s = dekd.num_heads(sub_teacher), dekd.num_heads(student)
     cap_t = FeatureCapture(sub_teacher, [dekd.qkv_path(sub_teacher)], detach=True)
     cap_s = FeatureCapture(student, [dekd.qkv_path(student)])
@@ -154,8 +156,17 @@ def distil_sub_model(student: nn.Module, sub_teacher: nn.Module, train: data_mod
         return loss, z_s, terms
 
     with cap_t, cap_s:
-        return fit(f"{label}DEKD sub-model", [student], step, train, student, val, epochs=cfg.epochs, lr=cfg.lr,
-                   cfg=cfg, norm=norm, seed=seed, progress=progress)
+        return fit(f"{label}DEKD sub-model", [student], step, train, student, val,
+                   epochs=cfg.epochs if epochs is None else epochs, lr=cfg.lr, cfg=cfg, norm=norm, seed=seed,
+                   progress=progress)
+
+
+def ranking_batches(train: data_mod.ImageData, cfg: DevitConfig, norm: Norm, seed: int) -> list[Tensor]:
+    """Up to cfg.prune_images of the subset's training images (seeded choice, no augmentation, normalized), in
+    batches of at most 128, that stage 2 ranks the sub-model's heads and neurons on."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train), generator=g)[:cfg.prune_images]
+    return [norm(train.x[chunk].float() / 255) for chunk in idx.split(128)]
 
 
 def teacher_outputs(teacher: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
