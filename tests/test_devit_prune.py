@@ -59,7 +59,7 @@ def test_pruned_vit_computes_what_the_masked_vit_computes(neurons, heads):
 
 
 def test_dead_units_rank_lowest_and_are_pruned_first():
-    """A neuron whose activation is identically 0 and a head whose output is 0 have both score terms at their minimum."""
+    """A neuron whose activation is identically 0 and a head whose output is 0 score 0 on both terms."""
     model = _vit()
     dead_neurons, dead_head = [3, 100, 250], 1
     with torch.no_grad():
@@ -67,7 +67,8 @@ def test_dead_units_rank_lowest_and_are_pruned_first():
             block.mlp.fc1.weight[dead_neurons] = 0
             block.mlp.fc1.bias[dead_neurons] = -20.0           # GELU(-20) = 0 to float precision
             hd = block.attn.head_dim
-            v = slice(2 * block.attn.num_heads * hd + dead_head * hd, 2 * block.attn.num_heads * hd + (dead_head + 1) * hd)
+            v0 = 2 * block.attn.num_heads * hd + dead_head * hd          # V rows of the dead head in q|k|v
+            v = slice(v0, v0 + hd)
             block.attn.qkv.weight[v] = 0                        # V of head 1 is 0, so its output is 0
             block.attn.qkv.bias[v] = 0
     head_scores, neuron_scores = prune.rank_units(model, [torch.randn(32, 1, SIZE, SIZE)])
