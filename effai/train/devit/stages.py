@@ -13,7 +13,6 @@ seeded data order and augmentation per epoch (translation + brightness/contrast 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from effai.train.devit.config import DevitConfig
 from effai.train.devit.fusion import Ensemble
 from effai.train.features import FeatureCapture
 from effai.train.loop import TrainingDiverged, evaluate
-from effai.train.optim import param_groups
+from effai.train.optim import param_groups, warmup_cosine
 
 # step(x normalized, y) -> (loss, logits for train accuracy, terms to log)
 Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, dict[str, float]]]
@@ -66,11 +65,6 @@ def fit(stage: str, modules: Sequence[nn.Module], step: Step, train: data_mod.Im
     total, warmup = epochs * steps_per_epoch, min(cfg.warmup_epochs, epochs - 1) * steps_per_epoch
     hflip = (cfg.data != "digits") if cfg.hflip is None else cfg.hflip
 
-    def lr_at(i: int) -> float:
-        if i < warmup:
-            return lr * (i + 1) / warmup
-        return lr * 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, total - warmup)))
-
     if progress is not None and hasattr(progress, "console"):
         progress.console.print(f"[bold]{stage}[/]  {len(train)} images, {epochs} epochs")
     rows, i = [], 0
@@ -87,7 +81,7 @@ def fit(stage: str, modules: Sequence[nn.Module], step: Step, train: data_mod.Im
             raw = data_mod.augment(train.x[idx].float() / 255, g, hflip=hflip, jitter=cfg.jitter)
             y = train.y[idx].to(norm.device)
             for group in opt.param_groups:
-                group["lr"] = lr_at(i)
+                group["lr"] = warmup_cosine(lr, i, total, warmup)
             loss, logits, _ = step(norm(raw), y)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"{stage}: loss became {loss.item()} at epoch {epoch} step {s}; lower --lr")
