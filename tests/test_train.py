@@ -215,3 +215,51 @@ def test_ghostnetv3_recipe_end_to_end_on_an_image_folder(tmp_path):
     assert art["accuracy"]["artifact_top1"] == art["accuracy"]["torch_top1"]
     m = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert m["labels"] == ["digit_0", "digit_1", "digit_2"] and m["inputs"][0]["shape"] == [1, 3, 64, 64]
+
+
+def test_a_crash_between_metrics_row_and_checkpoint_leaves_one_row_per_epoch(tiny_run, tmp_path, digits_npz,
+                                                                              monkeypatch):
+    """The loop appends an epoch's row, then checkpoints. Dying in between must not leave a second row for that epoch
+    once --resume has redone it: the rows end up those of an uninterrupted run, one per epoch, in order."""
+    from effai.train import checkpoint as ckpt
+
+    full_out, _ = tiny_run
+    out = tmp_path / "crashed"
+    cfg = make_config("supervised", data=str(digits_npz), out=str(out), **TINY)
+    save = ckpt.save_atomic
+
+    def die_before_checkpoint_1(obj, path):
+        if obj["epoch"] == 1:
+            raise KeyboardInterrupt                  # killed after epoch 1's row, before its checkpoint
+        save(obj, path)
+
+    monkeypatch.setattr(ckpt, "save_atomic", die_before_checkpoint_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(ckpt, "save_atomic", save)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0     # epoch 1 is redone on resume
+    train(cfg, resume=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (full_out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [r["train_loss"] for r in rows] == pytest.approx([r["train_loss"] for r in ref], rel=1e-6)
+
+
+def test_truncate_metrics_keeps_the_rows_the_checkpoint_holds_and_drops_a_torn_line(tmp_path):
+    from effai.train.checkpoint import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = "".join(json.dumps({"epoch": e, "loss": 1.0 / (e + 1)}) + "\n" for e in range(3))
+    path.write_text(rows + '{"epoch": 3, "lo')                             # died while appending epoch 3's row
+    truncate_metrics(path, "epoch", 1)
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1]
+    assert path.read_text().endswith("\n")
+    before = path.stat().st_mtime_ns
+    truncate_metrics(path, "epoch", 5)                                      # nothing beyond: the file is untouched
+    assert path.stat().st_mtime_ns == before
+    truncate_metrics(path, "epoch", None)                                   # no checkpoint: start over
+    assert not path.exists()
+    truncate_metrics(path, "epoch", 2)                                      # no log yet: nothing to do
+    assert not path.exists()

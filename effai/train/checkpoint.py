@@ -1,7 +1,9 @@
-"""Atomic checkpoints (temp file + rename) that load with torch.load(weights_only=True)."""
+"""Atomic checkpoints (temp file + rename) that load with torch.load(weights_only=True), and the metrics log kept
+consistent with them across a crash and resume."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 
 from effai.errors import UsageError
+from effai.files import atomic_write
 
 
 def writable_run_dir(out: Path) -> None:
@@ -34,6 +37,33 @@ def load(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(f"cannot resume from {path}: {e}; delete it to start over") from e
+
+
+def truncate_metrics(path: Path, key: str, last: int | None) -> None:
+    """Keep only the rows of a JSONL metrics log whose `key` (epoch, iteration) is <= `last`, the checkpoint's own
+    counter (None: no checkpoint, drop the whole log); rewritten atomically, untouched when nothing changes.
+
+    A loop appends a row and THEN checkpoints. A crash between the two (or during the append) leaves a row, or a torn
+    line, for work the checkpoint does not hold; resume redoes that work and appends its row again, so the rows
+    beyond the checkpoint are dropped here first. The other order (checkpoint, then row) loses the row of work the
+    checkpoint already holds, which resume never recomputes: row first + truncate on resume is the order that ends
+    with exactly one row per epoch, in order, whichever point the crash hits."""
+    if last is None:
+        path.unlink(missing_ok=True)
+        return
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue                            # a line torn by a crash mid-write
+        if isinstance(row, dict) and isinstance(row.get(key), int) and row[key] <= last:
+            kept.append(line)
+    if kept != lines:
+        atomic_write(path, "".join(f"{line}\n" for line in kept))
 
 
 def rng_state() -> dict[str, Any]:

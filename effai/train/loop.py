@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 from contextlib import nullcontext
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ from effai.train import data as data_mod
 from effai.train import distributed as ddp
 from effai.train.distillers import build_distiller
 from effai.train.models import build_student, load_teacher, save_model
-from effai.train.optim import param_groups
+from effai.train.optim import param_groups, warmup_cosine
 from effai.train.recipes import TrainConfig
 
 EpochHook = Callable[[int, nn.Module], None]
@@ -107,10 +106,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
 
     def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return base_lr * (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return base_lr * 0.5 * (1 + math.cos(math.pi * t))
+        return warmup_cosine(base_lr, step, total_steps, warmup_steps)
 
     # --- resume -----------------------------------------------------------------------------------------------------
     start_epoch, step = 0, 0
@@ -125,8 +121,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         start_epoch, step = state["epoch"] + 1, state["step"]
         ckpt.set_rng_state(state["rng"])
     metrics_path = out / "metrics.jsonl"
-    if dist.main and start_epoch == 0 and metrics_path.exists():
-        metrics_path.unlink()
+    if dist.main:   # rows of epochs the checkpoint does not hold (a crash between row and checkpoint) are redone
+        ckpt.truncate_metrics(metrics_path, "epoch", start_epoch - 1 if start_epoch else None)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and device.type == "cuda") else nullcontext()
     local = cfg.batch_size // dist.world
@@ -171,7 +167,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
                "images_per_s": seen / (time.perf_counter() - t0),
                "seconds": time.perf_counter() - t0}
         history.append(row)
-        if dist.main:
+        if dist.main:   # the row first, then the checkpoint: see ckpt.truncate_metrics for why this order
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             ckpt.save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),

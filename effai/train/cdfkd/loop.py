@@ -15,7 +15,6 @@ IEEE TMM 2022, arXiv:2205.11845; losses in `effai.train.cdfkd.losses`, spec in d
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +33,7 @@ from effai.train.cdfkd.losses import generator_loss, student_loss
 from effai.train.cdfkd.student import MultiHeaderStudent, build_multi_header
 from effai.train.cdfkd.teachers import TeacherEnsemble, load_teachers
 from effai.train.loop import evaluate
+from effai.train.optim import warmup_cosine
 
 COLLAPSE_STD = 1e-4   # a generated batch with a smaller standard deviation is (nearly) constant: the generator died
 
@@ -98,7 +98,7 @@ def train_cdfkd(cfg: CdfkdConfig, *, force: bool = False, progress: Any = None) 
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.gen_lr)
 
     def lr_factor(it: int) -> float:   # cosine from 1 to 0 over the run, for both players
-        return 0.5 * (1 + math.cos(math.pi * it / cfg.iterations))
+        return warmup_cosine(1.0, it, cfg.iterations)
 
     # --- resume ----------------------------------------------------------------------------------------------------
     last = out / "checkpoint.pt"
@@ -114,8 +114,7 @@ def train_cdfkd(cfg: CdfkdConfig, *, force: bool = False, progress: Any = None) 
         ckpt.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng"):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-    elif (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+    ckpt.truncate_metrics(out / "metrics.jsonl", "iteration", start if start else None)   # rows the checkpoint holds
 
     # --- the adversarial game ----------------------------------------------------------------------------------------
     t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
@@ -146,7 +145,7 @@ def train_cdfkd(cfg: CdfkdConfig, *, force: bool = False, progress: Any = None) 
                 acc, head_acc = _evaluate_heads(student, val_set, mean, std, device)
                 row = {"iteration": it + 1, "lr": cfg.lr * lr_factor(it), **s_parts, **g_parts, "val_acc": acc,
                        "val_acc_heads": head_acc, "seconds": time.perf_counter() - t0}
-                history.append(row)
+                history.append(row)   # the row first, then the checkpoint: see ckpt.truncate_metrics for why
                 with open(out / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(row) + "\n")
                 ckpt.save_atomic({"student": student.state_dict(), "generator": generator.state_dict(),
