@@ -8,7 +8,6 @@ import copy
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +254,68 @@ def test_devit_export_writes_every_piece_with_parity_and_where_it_runs(run, tmp_
     assert manifest["parity"]["max_abs_err"] < 1e-4                       # the float fusion head matches exactly
     code, last, _, _ = run_cli("devit", "export", str(run["teacher"]), "--out", str(tmp_path / "x"), "--json")
     assert code == 2 and "fusion" in last["error"] and not (tmp_path / "x").exists()
+
+
+# --- devices that fail before the process group -----------------------------------------------------------------------
+def test_a_device_process_that_dies_before_the_run_fails_it_fast_naming_it(run, tmp_path):
+    """run_local notices a dead device process at once (exit code + its own error line), instead of the coordinator
+    waiting out --timeout for a rendezvous that cannot happen: an unreadable part checkpoint (before the device joins)
+    and a crash after the coordinator's go (before the gloo process group)."""
+    import shutil
+
+    from effai.devit import RunSpec, load_run, run_local
+
+    decomp = load_run(run["dir"])
+    bad = tmp_path / "run"
+    shutil.copytree(run["dir"], bad)
+    (bad / "part_1" / "model.safetensors").write_bytes(b"not a checkpoint")   # what device 1 reads, not the coordinator
+    t0 = time.monotonic()
+    with pytest.raises(EffaiError, match=r"^device rank 2 \(part 1, pid \d+\) exited with code 2 before joining the "
+                                         r"run: \S+part_1/model.safetensors: cannot read its metadata") as e:
+        run_local(decomp, bad, RunSpec(images=4, timeout_s=60))
+    assert time.monotonic() - t0 < 30 and "{" not in str(e.value)              # the error line, not the JSON object
+    t0 = time.monotonic()
+    with pytest.raises(EffaiError, match=r"^device rank 1 \(part 0, pid \d+\) exited with code 17 before joining"):
+        run_local(decomp, run["dir"], RunSpec(images=4, timeout_s=60), fail_after={0: 0})   # dies after the go
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_device_that_cannot_load_its_inputs_is_named_and_the_others_are_told(run, monkeypatch):
+    """A device's own error after the go (here: its --data fails to load) reaches the coordinator through the
+    rendezvous, naming the device, and the device that was ready is told the run was aborted; nobody times out."""
+    from effai.devit import RunSpec, coordinate, load_run, serve
+    from effai.devit import runtime
+
+    decomp = load_run(run["dir"])
+    real = runtime.load_stream
+
+    def load_stream(*args, **kwargs):
+        if threading.current_thread().name == "part 1":
+            raise UsageError("--data digits: no such file or directory; give 'digits', an image folder or an .npz")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "load_stream", load_stream)
+    errors: dict[int, BaseException] = {}
+    threads: list[threading.Thread] = []
+
+    def device(part, port):
+        try:
+            serve(part, f"127.0.0.1:{port}", timeout_s=60)
+        except BaseException as e:   # noqa: BLE001 - collected for the assertion
+            errors[part.index] = e
+
+    def listening(host, port):
+        for part in decomp.parts:
+            threads.append(threading.Thread(target=device, args=(part, port), name=f"part {part.index}", daemon=True))
+            threads[-1].start()
+
+    t0 = time.monotonic()
+    with pytest.raises(UsageError, match=r"^device rank 2 \(part 1, .*\) failed before joining the run: --data digits:"
+                                         r" no such file"):
+        coordinate(decomp, "127.0.0.1:0", RunSpec(images=4, timeout_s=60), on_listening=listening)
+    for t in threads:
+        t.join(30)
+    assert time.monotonic() - t0 < 30
+    assert isinstance(errors[1], UsageError) and "no such file" in str(errors[1])
+    assert isinstance(errors[0], EffaiError) and "aborted by the coordinator" in str(errors[0]) \
+        and "device rank 2 (part 1" in str(errors[0])

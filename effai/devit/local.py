@@ -2,12 +2,15 @@
 
 The coordinator runs in the calling process; each part runs in its own `python -m effai.cli_devit serve` process that
 joins over TCP exactly as a remote device would (gloo, the same rendezvous and checks), so the run exercises the
-real protocol. Device processes are always reaped: on success they exit by themselves; on any failure the ones
-still running are terminated, then killed.
+real protocol. A device process that exits before the run starts (an unreadable part, inputs it cannot load, a
+usage error) fails the run at once with its exit code and its own one-line error, not after a rendezvous timeout.
+Device processes are always reaped: on success they exit by themselves; on any failure the ones still running are
+terminated, then killed, and their logs are kept.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -40,11 +43,11 @@ def run_local(decomp: Decomposition, run_dir: str | Path, spec: RunSpec, host: s
             with open(log, "wb") as f:
                 procs.append((i, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), log))
 
-    def watch() -> None:
+    def watch() -> None:   # called by the coordinator until every device is in the run
         for i, proc, log in procs:
             if proc.poll() is not None:
-                raise EffaiError(f"device process for part {i} exited with code {proc.returncode} before joining: "
-                                 f"{_tail(log)}")
+                raise EffaiError(f"device rank {i + 1} (part {i}, pid {proc.pid}) exited with code {proc.returncode} "
+                                 f"before joining the run: {_last_error(log)} (its log: {log})")
 
     ok = False
     try:
@@ -66,9 +69,17 @@ def run_local(decomp: Decomposition, run_dir: str | Path, spec: RunSpec, host: s
             shutil.rmtree(logs, ignore_errors=True)
 
 
-def _tail(log: Path) -> str:
+def _last_error(log: Path) -> str:
+    """The device's own one-line error: the `error` of its last line when that is `serve --json`'s failure object,
+    else the last line it wrote (a traceback's ends with the exception)."""
     try:
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return "(no output)"
-    return " | ".join(lines[-3:])[-400:] if lines else "(no output)"
+    if not lines:
+        return "(no output)"
+    try:
+        last = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return lines[-1][-400:]
+    return str(last["error"])[-400:] if isinstance(last, dict) and last.get("error") else lines[-1][-400:]

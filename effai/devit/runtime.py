@@ -6,9 +6,11 @@
 
 Rendezvous is a TCPStore the coordinator hosts at HOST:PORT. Before any data flows each device publishes what it
 holds (part index, split hash, width, classes) and the coordinator answers go or refuse (parts of another
-decomposition, the wrong part, a width the fusion head does not take). Every wait is bounded by `timeout_s`: a
-device that never joins, dies mid-stream or stops answering ends the run with an EffaiError naming its rank, part
-and host, never a hang.
+decomposition, the wrong part, a width the fusion head does not take). After a go each device loads its inputs and
+reports ready or why it cannot; only when all N are ready does the coordinator say start and the N + 1 processes
+join the gloo process group, so a device that fails before the group is named with its own error at once instead
+of surfacing as a rendezvous timeout. Every wait is bounded by `timeout_s`: a device that never joins, dies
+mid-stream or stops answering ends the run with an EffaiError naming its rank, part and host, never a hang.
 
 Measured per run: end-to-end latency per batch at the coordinator, each device's compute and send time, fusion time,
 bytes each device sent, and the coordinator's wait not explained by the slowest device's compute (network +
@@ -123,7 +125,7 @@ def coordinate(decomp: Decomposition, address: str, spec: RunSpec,
                watch: Callable[[], None] | None = None) -> RunResult:
     """Host the rendezvous at `address` (port 0: any free port, passed to `on_listening`), wait for the N devices,
     check them, stream `spec.images` images through them and fuse their features. `watch` is called while waiting
-    for devices to join (run_local raises from it when a device process it started has already exited)."""
+    for devices to join and to get ready (run_local raises from it when a device process it started has exited)."""
     host, port = parse_address(address)
     fusion = decomp.fusion
     n = fusion.parts
@@ -161,6 +163,7 @@ def coordinate(decomp: Decomposition, address: str, spec: RunSpec,
     if refusal is not None:
         _await_acks(store, n, spec.timeout_s)
         raise refusal
+    _await_ready(store, peers, spec.timeout_s, address, watch)
     _init_group(store, 0, n + 1, spec.timeout_s, address)
     try:
         return _coordinator_loop(decomp, peers, stream, spec, address)
@@ -193,17 +196,54 @@ def _await_devices(store: Any, n: int, timeout_s: float, address: str,
         time.sleep(0.02)
 
 
+def _await_ready(store: Any, peers: dict[int, dict[str, Any]], timeout_s: float, address: str,
+                 watch: Callable[[], None] | None) -> None:
+    """After the go: wait until every device reports ready (its inputs loaded), then say start. A device that reports
+    a failure, or whose process `watch` finds dead, aborts the run at once naming it; the ready ones are told why."""
+    pending = set(peers)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        failure: EffaiError | None = None
+        for r in sorted(pending):
+            if not store.check([f"{KEY}/ready/{r}"]):
+                continue
+            state = json.loads(store.get(f"{KEY}/ready/{r}"))
+            if not state["ok"]:
+                failure = (UsageError if state.get("usage") else EffaiError)(
+                    f"{_describe(r, peers[r])} failed before joining the run: {state['error']}")
+                break
+            pending.discard(r)
+        if failure is None and watch is not None:
+            try:
+                watch()
+            except EffaiError as e:
+                failure = e
+        if failure is None and not pending:
+            store.set(f"{KEY}/start", json.dumps({"ok": True}))
+            return
+        if failure is None and time.monotonic() > deadline:
+            failure = EffaiError(f"{', '.join(_describe(r, peers[r]) for r in sorted(pending))} did not get ready "
+                                 f"(load its inputs) within {timeout_s:g}s of the coordinator's go; check that device, "
+                                 "or raise --timeout")
+        if failure is not None:
+            store.set(f"{KEY}/start", json.dumps({"ok": False, "error": f"the run was aborted by the coordinator at "
+                                                  f"{address}: {failure}"}))
+            _await_acks(store, len(peers) - len(pending), timeout_s, key="start_ack")
+            raise failure
+        time.sleep(0.02)
+
+
 def _publish(store: Any, n: int, verdict: dict[str, Any]) -> None:
     text = json.dumps(verdict)
     for r in range(1, n + 1):
         store.set(f"{KEY}/verdict/{r}", text)
 
 
-def _await_acks(store: Any, joined: int, timeout_s: float) -> None:
+def _await_acks(store: Any, joined: int, timeout_s: float, key: str = "ack") -> None:
     """Before a refusing coordinator exits (taking the store with it), let the joined devices read why (<= 3 s)."""
     deadline = time.monotonic() + min(3.0, timeout_s)
     while joined and time.monotonic() < deadline:
-        if store.add(f"{KEY}/ack", 0) >= joined:
+        if store.add(f"{KEY}/{key}", 0) >= joined:
             return
         time.sleep(0.02)
 
@@ -272,7 +312,8 @@ def _coordinator_loop(decomp: Decomposition, peers: dict[int, dict[str, Any]], s
 # --- device -----------------------------------------------------------------------------------------------------------
 def serve(part: Part, address: str, timeout_s: float = 60.0, fail_after: int | None = None) -> dict[str, Any]:
     """Join the coordinator at `address` as device `part.index` (rank index + 1) and answer its requests until it
-    says stop. `fail_after` (tests only) kills this process without a goodbye after that many batches."""
+    says stop. `fail_after` (tests only) kills this process without a goodbye after that many batches (0: right after
+    the coordinator's go, before joining the process group)."""
     host, port = parse_address(address)
     try:
         store = dist.TCPStore(host, port, is_master=False, timeout=_td(timeout_s))
@@ -296,9 +337,26 @@ def serve(part: Part, address: str, timeout_s: float = 60.0, fail_after: int | N
     if not verdict["ok"]:
         raise (UsageError if verdict.get("usage") else EffaiError)(verdict["error"])
     spec = RunSpec(**verdict["spec"])
-    stream = None if spec.send_images else load_stream(spec.data, tuple(card.input_size), list(card.mean),
-                                                      list(card.std), spec.images, int(verdict["val_seed"]),
-                                                      float(verdict.get("val_fraction", 0.2)))
+    try:   # anything that fails here is reported to the coordinator, which names this device and aborts the run
+        if fail_after == 0:
+            os._exit(17)   # simulated crash before the process group: no report, no goodbye
+        stream = None if spec.send_images else load_stream(spec.data, tuple(card.input_size), list(card.mean),
+                                                          list(card.std), spec.images, int(verdict["val_seed"]),
+                                                          float(verdict.get("val_fraction", 0.2)))
+    except Exception as e:
+        error = str(e) if isinstance(e, EffaiError) else f"{type(e).__name__}: {_first_line(e)}"
+        store.set(f"{KEY}/ready/{rank}", json.dumps({"ok": False, "error": error,
+                                                     "usage": isinstance(e, UsageError)}))
+        raise
+    store.set(f"{KEY}/ready/{rank}", json.dumps({"ok": True}))
+    try:
+        start = json.loads(store.get(f"{KEY}/start"))
+        store.add(f"{KEY}/start_ack", 1)
+    except Exception as e:
+        raise EffaiError(f"the coordinator at {address} did not start the run within {timeout_s:g}s "
+                         f"({_first_line(e)})") from e
+    if not start["ok"]:
+        raise EffaiError(start["error"])
     _init_group(store, rank, n + 1, spec.timeout_s, address)
     coordinator = f"the coordinator at {address}"
     timings: list[tuple[float, float, float]] = []
