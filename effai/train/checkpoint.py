@@ -66,6 +66,23 @@ def truncate_metrics(path: Path, key: str, last: int | None) -> None:
         atomic_write(path, "".join(f"{line}\n" for line in kept))
 
 
+def write_model(path: Path, model: torch.nn.Module, card: dict[str, Any], record: dict[str, Any],
+                labels: list[str] | None = None, **meta: Any) -> Path:
+    """The one format effai's trainers write: `model.safetensors` whose metadata carries the model card (`effai.card`,
+    which `effai export --weights` rebuilds the model from), the class names (`labels`), the training record
+    (`effai.train`) and any other `effai.<key>` entries given as keywords (JSON). Written atomically."""
+    from safetensors.torch import save_file
+
+    header = {"effai.card": json.dumps(card), "effai.train": json.dumps(record),
+              **({"labels": json.dumps(list(labels))} if labels is not None else {}),
+              **{f"effai.{k}": json.dumps(v) for k, v in meta.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=header)
+    tmp.replace(path)
+    return path
+
+
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
             "python": torch.tensor(random.getstate()[1], dtype=torch.int64)}

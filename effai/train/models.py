@@ -17,6 +17,8 @@ from torch import nn
 
 from effai import zoo
 from effai.errors import UsageError
+from effai.files import atomic_write
+from effai.train import checkpoint as ckpt
 from effai.train import distributed as ddp
 from effai.train.recipes import TrainConfig
 from effai.zoo.card import ModelCard
@@ -88,8 +90,6 @@ def teacher_summary(cfg: TrainConfig) -> dict[str, Any] | None:
 def save_model(model: nn.Module, card: ModelCard, cfg: TrainConfig, out: Path, val_set: Any,
                result: dict[str, Any], which: str) -> dict[str, Any]:
     """Fold (architectures with their own fold) and write model.safetensors + train_record.json atomically."""
-    from safetensors.torch import save_file
-
     from effai.train.loop import evaluate
 
     model = ddp.revert_batchnorm(model).eval().cpu()
@@ -111,11 +111,6 @@ def save_model(model: nn.Module, card: ModelCard, cfg: TrainConfig, out: Path, v
     card_json = {"name": card.name, "family": card.family, "source": card.source, "input_size": list(card.input_size),
                  "mean": list(card.mean), "std": list(card.std), "num_classes": card.num_classes,
                  "interpolation": card.interpolation, "crop_pct": card.crop_pct, "arch_kwargs": arch_kwargs}
-    meta = {"effai.card": json.dumps(card_json), "labels": json.dumps(card.extra["labels"]),
-            "effai.train": json.dumps(record)}
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = out / ".model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata=meta)
-    tmp.replace(out / "model.safetensors")
-    (out / "train_record.json").write_text(json.dumps({**record, "history": result["history"]}, indent=2) + "\n")
+    ckpt.write_model(out / "model.safetensors", model, card_json, record, labels=card.extra["labels"])
+    atomic_write(out / "train_record.json", json.dumps({**record, "history": result["history"]}, indent=2) + "\n")
     return {"model_path": str(out / "model.safetensors"), "val_acc": acc, "folded": folded}

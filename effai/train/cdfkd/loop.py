@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effai.errors import EffaiError, UsageError
+from effai.files import atomic_write
 from effai.train import checkpoint as ckpt
 from effai.train import data as data_mod
 from effai.train.cdfkd.config import CdfkdConfig
@@ -301,22 +302,14 @@ def stratified_indices(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 def _save_student(student: MultiHeaderStudent, card: Any, labels: list[str], record: dict[str, Any],
                   history: list[dict[str, Any]], out: Path) -> Path:
-    from safetensors.torch import save_file
-
     backbone = student.arch_kwargs["backbone"]
     card_json = {"name": f"cdfkd_{backbone}", "family": "cdfkd", "source": "effai:cdfkd_student",
                  "input_size": list(card.input_size), "mean": list(card.mean), "std": list(card.std),
                  "num_classes": student.num_classes, "interpolation": card.interpolation, "crop_pct": card.crop_pct,
                  "arch_kwargs": student.arch_kwargs}
-    meta = {"effai.card": json.dumps(card_json), "labels": json.dumps(labels), "effai.train": json.dumps(record)}
-    sd = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
-    tmp = out / ".model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata=meta)
-    tmp.replace(out / "model.safetensors")
-    tmp_rec = out / ".train_record.json.tmp"
-    tmp_rec.write_text(json.dumps({**record, "history": history}, indent=2) + "\n")
-    tmp_rec.replace(out / "train_record.json")
-    return out / "model.safetensors"
+    path = ckpt.write_model(out / "model.safetensors", student, card_json, record, labels=labels)
+    atomic_write(out / "train_record.json", json.dumps({**record, "history": history}, indent=2) + "\n")
+    return path
 
 
 def _check_out(out: Path, cfg: CdfkdConfig, force: bool) -> None:

@@ -34,6 +34,7 @@ from effai import zoo
 from effai.errors import UsageError
 from effai.files import atomic_write
 from effai.train import data as data_mod
+from effai.train import checkpoint as ckpt
 from effai.train.checkpoint import writable_run_dir
 from effai.train.devit import dekd, prune, stages
 from effai.train.devit.config import DevitConfig
@@ -123,6 +124,8 @@ def train_devit(cfg: DevitConfig, *, force: bool = False, progress: Any = None) 
     # --- write the parts, the fusion head, then devit.json ------------------------------------------------------------
     dataset = {"source": full.source, "fingerprint": full.fingerprint(), "train": len(train_set), "val": len(val_set),
                "val_seed": val_seed, "val_fraction": cfg.val_fraction, "classes": full.classes}
+    # The training config is kept under "devit", not "config": a "config.data" would make `effai export` score a
+    # checkpoint's outputs as class predictions on that data, and a part's outputs are features.
     record = {"recipe": "devit", "devit": cfg.to_dict(), "dataset": dataset, "teacher": str(t_path),
               "ensemble_val_acc": acc, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for i, (part, rep) in enumerate(zip(parts, part_reports)):
@@ -133,7 +136,7 @@ def train_devit(cfg: DevitConfig, *, force: bool = False, progress: Any = None) 
         info = {"role": "part", "part": i, **_identity(split, d_sub, d_teacher), "classes": rep["classes"],
                 "class_names": rep["class_names"]}
         path = out / f"part_{i}" / "model.safetensors"
-        _write_checkpoint(part, path, card, info, {**record, "part": i}, labels=None)
+        ckpt.write_model(path, part, card, {**record, "part": i}, devit=info)
         rep.update(path=str(path.relative_to(out)), params=_params(part), d_sub=d_sub,
                    runs_on=f"device {i} (rank {i + 1}): effai devit serve {out} --part {i} --coordinator HOST:PORT")
     head_card = {"name": "devit_fusion", "family": "devit", "source": "effai:devit_fusion",
@@ -141,9 +144,9 @@ def train_devit(cfg: DevitConfig, *, force: bool = False, progress: Any = None) 
                  "interpolation": "bilinear", "crop_pct": 1.0,
                  "arch_kwargs": {"parts": cfg.parts, "d_sub": d_sub, "d_teacher": d_teacher}}
     head_path = out / "fusion" / "model.safetensors"
-    _write_checkpoint(ensemble.head, head_path, head_card, {"role": "fusion", **_identity(split, d_sub, d_teacher),
-                                                            "subsets": [list(s) for s in split.subsets]},
-                      {**record, "val_acc": acc}, labels=full.classes)
+    ckpt.write_model(head_path, ensemble.head, head_card, {**record, "val_acc": acc}, labels=full.classes,
+                     devit={"role": "fusion", **_identity(split, d_sub, d_teacher),
+                            "subsets": [list(s) for s in split.subsets]})
     summary = {
         "method": "DeViT (arXiv:2309.05015)", "split": {**split.to_dict(), "class_names": full.classes},
         "split_hash": split.hash, "input": {"size": [channels, size, size], "mean": list(t_card.mean),
@@ -259,21 +262,3 @@ def _identity(split: ClassSplit, d_sub: int, d_teacher: int) -> dict[str, Any]:
 
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _write_checkpoint(model: nn.Module, path: Path, card: dict[str, Any], devit: dict[str, Any],
-                      record: dict[str, Any], labels: list[str] | None) -> None:
-    """model.safetensors with its card (effai export rebuilds it) and DeViT identity, written atomically.
-
-    The record keeps the training config under "devit", not "config": a "config.data" would make `effai export`
-    score the checkpoint's outputs as class predictions on that data, and a part's outputs are features."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"effai.card": json.dumps(card), "effai.devit": json.dumps(devit), "effai.train": json.dumps(record)}
-    if labels is not None:
-        meta["labels"] = json.dumps(list(labels))
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    tmp.replace(path)
