@@ -149,6 +149,17 @@ def test_heterogeneous_ofa_both_ways_exports_the_plain_student(teachers, tmp_pat
     plain = zoo.build(zoo.resolve_card(student).with_(input_size=(1, 32, 32), num_classes=K))
     assert set(saved) == set(plain.state_dict())             # the projectors are gone: the plain student
     assert "aux" in torch.load(out / "checkpoint.pt", weights_only=True)   # projectors resume with the student
+    if seed == 1:      # and resume is exact: stopped after epoch 0 then resumed == the uninterrupted run, bit for bit
+        cut = replace(cfg, out=str(tmp_path / "cut"))
+
+        def stop(epoch, model):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            train(cut, on_epoch_end=stop)
+        train(cut, resume=True)
+        resumed = load_file(str(tmp_path / "cut" / "model.safetensors"))
+        assert resumed.keys() == saved.keys() and all(torch.equal(resumed[k], saved[k]) for k in saved)
     code, last, _, err = run_cli("export", "--weights", str(out / "model.safetensors"), "--target", "onnx",
                                  "--out", str(tmp_path / "art"), "--json")
     assert code == 0, err
