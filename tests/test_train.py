@@ -161,18 +161,22 @@ def test_kd_with_a_teacher_and_teacher_errors(tiny_run, tmp_path, digits_npz):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_matches_single_process(tmp_path, digits_npz):
+@pytest.mark.parametrize("recipe", ["supervised", "ofa"])
+def test_ddp_on_two_cpu_processes_matches_single_process(tmp_path, digits_npz, tiny_run, recipe):
     """Two gloo processes, each on half of every global batch (BN synchronized), against one process on the whole
-    batch. Compared over the first steps: training this tiny net is chaotic (a 3e-7 weight perturbation changes
-    the third step's gradient by ~7e-4, measured), so later steps amplify float reordering, not bugs."""
+    batch; for OFA the DDP-wrapped distiller holds the frozen teacher and the trained projectors. Compared over the
+    first steps: training this tiny net is chaotic (a 3e-7 weight perturbation changes the third step's gradient by
+    ~7e-4, measured), so later steps amplify float reordering, not bugs."""
     z = np.load(digits_npz)
     small = tmp_path / "d100.npz"
     idx = np.concatenate([np.nonzero(z["y"] == c)[0][:10] for c in range(10)])
     np.savez(small, x=z["x"][idx], y=z["y"][idx])                 # 80 train + 20 val: 2 steps of 32
     args = ["train", "supervised", "--data", str(small), "--student", "resnet10t", "--input-size", "32",
             "--batch-size", "32", "--epochs", "1", "--json"]
+    if recipe == "ofa":
+        args = [*args[:1], "ofa", *args[2:], "--teacher", str(tiny_run[0]), "--set", "channels=1"]
     code1, single, _, err1 = run_cli(*args, "--out", str(tmp_path / "single"))
-    assert code1 == 0, err1
+    assert code1 == 0, (single, err1)
     code2, multi, _, err2 = run_cli(*args, "--out", str(tmp_path / "ddp"), "--nproc", "2")
     assert code2 == 0, err2[-3000:]
     assert multi["world_size"] == 2 and multi["ranks_in_sync"] is True and single["world_size"] == 1
@@ -181,6 +185,10 @@ def test_ddp_on_two_cpu_processes_matches_single_process(tmp_path, digits_npz):
     assert a["step"] == b["step"] == 2
     worst = max(float((a["model"][k].float() - b["model"][k].float()).abs().max()) for k in a["model"])
     assert worst < 1e-4, worst
+    if recipe == "ofa":     # the projectors trained in both, identically
+        assert a["aux"].keys() == b["aux"].keys() and a["aux"]
+        worst = max(float((a["aux"][k].float() - b["aux"][k].float()).abs().max()) for k in a["aux"])
+        assert worst < 1e-4, worst
     ma = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert abs(ma[0]["train_loss"] - mb[0]["train_loss"]) < 1e-4 and ma[0]["val_acc"] == mb[0]["val_acc"]
