@@ -13,7 +13,7 @@ import torch
 from effai import zoo
 from effai.errors import UsageError
 from effai.train.devit import DevitConfig, prune
-from effai.zoo.vit import block_widths
+from effai.zoo.vit import block_widths, keep_heads_and_neurons
 from tests.conftest import DEVIT_SIZE as SIZE
 from tests.conftest import run_cli
 
@@ -97,7 +97,14 @@ def test_bad_ratios_and_damaged_cards_are_refused():
         _vit(block_heads=[2, 2])
     with pytest.raises(UsageError, match="block_mlp .* between 1 and 384"):
         _vit(block_mlp=[0] * 6)
-    assert prune.keep_count(3, 0.67) == 1 and prune.keep_count(3, 0.99) == 1 and prune.keep_count(384, 0.5) == 192
+    with pytest.raises(UsageError, match="distinct indices in 0..2"):
+        keep_heads_and_neurons(_vit().blocks[0], [1, 1], None)
+    with pytest.raises(UsageError, match="more than 16384"):
+        zoo.build(zoo.resolve_card("vit_pico").with_(
+            input_size=(1, 4096, 4096), num_classes=4, label_set=None, extra={"arch_kwargs": {"patch_size": 1}}))
+    # removed = ratio * units rounded half up, at least one unit kept
+    assert [prune.keep_count(3, r) for r in (0.34, 0.5, 0.67, 0.99)] == [2, 1, 1, 1]
+    assert prune.keep_count(5, 0.5) == 2 and prune.keep_count(384, 0.5) == 192 and prune.keep_count(4, 0.0) == 4
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,22 @@ def vit(name: str, *, img_size: int = 64, patch_size: int = 8, in_chans: int = 3
     from timm.models.vision_transformer import VisionTransformer
 
     dim, depth, heads = VIT_SHAPES[name]
+    _check_tokens(img_size, patch_size)
     model = VisionTransformer(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                               embed_dim=dim, depth=depth, num_heads=heads, **kw)
     if block_heads is not None or block_mlp is not None:
         shrink_blocks(model, block_heads, block_mlp)
     return model
+
+
+MAX_TOKENS = 16384    # a 128 x 128 patch grid; a card asking for more is damaged or crafted
+
+
+def _check_tokens(img_size: int, patch_size: int) -> None:
+    """Card values are untrusted: bound the patch grid before the position embedding is allocated."""
+    if patch_size < 1 or (img_size // patch_size) ** 2 > MAX_TOKENS:
+        raise UsageError(f"input {img_size} px with patch {patch_size} makes {(img_size // max(1, patch_size)) ** 2} "
+                         f"tokens, more than {MAX_TOKENS}; use a larger patch_size or a smaller input size")
 
 
 def block_widths(model: nn.Module) -> tuple[list[int], list[int]]:
@@ -64,6 +75,9 @@ def keep_heads_and_neurons(block: nn.Module, heads: Sequence[int] | None, neuron
     head, fc1 rows and fc2 columns of each kept neuron. The block computes exactly what it computed with the other
     heads' and neurons' outputs set to zero."""
     attn, mlp = block.attn, block.mlp
+    for what, idx, n in (("heads", heads, attn.num_heads), ("neurons", neurons, mlp.fc1.out_features)):
+        if idx is not None and (not len(idx) or len(set(idx)) != len(idx) or not all(0 <= i < n for i in idx)):
+            raise UsageError(f"keep {what} {list(idx)[:8]}: give distinct indices in 0..{n - 1}, at least one")
     if getattr(attn, "gate", None) is not None or not isinstance(attn.norm, nn.Identity) \
             or not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
         raise UsageError("pruning supports plain timm ViT blocks (no gated attention, no scale_attn_norm or "
@@ -105,5 +119,6 @@ def mixer(name: str, *, img_size: int = 64, patch_size: int = 8, in_chans: int =
     from timm.models.mlp_mixer import MlpMixer
 
     dim, depth = MIXER_SHAPES[name]
+    _check_tokens(img_size, patch_size)
     return MlpMixer(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                     embed_dim=dim, num_blocks=depth, **kw)

@@ -10,7 +10,7 @@ the unit (sigmas 1, 2, 4, 8, 16, averaged) and a linear kernel on the prediction
 
     HSIC(X, Y) = trace(H K_X H  H K_Y H),     H = I - 11^T / B      (the 1/(B-1)^2 factor cancels in the ranking)
 
-The lowest-scoring `round(ratio * units)` of every layer are removed for real (smaller Linear layers, fewer heads:
+The lowest-scoring ratio * units (rounded half up) of every layer are removed for real (smaller Linear layers, fewer heads:
 effai/zoo/vit.py `keep_heads_and_neurons`), at least one head and one neuron per block stay, and DEKD then recovers
 the accuracy (loop.py). The pruned sub-model's card records its heads and neurons per block, so `effai export` and
 `effai devit serve` rebuild it.
@@ -20,11 +20,14 @@ Choices, against the reference code:
   `x - mean / std` (operator precedence), which is no standardization;
 - heads use the same score as neurons (METHODS.md); the reference ranks heads by relevance - 0.1 redundancy
   (HSIC between heads), an O(heads^2) variant;
-- the scores of several batches are summed (the reference uses one batch).
+- the scores of several batches are summed (the reference uses one batch);
+- the removed count is rounded half up and one unit always stays (the reference floors the kept count, which can
+  keep none).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +36,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effai.errors import UsageError
-from effai.train.features import FeatureCapture
 from effai.zoo.vit import block_widths, keep_heads_and_neurons
 
 SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
@@ -72,30 +74,45 @@ def unit_scores(acts: Tensor, probs: Tensor) -> Tensor:
 
 @torch.no_grad()
 def rank_units(model: nn.Module, batches: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """Per block, the (head scores, neuron scores) summed over `batches` (normalized inputs of the model)."""
+    """Per block, the (head scores, neuron scores) summed over `batches` (normalized inputs of the model, >= 2 images
+    each). Two passes per batch: the first gives the prediction, the second scores each block's units in a hook as the
+    block runs, so only one block's activations are alive at a time."""
     heads, _ = block_widths(model)
-    depth = len(heads)
-    paths = [f"blocks.{i}.attn.proj" for i in range(depth)] + [f"blocks.{i}.mlp.fc2" for i in range(depth)]
-    head_scores: list[Any] = [0.0] * depth
-    neuron_scores: list[Any] = [0.0] * depth
+    head_scores: list[Any] = [0.0] * len(heads)
+    neuron_scores: list[Any] = [0.0] * len(heads)
+
+    def scorer(scores: list[Any], i: int, units: int | None, probs: Tensor) -> Any:
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            a = args[0]                                                # (B, N, units * C)
+            acts = a.unflatten(-1, (units, -1)) if units else a.unsqueeze(-1)
+            scores[i] = scores[i] + unit_scores(acts, probs).cpu()
+        return hook
+
     was_training = model.training
     model.eval()
-    with FeatureCapture(model, paths, where="input", detach=True) as cap:
+    try:
         for x in batches:
+            if x.shape[0] < 2:
+                raise UsageError("ranking needs batches of >= 2 images (HSIC compares images with each other)")
             probs = F.softmax(model(x), dim=-1)
-            outs = cap.outputs
-            for i in range(depth):
-                a = outs[i]                                           # (B, N, heads * head_dim)
-                head_scores[i] = head_scores[i] + unit_scores(a.unflatten(-1, (heads[i], -1)), probs)
-                n = outs[depth + i]                                   # (B, N, hidden)
-                neuron_scores[i] = neuron_scores[i] + unit_scores(n.unsqueeze(-1), probs)
-    model.train(was_training)
+            handles = []
+            for i, block in enumerate(model.blocks):
+                handles.append(block.attn.proj.register_forward_pre_hook(scorer(head_scores, i, heads[i], probs)))
+                handles.append(block.mlp.fc2.register_forward_pre_hook(scorer(neuron_scores, i, None, probs)))
+            try:
+                model(x)
+            finally:
+                for h in handles:
+                    h.remove()
+    finally:
+        model.train(was_training)
     return head_scores, neuron_scores
 
 
 def keep_count(units: int, ratio: float) -> int:
-    """Units kept when `ratio` of `units` is pruned: round(units * (1 - ratio)), at least 1."""
-    return max(1, round(units * (1 - ratio)))
+    """Units kept when `ratio` of `units` is pruned: the removed count is ratio * units rounded half up
+    (3 heads at 0.34 or 0.5: 1 and 2 removed), and at least one unit stays."""
+    return max(1, units - math.floor(ratio * units + 0.5))
 
 
 def keep_top(scores: Tensor, ratio: float) -> list[int]:

@@ -13,6 +13,7 @@ seeded data order and augmentation per epoch (translation + brightness/contrast 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -157,10 +158,12 @@ def distil_sub_model(student: nn.Module, sub_teacher: nn.Module, train: data_mod
 
 def ranking_batches(train: data_mod.ImageData, cfg: DevitConfig, norm: Norm, seed: int) -> list[Tensor]:
     """Up to cfg.prune_images of the subset's training images (seeded choice, no augmentation, normalized), in
-    batches of at most 128, that stage 2 ranks the sub-model's heads and neurons on."""
+    near-equal batches of at most 64 (HSIC's kernels are batch x batch per unit), that stage 2 ranks the sub-model's
+    heads and neurons on."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(train), generator=g)[:cfg.prune_images]
-    return [norm(train.x[chunk].float() / 255) for chunk in idx.split(128)]
+    chunks = idx.tensor_split(max(1, math.ceil(len(idx) / 64)))
+    return [norm(train.x[chunk].float() / 255) for chunk in chunks]
 
 
 def teacher_outputs(teacher: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
