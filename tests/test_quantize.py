@@ -38,7 +38,7 @@ def test_every_target_lists_only_known_precisions_default_first():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--target", "executorch", "--quantize", "int8-weight"], "does not delegate weight-only layers"),
+    (["--target", "executorch", "--quantize", "palette4"], "executorch takes: fp32, int8, int8-dynamic, int8-weight"),
     (["--target", "onnx", "--quantize", "palette4"], "onnx takes: fp32, int8, int8-dynamic"),
     (["--target", "all", "--quantize", "palette4"], "not supported by executorch"),
     (["--target", "onnx", "--quantize", "int9"], "unknown --quantize 'int9'"),
@@ -360,6 +360,65 @@ def test_executorch_int8_dynamic_lowers_into_xnnpack(tiny_folded, tmp_path):
         ref = model(ex[0]).numpy()
     got = t.load(tmp_path, lw).run([x[:1]])[0]
     assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.95
+
+
+class _Mlp(torch.nn.Module):
+    """Linear-dominated, like a ViT's blocks (weight-only's use case), with a bias-free layer and a tiny conv stem."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.fc1, self.fc2 = torch.nn.Linear(4 * 16 * 16, 256), torch.nn.Linear(256, 256, bias=False)
+        self.head = torch.nn.Linear(256, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(torch.relu(self.stem(x)).flatten(1)))
+        return self.head(torch.nn.functional.gelu(self.fc2(h)))
+
+
+@pytest.mark.parametrize("precision,smaller", [("int8-weight", 3.5), ("int4-weight", 6.0)])
+def test_executorch_weight_only_runs_in_xnnpack_and_matches_its_simulation(tmp_path, precision, smaller):
+    """Weight-only linears in XNNPACK's f32-qc8w/qc4w kernels: one partition, nothing outside, the runtime equal to
+    the PT2E simulation of the same quantized weights (biases split out: the kernels would drop them), the file
+    3.5x / 6x smaller than fp32; a layer named in float_layers stays float; a CNN is warned about."""
+    from effai.export.targets.base import LowerOptions
+    from effai.export.targets.executorch_weight_only import quantize_weight_only
+    from effai.export.trace import trace
+
+    model, t = _Mlp().eval(), TARGETS.get("executorch")
+    ex = (torch.randn(2, 1, 16, 16),)
+    for d in ("fp32", "q", "keep"):
+        (tmp_path / d).mkdir()
+    fp = t.lower(trace(model, ex), ex, LowerOptions(precision="fp32"), tmp_path / "fp32")
+    lw = t.lower(trace(model, ex), ex, LowerOptions(precision=precision), tmp_path / "q")
+    q, d = lw.details["quantization"], lw.details["delegation"]
+    assert q["layers_quantized"] == 3 and q["biases_split"] == 2 and q["weights_covered"] > 0.99
+    assert d["partitions"] == 1 and set(d["non_delegated_ops"]) <= {"getitem"}, d
+    assert not lw.details["warnings"], lw.details["warnings"]
+    size = lambda p: (p / "model.pte").stat().st_size      # noqa: E731
+    assert size(tmp_path / "fp32") / size(tmp_path / "q") > smaller, (size(tmp_path / "fp32"), size(tmp_path / "q"))
+    sim, _ = quantize_weight_only(trace(model, ex), ex, precision)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        want, exact = sim.module()(x).numpy(), model(x).numpy()
+    got = t.load(tmp_path / "q", lw).run([x.numpy()])[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert np.abs(got - exact).max() > 1e-6            # really quantized, not the float model
+    kept = t.lower(trace(model, ex), ex, LowerOptions(precision=precision, float_layers=("fc1",)), tmp_path / "keep")
+    assert kept.details["quantization"]["layers_quantized"] == 2
+    assert kept.details["quantization"]["float_layers"] == ["fc1"] and fp.details["delegation"]["partitions"] == 1
+
+
+def test_executorch_weight_only_on_a_cnn_warns_that_it_covers_little(tiny_folded, tmp_path):
+    from effai.export.targets.base import LowerOptions
+    from effai.export.trace import trace
+
+    model, x = tiny_folded
+    ex = (torch.from_numpy(x[:1]),)
+    lw = TARGETS.get("executorch").lower(trace(model, ex), ex, LowerOptions(precision="int8-weight"), tmp_path)
+    assert lw.details["quantization"]["layers_quantized"] == 1
+    assert any("covers only" in w and "use int8" in w for w in lw.details["warnings"]), lw.details["warnings"]
 
 
 def test_onnx_keeps_the_resize_other_targets_get_selection_maps():

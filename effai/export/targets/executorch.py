@@ -8,11 +8,11 @@ Precisions (all through XNNPACK, so every quantized op runs inside the delegate)
   per inference by XNNPACK's dynamically-quantized kernels). Convolutions stay fp32: with dynamically quantized
   convs XNNPACK (executorch 1.5.1) fails to load GhostNetV3 ("Failed to create static transpose node"); for CNNs
   static int8 is the fast path anyway. The scheme in the manifest says which layers were quantized.
-Weight-only (int8-weight / int4-weight) is refused with the reason instead of built: the stock XNNPACK partitioner
-claims no weight-only pattern, so dequantize + addmm run outside the delegate (measured ~30x slower than fp32 on a
-Linear); XNNPACK's own f32-qc8w/qc4w linear kernels work only with three patches of executorch internals (and the
-runtime drops the linear's bias), and weight-only convolutions are rejected by XNNPACK at load. torchao's
-IntxWeightOnlyConfig path lowers "fully delegated" but computes wrong outputs (cosine 0.94). See docs/stack.md.
+- int8-weight / int4-weight: per-channel int8 / int4 nn.Linear weights, float activations and compute, in XNNPACK's
+  f32-qc8w / f32-qc4w kernels (`executorch_weight_only.py`: the stock flow leaves weight-only layers outside the
+  delegate, ~30x slower). Convolutions stay fp32 (XNNPACK has no weight-only convolution); the manifest gives the
+  share of the weights covered and warns below half. torchao's IntxWeightOnlyConfig path lowers "fully delegated"
+  but computes wrong outputs (cosine 0.94; docs/stack.md), so effai does not use it.
 
 Graph hygiene for one delegate partition: `aten.hardsigmoid` (SE gates of GhostNet/MobileNetV3) is decomposed by
 ExecuTorch into add/clamp/div with int64 scalar constants whose float casts (`_to_dim_order_copy`) stay outside
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from effai.errors import EffaiError, UsageError
+from effai.export.targets import executorch_weight_only as weight_only
 from effai.export.targets.base import (TARGETS, LayerRule, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
                                        package_versions, require)
 
@@ -37,17 +38,10 @@ _BOOKKEEPING = {"getitem"}
 class ExecuTorchTarget:
     name = "executorch"
     description = "ExecuTorch .pte with the XNNPACK delegate (Android/iOS/Linux CPU)"
-    precisions = ("fp32", "int8", "int8-dynamic")
-    unsupported = {
-        "int8-weight": "ExecuTorch 1.5.1's XNNPACK partitioner does not delegate weight-only layers: the dequantize "
-                       "and matmul run outside the delegate, ~30x slower than fp32; use int8-dynamic (same int8 "
-                       "weights) or int8",
-        "int4-weight": "ExecuTorch 1.5.1's XNNPACK partitioner does not delegate weight-only layers (and XNNPACK "
-                       "rejects weight-only convolutions); use int8-dynamic or int8, or --target tflite/coreml "
-                       "for 4-bit weights",
-    }
+    precisions = ("fp32", "int8", "int8-dynamic", "int8-weight", "int4-weight")
+    unsupported: dict[str, str] = {}
     needs_exported_program = True
-    quantizes = {"int8-dynamic": LayerRule(frozenset({"linear"}))}   # see quantize_pt2e: nn.Linear only
+    quantizes = {p: LayerRule(frozenset({"linear"})) for p in ("int8-dynamic", "int8-weight", "int4-weight")}
 
     def available(self) -> tuple[bool, str]:
         return require(("executorch", "executorch"), extra="executorch")
@@ -58,16 +52,24 @@ class ExecuTorchTarget:
 
         outs = _flat_meta(exported)
         exported = decompose_for_xnnpack(exported)
-        quant = None
+        quant, partitioner = None, None
         if options.precision in ("int8", "int8-dynamic"):
             exported, quant = quantize_pt2e(exported, example_inputs, options)
-        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+        elif options.precision in weight_only.BITS:
+            keep = quantize_filter(exported, set(options.float_layers))
+            exported, quant = weight_only.quantize_weight_only(exported, example_inputs, options.precision, keep)
+            quant["float_layers"] = sorted(options.float_layers)
+            partitioner = weight_only.weight_only_partitioner()
+        edge = to_edge_transform_and_lower(exported, partitioner=[partitioner or XnnpackPartitioner()])
         delegation = delegation_summary(edge.exported_program().graph_module)
         program = edge.to_executorch()
         path = out_dir / "model.pte"
         path.write_bytes(program.buffer)
         warnings = [f"{n} {op} node(s) run outside XNNPACK (portable kernels, slower)"
                     for op, n in delegation["non_delegated_ops"].items() if op not in _BOOKKEEPING]
+        if quant and quant.get("weights_covered", 1.0) < 0.5:
+            warnings.append(f"{options.precision} covers only {quant['weights_covered']:.0%} of the weights (the "
+                            "nn.Linear layers; XNNPACK has no weight-only convolution): for a CNN use int8")
         if delegation["partitions"] > 1:
             warnings.append(f"the graph splits into {delegation['partitions']} XNNPACK partitions; layout copies "
                             "sit between them")
@@ -142,7 +144,6 @@ def quantize_pt2e(exported: Any, example_inputs: tuple, options: LowerOptions) -
                                                                           get_symmetric_quantization_config)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torch import nn
-    from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
 
     dynamic = options.precision == "int8-dynamic"
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
@@ -152,13 +153,9 @@ def quantize_pt2e(exported: Any, example_inputs: tuple, options: LowerOptions) -
     else:
         quantizer = XNNPACKQuantizer().set_global(config)
     names = set(options.float_layers)
-    if names:
-        known = {n for n, _ in exported.module().named_modules()}
-        missing = sorted(names - known)
-        if missing:
-            raise EffaiError(f"float layer(s) {missing[:3]} are not modules of the exported model")
-        filters = [get_module_name_filter(n) for n in names]
-        quantizer.set_filter_function(lambda node: not any(f(node) for f in filters))
+    keep = quantize_filter(exported, names)
+    if keep is not None:
+        quantizer.set_filter_function(keep)
     prepared = prepare_pt2e(exported.module(), quantizer)
     batch = example_inputs[0].shape[0]
     calibrated = 0
@@ -181,6 +178,20 @@ def quantize_pt2e(exported: Any, example_inputs: tuple, options: LowerOptions) -
                                      "static int8 (per-channel weights, histogram-calibrated activations)"),
         "layers_quantized": q_nodes, "float_layers": sorted(names), "calibration_samples": calibrated,
     }
+
+
+def quantize_filter(exported: Any, float_layers: set[str]) -> Any:
+    """None, or a node filter that is False on the nodes of the modules named in `float_layers` (left float)."""
+    if not float_layers:
+        return None
+    from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
+
+    known = {n for n, _ in exported.module().named_modules()}
+    missing = sorted(float_layers - known)
+    if missing:
+        raise EffaiError(f"float layer(s) {missing[:3]} are not modules of the exported model")
+    filters = [get_module_name_filter(n) for n in float_layers]
+    return lambda node: not any(f(node) for f in filters)
 
 
 def delegation_summary(graph_module: Any) -> dict[str, Any]:

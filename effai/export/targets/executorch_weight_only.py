@@ -1,0 +1,149 @@
+"""Weight-only int8 / int4 for ExecuTorch's XNNPACK delegate: nn.Linear weights stored as per-channel int8 or int4,
+activations and compute in float32, run by XNNPACK's f32-qc8w / f32-qc4w fully-connected kernels.
+
+    W_q = clamp(round(W / s_c), -2^(b-1), 2^(b-1) - 1),  s_c = max|W_c| / (2^(b-1) - 1)   (symmetric, per output row)
+    y   = x (s * W_q)^T + bias
+
+ExecuTorch 1.5.1 has the kernels but no path to them (measured; docs/stack.md): XNNPACKQuantizer refuses a config
+without activation quantization, and the stock partitioner claims a linear only when its input is quantized too,
+so dequantize + addmm stay outside the delegate (~30x slower than fp32). effai closes the gap with three steps, none
+of which patches executorch:
+
+1. `split_linear_bias`: aten.linear(x, W, b) -> aten.linear(x, W) + b in the exported graph (exact). With the bias
+   inside, the serializer refuses the node ("Weight and Input should both be quantized") and, patched past that,
+   the runtime ignores the float bias (wrong outputs); torchao's weight-only flow hits the latter (cosine 0.94).
+2. `WeightOnlyLinearQuantizer`: XNNPACK's own linear annotator with a weight-only config (input and output
+   activation None), so PT2E inserts quantize/dequantize on the weights only.
+3. `weight_only_partitioner`: the XNNPACK partitioner with its LinearConfig replaced by one that also claims a
+   linear whose weight is dequantized and whose input is float (a subclass overriding two of LinearConfig's
+   dependency hooks; if executorch renames them, effai stops with a clear error instead of building a slow file).
+
+Convolutions stay float32: XNNPACK has no f32-activation / int8-weight convolution (rejected at load). The manifest
+reports the share of the model's weights the precision covered, and warns when it is small (CNNs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from effai.errors import EffaiError
+
+BITS = {"int8-weight": 8, "int4-weight": 4}
+
+
+def split_linear_bias(graph_module: Any) -> int:
+    """Rewrite every aten.linear(x, W, b) as aten.linear(x, W) + b in place; returns how many were split."""
+    import torch
+
+    linear, n_split = torch.ops.aten.linear.default, 0
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != linear or len(node.args) < 3 or node.args[2] is None:
+            continue
+        x, w, b = node.args[:3]
+        with graph.inserting_after(node):
+            add = graph.call_function(torch.ops.aten.add.Tensor, (node, b))
+        node.replace_all_uses_with(add)
+        add.args = (node, b)                 # replace_all_uses_with also rewired the add's own input
+        node.args = (x, w)
+        if "val" in node.meta:
+            add.meta["val"] = node.meta["val"]
+        n_split += 1
+    graph.lint()
+    graph_module.recompile()
+    return n_split
+
+
+def weight_only_config(bits: int) -> Any:
+    """XNNPACK's symmetric per-channel weight spec at `bits`, with no activation quantization."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+
+    base = get_symmetric_quantization_config(is_per_channel=True)
+    config = dataclasses.replace(base, input_activation=None, output_activation=None)
+    if bits == 4:
+        config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, quant_min=-8, quant_max=7))
+    return config
+
+
+def annotate_linears(graph_module: Any, config: Any, keep: Any = None) -> None:
+    """Annotate the linears' weights (XNNPACK's own linear annotator); `keep(node)` False leaves a node float."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import OP_TO_ANNOTATOR
+
+    OP_TO_ANNOTATOR["linear"](graph_module, config, keep)
+
+
+def make_quantizer(config: Any, keep: Any = None) -> Any:
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
+    class WeightOnlyLinearQuantizer(XNNPACKQuantizer):
+        """XNNPACKQuantizer.annotate fails on a config without activation quantization; annotate directly."""
+
+        def annotate(self, model: Any) -> Any:
+            annotate_linears(model, config, keep)
+            return model
+
+    return WeightOnlyLinearQuantizer()
+
+
+def weight_only_partitioner() -> Any:
+    """An XnnpackPartitioner whose LinearConfig also claims dq(weight) @ float input (f32-qc8w / f32-qc4w)."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant
+    from executorch.backends.xnnpack.utils.utils import get_input_node
+
+    hooks = ("_get_act_deps", "_get_output_deps", "weight_idx", "act_idx")
+    probe = LinearConfig()
+    if not all(hasattr(probe, h) for h in hooks):
+        raise EffaiError("this executorch's XNNPACK LinearConfig lacks the hooks effai's weight-only partitioner "
+                         f"extends ({', '.join(hooks)}); use int8-dynamic or int8, or executorch 1.5.x")
+
+    class WeightOnlyLinearConfig(LinearConfig):
+        def _weight_only(self, node: Any) -> bool:
+            return (is_dequant(get_input_node(node, self.weight_idx))
+                    and not is_dequant(get_input_node(node, self.act_idx)))
+
+        def _get_act_deps(self, node: Any, ep: Any, precision: Any) -> Any:
+            return (True, []) if self._weight_only(node) else super()._get_act_deps(node, ep, precision)
+
+        def _get_output_deps(self, node: Any, ep: Any, precision: Any) -> Any:
+            return super()._get_output_deps(node, ep, ConfigPrecisionType.FP32 if self._weight_only(node)
+                                            else precision)
+
+    configs = [WeightOnlyLinearConfig if c is LinearConfig else c for c in ALL_PARTITIONER_CONFIGS]
+    return XnnpackPartitioner(configs=configs)
+
+
+def quantize_weight_only(exported: Any, example_inputs: tuple, precision: str, keep: Any = None
+                         ) -> tuple[Any, dict[str, Any]]:
+    """PT2E weight-only quantization of the exported program's linears; returns the re-exported program and the
+    manifest's quantization record."""
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    bits = BITS[precision]
+    module = exported.module()
+    n_split = split_linear_bias(module)
+    prepared = prepare_pt2e(module, make_quantizer(weight_only_config(bits), keep))
+    with torch.no_grad():   # no calibration: one pass sizes the per-channel weight observers
+        prepared(*example_inputs)
+    requantized = torch.export.export(convert_pt2e(prepared), example_inputs)
+    weights = _weight_counts(exported)
+    q_params = sum(int(np.prod(n.meta["val"].shape)) for n in requantized.graph.nodes
+                   if "dequantize_per_channel" in str(n.target) and "val" in n.meta)
+    covered = q_params / max(1, weights)
+    record = {"scheme": f"XNNPACK weight-only int{bits} of nn.Linear layers (per-channel symmetric weights, "
+                        f"float32 activations and compute, f32-qc{bits}w kernels; convolutions fp32)",
+              "layers_quantized": sum(1 for n in requantized.graph.nodes if "dequantize_per_channel" in str(n.target)),
+              "biases_split": n_split, "weights_covered": round(covered, 4), "calibration_samples": 0}
+    return requantized, record
+
+
+def _weight_counts(exported: Any) -> int:
+    """Parameters of the exported program held in tensors of rank >= 2 (weights, not biases or norms)."""
+    return sum(int(p.numel()) for p in exported.state_dict.values() if getattr(p, "ndim", 0) >= 2)
