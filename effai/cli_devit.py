@@ -24,6 +24,8 @@ devit_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_excep
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output only (one JSON object).")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds any wait may take (join, send, receive) "
                                            "before the run fails naming the device.")]
+ServeTimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait to reach the coordinator and for "
+                                                "its go; after the go the coordinator's --timeout bounds every wait.")]
 
 
 def _fail(e: EffaiError, as_json: bool, extra: dict[str, Any] | None = None) -> None:
@@ -46,7 +48,7 @@ def serve_cmd(
     run: Annotated[Path, typer.Argument(help="The effai train devit run directory (or a part_<i> checkpoint).")],
     part: Annotated[int, typer.Option("--part", help="Which part this device holds (0..N-1).")],
     coordinator: Annotated[str, typer.Option("--coordinator", help="HOST:PORT where effai devit run listens.")],
-    timeout: TimeoutOpt = 60.0,
+    timeout: ServeTimeoutOpt = 60.0,
     threads: Annotated[Optional[int], typer.Option(help="torch threads on this device.")] = None,
     fail_after: Annotated[Optional[int], typer.Option(hidden=True, help="Tests: die after this many batches.")] = None,
     as_json: JsonOpt = False,

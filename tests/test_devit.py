@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 import time
 
@@ -319,3 +320,287 @@ def test_a_device_that_cannot_load_its_inputs_is_named_and_the_others_are_told(r
     assert isinstance(errors[1], UsageError) and "no such file" in str(errors[1])
     assert isinstance(errors[0], EffaiError) and "aborted by the coordinator" in str(errors[0]) \
         and "device rank 2 (part 1" in str(errors[0])
+
+
+# --- the ready/start handshake: who is told what, on whose clock ------------------------------------------------------
+def _client(port: int, timeout_s: float = 10.0):
+    import datetime
+
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _fake_device(port: int, part, got: dict, protocol: bool = True, ready: bool = True, join: bool = True,
+                 on_verdict=None) -> None:
+    """A device that speaks the rendezvous by hand (no inputs, no gloo); what it reads goes into `got`."""
+    from effai.devit.runtime import KEY, device_info
+
+    try:
+        store, rank = _client(port), part.index + 1
+        info = device_info(part)
+        if not protocol:
+            info.pop("protocol")                                  # what a device of the previous release publishes
+        store.add(f"{KEY}/claim/{rank}", 1)
+        store.set(f"{KEY}/device/{rank}", json.dumps(info))
+        got["verdict"] = json.loads(store.get(f"{KEY}/verdict/{rank}"))
+        store.add(f"{KEY}/ack", 1)
+        if on_verdict is not None:
+            on_verdict()
+        if not got["verdict"]["ok"] or not ready:
+            return
+        store.set(f"{KEY}/ready/{rank}", json.dumps({"ok": True}))
+        got["start"] = json.loads(store.get(f"{KEY}/start"))
+        store.add(f"{KEY}/start_ack", 1)
+        if join and got["start"]["ok"]:
+            store.set(f"{KEY}/joining/{rank}", "1")
+    except BaseException as e:   # noqa: BLE001 - collected for the assertion
+        got["error"] = e
+
+
+def _coordinate(decomp, spec, devices, watch=None) -> BaseException | None:
+    """Run coordinate() with `devices(port)` started once it listens; return its error. The coordinator's store is
+    closed on return (its frames are collected), as when `effai devit run` exits."""
+    import gc
+
+    from effai.devit import coordinate
+
+    threads: list[threading.Thread] = []
+
+    def listening(host, port):
+        for target, name in devices(port):
+            threads.append(threading.Thread(target=target, name=name, daemon=True))
+            threads[-1].start()
+
+    error = None
+    try:
+        coordinate(decomp, "127.0.0.1:0", spec, on_listening=listening, watch=watch)
+    except BaseException as e:   # noqa: BLE001 - returned for the assertion
+        error = chained = e
+        while chained is not None:   # drop its frames (the coordinator's store with them), as a process exit would
+            chained.__traceback__ = None
+            chained = chained.__cause__ or chained.__context__
+    gc.collect()
+    for t in threads:
+        t.join(20)
+    return error
+
+
+def test_when_rank_1_fails_the_ready_rank_2_is_told_why(run, monkeypatch):
+    """Part 0 (rank 1, checked first) fails to load its inputs only once part 1 has reported ready, and part 1 is
+    slow to read the verdict: the coordinator must wait for part 1's ack (ready devices counted from the store), so
+    part 1 gets the real reason, not a closed socket. A non-effai exception on the device becomes its one-line
+    EffaiError (so `serve --json` prints its JSON line)."""
+    import torch.distributed as dist
+
+    from effai.devit import RunSpec, load_run, serve
+    from effai.devit import runtime
+
+    decomp = load_run(run["dir"])
+    real, port = runtime.load_stream, {}
+
+    class SlowToReadStart(dist.TCPStore):
+        def get(self, key):
+            if key.endswith("/start") and threading.current_thread().name == "part 1":
+                time.sleep(0.5)
+            return super().get(key)
+
+    monkeypatch.setattr(dist, "TCPStore", SlowToReadStart)
+
+    def load_stream(*args, **kwargs):
+        if threading.current_thread().name == "part 0":
+            _client(port["p"]).wait([f"{runtime.KEY}/ready/2"])   # part 1 is ready and waiting for start
+            raise RuntimeError("boom while reading inputs")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "load_stream", load_stream)
+    errors: dict[int, BaseException] = {}
+
+    def device(part, p):
+        try:
+            serve(part, f"127.0.0.1:{p}", timeout_s=20)
+        except BaseException as e:   # noqa: BLE001 - collected for the assertion
+            errors[part.index] = e
+
+    def devices(p):
+        port["p"] = p
+        return [(lambda part=part: device(part, p), f"part {part.index}") for part in decomp.parts]
+
+    t0 = time.monotonic()
+    error = _coordinate(decomp, RunSpec(images=4, timeout_s=20), devices)
+    assert time.monotonic() - t0 < 15
+    reason = r"device rank 1 \(part 0, .*\) failed before joining the run: loading its inputs \(random\) failed: " \
+             r"RuntimeError: boom while reading inputs"
+    assert type(error) is EffaiError and re.match("^" + reason + "$", str(error)), error
+    assert type(errors[0]) is EffaiError and isinstance(errors[0].__cause__, RuntimeError)
+    assert str(errors[0]) == "loading its inputs (random) failed: RuntimeError: boom while reading inputs"
+    assert re.match(r"^the run was aborted by the coordinator at 127\.0\.0\.1:\d+: " + reason, str(errors[1])), \
+        errors[1]
+
+
+def test_mixed_protocol_versions_are_refused_on_both_sides(run):
+    """A device of the previous release (no protocol in its info) is refused by name; a device facing a coordinator
+    of the previous release (no protocol in its verdict) refuses to go on. Both say: install the same effai."""
+    import dataclasses
+    import datetime
+
+    import torch.distributed as dist
+
+    from effai.devit import RunSpec, load_run, serve
+    from effai.devit.runtime import KEY
+
+    decomp = load_run(run["dir"])
+    got: list[dict] = [{}, {}]
+    error = _coordinate(decomp, RunSpec(timeout_s=10), lambda p: [
+        (lambda: _fake_device(p, decomp.parts[0], got[0]), "part 0"),
+        (lambda: _fake_device(p, decomp.parts[1], got[1], protocol=False), "part 1")])
+    want = r"device rank 2 \(part 1, .*\) runs effai devit protocol 1, the coordinator 2: install the same effai on " \
+           r"every device"
+    assert type(error) is UsageError and re.match("^" + want + "$", str(error)), error
+    for g in got:
+        assert "error" not in g and not g["verdict"]["ok"] and g["verdict"]["usage"]
+        assert re.search(want, g["verdict"]["error"])                              # both devices are told why
+    old = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=10),
+                        wait_for_workers=False)                                    # a coordinator of protocol 1
+    errors: dict[str, BaseException] = {}
+
+    def device():
+        try:
+            serve(decomp.parts[0], f"127.0.0.1:{old.port}", timeout_s=10)
+        except BaseException as e:   # noqa: BLE001 - collected for the assertion
+            errors["e"] = e
+
+    t = threading.Thread(target=device, daemon=True)
+    t.start()
+    assert json.loads(old.get(f"{KEY}/device/1"))["protocol"] == 2
+    old.set(f"{KEY}/verdict/1", json.dumps({"ok": True, "spec": dataclasses.asdict(RunSpec()), "val_seed": 0,
+                                            "error": None, "usage": False}))
+    t.join(10)
+    assert type(errors.get("e")) is UsageError and str(errors["e"]) == (
+        f"the coordinator at 127.0.0.1:{old.port} runs effai devit protocol 1, this device 2: install the same effai "
+        "on every device")
+
+
+def test_a_ready_device_waits_for_start_on_the_coordinators_clock(run):
+    """A device started with a shorter --timeout than the coordinator's still waits for start as long as the
+    coordinator may take (its timeout_s, given in the go); a coordinator that ends the run meanwhile is reported as
+    such at once, not as a timeout."""
+    import dataclasses
+    import datetime
+    import gc
+
+    import torch.distributed as dist
+
+    from effai.devit import RunSpec, load_run, serve
+    from effai.devit.runtime import KEY, PROTOCOL
+
+    part = load_run(run["dir"]).parts[0]
+    go = {"ok": True, "protocol": PROTOCOL, "spec": dataclasses.asdict(RunSpec(images=4, timeout_s=10)),
+          "val_seed": 0, "val_fraction": 0.2, "error": None, "usage": False}
+
+    def until_ready(coordinator) -> tuple[threading.Thread, dict]:
+        errors: dict[str, BaseException] = {}
+        address = f"127.0.0.1:{coordinator.port}"                 # (the thread must not hold the coordinator's store)
+
+        def device():
+            try:
+                serve(part, address, timeout_s=0.5)                   # its own --timeout: 0.5 s
+            except BaseException as e:   # noqa: BLE001 - collected for the assertion
+                errors["e"] = e
+
+        t = threading.Thread(target=device, daemon=True)
+        t.start()
+        coordinator.get(f"{KEY}/device/1")
+        coordinator.set(f"{KEY}/verdict/1", json.dumps(go))
+        coordinator.wait([f"{KEY}/ready/1"])
+        return t, errors
+
+    def master():
+        return dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=10),
+                             wait_for_workers=False)
+
+    coordinator = master()
+    t, errors = until_ready(coordinator)
+    time.sleep(1.5)                                                # 3x the device's own timeout
+    assert t.is_alive()
+    coordinator.set(f"{KEY}/start", json.dumps({"ok": False, "error": "the run was aborted by the test"}))
+    t.join(10)
+    assert type(errors.get("e")) is EffaiError and str(errors["e"]) == "the run was aborted by the test"
+    assert coordinator.add(f"{KEY}/start_ack", 0) == 1
+
+    coordinator = master()
+    address = f"127.0.0.1:{coordinator.port}"
+    t, errors = until_ready(coordinator)
+    t0 = time.monotonic()
+    del coordinator                                                # the coordinator's process exits
+    gc.collect()
+    t.join(10)
+    assert time.monotonic() - t0 < 5
+    assert re.match(rf"^the coordinator at {re.escape(address)} ended the run \(.*\); its own output says why$",
+                    str(errors.get("e"))), errors.get("e")
+
+
+def test_a_device_that_reports_ready_then_never_joins_is_named(run):
+    """A device that dies between ready and the process group is named from its missing `joining` key, not left
+    as an anonymous gloo timeout; with a `watch` (run_local) its process's own exit notice wins."""
+    from effai.devit import RunSpec, load_run
+    from effai.devit.runtime import DeviceExited
+
+    decomp = load_run(run["dir"])
+    spec = RunSpec(images=4, timeout_s=1.5)
+    got: list[dict] = [{}, {}]
+    t0 = time.monotonic()
+    error = _coordinate(decomp, spec, lambda p: [
+        (lambda: _fake_device(p, decomp.parts[0], got[0]), "part 0"),
+        (lambda: _fake_device(p, decomp.parts[1], got[1], join=False), "part 1")])    # ready, then gone
+    assert time.monotonic() - t0 < 10
+    assert type(error) is EffaiError and re.match(
+        r"^device rank 2 \(part 1, .*\) reported ready, then never joined the process group within 1\.5s "
+        r"\(crashed\?\)", str(error)), error
+    assert got[0]["start"]["ok"] and got[1]["start"]["ok"]
+    started = threading.Event()
+    exited = DeviceExited("device rank 2 (part 1, pid 1) exited with code 9 before joining the run: (no output)", 2)
+
+    def watch():
+        if started.is_set():
+            raise exited
+
+    def devices(p):
+        def dies_after_start():
+            _fake_device(p, decomp.parts[1], got[1])
+            started.set()
+
+        return [(lambda: _fake_device(p, decomp.parts[0], got[0]), "part 0"), (dies_after_start, "part 1")]
+
+    assert _coordinate(decomp, spec, devices, watch=watch) is exited
+
+
+def test_a_device_s_own_report_wins_over_its_exit_notice(run):
+    """A local device writes its UsageError to the store and exits; when `watch` sees the exit first, the coordinator
+    re-reads the reports and raises the device's own UsageError (exit code 2), and the ready device is told why."""
+    from effai.devit import RunSpec, load_run
+    from effai.devit.runtime import KEY, DeviceExited
+
+    decomp = load_run(run["dir"])
+    seen, port = threading.Event(), {}
+    got: list[dict] = [{}, {}]
+
+    def watch():   # between the coordinator's read of the reports and this check, device 2 reports and exits
+        if seen.is_set():
+            device = _client(port["p"])
+            report = {"ok": False, "usage": True, "error": "--data nowhere: no such file"}
+            device.set(f"{KEY}/ready/2", json.dumps(report))
+            device.check([f"{KEY}/ready/2"])                         # (a round trip: the report has landed)
+            raise DeviceExited("device rank 2 (part 1, pid 1) exited with code 2 before joining the run", 2)
+
+    def devices(p):
+        port["p"] = p
+        return [(lambda: _fake_device(p, decomp.parts[0], got[0]), "part 0"),
+                (lambda: _fake_device(p, decomp.parts[1], got[1], ready=False, on_verdict=seen.set), "part 1")]
+
+    t0 = time.monotonic()
+    error = _coordinate(decomp, RunSpec(images=4, timeout_s=10), devices, watch=watch)
+    assert time.monotonic() - t0 < 5                               # device 1 acked at once: no 3 s wait
+    assert type(error) is UsageError and re.match(
+        r"^device rank 2 \(part 1, .*\) failed before joining the run: --data nowhere: no such file$", str(error))
+    assert not got[0]["start"]["ok"] and "--data nowhere" in got[0]["start"]["error"]

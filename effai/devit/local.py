@@ -3,7 +3,8 @@
 The coordinator runs in the calling process; each part runs in its own `python -m effai.cli_devit serve` process that
 joins over TCP exactly as a remote device would (gloo, the same rendezvous and checks), so the run exercises the
 real protocol. A device process that exits before the run starts (an unreadable part, inputs it cannot load, a
-usage error) fails the run at once with its exit code and its own one-line error, not after a rendezvous timeout.
+usage error) fails the run at once with its exit code and its own one-line error, not after a rendezvous timeout;
+one that dies after reporting ready is named the same way once the process group cannot form.
 Device processes are always reaped: on success they exit by themselves; on any failure the ones still running are
 terminated, then killed, and their logs are kept.
 """
@@ -19,8 +20,7 @@ import tempfile
 from pathlib import Path
 
 from effai.devit.parts import Decomposition
-from effai.devit.runtime import RunResult, RunSpec, coordinate
-from effai.errors import EffaiError
+from effai.devit.runtime import DeviceExited, RunResult, RunSpec, coordinate
 
 
 def run_local(decomp: Decomposition, run_dir: str | Path, spec: RunSpec, host: str = "127.0.0.1", port: int = 0,
@@ -43,11 +43,12 @@ def run_local(decomp: Decomposition, run_dir: str | Path, spec: RunSpec, host: s
             with open(log, "wb") as f:
                 procs.append((i, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), log))
 
-    def watch() -> None:   # called by the coordinator until every device is in the run
+    def watch() -> None:   # called by the coordinator until every device is in the run, and when the group fails
         for i, proc, log in procs:
             if proc.poll() is not None:
-                raise EffaiError(f"device rank {i + 1} (part {i}, pid {proc.pid}) exited with code {proc.returncode} "
-                                 f"before joining the run: {_last_error(log)} (its log: {log})")
+                raise DeviceExited(f"device rank {i + 1} (part {i}, pid {proc.pid}) exited with code "
+                                   f"{proc.returncode} before joining the run: {_last_error(log)} (its log: {log})",
+                                   rank=i + 1)
 
     ok = False
     try:

@@ -5,12 +5,15 @@
     rank i + 1   device i: holds part i; computes its CLS feature for batch b and sends it to rank 0
 
 Rendezvous is a TCPStore the coordinator hosts at HOST:PORT. Before any data flows each device publishes what it
-holds (part index, split hash, width, classes) and the coordinator answers go or refuse (parts of another
-decomposition, the wrong part, a width the fusion head does not take). After a go each device loads its inputs and
-reports ready or why it cannot; only when all N are ready does the coordinator say start and the N + 1 processes
-join the gloo process group, so a device that fails before the group is named with its own error at once instead
-of surfacing as a rendezvous timeout. Every wait is bounded by `timeout_s`: a device that never joins, dies
-mid-stream or stops answering ends the run with an EffaiError naming its rank, part and host, never a hang.
+holds (protocol version, part index, split hash, width, classes) and the coordinator answers go or refuse (another
+effai devit protocol, parts of another decomposition, the wrong part, a width the fusion head does not take). After
+a go each device loads its inputs and reports ready or why it cannot; only when all N are ready does the coordinator
+say start and the N + 1 processes join the gloo process group, so a device that fails before the group is named with
+its own error at once instead of surfacing as a rendezvous timeout. On an abort every device that did not fail is
+given up to 3 s to read why. Every wait is bounded by the coordinator's `timeout_s` (a device follows the
+coordinator's clock from the go on; its own --timeout bounds only reaching the coordinator and the go): a device
+that never joins, reports ready and then never joins the process group, dies mid-stream or stops answering ends the
+run with an EffaiError naming its rank, part and host, never a hang.
 
 Measured per run: end-to-end latency per batch at the coordinator, each device's compute and send time, fusion time,
 bytes each device sent, and the coordinator's wait not explained by the slowest device's compute (network +
@@ -38,6 +41,9 @@ from effai.errors import EffaiError, UsageError
 
 KEY = "effai-devit"
 STOP = -1
+PROTOCOL = 2          # the rendezvous steps: 1 = join/verdict; 2 = + ready/start/joining. Both sides must agree
+START_MARGIN_S = 5.0  # a ready device waits for start the coordinator's timeout_s plus this (the coordinator's clock)
+ACK_S = 3.0           # how long an aborting coordinator lets the devices read why before it exits
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,14 @@ class RunResult:
 
 class DeviceLost(EffaiError):
     """A device (or the coordinator) stopped answering mid-run."""
+
+
+class DeviceExited(EffaiError):
+    """A device process the coordinator started itself (run_local) has exited; `rank` is its rank."""
+
+    def __init__(self, message: str, rank: int):
+        super().__init__(message)
+        self.rank = rank
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -92,15 +106,39 @@ def _wait(work: Any, who: str, what: str, timeout_s: float) -> None:
                          f"(timeout {timeout_s:g}s); the run is aborted") from e
 
 
-def _init_group(store: Any, rank: int, world: int, timeout_s: float, address: str) -> None:
+def _init_group(store: Any, rank: int, world: int, timeout_s: float, address: str,
+                watch: Callable[[], None] | None = None) -> None:
+    """Join the gloo process group. When it does not form, say why: the coordinator ended the run (a device's view),
+    a device that reported ready never joined (named), else the network."""
     try:
         dist.init_process_group("gloo", store=dist.PrefixStore(f"{KEY}/pg", store), rank=rank, world_size=world,
                                 timeout=_td(timeout_s))
     except Exception as e:
         _shutdown()
+        if rank > 0 and not _reachable(store):   # not the network: the coordinator ended the run (it says why)
+            raise _coordinator_failed(e, address, "") from e
+        named = _never_joined(store, world, timeout_s, watch)
+        if named is not None:
+            raise named from e
         raise EffaiError(f"gloo could not connect the {world} processes of the run at {address} within "
                          f"{timeout_s:g}s ({_first_line(e)}); across hosts set GLOO_SOCKET_IFNAME to the network "
                          "interface the devices share, on every host") from e
+
+
+def _reachable(store: Any) -> bool:
+    try:
+        store.check([f"{KEY}/start"])
+        return True
+    except Exception:
+        return False
+
+
+def _coordinator_failed(e: Exception, address: str, timed_out: str) -> EffaiError:
+    """A device's store call failed: the coordinator closed the rendezvous (it ended the run and its own error says
+    why), or it did not answer within the wait (`timed_out` says which)."""
+    if isinstance(e, dist.DistNetworkError) or not timed_out:
+        return EffaiError(f"the coordinator at {address} ended the run ({_first_line(e)}); its own output says why")
+    return EffaiError(f"the coordinator at {address} {timed_out} ({_first_line(e)})")
 
 
 def _shutdown() -> None:
@@ -141,6 +179,11 @@ def coordinate(decomp: Decomposition, address: str, spec: RunSpec,
     refusal: EffaiError | None = None
     try:
         for r, info in peers.items():
+            theirs = info.get("protocol", 1)
+            if theirs != PROTOCOL:
+                raise UsageError(f"{_describe(r, info)} runs effai devit protocol {theirs}, the coordinator "
+                                 f"{PROTOCOL}: install the same effai on every device")
+        for r, info in peers.items():
             check_part(fusion, info, f"{_describe(r, info)} serving {info.get('path')}", index=r - 1)
         part_card = decomp.parts[0].card if decomp.parts else None
         size = tuple(part_card.input_size) if part_card else tuple(peers[1]["input_size"])
@@ -156,7 +199,8 @@ def coordinate(decomp: Decomposition, address: str, spec: RunSpec,
             raise UsageError(f"--images {spec.images} is fewer than one batch of {spec.batch_size}")
     except EffaiError as e:
         refusal = e
-    _publish(store, n, {"ok": refusal is None, "spec": asdict(spec), "val_seed": val_seed if refusal is None else 0,
+    _publish(store, n, {"ok": refusal is None, "protocol": PROTOCOL, "spec": asdict(spec),
+                        "val_seed": val_seed if refusal is None else 0,
                         "val_fraction": val_fraction if refusal is None else 0.2,
                         "error": f"refused by the coordinator at {address}: {refusal}" if refusal else None,
                         "usage": isinstance(refusal, UsageError)})
@@ -164,7 +208,7 @@ def coordinate(decomp: Decomposition, address: str, spec: RunSpec,
         _await_acks(store, n, spec.timeout_s)
         raise refusal
     _await_ready(store, peers, spec.timeout_s, address, watch)
-    _init_group(store, 0, n + 1, spec.timeout_s, address)
+    _init_group(store, 0, n + 1, spec.timeout_s, address, watch)
     try:
         return _coordinator_loop(decomp, peers, stream, spec, address)
     finally:
@@ -179,8 +223,10 @@ def _await_devices(store: Any, n: int, timeout_s: float, address: str,
             try:
                 watch()
             except EffaiError as e:
-                _publish(store, n, {"ok": False, "error": str(e), "usage": isinstance(e, UsageError)})
-                _await_acks(store, sum(store.check([f"{KEY}/device/{r}"]) for r in range(1, n + 1)), timeout_s)
+                _publish(store, n, {"ok": False, "protocol": PROTOCOL, "error": str(e),
+                                    "usage": isinstance(e, UsageError)})
+                joined = {r for r in range(1, n + 1) if store.check([f"{KEY}/device/{r}"])}
+                _await_acks(store, len(joined - _dead(e)), timeout_s)
                 raise
         joined = [r for r in range(1, n + 1) if store.check([f"{KEY}/device/{r}"])]
         if len(joined) == n:
@@ -190,7 +236,7 @@ def _await_devices(store: Any, n: int, timeout_s: float, address: str,
             msg = (f"{', '.join(f'device rank {r} (part {r - 1})' for r in missing)} did not join the coordinator at "
                    f"{address} within {timeout_s:g}s; start `effai devit serve RUN --part I --coordinator {address}` "
                    "on each device, or check the address and firewall")
-            _publish(store, n, {"ok": False, "error": msg, "usage": False})
+            _publish(store, n, {"ok": False, "protocol": PROTOCOL, "error": msg, "usage": False})
             _await_acks(store, len(joined), timeout_s)
             raise EffaiError(msg)
         time.sleep(0.02)
@@ -199,38 +245,69 @@ def _await_devices(store: Any, n: int, timeout_s: float, address: str,
 def _await_ready(store: Any, peers: dict[int, dict[str, Any]], timeout_s: float, address: str,
                  watch: Callable[[], None] | None) -> None:
     """After the go: wait until every device reports ready (its inputs loaded), then say start. A device that reports
-    a failure, or whose process `watch` finds dead, aborts the run at once naming it; the ready ones are told why."""
-    pending = set(peers)
+    a failure, or whose process `watch` finds dead, aborts the run at once naming it; every device that did not fail
+    (ready, or still loading) gets up to ACK_S to read why."""
     deadline = time.monotonic() + timeout_s
     while True:
-        failure: EffaiError | None = None
-        for r in sorted(pending):
-            if not store.check([f"{KEY}/ready/{r}"]):
-                continue
-            state = json.loads(store.get(f"{KEY}/ready/{r}"))
-            if not state["ok"]:
-                failure = (UsageError if state.get("usage") else EffaiError)(
-                    f"{_describe(r, peers[r])} failed before joining the run: {state['error']}")
-                break
-            pending.discard(r)
+        states = _ready_states(store, peers)
+        failure = _reported_failure(states, peers)
         if failure is None and watch is not None:
             try:
                 watch()
-            except EffaiError as e:
-                failure = e
-        if failure is None and not pending:
+            except EffaiError as e:   # a device that reported its own error and exited: its report (kind, exit code)
+                time.sleep(0.05)      # wins over the generic exit notice; its last write may still be in flight
+                failure = _reported_failure(_ready_states(store, peers), peers) or e
+        if failure is None and len(states) == len(peers):
             store.set(f"{KEY}/start", json.dumps({"ok": True}))
             return
         if failure is None and time.monotonic() > deadline:
-            failure = EffaiError(f"{', '.join(_describe(r, peers[r]) for r in sorted(pending))} did not get ready "
-                                 f"(load its inputs) within {timeout_s:g}s of the coordinator's go; check that device, "
-                                 "or raise --timeout")
+            late = ", ".join(_describe(r, peers[r]) for r in sorted(peers) if r not in states)
+            failure = EffaiError(f"{late} did not get ready (load its inputs) within {timeout_s:g}s of the "
+                                 "coordinator's go; check that device, or raise --timeout")
         if failure is not None:
             store.set(f"{KEY}/start", json.dumps({"ok": False, "error": f"the run was aborted by the coordinator at "
                                                   f"{address}: {failure}"}))
-            _await_acks(store, len(peers) - len(pending), timeout_s, key="start_ack")
+            failed = {r for r, state in _ready_states(store, peers).items() if not state["ok"]} | _dead(failure)
+            _await_acks(store, len(set(peers) - failed), timeout_s, key="start_ack")
             raise failure
         time.sleep(0.02)
+
+
+def _ready_states(store: Any, peers: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """rank -> what the device reported after the go ({"ok": true} or its error), for those that have reported."""
+    return {r: json.loads(store.get(f"{KEY}/ready/{r}")) for r in sorted(peers) if store.check([f"{KEY}/ready/{r}"])}
+
+
+def _reported_failure(states: dict[int, dict[str, Any]], peers: dict[int, dict[str, Any]]) -> EffaiError | None:
+    for r, state in states.items():
+        if not state["ok"]:
+            return (UsageError if state.get("usage") else EffaiError)(
+                f"{_describe(r, peers[r])} failed before joining the run: {state['error']}")
+    return None
+
+
+def _dead(e: EffaiError) -> set[int]:
+    """The rank whose process is known to be gone (it cannot ack anything)."""
+    return {e.rank} if isinstance(e, DeviceExited) else set()
+
+
+def _never_joined(store: Any, world: int, timeout_s: float, watch: Callable[[], None] | None) -> EffaiError | None:
+    """Why the process group did not form, naming the device: a process run_local started that has exited (its exit
+    code and log), else the devices that reported ready but never said they were joining; None: not known."""
+    if watch is not None:
+        try:
+            watch()
+        except EffaiError as e:
+            return e
+    try:
+        missing = [r for r in range(1, world) if not store.check([f"{KEY}/joining/{r}"])]
+        who = [_describe(r, json.loads(store.get(f"{KEY}/device/{r}"))) for r in missing]
+    except Exception:   # the store is gone (the coordinator ended the run)
+        return None
+    if not who:
+        return None
+    return EffaiError(f"{', '.join(who)} reported ready, then never joined the process group within {timeout_s:g}s "
+                      "(crashed?); check that device's output")
 
 
 def _publish(store: Any, n: int, verdict: dict[str, Any]) -> None:
@@ -240,8 +317,8 @@ def _publish(store: Any, n: int, verdict: dict[str, Any]) -> None:
 
 
 def _await_acks(store: Any, joined: int, timeout_s: float, key: str = "ack") -> None:
-    """Before a refusing coordinator exits (taking the store with it), let the joined devices read why (<= 3 s)."""
-    deadline = time.monotonic() + min(3.0, timeout_s)
+    """Before a refusing coordinator exits (taking the store with it), let `joined` devices read why (<= ACK_S)."""
+    deadline = time.monotonic() + min(ACK_S, timeout_s)
     while joined and time.monotonic() < deadline:
         if store.add(f"{KEY}/{key}", 0) >= joined:
             return
@@ -310,10 +387,19 @@ def _coordinator_loop(decomp: Decomposition, peers: dict[int, dict[str, Any]], s
 
 
 # --- device -----------------------------------------------------------------------------------------------------------
+def device_info(part: Part) -> dict[str, Any]:
+    """What a device publishes on joining; the coordinator checks it before its go."""
+    card = part.card
+    return {**part.info, "protocol": PROTOCOL, "path": str(part.path), "host": socket.gethostname(),
+            "pid": os.getpid(), "params": sum(p.numel() for p in part.model.parameters()),
+            "input_size": list(card.input_size), "mean": list(card.mean), "std": list(card.std)}
+
+
 def serve(part: Part, address: str, timeout_s: float = 60.0, fail_after: int | None = None) -> dict[str, Any]:
     """Join the coordinator at `address` as device `part.index` (rank index + 1) and answer its requests until it
-    says stop. `fail_after` (tests only) kills this process without a goodbye after that many batches (0: right after
-    the coordinator's go, before joining the process group)."""
+    says stop. `timeout_s` bounds reaching the coordinator and waiting for its go; from the go on the device follows
+    the coordinator's own timeout. `fail_after` (tests only) kills this process without a goodbye after that many
+    batches (0: right after the coordinator's go, before joining the process group)."""
     host, port = parse_address(address)
     try:
         store = dist.TCPStore(host, port, is_master=False, timeout=_td(timeout_s))
@@ -321,21 +407,30 @@ def serve(part: Part, address: str, timeout_s: float = 60.0, fail_after: int | N
         raise EffaiError(f"cannot reach the coordinator at {address} within {timeout_s:g}s ({_first_line(e)}); start "
                          "`effai devit run` there first, or check the address and firewall") from e
     rank, n = part.index + 1, int(part.info["parts"])
-    if store.add(f"{KEY}/claim/{rank}", 1) > 1:
+    card = part.card
+    try:
+        claimed = store.add(f"{KEY}/claim/{rank}", 1)
+        if claimed == 1:
+            store.set(f"{KEY}/device/{rank}", json.dumps(device_info(part)))
+    except Exception as e:
+        raise _coordinator_failed(e, address, "") from e
+    if claimed > 1:
         raise UsageError(f"part {part.index} is already served by another device at {address}; give each device "
                          "its own --part")
-    card = part.card
-    store.set(f"{KEY}/device/{rank}", json.dumps({
-        **part.info, "path": str(part.path), "host": socket.gethostname(), "pid": os.getpid(),
-        "params": sum(p.numel() for p in part.model.parameters()), "input_size": list(card.input_size),
-        "mean": list(card.mean), "std": list(card.std)}))
     try:
         verdict = json.loads(store.get(f"{KEY}/verdict/{rank}"))
         store.add(f"{KEY}/ack", 1)
     except Exception as e:
-        raise EffaiError(f"the coordinator at {address} did not answer within {timeout_s:g}s ({_first_line(e)})") from e
+        if not isinstance(e, dist.DistNetworkError):   # the coordinator will find out at once, after its go
+            _report(store, rank, f"gave up waiting for the coordinator's go after {timeout_s:g}s (its --timeout); "
+                                 "give every device a --timeout at least the coordinator's")
+        raise _coordinator_failed(e, address, f"did not answer within {timeout_s:g}s") from e
     if not verdict["ok"]:
         raise (UsageError if verdict.get("usage") else EffaiError)(verdict["error"])
+    theirs = verdict.get("protocol", 1)
+    if theirs != PROTOCOL:
+        raise UsageError(f"the coordinator at {address} runs effai devit protocol {theirs}, this device {PROTOCOL}: "
+                         "install the same effai on every device")
     spec = RunSpec(**verdict["spec"])
     try:   # anything that fails here is reported to the coordinator, which names this device and aborts the run
         if fail_after == 0:
@@ -344,17 +439,23 @@ def serve(part: Part, address: str, timeout_s: float = 60.0, fail_after: int | N
                                                           list(card.std), spec.images, int(verdict["val_seed"]),
                                                           float(verdict.get("val_fraction", 0.2)))
     except Exception as e:
-        error = str(e) if isinstance(e, EffaiError) else f"{type(e).__name__}: {_first_line(e)}"
-        store.set(f"{KEY}/ready/{rank}", json.dumps({"ok": False, "error": error,
-                                                     "usage": isinstance(e, UsageError)}))
-        raise
-    store.set(f"{KEY}/ready/{rank}", json.dumps({"ok": True}))
+        error = str(e) if isinstance(e, EffaiError) else (f"loading its inputs ({spec.data}) failed: "
+                                                          f"{type(e).__name__}: {_first_line(e)}")
+        _report(store, rank, error, usage=isinstance(e, UsageError))
+        if isinstance(e, EffaiError):
+            raise
+        raise EffaiError(error) from e
+    wait_s = spec.timeout_s + START_MARGIN_S   # the coordinator's clock: it says start or abort within its timeout
     try:
+        store.set(f"{KEY}/ready/{rank}", json.dumps({"ok": True}))
+        store.set_timeout(_td(wait_s))
         start = json.loads(store.get(f"{KEY}/start"))
         store.add(f"{KEY}/start_ack", 1)
+        if start["ok"]:
+            store.set(f"{KEY}/joining/{rank}", "1")   # lets the coordinator name a device that dies from here on
     except Exception as e:
-        raise EffaiError(f"the coordinator at {address} did not start the run within {timeout_s:g}s "
-                         f"({_first_line(e)})") from e
+        raise _coordinator_failed(e, address, f"did not start the run within {wait_s:g}s of this device being "
+                                              "ready") from e
     if not start["ok"]:
         raise EffaiError(start["error"])
     _init_group(store, rank, n + 1, spec.timeout_s, address)
@@ -387,3 +488,11 @@ def serve(part: Part, address: str, timeout_s: float = 60.0, fail_after: int | N
     return {"rank": rank, "part": part.index, "coordinator": address, "batches": len(timings),
             "compute_ms": _ms([t[0] for t in timings]), "send_ms": _ms([t[1] for t in timings]),
             "bytes_sent": int(sum(t[2] for t in timings))}
+
+
+def _report(store: Any, rank: int, error: str, usage: bool = False) -> None:
+    """Tell the coordinator why this device cannot run (it names the device and aborts the run for everyone)."""
+    try:
+        store.set(f"{KEY}/ready/{rank}", json.dumps({"ok": False, "error": error, "usage": usage}))
+    except Exception:
+        pass   # the coordinator has gone: this device's own error is all there is to say
