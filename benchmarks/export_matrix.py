@@ -2,6 +2,8 @@
 
     python benchmarks/export_matrix.py --models ghostnetv3_100,mobilenetv2_100,ghostnetv3_050.digits \
         --targets executorch,tflite,onnx,coreml --precisions all --runs 50 --threads 2
+    python benchmarks/export_matrix.py --models runs/vit_tiny/model.safetensors --targets executorch   # a trained
+                                                                    # checkpoint (a ViT: weight-only's use case)
 
 For every model x target x precision (the target's precisions, intersected with --precisions):
 
@@ -12,7 +14,8 @@ For every model x target x precision (the target's precisions, intersected with 
   folding or rewrites), at the same precision where the toolchain has a plain flow for it:
   executorch  torch.export -> to_edge_transform_and_lower(XnnpackPartitioner); int8 / int8-dynamic: PT2E with
               XNNPACKQuantizer (per-channel symmetric), calibrated on the same samples effai used (dynamic:
-              the example input run once, so the per-channel weight observers see the weights).
+              the example input run once, so the per-channel weight observers see the weights); int8-weight /
+              int4-weight: torchao quantize_(IntxWeightOnlyConfig, per output channel) then the same lowering.
   tflite      litert_torch.convert; int8: litert-torch's own PT2E path is tried (and reported), the upstream number
               is ai-edge-quantizer's preset recipe on the upstream float .tflite (static_wi8_ai8, dynamic_wi8_afp32,
               weight_only_wi8_afp32, weight_only_wi4_afp32); fp16 has no preset: n/a.

@@ -21,7 +21,11 @@ class Case:
 
     def __init__(self, name: str, work: Path, calib_samples: int, log: Path) -> None:
         self.name, self.work, self.calib_samples, self.log = name, work, calib_samples, log
-        self.loaded = zoo.create(name)
+        if name.endswith(".safetensors"):          # a trained checkpoint: named after its card and run dir
+            self.loaded = zoo.create(weights=Path(name))
+            self.name = f"{self.loaded.card.source.split(':')[-1]}.{Path(name).parent.name}"
+        else:
+            self.loaded = zoo.create(name)
         self.model = self.loaded.model.eval()
         self.card = self.loaded.card
         self.eval = self._eval_set()

@@ -31,12 +31,27 @@ def upstream_executorch(case: Case, precision: str, path: Path) -> dict[str, Any
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
                                                                                      is_dynamic=dynamic))
         ep = torch.export.export(_pt2e(ep.module(), quantizer, case.x if dynamic else case.calib), x)
+    elif precision in ("int8-weight", "int4-weight"):
+        ep = _torchao_weight_only(case, precision)
     elif precision != "fp32":
         raise NotApplicable(f"no XNNPACK flow for {precision}")
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     delegation = delegation_summary(edge.exported_program().graph_module)
     path.write_bytes(edge.to_executorch().buffer)
     return {"delegation": _delegation_short(delegation)}
+
+
+def _torchao_weight_only(case: Case, precision: str) -> Any:
+    """torchao's documented weight-only flow for ExecuTorch: quantize_(IntxWeightOnlyConfig, per output channel),
+    then torch.export (XNNPACKQuantizer has no weight-only config)."""
+    import copy
+
+    from torchao.quantization import IntxWeightOnlyConfig, PerAxis, quantize_
+
+    model = copy.deepcopy(case.model)
+    dtype = torch.int8 if precision == "int8-weight" else torch.int4
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerAxis(0)))
+    return torch.export.export(model, (torch.from_numpy(case.x),))
 
 
 def _pt2e(module: torch.nn.Module, quantizer: Any, calib: np.ndarray, **convert_kwargs: Any) -> Any:
