@@ -1,7 +1,10 @@
 """DeViT at small scale: a monolithic ViT teacher vs its 2- and 4-part decompositions on scikit-learn digits
-(held-out 20% split), all measured in the same run on this host.
+(held-out 20% split), each also with stage 2 pruning (half the MLP neurons and a third of the heads of every block)
+and its control (unpruned, as many DEKD epochs as the pruned run's DEKD + recovery), all measured in the same run on
+this host.
 
-    python benchmarks/devit.py            # ~20 min on 1 thread (a loaded 2-core host)
+    python benchmarks/devit.py            # ~35 min on 1 thread (a loaded 2-core host)
+    python benchmarks/devit.py --reuse --work DIR    # the teacher and vit_pico of an earlier run in DIR (~20 min)
     python benchmarks/devit.py --quick    # ~3 min: a smoke run, numbers not meaningful
 
 Reports, per model: held-out top-1, parameters per device, per-device compute latency, end-to-end latency of the
@@ -10,10 +13,10 @@ latency if every device had its own core (slowest device + fusion), and the rati
 (teacher: one process, same thread count, batch 1). Writes benchmarks/results/devit_digits.json.
 
 The teacher (vit_tiny) is trained here with AdamW (DeiT-style), as `effai train supervised --student vit_tiny` also
-does (AdamW is the default for token models). Every process runs with 1 thread; the host's cores are shared by all device processes,
-so with more devices than free cores the measured end-to-end latency includes their contention. The run also
-measures the bare gloo round trip (request + one CLS feature) between two processes: the floor every end-to-end
-number sits on.
+does (AdamW is the default for token models). Every process runs with 1 thread; the host's cores are shared by all
+device processes, so with more devices than free cores the measured end-to-end latency includes their contention.
+The run also measures the bare gloo round trip (request + one CLS feature) between two processes: the floor every
+end-to-end number sits on. Run it on a quiet machine: the latencies are measured back to back, not repeated.
 """
 
 from __future__ import annotations
@@ -121,6 +124,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a ~3 minute smoke run")
     ap.add_argument("--parts", default="2,4")
+    ap.add_argument("--prune-parts", default="2,4", help="decompositions also run with pruning ('' for none)")
+    ap.add_argument("--prune", default="0.5,0.34", help="fractions of MLP neurons,heads pruned per block (stage 2)")
     ap.add_argument("--teacher-epochs", type=int, default=40)
     ap.add_argument("--small-epochs", type=int, default=20, help="epochs of the vit_pico the parts start from")
     ap.add_argument("--work", type=Path, default=None, help="keep the teacher and runs here (default: a temp dir)")
@@ -129,8 +134,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "devit_digits.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    parts_list = [int(p) for p in args.parts.split(",")]
-    stage_epochs = dict(finetune_epochs=1, epochs=1, ensemble_epochs=1) if args.quick else {}  # {}: the defaults
+    neurons, heads = (float(v) for v in args.prune.split(","))
+    prune_kw = {"prune_neurons": neurons, "prune_heads": heads}
+    # (key, parts, extra config). A pruned run trains prune_epochs more DEKD epochs; its control trains the same
+    # number of DEKD epochs unpruned, so the table separates what pruning costs from what the extra epochs give.
+    d = DevitConfig(teacher="-")
+    control_kw = {"epochs": (1 if args.quick else d.epochs) + (1 if args.quick else d.prune_epochs)}
+    variants = [(f"devit{n}", n, {}) for n in _ints(args.parts)]
+    for n in _ints(args.prune_parts):
+        variants += [(f"devit{n}p", n, prune_kw), (f"devit{n}c", n, control_kw)]
+    quick_epochs = dict(finetune_epochs=1, epochs=1, ensemble_epochs=1, prune_epochs=1)
+    stage_epochs = quick_epochs if args.quick else {}  # {}: the defaults
     teacher_epochs = 3 if args.quick else args.teacher_epochs
     small_epochs = 2 if args.quick else args.small_epochs
     images = 30 if args.quick else args.images
@@ -148,11 +162,11 @@ def main() -> None:
         print(f"sub-model init vit_pico, {small_epochs} epochs ...", flush=True)
         records["pico"] = train_teacher(small_dir, "vit_pico", small_epochs, lr=2e-3)
         atomic_write(work / "train.json", json.dumps(records, indent=2) + "\n")
-    for n in parts_list:
-        print(f"DeViT {n} parts ...", flush=True)
-        res = train_devit(DevitConfig(teacher=str(teacher_dir), parts=n, out=str(work / f"devit{n}"),
-                                      student_weights=str(small_dir), **stage_epochs), force=True)
-        records[f"devit{n}"] = {"val_acc": res["val_acc"], "seconds": res["seconds"]}
+    for key, n, extra in variants:
+        print(f"DeViT {n} parts {extra or ''} ...", flush=True)
+        res = train_devit(DevitConfig(teacher=str(teacher_dir), parts=n, out=str(work / key),
+                                      student_weights=str(small_dir), **stage_epochs, **extra), force=True)
+        records[key] = {"val_acc": res["val_acc"], "seconds": res["seconds"]}
     for name, rec in records.items():
         print(f"  {name}: held-out {rec['val_acc']:.2%} (trained in {rec['seconds']:.0f} s)", flush=True)
 
@@ -174,8 +188,10 @@ def main() -> None:
              "params_per_device": [_params(small)], "device_compute_ms": [small_ms], "end_to_end_ms": small_ms,
              "ideal_parallel_ms": small_ms, "latency_ratio": teacher_ms / small_ms,
              "train_seconds": records["pico"]["seconds"]}]
-    for n in parts_list:
-        run_dir = work / f"devit{n}"
+    for key, n, extra in variants:
+        run_dir = work / key
+        name = f"DeViT {n} x vit_pico" + (f" pruned {neurons:g}/{heads:g}" if "prune_neurons" in extra else
+                                          f", {extra['epochs']} DEKD epochs" if extra else "")
         decomp = load_run(run_dir)
         manifest = json.loads((run_dir / "devit.json").read_text())
         part_ms = [median_latency(p.model, stream.x) for p in decomp.parts]
@@ -187,7 +203,7 @@ def main() -> None:
                                                   timeout_s=60), threads=1)
         r = live.report
         e2e, ideal = r["end_to_end_ms"]["median"], max(part_ms) + fusion_ms
-        rows.append({"model": f"DeViT {n} x vit_pico", "devices": n, "val_acc": manifest["val_acc"],
+        rows.append({"model": name, "devices": n, "val_acc": manifest["val_acc"],
                      "distributed_acc_on_streamed": r.get("accuracy"),
                      "params_per_device": [p["params"] for p in manifest["parts"]],
                      "fusion_params": manifest["fusion"]["params"], "device_compute_ms": part_ms,
@@ -196,10 +212,13 @@ def main() -> None:
                      "end_to_end_ms": e2e, "end_to_end_p90_ms": r["end_to_end_ms"]["p90"],
                      "network_ms": r["network_ms"].get("median"), "ideal_parallel_ms": ideal,
                      "latency_ratio": t_ms / e2e, "ideal_latency_ratio": t_ms / ideal,
-                     "bytes_per_image": r["feature_bytes_per_image"], "train_seconds": records[f"devit{n}"]["seconds"],
+                     "bytes_per_image": r["feature_bytes_per_image"], "train_seconds": records[key]["seconds"],
                      "sub_teacher_val_acc": [p["sub_teacher_val_acc"] for p in manifest["parts"]],
-                     "dekd_val_acc_on_subset": [p["dekd_val_acc"] for p in manifest["parts"]]})
-        print(f"DeViT {n}: held-out {manifest['val_acc']:.2%}, e2e {e2e:.2f} ms (x{t_ms / e2e:.2f} vs teacher "
+                     "dekd_val_acc_on_subset": [p["dekd_val_acc"] for p in manifest["parts"]],
+                     **({"pruning": [{k: p["pruning"][k] for k in ("heads", "mlp_neurons", "params_before",
+                        "params_after", "val_acc_after_cut", "val_acc_recovered")} for p in manifest["parts"]]}
+                        if "prune_neurons" in extra else {})})
+        print(f"{name}: held-out {manifest['val_acc']:.2%}, e2e {e2e:.2f} ms (x{t_ms / e2e:.2f} vs teacher "
               f"{t_ms:.2f} ms), ideal {ideal:.2f} ms (x{t_ms / ideal:.2f})", flush=True)
 
     result = {"benchmark": "DeViT on digits: teacher ViT vs N-part decompositions", "quick": args.quick,
@@ -210,13 +229,17 @@ def main() -> None:
               "rows": rows, "seconds": round(time.perf_counter() - t_start, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out, json.dumps(result, indent=2) + "\n")
-    print(f"\n{'model':<28}{'acc':>8}{'params/device':>15}{'device ms':>11}{'e2e ms':>9}{'x teacher':>10}"
+    print(f"\n{'model':<40}{'acc':>8}{'params/device':>15}{'device ms':>11}{'e2e ms':>9}{'x teacher':>10}"
           f"{'ideal ms':>10}{'x ideal':>9}")
     for row in rows:
-        print(f"{row['model']:<28}{row['val_acc']:>8.2%}{max(row['params_per_device']):>15,}"
+        print(f"{row['model']:<40}{row['val_acc']:>8.2%}{max(row['params_per_device']):>15,}"
               f"{max(row['device_compute_ms']):>11.2f}{row['end_to_end_ms']:>9.2f}{row['latency_ratio']:>10.2f}"
               f"{row['ideal_parallel_ms']:>10.2f}{row.get('ideal_latency_ratio', row['latency_ratio']):>9.2f}")
     print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
+
+
+def _ints(csv: str) -> list[int]:
+    return [int(v) for v in csv.split(",") if v.strip()]
 
 
 def _params(model: torch.nn.Module) -> int:
