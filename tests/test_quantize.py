@@ -432,6 +432,20 @@ def test_onnx_keeps_the_resize_other_targets_get_selection_maps():
         assert sum(report.rewritten.values()) == rewrites, (target, size, report.rewritten)
 
 
+def test_executorch_gets_timm_attention_without_fused_sdpa_other_targets_keep_it():
+    """For ExecuTorch, timm's fused SDPA becomes its explicit softmax path (XNNPACK takes its matmuls and softmax,
+    not SDPA's mask decomposition); fold() has checked the outputs are unchanged."""
+    from effai.export.fold import fold
+
+    card = zoo.resolve_card("vit_pico").with_(input_size=(1, 16, 16), num_classes=4, label_set=None,
+                                              extra={"arch_kwargs": {"patch_size": 4}})
+    for target, expected in (("executorch", 6), ("onnx", 0), ("tflite", 0)):
+        m = zoo.build(card).eval()
+        report = fold(m, (torch.randn(2, 1, 16, 16),), target=target)
+        assert sum(report.rewritten.values()) == expected, (target, report.rewritten)
+        assert all(b.attn.fused_attn is (expected == 0) for b in m.blocks)
+
+
 @pytest.mark.slow
 def test_executorch_int8_dynamic_ghostnet_loads_in_the_runtime(digits, tmp_path):
     """Regression: dynamically quantized convs made XNNPACK refuse GhostNetV3 at load time."""
