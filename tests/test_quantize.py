@@ -410,6 +410,34 @@ def test_executorch_weight_only_runs_in_xnnpack_and_matches_its_simulation(tmp_p
     assert kept.details["quantization"]["float_layers"] == ["fc1"] and fp.details["delegation"]["partitions"] == 1
 
 
+class _SharedAndComputed(torch.nn.Module):
+    """One stored linear used twice, and a linear whose weight is computed in the graph (nothing to quantize)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = self.fc(torch.relu(self.fc(x.flatten(1))))
+        return torch.nn.functional.linear(h, h.T @ h / 64)
+
+
+def test_executorch_weight_only_counts_a_shared_weight_once_and_skips_computed_weights(tmp_path):
+    from effai.export.targets.base import LowerOptions
+    from effai.export.trace import trace
+
+    model, ex = _SharedAndComputed().eval(), (torch.randn(2, 1, 8, 8),)
+    t = TARGETS.get("executorch")
+    lw = t.lower(trace(model, ex), ex, LowerOptions(precision="int8-weight"), tmp_path)
+    q = lw.details["quantization"]
+    assert q["layers_quantized"] == 1 and q["weights_covered"] == 1.0, q
+    with torch.no_grad():
+        ref = model(ex[0]).numpy()
+    got = t.load(tmp_path, lw).run([ex[0].numpy()])[0]
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.99
+
+
 def test_executorch_weight_only_on_a_cnn_warns_that_it_covers_little(tiny_folded, tmp_path):
     from effai.export.targets.base import LowerOptions
     from effai.export.trace import trace
@@ -444,6 +472,17 @@ def test_executorch_gets_timm_attention_without_fused_sdpa_other_targets_keep_it
         report = fold(m, (torch.randn(2, 1, 16, 16),), target=target)
         assert sum(report.rewritten.values()) == expected, (target, report.rewritten)
         assert all(b.attn.fused_attn is (expected == 0) for b in m.blocks)
+
+    class Attention(torch.nn.Module):          # a user's class of the same name is not timm's: left alone
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.fused_attn = torch.nn.Linear(4, 12), True
+
+        def forward(self, x):
+            return self.qkv(x)
+
+    user = Attention().eval()
+    assert not fold(user, (torch.randn(2, 4),), target="executorch").rewritten and user.fused_attn is True
 
 
 @pytest.mark.slow

@@ -68,8 +68,9 @@ class ExecuTorchTarget:
         warnings = [f"{n} {op} node(s) run outside XNNPACK (portable kernels, slower)"
                     for op, n in delegation["non_delegated_ops"].items() if op not in _BOOKKEEPING]
         if quant and quant.get("weights_covered", 1.0) < 0.5:
-            warnings.append(f"{options.precision} covers only {quant['weights_covered']:.0%} of the weights (the "
-                            "nn.Linear layers; XNNPACK has no weight-only convolution): for a CNN use int8")
+            warnings.append(f"{options.precision} covers only {quant['weights_covered']:.0%} of the weights: it "
+                            "quantizes nn.Linear layers (XNNPACK has no weight-only convolution) not kept float; "
+                            "for a CNN use int8")
         if delegation["partitions"] > 1:
             warnings.append(f"the graph splits into {delegation['partitions']} XNNPACK partitions; layout copies "
                             "sit between them")

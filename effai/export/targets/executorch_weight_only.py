@@ -1,7 +1,10 @@
 """Weight-only int8 / int4 for ExecuTorch's XNNPACK delegate: nn.Linear weights stored as per-channel int8 or int4,
 activations and compute in float32, run by XNNPACK's f32-qc8w / f32-qc4w fully-connected kernels.
 
-    W_q = clamp(round(W / s_c), -2^(b-1), 2^(b-1) - 1),  s_c = max|W_c| / (2^(b-1) - 1)   (symmetric, per output row)
+    W_q = clamp(round(W / s_c), -2^(b-1), 2^(b-1) - 1),  s_c = max|W_c| / ((2^b - 1) / 2)  (symmetric, per output row)
+
+(torchao's symmetric scale over the full range: int8 max|W|/127.5, int4 max|W|/7.5, so the largest positive weight of
+a row clips to 7; XNNPACK takes a weight as 4-bit only with the range exactly -8..7.)
     y   = x (s * W_q)^T + bias
 
 ExecuTorch 1.5.1 has the kernels but no path to them (measured; docs/stack.md): XNNPACKQuantizer refuses a config
@@ -69,10 +72,14 @@ def weight_only_config(bits: int) -> Any:
 
 
 def annotate_linears(graph_module: Any, config: Any, keep: Any = None) -> None:
-    """Annotate the linears' weights (XNNPACK's own linear annotator); `keep(node)` False leaves a node float."""
+    """Annotate the weights of the linears whose weight is a stored parameter (XNNPACK's own linear annotator; a
+    weight computed in the graph has no constant to quantize); `keep(node)` False leaves a node float."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import OP_TO_ANNOTATOR
 
-    OP_TO_ANNOTATOR["linear"](graph_module, config, keep)
+    def stored_weight(node: Any) -> bool:
+        return len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr" and (keep is None or keep(node))
+
+    OP_TO_ANNOTATOR["linear"](graph_module, config, stored_weight)
 
 
 def make_quantizer(config: Any, keep: Any = None) -> Any:
@@ -133,17 +140,17 @@ def quantize_weight_only(exported: Any, example_inputs: tuple, precision: str, k
     with torch.no_grad():   # no calibration: one pass sizes the per-channel weight observers
         prepared(*example_inputs)
     requantized = torch.export.export(convert_pt2e(prepared), example_inputs)
-    weights = _weight_counts(exported)
-    q_params = sum(int(np.prod(n.meta["val"].shape)) for n in requantized.graph.nodes
-                   if "dequantize_per_channel" in str(n.target) and "val" in n.meta)
-    covered = q_params / max(1, weights)
+    quantized = {n.args[0].name: int(np.prod(n.meta["val"].shape)) for n in requantized.graph.nodes
+                 if "dequantize_per_channel" in str(n.target) and "val" in n.meta}   # a shared weight counts once
+    covered = sum(quantized.values()) / max(1, _weight_counts(exported))
     record = {"scheme": f"XNNPACK weight-only int{bits} of nn.Linear layers (per-channel symmetric weights, "
                         f"float32 activations and compute, f32-qc{bits}w kernels; convolutions fp32)",
-              "layers_quantized": sum(1 for n in requantized.graph.nodes if "dequantize_per_channel" in str(n.target)),
+              "layers_quantized": len(quantized),
               "biases_split": n_split, "weights_covered": round(covered, 4), "calibration_samples": 0}
     return requantized, record
 
 
 def _weight_counts(exported: Any) -> int:
-    """Parameters of the exported program held in tensors of rank >= 2 (weights, not biases or norms)."""
-    return sum(int(p.numel()) for p in exported.state_dict.values() if getattr(p, "ndim", 0) >= 2)
+    """Parameters of the exported program held in tensors of rank >= 2 (weights; not biases, norms or buffers)."""
+    params = set(exported.graph_signature.parameters)
+    return sum(int(p.numel()) for k, p in exported.state_dict.items() if k in params and getattr(p, "ndim", 0) >= 2)
