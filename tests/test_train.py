@@ -183,12 +183,15 @@ def test_ddp_on_two_cpu_processes_matches_single_process(tmp_path, digits_npz, t
     a = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 2
+    # OFA adds four projector branches to the chaotic first steps: float reordering alone reached 2.3e-4 (CI); a real
+    # DDP defect (projector BNs not synchronized: 9.4e-3, measured) is far above the bound
+    tol = 1e-3 if recipe == "ofa" else 1e-4
     worst = max(float((a["model"][k].float() - b["model"][k].float()).abs().max()) for k in a["model"])
-    assert worst < 1e-4, worst
+    assert worst < tol, worst
     if recipe == "ofa":     # the projectors trained in both, identically
         assert a["aux"].keys() == b["aux"].keys() and a["aux"]
         worst = max(float((a["aux"][k].float() - b["aux"][k].float()).abs().max()) for k in a["aux"])
-        assert worst < 1e-4, worst
+        assert worst < tol, worst
     ma = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert abs(ma[0]["train_loss"] - mb[0]["train_loss"]) < 1e-4 and ma[0]["val_acc"] == mb[0]["val_acc"]
