@@ -14,7 +14,8 @@ of which patches executorch:
 
 1. `split_linear_bias`: aten.linear(x, W, b) -> aten.linear(x, W) + b in the exported graph (exact). With the bias
    inside, the serializer refuses the node ("Weight and Input should both be quantized") and, patched past that,
-   the runtime ignores the float bias (wrong outputs); torchao's weight-only flow hits the latter (cosine 0.94).
+   the runtime ignores the float bias (wrong outputs). torchao's weight-only flow also lowers to wrong outputs
+   (cosine 0.71-0.94, measured), with fp32-sized files; its cause was not isolated.
 2. `WeightOnlyLinearQuantizer`: XNNPACK's own linear annotator with a weight-only config (input and output
    activation None), so PT2E inserts quantize/dequantize on the weights only.
 3. `weight_only_partitioner`: the XNNPACK partitioner with its LinearConfig replaced by one that also claims a
