@@ -38,14 +38,17 @@ from effai.errors import EffaiError
 BITS = {"int8-weight": 8, "int4-weight": 4}
 
 
-def split_linear_bias(graph_module: Any) -> int:
-    """Rewrite every aten.linear(x, W, b) as aten.linear(x, W) + b in place; returns how many were split."""
+def split_linear_bias(graph_module: Any, select: Any = None) -> int:
+    """Rewrite aten.linear(x, W, b) as aten.linear(x, W) + b in place, for the linears `select(node)` accepts (None:
+    all); returns how many were split. Linears left float keep their fused bias."""
     import torch
 
     linear, n_split = torch.ops.aten.linear.default, 0
     graph = graph_module.graph
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target != linear or len(node.args) < 3 or node.args[2] is None:
+            continue
+        if select is not None and not select(node):
             continue
         x, w, b = node.args[:3]
         with graph.inserting_after(node):
@@ -77,10 +80,15 @@ def annotate_linears(graph_module: Any, config: Any, keep: Any = None) -> None:
     weight computed in the graph has no constant to quantize); `keep(node)` False leaves a node float."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import OP_TO_ANNOTATOR
 
-    def stored_weight(node: Any) -> bool:
-        return len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr" and (keep is None or keep(node))
+    OP_TO_ANNOTATOR["linear"](graph_module, config, quantized_linear(keep))
 
-    OP_TO_ANNOTATOR["linear"](graph_module, config, stored_weight)
+
+def quantized_linear(keep: Any = None) -> Any:
+    """The linears weight-only quantizes: a stored weight (a computed one has no constant to quantize), not kept
+    float by `keep`."""
+    def select(node: Any) -> bool:
+        return len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr" and (keep is None or keep(node))
+    return select
 
 
 def make_quantizer(config: Any, keep: Any = None) -> Any:
@@ -136,7 +144,7 @@ def quantize_weight_only(exported: Any, example_inputs: tuple, precision: str, k
 
     bits = BITS[precision]
     module = exported.module()
-    n_split = split_linear_bias(module)
+    n_split = split_linear_bias(module, quantized_linear(keep))
     prepared = prepare_pt2e(module, make_quantizer(weight_only_config(bits), keep))
     with torch.no_grad():   # no calibration: one pass sizes the per-channel weight observers
         prepared(*example_inputs)
