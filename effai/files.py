@@ -63,3 +63,47 @@ def replace_dir(tmp: Path, dest: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+MAX_JSON_BYTES = 64 << 20      # manifests, indexes and reports are kilobytes; a bound keeps a hostile file cheap
+
+
+def loads_json(text: str | bytes, what: str) -> object:
+    """json.loads for text effai did not write itself: malformed, deeply nested (RecursionError) or oversized input
+    becomes a one-line UsageError naming `what` (e.g. "bundle.json of DIR") instead of an internal error."""
+    import json
+
+    from effai.errors import UsageError
+
+    if len(text) > MAX_JSON_BYTES:
+        raise UsageError(f"{what} is {len(text):,} bytes, over effai's {MAX_JSON_BYTES:,}-byte limit for JSON; "
+                         "it is not a file effai wrote")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise UsageError(f"{what} is nested too deeply to be a file effai wrote; refusing it") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what} is not valid JSON ({e}); restore it or produce it again") from None
+
+
+def read_json(path: Path, what: str | None = None) -> object:
+    """Read and parse a JSON file with `loads_json`'s bounds; a missing or unreadable file is a UsageError too."""
+    import os
+
+    from effai.errors import UsageError
+
+    path = Path(path)
+    what = what or str(path)
+    try:
+        size = os.stat(path).st_size
+        if size > MAX_JSON_BYTES:
+            raise UsageError(f"{what} is {size:,} bytes, over effai's {MAX_JSON_BYTES:,}-byte limit for JSON; "
+                             "it is not a file effai wrote")
+        data = path.read_bytes()
+    except UsageError:
+        raise
+    except FileNotFoundError:
+        raise UsageError(f"{what} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {what}: {e.strerror or e}") from None
+    return loads_json(data, what)
