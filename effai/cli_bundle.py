@@ -56,11 +56,11 @@ def keygen_cmd(
 def sign_cmd(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory written by effai zoo pack.")],
     key: Annotated[Path, typer.Option("--key", "-k", help="Private key from effai zoo keygen.")],
-    force: Annotated[bool, typer.Option("--force", help="Sign even though the current signature is invalid "
-                                        "(only when you changed bundle.json yourself).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Sign even though the current signature is invalid or "
+                                        "was removed (only for a bundle you packed and changed yourself).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Sign a bundle's bundle.json with Ed25519 (writes bundle.sig; replaces an earlier valid signature)."""
+    """Sign a bundle you packed: bundle.json with Ed25519 (writes bundle.sig; replaces an earlier valid signature)."""
     from effai.bundle import sign
 
     try:
@@ -68,6 +68,8 @@ def sign_cmd(
     except EffaiError as e:
         _fail(e, as_json)
     if not as_json:
+        if info.get("replaced"):
+            _notes([f"replaced the signature by key {info['replaced']}"], as_json)
         console.err().print(f"[green]✓[/] signed {bundle} with key {info['key_id']}; check it with: effai zoo verify "
                             f"{bundle} --pubkey {key}.pub")
     console.json_line({"ok": True, "bundle": str(bundle), **info})

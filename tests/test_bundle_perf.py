@@ -264,3 +264,53 @@ def test_repacking_keeps_rows_of_unchanged_artifacts_only(tmp_path):
     assert carry_perf(old, new, index_mod.read(old)["artifacts"]) == 1
     assert [r["artifact"] for r in perf.load_rows(new)] == ["onnx-fp32"]
     assert carry_perf(tmp_path / "nothing-there", new, []) == 0
+
+
+def test_record_refuses_a_removed_signature(bundle, key):
+    """Issue 21: a file changed, its hash updated, bundle.sig deleted: recording must not re-sign (or unsign) it."""
+    from tests.test_bundle_sign import strip_signature
+
+    strip_signature(bundle)
+    before = (bundle / "bundle.json").read_bytes()
+    for sign_key in (Path(key["private"]), None):
+        with pytest.raises(EffaiError, match="signature removed") as e:
+            perf.record(bundle, [rec(bundle, "onnx", "fp32", DESKTOP, 1.0)], sign_key=sign_key)
+        assert "Only if you packed it yourself" in str(e.value)
+    with pytest.raises(EffaiError, match="--record: bundle .*signature removed"):
+        perf.precheck(bundle, [], Path(key["private"]))
+    assert not (bundle / "perf.json").exists() and not (bundle / "bundle.sig").exists()
+    assert (bundle / "bundle.json").read_bytes() == before
+
+
+def test_record_notes_the_signature_it_drops_or_replaces(bundle, key, tmp_path):
+    dropped = perf.record(bundle, [rec(bundle, "onnx", "fp32", DESKTOP, 1.0)])
+    assert dropped.signature == "dropped" and key["key_id"] in dropped.notes[-1]
+    assert "if you publish this bundle" in dropped.notes[-1]
+    sign.sign_bundle(bundle, Path(key["private"]))
+    other = sign.keygen(tmp_path / "other.key")
+    resigned = perf.record(bundle, [rec(bundle, "onnx", "fp32", DESKTOP, 2.0)], sign_key=Path(other["private"]))
+    assert resigned.signature == "re-signed"
+    assert resigned.notes == [f"re-signed with key {other['key_id']}; it was signed by key {key['key_id']}"]
+
+
+def test_cli_bench_record_refuses_a_removed_signature_before_measuring(tmp_path, key):
+    import subprocess
+    import sys
+
+    from effai.files import sha256
+    from tests.test_bundle_sign import strip_signature
+
+    root = make_bundle(tmp_path / "b", artifacts=(("onnx", "fp32", "model.onnx"),))
+    d = root / "onnx-fp32"
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["files"] = [{**f, "sha256": sha256(d / f["path"])} for f in manifest["files"]]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    sign.reindex(root, index_mod.read(root))
+    sign.sign_bundle(root, Path(key["private"]))
+    strip_signature(root)
+    out = tmp_path / "never.json"
+    proc = subprocess.run([sys.executable, "-m", "effai", "bench", str(d), "--out", str(out), "--record", str(root),
+                           "--record-key", key["private"], "--json"], capture_output=True, text=True, timeout=300)
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 1 and "signature removed" in last["error"], proc.stderr
+    assert not out.exists() and not (root / "bundle.sig").exists()

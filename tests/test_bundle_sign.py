@@ -208,16 +208,18 @@ def test_attacker_resigning_with_own_key_is_caught_by_pubkey(signed, keys):
     assert not result.ok and "not by the key you gave" in result.problems[0]
 
 
-def test_unsigned_and_stale(tmp_path, keys):
+def test_unsigned_and_removed(tmp_path, keys):
     root = make_bundle(tmp_path / "b")
     result = sign.verify(root)
     assert result.ok and result.signature == "unsigned" and result.key_id is None
+    assert any("unsigned: its hashes catch accidental damage only" in n for n in result.notes)
     with_key = sign.verify(root, Path(keys[0]["public"]))
     assert not with_key.ok and "unsigned" in with_key.problems[0]
     sign.sign_bundle(root, Path(keys[0]["private"]))
     (root / "bundle.sig").unlink()
-    stale = sign.verify(root)
-    assert not stale.ok and stale.signature == "stale" and "bundle.sig is missing" in stale.problems[0]
+    removed = sign.verify(root)
+    assert not removed.ok and removed.signature == "removed" and "bundle.sig is missing" in removed.problems[0]
+    assert "zoo sign" not in removed.problems[0]          # never advises re-signing a bundle you did not build
     index = index_mod.read(root)
     index["signing"] = None
     index_mod.write(root, index)
@@ -305,3 +307,82 @@ def test_cli_keygen_sign_verify_exit_codes(tmp_path):
     assert code == 2 and "does not exist" in out["error"]
     code, out, _, _ = run_zoo("keygen", str(tmp_path / "k.key"))
     assert code == 2 and "already exists" in out["error"]
+
+
+# ------------------------------------------------------------------------------- issue 21: stripped signatures
+
+
+def strip_signature(root: Path, drop_block: bool = False) -> None:
+    """The attack: change a file, recompute the hashes in bundle.json, delete bundle.sig (and maybe the block)."""
+    (root / "labels.txt").write_text("evil\none\ntwo\n")
+    index = index_mod.read(root)
+    if drop_block:
+        index["signing"] = None
+    index_mod.write(root, index)
+    (root / "bundle.sig").unlink()
+
+
+def test_removed_signature_is_tampered_and_is_not_re_signed(signed, keys, tmp_path):
+    from effai.bundle import install
+
+    strip_signature(signed)
+    before = (signed / "bundle.json").read_bytes()
+    pub, priv = Path(keys[0]["public"]), Path(keys[0]["private"])
+    for result in (sign.verify(signed), sign.verify(signed, pub)):
+        assert not result.ok and not result.trusted and result.signature == "removed"
+        assert result.problems[0].startswith("signature removed") and "zoo sign" not in result.problems[0]
+    with pytest.raises(EffaiError, match="refusing to sign .*signature removed.*--force only if you packed") as e:
+        sign.sign_bundle(signed, priv)
+    assert not isinstance(e.value, UsageError)
+    assert (signed / "bundle.json").read_bytes() == before and not (signed / "bundle.sig").exists()
+    with pytest.raises(EffaiError, match="signature removed"):
+        install.install(signed, tmp_path / "app", "onnx", precision="fp32")
+    with pytest.raises(EffaiError, match="signature removed"):
+        install.unpack(signed, tmp_path / "all")
+    assert not (tmp_path / "app").exists() and not (tmp_path / "all").exists()
+    sign.sign_bundle(signed, priv, force=True)           # the packer's way out after an interrupted command
+    assert sign.verify(signed, pub).trusted
+
+
+def test_stripped_signing_block_leaves_an_unsigned_bundle_that_is_never_trusted(signed, keys, tmp_path):
+    """Without --pubkey nothing can tell this from an honest unsigned bundle; with it, it never passes."""
+    from effai.bundle import install
+
+    strip_signature(signed, drop_block=True)
+    pub = Path(keys[0]["public"])
+    plain = sign.verify(signed)
+    assert plain.ok and plain.signature == "unsigned" and not plain.trusted
+    assert any("unsigned" in n and "--pubkey" in n for n in plain.notes)
+    with_key = sign.verify(signed, pub)
+    assert not with_key.ok and not with_key.trusted and "unsigned" in with_key.problems[0]
+    with pytest.raises(EffaiError, match="unsigned"):
+        install.install(signed, tmp_path / "app", "onnx", precision="fp32", pubkey=pub)
+    with pytest.raises(EffaiError, match="fails verification"):
+        install.unpack(signed, tmp_path / "all", pubkey=pub)
+    info = install.install(signed, tmp_path / "app", "onnx", precision="fp32")
+    assert info["signature"] == "unsigned" and not info["trusted"]
+    assert any(n.startswith("the bundle is unsigned") for n in info["notes"])
+
+
+def test_re_signing_over_another_key_says_so(signed, keys):
+    info = sign.sign_bundle(signed, Path(keys[1]["private"]))
+    assert info["replaced"] == keys[0]["key_id"] and info["key_id"] == keys[1]["key_id"]
+    assert "replaced" not in sign.sign_bundle(signed, Path(keys[1]["private"]))
+
+
+def test_cli_removed_signature(signed, keys, tmp_path):
+    strip_signature(signed)
+    code, out, _, err = run_zoo("sign", str(signed), "--key", keys[0]["private"], "--json")
+    assert code == 1 and "signature removed" in out["error"] and not (signed / "bundle.sig").exists(), err
+    code, out, _, err = run_zoo("verify", str(signed), "--pubkey", keys[0]["public"], "--json")
+    assert code == 1 and out["signature"] == "removed" and not out["trusted"]
+    assert out["error"].startswith("signature removed") and "zoo sign" not in out["error"]
+    code, out, _, err = run_zoo("install", str(signed), "--into", str(tmp_path / "app"), "--target", "onnx",
+                                "--precision", "fp32", "--json")
+    assert code == 1 and "signature removed" in out["error"] and not (tmp_path / "app").exists()
+    index = index_mod.read(signed)
+    index["signing"] = None
+    index_mod.write(signed, index)
+    code, out, _, err = run_zoo("install", str(signed), "--into", str(tmp_path / "app"), "--target", "onnx",
+                                "--precision", "fp32")
+    assert code == 0 and out["signature"] == "unsigned" and "the bundle is unsigned" in err

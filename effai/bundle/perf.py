@@ -42,7 +42,7 @@ from typing import Any
 from effai.bundle import index as index_mod
 from effai.bundle import sign
 from effai.errors import EffaiError, UsageError
-from effai.files import atomic_write, sha256
+from effai.files import atomic_write, read_json, sha256
 
 PERF = "perf.json"
 SCHEMA = "effai.perf/1"
@@ -93,7 +93,7 @@ def describe_device(device: dict[str, Any]) -> str:
 def _num(value: Any) -> float | None:
     try:
         f = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return round(f, 4) if math.isfinite(f) else None
 
@@ -106,14 +106,13 @@ def load_rows(root: Path) -> list[dict[str, Any]]:
     path = Path(root) / PERF
     if not path.is_file():
         return []
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON ({e}); restore it from the bundle's source") from None
-    schema = str(doc.get("schema", "")) if isinstance(doc, dict) else ""
+    doc = read_json(path, str(path))
+    schema = doc.get("schema", "") if isinstance(doc, dict) else ""
+    schema = schema if isinstance(schema, str) else ""
     m = re.fullmatch(r"effai\.perf/(\d+)", schema)
-    if not m or not isinstance(doc.get("rows"), list):
-        raise UsageError(f"{path} is not an effai perf table (schema {schema!r}); restore it from the bundle's source")
+    if not m or not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        raise UsageError(f"{path} is not an effai perf table (schema {schema[:80]!r}); restore it from the bundle's "
+                         "source")
     if int(m.group(1)) > SCHEMA_VERSION:
         raise UsageError(f"{path} was written by a newer effai ({schema}; this effai reads {SCHEMA}); upgrade "
                          "effai: pip install -U effai")
@@ -126,7 +125,7 @@ def best_latency(root: Path) -> dict[str, dict[str, Any]]:
     best: dict[str, dict[str, Any]] = {}
     for r in load_rows(root):
         cls, median = r.get("device_class"), _num(r.get("median_ms"))
-        if cls is None or median is None:
+        if not isinstance(cls, str) or median is None:
             continue
         if cls not in best or median < best[cls]["median_ms"]:
             best[str(cls)] = {"median_ms": median, "p90_ms": _num(r.get("p90_ms")), "device": r.get("device"),
@@ -168,10 +167,12 @@ def _artifact_keys(root: Path, index: dict[str, Any]) -> list[tuple[dict[str, An
         if a.get("dir") and mpath.is_file():
             digest = sha256(mpath)
             try:
-                model = json.loads(mpath.read_text(encoding="utf-8")).get("model") or {}
-                name = model.get("name") if isinstance(model, dict) else str(model)
-            except (ValueError, UnicodeDecodeError, AttributeError):
-                name = None
+                doc = read_json(mpath)
+            except EffaiError:
+                doc = None
+            model = doc.get("model") if isinstance(doc, dict) else None
+            name = model.get("name") if isinstance(model, dict) else model
+            name = name if isinstance(name, str) else None
         out.append((a, digest, name))
     return out
 
@@ -211,9 +212,23 @@ def row(rec: Any, art: dict[str, Any], how: str) -> dict[str, Any]:
             "date": str(rec.created_at or "")[:10] or None, "match": how}
 
 
+def _refuse_tampered_signature(root: Path, index: dict[str, Any], prefix: str) -> Any:
+    """Recording re-indexes (and re-signs or unsigns) the bundle, which would bless a change: refuse an invalid
+    signature, and a removed one (bundle.json names a key, bundle.sig is gone)."""
+    sig = sign.check_signature(root, index)
+    if sig.state == "invalid":
+        raise EffaiError(f"{prefix}bundle {root}: {'; '.join(sig.problems[:2])}; recording would re-index it: "
+                         "restore or re-pack the bundle first")
+    if sig.state == "removed":
+        raise EffaiError(f"{prefix}bundle {root}: {sig.problems[0]}; recording would re-index it. Only if you packed "
+                         "it yourself and an earlier command was interrupted: effai zoo sign BUNDLE --key KEY --force, "
+                         "then record again")
+    return sig
+
+
 def precheck(root: Path, artifacts: list[Any], sign_key: Path | None = None) -> None:
     """Everything `record` would refuse, checked before any device time is spent (`effai bench --record`): the
-    bundle reads and matches its index, its signature is not invalid, the key loads, and every artifact to be
+    bundle reads and matches its index, its signature is not invalid or removed, the key loads, and every artifact to be
     measured (an artifact.Artifact: `.describe()` gives model/target/precision/manifest_sha256) belongs to it."""
     from types import SimpleNamespace
 
@@ -225,9 +240,7 @@ def precheck(root: Path, artifacts: list[Any], sign_key: Path | None = None) -> 
     if problems:
         raise EffaiError(f"--record {root}: the bundle does not match its bundle.json ({'; '.join(problems[:3])}); "
                          "restore or re-pack it before measuring")
-    sig = sign.check_signature(root, index)
-    if sig.state == "invalid":
-        raise EffaiError(f"--record {root}: {'; '.join(sig.problems[:2])}; restore or re-pack it before measuring")
+    _refuse_tampered_signature(root, index, "--record: ")
     if sign_key is not None:
         sign.load_private(sign_key)
     for art in artifacts:
@@ -238,8 +251,8 @@ def record(root: Path, records: list[Any], sign_key: Path | None = None) -> Reco
     """Append the ok BenchRecords to root/perf.json, regenerate MODEL_CARD.md and bundle.json, and re-sign with
     `sign_key` or drop the now-stale signature (bundle.json changes, so an old bundle.sig would no longer match).
 
-    Refused (nothing written): a bundle whose files do not match its index or whose signature is invalid (re-indexing
-    would bless the change), a record for an artifact not in the bundle, a bad key."""
+    Refused (nothing written): a bundle whose files do not match its index or whose signature is invalid or removed
+    (re-indexing would bless the change), a record for an artifact not in the bundle, a bad key."""
     root = Path(root)
     index = index_mod.read(root)
     if sign_key is not None:
@@ -248,10 +261,7 @@ def record(root: Path, records: list[Any], sign_key: Path | None = None) -> Reco
     if problems:
         raise EffaiError(f"bundle {root} does not match its bundle.json ({'; '.join(problems[:3])}); recording would "
                          "re-index the changed files: restore or re-pack the bundle first")
-    sig = sign.check_signature(root, index)
-    if sig.state == "invalid":
-        raise EffaiError(f"bundle {root}: {'; '.join(sig.problems[:2])}; recording would re-index it: restore or "
-                         "re-pack the bundle first")
+    earlier = _refuse_tampered_signature(root, index, "")
     ok = [r for r in records if getattr(r, "status", "ok") == "ok"]
     skipped = [f"{r.artifact.get('target')}/{r.artifact.get('precision')} threads={r.threads}: {r.error}"
                for r in records if getattr(r, "status", "ok") != "ok"]
@@ -265,20 +275,24 @@ def record(root: Path, records: list[Any], sign_key: Path | None = None) -> Reco
     if not added:
         return RecordResult(0, len(rows), duplicates, skipped, "unchanged", str(root / PERF))
     sig_path = root / index_mod.SIGNATURE
-    had_signature = sig_path.exists() or index.get("signing") is not None
+    had_signature = earlier.state == "valid"
     if sig_path.exists():
-        sig_path.unlink()        # first: an interruption below leaves an unsigned bundle, never a wrong signature
+        sig_path.unlink()        # first: an interruption below leaves a "removed" signature (refused until
+        #                          `zoo sign --force`), never a signature over the wrong bytes
     atomic_write(root / PERF, json.dumps({"schema": SCHEMA, "rows": rows + added}, indent=1, sort_keys=True,
                                          ensure_ascii=False) + "\n")
     index["signing"] = sign.public_block(sign_key) if sign_key is not None else None
     index, note = sign.reindex(root, index)
     notes = [note] if note else []
     if sign_key is not None:
-        sign.sign(root, sign_key)
+        info = sign.sign(root, sign_key)
         state = "re-signed"
+        if had_signature and earlier.key_id != info["key_id"]:
+            notes.append(f"re-signed with key {info['key_id']}; it was signed by key {earlier.key_id}")
     else:
         state = "dropped" if had_signature else "unsigned"
         if had_signature:
-            notes.append("the bundle's signature was removed (bundle.json changed); re-sign it with: effai zoo sign "
-                         f"{root} --key KEY")
+            notes.append(f"the bundle is now unsigned: bundle.json changed, so the signature by key {earlier.key_id} "
+                         f"was deleted and the signing block cleared; if you publish this bundle, sign it again: "
+                         f"effai zoo sign {root} --key KEY (or record with --record-key KEY)")
     return RecordResult(len(added), len(rows) + len(added), duplicates, skipped, state, str(root / PERF), notes)

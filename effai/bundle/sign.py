@@ -16,12 +16,19 @@ to be in bundle.json before signing (`public_block` gives it to `effai zoo pack 
 out against the key the bundle names only proves the bundle is self-consistent (whoever tampered could re-sign
 with their own key): trust comes from `--pubkey`, a key obtained some other way.
 
+The signing block is also the record that the bundle was signed: a bundle whose bundle.json names a key but has no
+bundle.sig ("removed") is treated as tampered by verify, install, unpack, `zoo sign` and `bench --record` (only
+`zoo sign --force` re-signs it, for the one who packed it). Without `--pubkey` nothing is protected against a
+deliberate edit: whoever changes a file can also update its hash, drop the signing block and delete bundle.sig,
+and the result looks like an honest unsigned bundle. So `--pubkey` demands a valid signature by that key, and an
+unsigned bundle is never reported trusted.
+
 Signature states reported by `verify`:
     valid     bundle.sig verifies over bundle.json with the key named in the signing block
     invalid   it does not (bundle.json or bundle.sig changed after signing), or it is malformed, or bundle.sig
               exists while bundle.json names no key
-    stale     bundle.json names a key but bundle.sig is missing (removed, or never written): re-sign
-    unsigned  neither a signing block nor bundle.sig
+    removed   bundle.json names a key but bundle.sig is missing: the signature was removed (tampered)
+    unsigned  neither a signing block nor bundle.sig: hashes catch accidents only, not edits
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from effai.files import atomic_write
 
 ALGORITHM = "ed25519"
 SIGNATURE_BYTES = 64
-STATES = ("valid", "invalid", "stale", "unsigned")
+STATES = ("valid", "invalid", "removed", "unsigned")
 
 
 def _crypto() -> Any:
@@ -223,8 +230,10 @@ def sign(root: Path, key_path: Path) -> dict[str, Any]:
 def sign_bundle(root: Path, key_path: Path, force: bool = False) -> dict[str, Any]:
     """Sign an existing bundle with `key_path` (`effai zoo sign`): check the files against the index, put the key's
     signing block into bundle.json (regenerating MODEL_CARD.md, which names the key), re-index, then sign.
-    Replaces an earlier valid signature by another key; an INVALID one (bundle.json edited after signing, e.g.
-    files swapped and their hashes updated) is refused unless `force`, since signing would bless the change."""
+    Replaces an earlier valid signature by another key (returned as "replaced"); an INVALID one (bundle.json edited
+    after signing, e.g. files swapped and their hashes updated) or a REMOVED one (bundle.json names a key, bundle.sig
+    is gone) is refused unless `force`, since signing would bless the change. Sign only bundles you packed: an
+    unsigned bundle from elsewhere may have been edited, and nothing in it can show that."""
     root = Path(root)
     key = load_private(key_path)  # a public key or garbage is refused before anything is written
     del key
@@ -238,12 +247,18 @@ def sign_bundle(root: Path, key_path: Path, force: bool = False) -> dict[str, An
         raise EffaiError(f"refusing to sign {root}: its current signature is invalid ({_first(earlier.problems)}), "
                          "so bundle.json changed after it was signed; re-pack the bundle, or pass --force if you "
                          "made that change yourself")
+    if earlier.state == "removed" and not force:
+        raise EffaiError(f"refusing to sign {root}: {earlier.problems[0]}. Pass --force only if you packed this "
+                         "bundle yourself and an earlier effai zoo sign or effai bench --record was interrupted")
     sig = root / index_mod.SIGNATURE
     if sig.exists():
         sig.unlink()
     index["signing"] = public_block(key_path)
     reindex(root, index)
-    return sign(root, key_path)
+    info = sign(root, key_path)
+    if earlier.state == "valid" and earlier.key_id != info["key_id"]:
+        info["replaced"] = earlier.key_id
+    return info
 
 
 def reindex(root: Path, index: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -273,7 +288,7 @@ class VerifyResult:
 
     ok: bool
     problems: list[str]
-    signature: str                 # valid | invalid | stale | unsigned
+    signature: str                 # valid | invalid | removed | unsigned
     key_id: str | None             # the key bundle.json names (None when it names none)
     trusted: bool                  # signature valid AND made by the --pubkey key
     notes: list[str] = field(default_factory=list)
@@ -312,6 +327,8 @@ def check_signature(root: Path, index: dict[str, Any], pubkey: Path | None = Non
         if given is not None:
             problems.append(f"the bundle is unsigned, so it cannot be checked against the key you gave ({given[0]}); "
                             "ask for a signed bundle (effai zoo pack --sign KEY)")
+        else:
+            notes.append(UNSIGNED_NOTE)
         return SignatureCheck("unsigned", None, False, problems, notes)
     public = _block_key(block)
     if isinstance(public, str):
@@ -323,9 +340,8 @@ def check_signature(root: Path, index: dict[str, Any], pubkey: Path | None = Non
                         "bundle.json was edited")
         return SignatureCheck("invalid", kid, False, problems, notes)
     if not sig_path.exists():
-        problems.append(f"bundle.json names signing key {kid} but {index_mod.SIGNATURE} is missing; re-sign: effai "
-                        "zoo sign BUNDLE --key KEY")
-        return SignatureCheck("stale", kid, False, problems, notes)
+        problems.append(removed_message(kid))
+        return SignatureCheck("removed", kid, False, problems, notes)
     state = _check_bytes(public, (root / index_mod.INDEX).read_bytes(), sig_path.read_bytes())
     if state != "valid":
         problems.append(state)
@@ -338,6 +354,17 @@ def check_signature(root: Path, index: dict[str, Any], pubkey: Path | None = Non
         notes.append(f"signature by key {kid} is self-consistent but not checked against a key you trust: pass "
                      "--pubkey")
     return SignatureCheck(state, kid, trusted, problems, notes)
+
+
+UNSIGNED_NOTE = ("the bundle is unsigned: its hashes catch accidental damage only, since anyone can change a file and "
+                 "its hash in bundle.json; use a bundle signed by its publisher and check it with --pubkey KEY.pub")
+
+
+def removed_message(kid: str) -> str:
+    """The one line for a bundle whose index names a signing key but whose bundle.sig is gone."""
+    return (f"signature removed: bundle.json says the bundle was signed by key {kid} but {index_mod.SIGNATURE} is "
+            "missing, which is what a tampered bundle looks like (files changed, hashes updated, signature deleted); "
+            "do not use it: get the bundle again from whoever published it")
 
 
 def _named_id(block: Any) -> str | None:
