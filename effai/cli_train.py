@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -56,7 +55,7 @@ def train_cmd(
                                                       "(repeatable), e.g. --set ofa_eps=1.5 --set exits=blocks.2,blocks.9.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an OUT that holds a previous run.")] = False,
-    nproc: Annotated[int, typer.Option(help="Data-parallel processes (torchrun; gloo on CPU, nccl on GPU).")] = 1,
+    nproc: Annotated[int, typer.Option(help="Data-parallel processes on this machine (gloo on loopback on CPU, nccl on GPU); nothing listens on the network.")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a compact model with a recipe (KD / OFA-KD from a teacher, data-free CDFKD-MFS, DeViT), write model.safetensors."""
@@ -117,13 +116,20 @@ def _run_loop(recipe: str, given: dict[str, Any], sets: list[str] | None, resume
         from effai.train.losses import LOSSES
 
         LOSSES.get(cfg.loss)
-    if nproc > 1:
-        raise typer.Exit(_relaunch_distributed(nproc))
-    from effai.train.loop import train
+    from effai.train.loop import preflight, train
 
+    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--nproc starts its own ranks; under torchrun (or another launcher) drop --nproc")
+    if nproc > 1:
+        preflight(cfg, nproc, resume=resume, force=force)
     if not cfg.teacher and not as_json:
         console.err().print(f"[yellow]! no --teacher: recipe '{recipe}' trains with cross-entropy only[/]")
-    result = train(cfg, resume=resume, force=force, progress=progress)
+    if nproc > 1:
+        from effai.train.launch import run_local
+
+        result = run_local(cfg, nproc, resume=resume, force=force, show_progress=progress is not None)
+    else:
+        result = train(cfg, resume=resume, force=force, progress=progress)
     last = result["history"][-1] if result["history"] else {}
     return {**result, "epochs": len(result["history"]), "train_acc": last.get("train_acc")}
 
@@ -154,26 +160,6 @@ def _run_own_loop(recipe: str, given: dict[str, Any], sets: list[str] | None, re
     opts = {k: v for k, v in opts.items() if k in known}
     cfg = config_cls(**_merge(opts, parse_sets(config_cls, sets)))
     return getattr(mod, entry)(cfg, force=force, progress=progress)
-
-
-def _relaunch_distributed(nproc: int) -> int:
-    """Run this same command under torchrun with --nproc removed (argument list, never a shell string)."""
-    import subprocess
-
-    args, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "effai", *args]
-    return subprocess.call(cmd)
 
 
 def register(app: typer.Typer) -> None:

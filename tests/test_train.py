@@ -160,6 +160,130 @@ def test_kd_with_a_teacher_and_teacher_errors(tiny_run, tmp_path, digits_npz):
         train(make_config("kd", data=str(five), out=str(tmp_path / "y"), teacher=str(teacher_dir), **TINY))
 
 
+class _Payload:
+    """Unpickling this creates a directory: proof that a peer's pickle ran."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.path,))
+
+
+def _tree(root: int) -> set[int]:
+    import os
+
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo += kids.get(pid, [])
+    return out
+
+
+def _listening(pids: set[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state that one of `pids` holds (/proc/net/tcp and tcp6)."""
+    import os
+    import socket
+
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for row in Path(table).read_text().splitlines()[1:]:
+            f = row.split()
+            if f[3] == "0A" and f[9] in inodes:          # 0A: LISTEN
+                hexaddr, port = f[1].split(":")
+                raw = b"".join(bytes.fromhex(hexaddr[i:i + 8])[::-1] for i in range(0, len(hexaddr), 8))
+                found.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
+def _loopback(addr: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(addr)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def _attack(port: int, sentinel: Path) -> None:
+    """What the reported exploit did: write a pickled payload into the rendezvous keys of a store on `port`."""
+    import pickle
+    import socket
+    from datetime import timedelta
+
+    payload = pickle.dumps(_Payload(sentinel))
+    try:
+        store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=2),
+                                           wait_for_workers=False)
+        for key in ("torch.rendezvous.none.state", "torch.rendezvous.default.state", "torch.elastic.agent"):
+            store.set(key, payload)
+    except Exception:
+        pass
+    try:       # and raw, for whatever else listens there
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(payload)
+    except OSError:
+        pass
+
+
+def _run_ddp_under_attack(*args: str, sentinel: Path) -> tuple[int, dict | None, str, set[tuple[str, int]]]:
+    """Run `effai ARGS` while probing its process tree's listening sockets and attacking each one."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "effai", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen: set[tuple[str, int]] = set()
+    attacked: set[int] = set()
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        now = _listening(_tree(proc.pid))
+        seen |= now
+        for _, port in now:
+            if port not in attacked:
+                attacked.add(port)
+                _attack(port, sentinel)
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=60)
+    lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+    last = json.loads(lines[-1]) if lines else None
+    return proc.returncode, last, err, seen
+
+
+def test_nproc_a_failing_rank_is_one_error_line_and_a_bad_split_is_refused_before_ranks_start(tmp_path):
+    """Ranks are effai's own processes: a rank's error is reported once (no traceback, no per-rank repeats), with
+    its exit code; what every rank would refuse is refused before any rank starts."""
+    base = ["train", "supervised", "--data", "digits", "--student", "resnet10t", "--input-size", "32", "--epochs", "1",
+            "--nproc", "2", "--out", str(tmp_path / "r")]
+    code, last, _, err = run_cli(*base, "--batch-size", "33")
+    assert code == 2 and last["exit_code"] == 2 and "must be divisible by --nproc 2" in last["error"]
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+    code, last, _, err = run_cli(*base, "--batch-size", "32", "--lr", "1e12")
+    assert code == 1 and last["exit_code"] == 1 and "loss became nan" in last["error"], err[-2000:]
+    assert err.count("loss became") == 1 and "Traceback" not in err and "SIGTERM" not in err, err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["supervised", "ofa"])
 def test_ddp_on_two_cpu_processes_matches_single_process(tmp_path, digits_npz, tiny_run, recipe):
@@ -177,7 +301,14 @@ def test_ddp_on_two_cpu_processes_matches_single_process(tmp_path, digits_npz, t
         args = [*args[:1], "ofa", *args[2:], "--teacher", str(tiny_run[0]), "--set", "channels=1"]
     code1, single, _, err1 = run_cli(*args, "--out", str(tmp_path / "single"))
     assert code1 == 0, (single, err1)
-    code2, multi, _, err2 = run_cli(*args, "--out", str(tmp_path / "ddp"), "--nproc", "2")
+    if recipe == "supervised":     # the same run also proves nothing network-facing is exposed (issue 21)
+        code2, multi, err2, listeners = _run_ddp_under_attack(*args, "--out", str(tmp_path / "ddp"), "--nproc", "2",
+                                                              sentinel=tmp_path / "pwned")
+        assert listeners, "gloo's sockets were never seen: the probe proves nothing"
+        assert all(_loopback(addr) for addr, _ in listeners), listeners
+        assert not (tmp_path / "pwned").exists(), "a pickled payload written to a listening port was executed"
+    else:
+        code2, multi, _, err2 = run_cli(*args, "--out", str(tmp_path / "ddp"), "--nproc", "2")
     assert code2 == 0, err2[-3000:]
     assert multi["world_size"] == 2 and multi["ranks_in_sync"] is True and single["world_size"] == 1
     a = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)

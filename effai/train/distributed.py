@@ -1,4 +1,4 @@
-"""Data parallelism on torch.distributed (DDP via torchrun): gloo on CPU, nccl on GPU.
+"""Data parallelism on torch.distributed: gloo on CPU, nccl on GPU; ranks started by effai.train.launch (or torchrun).
 
 Each of W processes takes a contiguous 1/W slice of every global batch; DDP averages gradients, and batch
 normalization is synchronized across processes, so W processes compute what one process computes on the whole
@@ -33,9 +33,16 @@ class DistInfo:
 
 
 def init(device: torch.device) -> DistInfo:
+    """Join the group: through effai's private FileStore (`--nproc`), else torchrun's env:// (an explicit opt-in)."""
     info = DistInfo.from_env()
     if info.world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        path = os.environ.get("EFFAI_DDP_STORE")
+        if path:
+            dist.init_process_group(backend, store=dist.FileStore(path, info.world), rank=info.rank,
+                                    world_size=info.world)
+        else:
+            dist.init_process_group(backend)
     return info
 
 

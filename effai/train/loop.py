@@ -46,9 +46,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     out = Path(cfg.out)
-    if (out / "checkpoint.pt").is_file() and not (resume or force):
-        raise UsageError(f"{out} already holds a training run; pass --resume to continue it, --force to start over, "
-                         "or choose another --out")
+    check_out_dir(out, resume, force)
     if dist.main:
         ckpt.writable_run_dir(out)
     torch.manual_seed(cfg.seed)
@@ -56,11 +54,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     # --- data: the whole set in memory, a stratified seeded split ---------------------------------------------
     full = data_mod.load(cfg.data, cfg.input_size, cfg.channels)
     train_set, val_set = data_mod.split(full, cfg.val_fraction, split_seed(cfg))
-    if cfg.batch_size % dist.world:
-        raise EffaiError(f"--batch-size {cfg.batch_size} must be divisible by --nproc {dist.world}")
-    steps_per_epoch = len(train_set) // cfg.batch_size          # drop_last: every step sees a full global batch
-    if steps_per_epoch < 1:
-        raise EffaiError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
+    steps_per_epoch = batches_per_epoch(cfg, dist.world, len(train_set))
 
     # --- models -------------------------------------------------------------------------------------------------
     model, card = build_student(cfg, full.classes)
@@ -187,6 +181,35 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         result.update(save_model(final["model"], card, cfg, out, val_set, result, final["which"]))
     ddp.shutdown()
     return result
+
+
+def check_out_dir(out: Path, resume: bool, force: bool) -> None:
+    if (out / "checkpoint.pt").is_file() and not (resume or force):
+        raise UsageError(f"{out} already holds a training run; pass --resume to continue it, --force to start over, "
+                         "or choose another --out")
+
+
+def batches_per_epoch(cfg: TrainConfig, world: int, n_train: int) -> int:
+    """Full global batches per epoch (drop_last), each split evenly over the `world` processes."""
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by --nproc {world}")
+    if n_train < cfg.batch_size:
+        raise UsageError(f"{n_train} training images are fewer than one batch of {cfg.batch_size}; lower "
+                         "--batch-size")
+    return n_train // cfg.batch_size
+
+
+def preflight(cfg: TrainConfig, world: int, *, resume: bool, force: bool) -> None:
+    """What every rank would refuse, checked once before `--nproc` starts ranks: run dir, data, batch split, models."""
+    out = Path(cfg.out)
+    check_out_dir(out, resume, force)
+    ckpt.writable_run_dir(out)
+    full = data_mod.load(cfg.data, cfg.input_size, cfg.channels)
+    train_set, _ = data_mod.split(full, cfg.val_fraction, split_seed(cfg))
+    batches_per_epoch(cfg, world, len(train_set))
+    build_student(cfg, full.classes)
+    if cfg.teacher:
+        load_teacher(cfg, full.classes)
 
 
 def split_seed(cfg: TrainConfig) -> int:
