@@ -498,6 +498,8 @@ def main() -> None:
     console.reset()
     try:
         rc = app(standalone_mode=False)
+        if rc == 130 and not console.json_written():   # typer turns Ctrl-C into Exit(130) before effai sees it
+            raise KeyboardInterrupt
         sys.exit(rc if isinstance(rc, int) else 0)
     except click_exc.NoArgsIsHelpError:   # `effai` alone: the help was printed
         console.json_line({"ok": False, "error": "no command given", "exit_code": 2})
@@ -516,6 +518,7 @@ def main() -> None:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.err().print("[red]interrupted[/]; nothing half-written was left behind")
+        console.json_line({"ok": False, "interrupted": True, "error": "interrupted", "exit_code": 130})
         sys.exit(130)
     except Exception as e:  # a bug in effai or a toolchain: still one clear line, a JSON line and exit 1
         if os.environ.get("EFFAI_DEBUG"):

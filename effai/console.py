@@ -15,6 +15,7 @@ from rich.console import Console
 
 _err: Console | None = None
 _out: Console | None = None
+_json_written = False
 
 
 def err() -> Console:
@@ -34,11 +35,19 @@ def out() -> Console:
 
 def json_line(obj: dict[str, Any]) -> None:
     """The last stdout line of every command: one JSON object."""
+    global _json_written
+    _json_written = True
     out().file.write(json.dumps(obj, default=str, separators=(",", ":")) + "\n")
     out().file.flush()
 
 
 def reset() -> None:
     """Forget the consoles (tests run many commands in one process with changing stdout)."""
-    global _err, _out
+    global _err, _out, _json_written
     _err = _out = None
+    _json_written = False
+
+
+def json_written() -> bool:
+    """Whether this command has printed its JSON line (an interrupted command that has not still owes one)."""
+    return _json_written

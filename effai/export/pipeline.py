@@ -390,7 +390,8 @@ def _parity_line(p: dict[str, Any]) -> str:
 
 
 def _keep_log(log: Path, out: Path) -> None:
-    if log.is_file():
+    """A failed export's toolchain log, kept in $TMPDIR for the bug report (an empty one is not worth a file)."""
+    if log.is_file() and log.stat().st_size > 0:
         try:
             fd, dest = tempfile.mkstemp(prefix=f"effai-export-{out.name}-", suffix=".log")
             with os.fdopen(fd, "wb") as f, open(log, "rb") as src:

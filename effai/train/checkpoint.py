@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from effai.errors import UsageError
+from effai.errors import EffaiError, UsageError
 from effai.files import atomic_write
 
 
@@ -27,9 +27,28 @@ def writable_run_dir(out: Path) -> None:
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """torch.save to a temp file, then rename: a crash or a full disk leaves the previous checkpoint, no temp file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(e, path) from e
+        raise
+
+
+def write_error(e: OSError, path: Path) -> EffaiError:
+    """A failed write of a run's file as one line: what failed, that the previous file is intact, the fix."""
+    import errno
+
+    kept = "the previous one is intact" if path.exists() else "nothing was written"
+    if e.errno == errno.ENOSPC:
+        return EffaiError(f"disk full while writing {path} ({kept}); free space and rerun with --resume")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UsageError(f"cannot write {path}: {e.strerror} ({kept}); choose a writable --out")
+    return EffaiError(f"writing {path} failed: {e.strerror or e} ({kept})")
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -77,9 +96,16 @@ def write_model(path: Path, model: torch.nn.Module, card: dict[str, Any], record
               **({"labels": json.dumps(list(labels))} if labels is not None else {}),
               **{f"effai.{k}": json.dumps(v) for k, v in meta.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=header)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata=header)
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(e, path) from e
+        raise
     return path
 
 

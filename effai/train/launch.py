@@ -41,8 +41,10 @@ def rank_env(rank: int, world: int, store: str, ifname: str) -> dict[str, str]:
 def _rank_main(rank: int, world: int, store: str, ifname: str, cfg: Any, resume: bool, force: bool,
                show_progress: bool, results: Any) -> None:
     """One rank: train, send rank 0's result (or any rank's error) to the launcher over its own pipe."""
+    import signal
     import sys
 
+    signal.signal(signal.SIGTERM, _interrupt)      # torch stops the other ranks with SIGTERM: clean up as on Ctrl-C
     os.environ.update(rank_env(rank, world, store, ifname))
     import torch
 
@@ -99,11 +101,7 @@ def run_local(cfg: Any, nproc: int, *, resume: bool, force: bool, show_progress:
                              "reporting why (killed? out of memory?)") from None
         reports += _drain(results)
     except KeyboardInterrupt:
-        for p in procs.processes:
-            if p.is_alive():
-                p.terminate()
-        for p in procs.processes:
-            p.join(5)
+        _stop(procs.processes)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -111,6 +109,27 @@ def run_local(cfg: Any, nproc: int, *, resume: bool, force: bool, show_progress:
     if not ok:
         raise EffaiError("training ranks finished without rank 0's result; rerun with --nproc 1 to see why")
     return ok[0]
+
+
+def _stop(processes: list[Any], grace_s: float = 10.0) -> None:
+    """Ctrl-C: every rank gets SIGINT (they finish the file they are writing and exit), then SIGTERM, then SIGKILL."""
+    import signal
+    import time
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in processes if p.is_alive()]
+        for p in alive:
+            try:
+                os.kill(p.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGINT else 5.0)
+        for p in alive:
+            p.join(max(0.0, deadline - time.monotonic()))
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _drain(queue: Any) -> list[tuple[str, int, Any]]:
