@@ -120,6 +120,10 @@ def _run_loop(recipe: str, given: dict[str, Any], sets: list[str] | None, resume
 
     if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--nproc starts its own ranks; under torchrun (or another launcher) drop --nproc")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) == 0 and not as_json:
+        console.err().print("[yellow]! started by an external launcher (torchrun): its rendezvous store is reachable "
+                            "by the network it listens on and unauthenticated; use it only on a trusted network "
+                            "(docs/security.md)[/]")
     if nproc > 1:
         preflight(cfg, nproc, resume=resume, force=force)
     if not cfg.teacher and not as_json:
