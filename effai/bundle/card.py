@@ -8,12 +8,12 @@ twice gives the same bytes. torch-free: bench --record regenerates it on machine
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from effai.bundle import index as bundle_index
-from effai.files import atomic_write
+from effai.errors import EffaiError, UsageError
+from effai.files import atomic_write, read_json
 
 CARD = "MODEL_CARD.md"
 PERF = "perf.json"
@@ -74,9 +74,19 @@ def write(root: Path) -> str:
 
 
 def render(root: Path) -> str:
-    """The card's Markdown from bundle.json (+ perf.json and each artifact's manifest.json when present)."""
+    """The card's Markdown from bundle.json (+ perf.json and each artifact's manifest.json when present).
+    Those files may have been edited by hand: a field of the wrong type is a UsageError naming the bundle."""
     root = Path(root)
     index = bundle_index.read(root)
+    try:
+        return _render(root, index)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+        raise UsageError(f"cannot write {root / CARD}: a manifest.json, perf.json or preprocessing.json in {root} has "
+                         f"a field of the wrong type ({type(e).__name__}: {str(e)[:120]}); re-pack the bundle"
+                         ) from None
+
+
+def _render(root: Path, index: dict[str, Any]) -> str:
     manifests = {a["dir"]: _manifest(root, a["dir"]) for a in index.get("artifacts", [])}
     m = index["model"]
     out: list[str] = [f"# {m['name']}", ""]
@@ -107,8 +117,8 @@ def perf_rows(root: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+        doc = read_json(path)
+    except EffaiError:
         return []
     if isinstance(doc, dict):
         doc = doc.get("rows") or doc.get("records") or []
@@ -118,8 +128,8 @@ def perf_rows(root: Path) -> list[dict[str, Any]]:
 
 def _manifest(root: Path, rel: str) -> dict[str, Any] | None:
     try:
-        doc = json.loads((root / rel / "manifest.json").read_text())
-    except (OSError, ValueError):
+        doc = read_json(root / rel / "manifest.json")
+    except EffaiError:
         return None
     return doc if isinstance(doc, dict) else None
 
@@ -213,8 +223,8 @@ def _io(root: Path, index: dict[str, Any], manifests: dict[str, Any]) -> list[st
     out.append(f"- preprocessing: `{PREPROCESSING}` (steps below)")
     out.append("")
     try:
-        pre = json.loads((root / PREPROCESSING).read_text())
-    except (OSError, ValueError):
+        pre = read_json(root / PREPROCESSING)
+    except EffaiError:
         pre = {}
     pre = pre if isinstance(pre, dict) else {}
     for i, step in enumerate(pre.get("how_to", []), 1):
@@ -302,7 +312,7 @@ def _perf(root: Path, index: dict[str, Any]) -> list[str]:
 
     def key(r: dict[str, Any]) -> tuple:
         return tuple(str(r.get(k, "")) for k in ("device_class", "device", "target", "precision")) + (
-            r.get("threads") or 0, r.get("median_ms") or 0.0, str(r.get("date", "")))
+            _number(r.get("threads")), _number(r.get("median_ms")), str(r.get("date", "")))
 
     table = []
     for r in sorted(rows, key=key):
@@ -310,15 +320,34 @@ def _perf(root: Path, index: dict[str, Any]) -> list[str]:
         table.append([r.get("device_class", "-"), r.get("device", "-"),
                       f"{r.get('runtime', '-')} {r.get('runtime_version', '')}".strip(), r.get("target", "-"),
                       r.get("precision", "-"), r.get("threads", "-"), _ms(r.get("median_ms")), _ms(r.get("p90_ms")),
-                      "-" if energy is None else f"{energy:.4g}", r.get("effai_version", "-"), r.get("date", "-")])
+                      "-" if _finite(energy) is None else f"{_finite(energy):.4g}", r.get("effai_version", "-"),
+                      r.get("date", "-")])
     return out + [f"{len(rows)} measurement(s) from `perf.json` (batch 1, latency per inference; energy in joules "
                   "per inference where a power meter was read).", "",
                   *_table(["device class", "device", "runtime", "target", "precision", "threads", "median ms",
                            "p90 ms", "energy J", "effai", "date"], table)]
 
 
+def _finite(v: Any) -> float | None:
+    """v as a float when it is a finite JSON number, else None (perf.json may have been edited)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if f == f and abs(f) != float("inf") else None
+
+
+def _number(v: Any) -> float:
+    """A sort key for a field that should be a number: anything else sorts as 0."""
+    f = _finite(v)
+    return 0.0 if f is None else f
+
+
 def _ms(v: Any) -> str:
-    return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+    f = _finite(v)
+    return "-" if f is None else f"{f:.3f}"
 
 
 def _reproducibility(index: dict[str, Any]) -> list[str]:
@@ -339,6 +368,7 @@ def _reproducibility(index: dict[str, Any]) -> list[str]:
 
 def _verify(root: Path, index: dict[str, Any]) -> list[str]:
     s = index.get("signing")
+    s = s if isinstance(s, dict) or s is None else {}
     out = ["## Integrity", "", "`bundle.json` lists every file with its size and sha256. Check them with "
            "`effai zoo verify <bundle>`" + (" --pubkey KEY.pub" if s else "") + "."]
     if s:

@@ -12,17 +12,18 @@
 as a whole, never an arbitrary folder that merely has a manifest.json. Files are copied into a temp directory
 beside `into`, each one hashed as it is copied and compared with bundle.json (refused on any mismatch), and the
 temp directory is renamed into place at the end: a refusal leaves `into` as it was. Signatures: a signed bundle's
-signature must be valid (and made by `pubkey` when one is given); `pubkey` with an unsigned bundle is refused.
+signature must be valid (and made by `pubkey` when one is given); a removed one (bundle.json names a key, bundle.sig
+is gone) is refused as tampered; `pubkey` with an unsigned bundle is refused, and without `pubkey` an unsigned bundle
+is installed with a note saying it is unsigned. The artifact's model_file must be the one its manifest names.
 install checks only the files it copies (a changed file of another target does not block it; `unpack` and
 `effai zoo verify` check them all).
 """
 
 from __future__ import annotations
 
-import json
-
 import difflib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -34,7 +35,7 @@ from typing import Any
 from effai.bundle import archive, sign
 from effai.bundle import index as index_mod
 from effai.errors import EffaiError, UsageError
-from effai.files import replace_dir
+from effai.files import read_json, replace_dir
 
 APP_FILES = ("labels.txt", "preprocessing.json", "MODEL_CARD.md")
 USABLE = ("pass", "unverified")
@@ -99,6 +100,9 @@ def _stage_copy(root: Path, into: Path, plan: list[tuple[str, str]], listed: dic
     total = 0
     try:
         base = staged.resolve()
+        if len({out_rel for _, out_rel in plan}) != len(plan):
+            raise EffaiError(f"two bundle files would be installed under the same name in {into}; the bundle was "
+                             "edited: re-pack it")
         for rel, out_rel in plan:
             dest = staged / out_rel
             if not dest.resolve().is_relative_to(base):
@@ -222,6 +226,11 @@ def install(bundle: Path, into: Path, target: str, precision: str | None = None,
         manifest = f"{art_dir}/manifest.json"
         if manifest not in listed:
             raise EffaiError(f"bundle.json lists no {manifest}; the bundle is incomplete: re-pack it")
+        named = read_json(root / manifest, f"{manifest} of {bundle}")   # hostile JSON: UsageError, not a crash
+        named = named.get("model_file") if isinstance(named, dict) else None
+        if named != name:
+            raise UsageError(f"{bundle}: bundle.json names {model_file} as the {target} model but {manifest} names "
+                             f"{str(named)[:80]!r}; the bundle was edited: re-pack it")
         plan.append((manifest, "manifest.json"))
         notes = list(check.notes)
         for rel in APP_FILES:
