@@ -332,7 +332,7 @@ def _zoo_row(name: str, c: Any, best: dict[str, Any] | None) -> dict[str, Any]:
 
 def _bundle_latency(root: Path) -> dict[str, dict[str, Any]]:
     """{model name: best measured latency per device class} over the bundles under root (root may be one bundle)."""
-    import json
+    from effai.bundle import index as bundle_index
 
     try:
         from effai.bundle.perf import best_latency
@@ -341,8 +341,8 @@ def _bundle_latency(root: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for b in ([root] if (root / "bundle.json").is_file() else sorted(p for p in root.iterdir() if p.is_dir())):
         try:
-            name = json.loads((b / "bundle.json").read_text())["model"]["name"]
-        except (OSError, ValueError, KeyError, TypeError):
+            name = bundle_index.read(b)["model"]["name"]   # checked (hostile JSON too): a bad bundle is skipped
+        except (EffaiError, KeyError, TypeError):
             continue
         try:
             best = best_latency(b)

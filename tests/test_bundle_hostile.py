@@ -146,3 +146,14 @@ def test_hostile_perf_json(bundle, tmp_path):
     key = sign.keygen(tmp_path / "k.key")
     sign.sign_bundle(bundle, Path(key["private"]))         # the card's perf table skips what is not a number
     assert "3 measurement(s) from `perf.json`" in (bundle / "MODEL_CARD.md").read_text()
+
+
+def test_zoo_list_skips_a_hostile_bundle(bundle, tmp_path):
+    from effai.cli import _bundle_latency
+
+    (bundle / "perf.json").write_text(json.dumps({"schema": "effai.perf/1", "rows": [
+        {"device_class": "phone", "median_ms": 1.5}]}))
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "bundle.json").write_text(DEEP)
+    assert list(_bundle_latency(tmp_path)) == ["tinynet.digits"]
