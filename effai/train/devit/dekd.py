@@ -1,22 +1,23 @@
 """DEKD, DeViT's decomposition-and-ensemble distillation loss (Xu et al., arXiv:2309.05015; falcon-xu/DeViT
-distill_sub.py and utils/losses.py).
+engine.py `train_1epoch_qkv` and utils/losses.py `feature_relation_loss`).
 
     L   = (1 - a) CE(z_s, y) + a CE(z_s, argmax z_t) + sum_{X in Q,K,V} g_X R_X        a = 0.5, g = (0.2, 0.1, 0.3)
-    R_X = KL( softmax(X_t X_t^T / sqrt(d_t)) || softmax(X_s X_s^T / sqrt(d_s)) )
+    R_X = sum_n KL( softmax(X_t X_t^T / sqrt(d_t))_n || softmax(X_s X_s^T / sqrt(d_s))_n ) / (B * L_s)
 
-X_t, X_s are the Q, K or V token features (B, N, C) of the middle transformer block of the sub-teacher and the
-student. The N x N token relations make models of different widths comparable; both must see the same N tokens
-(same image size and patch size).
+X_t, X_s are the Q, K or V token features (B, N, C) of block L // 2 - 1 of the sub-teacher and of the student (L
+their depths: block 11 of ViT-L's 24, block 5 of DeiT-Ti's 12), n runs over the N relation rows, L_s is the
+student's depth. The N x N token relations make models of different widths comparable; both must see the same N
+tokens (same image size and patch size).
 
-Choices, as in the reference `feature_relation_loss`:
+As in the reference:
 - heads are CONCATENATED (X is the (B, N, heads * head_dim) slice of timm's `attn.qkv` output, in timm's
   q|k|v, head-major order), not averaged per head;
 - d is the per-head width (head_dim), the attention's own temperature;
-- the KL of each token's relation row is averaged over the N tokens and the batch. The reference sums over the
-  rows (KLDivLoss "batchmean"), which scales R_X with N (197 tokens at 224/16, 17 at 32/8) and, at g = (0.2, 0.1,
-  0.3), lets it drown the CE terms on small inputs (digits, 2 parts: 88.6% held-out with the sum, 90.8% with the
-  mean, same epochs).
-R_X is exactly 0 when X_s = X_t.
+- mode "reference": the KL is summed over the relation rows, averaged over the batch (KLDivLoss "batchmean") and
+  divided by the student depth L_s (the reference's `q_loss /= student_layer_num`, one block compared).
+effai's earlier choice, mode "token_mean": the KL averaged over the N rows and the batch, not divided by L_s, i.e.
+N / L_s times smaller than the reference (2.8x for 17 tokens and 6 blocks, 16x for ViT at 224/16 with 12): on digits
+(2 parts) it gave 90.8% held-out against 88.6% for the plain row sum. R_X is exactly 0 when X_s = X_t.
 """
 
 from __future__ import annotations
@@ -30,15 +31,26 @@ from torch import Tensor, nn
 from effai.errors import UsageError
 
 QKV = ("q", "k", "v")
+RELATION_MODES = ("reference", "token_mean")
+
+
+def middle_index(depth: int) -> int:
+    """The reference's block: depth // 2 - 1, 0-based (ViT-L: 11 of 24, ViT-Ti: 5 of 12, vit_pico: 2 of 6)."""
+    return max(depth // 2 - 1, 0)
 
 
 def middle_block(model: nn.Module) -> int:
-    """Index of the block whose Q/K/V DEKD compares: depth // 2 (ViT-L: 12 of 24, ViT-Ti: 6 of 12, vit_pico: 3 of 6)."""
+    """Index of the block whose Q/K/V DEKD compares: `middle_index(depth)`; UsageError for a model without one."""
     blocks = getattr(model, "blocks", None)
-    if not blocks or not hasattr(getattr(blocks[len(blocks) // 2], "attn", None), "qkv"):
+    if not blocks or not hasattr(getattr(blocks[middle_index(len(blocks))], "attn", None), "qkv"):
         raise UsageError(f"{type(model).__name__} is not a ViT with fused q/k/v attention (blocks.<i>.attn.qkv); "
                          "DeViT's teacher and sub-models must be timm ViTs (e.g. vit_pico, vit_tiny, vit_small)")
-    return len(blocks) // 2
+    return middle_index(len(blocks))
+
+
+def depth(model: nn.Module) -> int:
+    """The number of transformer blocks (L_s, by which the reference divides each relation term)."""
+    return len(model.blocks)
 
 
 def qkv_path(model: nn.Module, block: int | None = None) -> str:
@@ -65,21 +77,34 @@ def relation_logits(x: Tensor, head_dim: int) -> Tensor:
     return x @ x.transpose(-1, -2) / math.sqrt(head_dim)
 
 
-def relation_kl(x_t: Tensor, x_s: Tensor, head_dim_t: int, head_dim_s: int) -> Tensor:
-    """R_X = KL(softmax(rel_t) || softmax(rel_s)) per relation row, mean over the tokens and the batch."""
+def check_mode(mode: str) -> str:
+    if mode not in RELATION_MODES:
+        raise UsageError(f"DEKD relation mode '{mode}' is not one of: {', '.join(RELATION_MODES)} (reference: the "
+                         "KL summed over relation rows / batch / student depth; token_mean: averaged over the rows)")
+    return mode
+
+
+def relation_kl(x_t: Tensor, x_s: Tensor, head_dim_t: int, head_dim_s: int, mode: str = "token_mean") -> Tensor:
+    """KL(softmax(rel_t) || softmax(rel_s)) of each relation row, summed over the rows and averaged over the batch
+    (mode "reference", KLDivLoss "batchmean"), or averaged over rows and batch (mode "token_mean")."""
+    check_mode(mode)
     if x_t.shape[:2] != x_s.shape[:2]:
         raise UsageError(f"DEKD compares token relations, but the teacher has {x_t.shape[1]} tokens and the student "
                          f"{x_s.shape[1]}; give both the same input size and patch size")
     log_t = F.log_softmax(relation_logits(x_t.float(), head_dim_t), dim=-1)
     log_s = F.log_softmax(relation_logits(x_s.float(), head_dim_s), dim=-1)
-    return F.kl_div(log_s, log_t, reduction="sum", log_target=True) / (x_t.shape[0] * x_t.shape[1])
+    kl = F.kl_div(log_s, log_t, reduction="sum", log_target=True) / x_t.shape[0]
+    return kl if mode == "reference" else kl / x_t.shape[1]
 
 
-def qkv_relation_terms(qkv_t: Tensor, qkv_s: Tensor, heads_t: int, heads_s: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(R_Q, R_K, R_V) from the teacher's and student's qkv outputs."""
+def qkv_relation_terms(qkv_t: Tensor, qkv_s: Tensor, heads_t: int, heads_s: int, *, mode: str = "token_mean",
+                       student_depth: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """(R_Q, R_K, R_V) from the teacher's and student's qkv outputs. Mode "reference" (DeViT's training recipe):
+    pass `student_depth=depth(student)`, each term is divided by it as in the reference; "token_mean" ignores it."""
     xt, xs = split_qkv(qkv_t), split_qkv(qkv_s)
     hd_t, hd_s = xt[0].shape[-1] // heads_t, xs[0].shape[-1] // heads_s
-    return tuple(relation_kl(a, b, hd_t, hd_s) for a, b in zip(xt, xs))  # type: ignore[return-value]
+    scale = 1.0 / student_depth if check_mode(mode) == "reference" else 1.0
+    return tuple(scale * relation_kl(a, b, hd_t, hd_s, mode) for a, b in zip(xt, xs))  # type: ignore[return-value]
 
 
 def dekd_loss(z_s: Tensor, z_t: Tensor, y: Tensor, relations: Sequence[Tensor], *, alpha: float = 0.5,

@@ -1,22 +1,23 @@
 """DeViT's decomposition by class subsets (Xu et al., "DeViT: Decomposing Vision Transformers for Collaborative
 Inference in Edge Devices", IEEE TMC 2023, arXiv:2309.05015; falcon-xu/DeViT splite_dataset.py).
 
-    perm   = seeded shuffle of the class ids 0..K-1           (seed 42 in the paper)
-    subset = the N contiguous chunks of perm                  (sizes differ by at most one; each sorted)
+    perm     = list(range(K)) shuffled by Python's `random` seeded with `seed`     (random.seed(42) in the paper)
+    subset i = perm[i*K//N : (i+1)*K//N], the last one perm[(N-1)*K//N :]        (sizes differ by at most one)
 
-Device i holds a small model trained only on subset i. The subsets are disjoint and together cover every class.
-`split_hash` (sha256 of the sorted subsets, N and the seed) is written into every part and the fusion head, so
-parts of different decompositions are never combined.
+exactly as the reference partitions the classes, so seed 42 gives the paper's partition (each subset is stored
+sorted: the order of a part's local labels does not change what it learns). Device i holds a small model trained
+only on subset i. The subsets are disjoint and together cover every class. `split_hash` (sha256 of the sorted
+subsets, N and the seed) is written into every part and the fusion head, so parts of different decompositions are
+never combined.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from effai.errors import UsageError
 
@@ -44,14 +45,16 @@ class ClassSplit:
 
 
 def split_classes(num_classes: int, parts: int, seed: int = 42) -> ClassSplit:
-    """Shuffle the class ids with `seed`, cut them into `parts` contiguous chunks."""
+    """The reference's partition: class ids shuffled by `random.Random(seed)`, cut at i * K // N."""
     if parts < 1:
         raise UsageError(f"--parts {parts}: a decomposition needs at least 1 part")
     if parts > num_classes:
         raise UsageError(f"--parts {parts} is more than the data's {num_classes} classes (each part needs at least "
                          f"one class of its own); choose --parts between 1 and {num_classes}")
-    perm = np.random.RandomState(seed).permutation(num_classes)
-    chunks = np.array_split(perm, parts)
+    perm = list(range(num_classes))
+    random.Random(seed).shuffle(perm)      # = random.seed(seed); random.shuffle(perm), without the global state
+    cuts = [i * num_classes // parts for i in range(parts)] + [num_classes]
+    chunks = [perm[a:b] for a, b in zip(cuts, cuts[1:])]
     return ClassSplit(tuple(tuple(sorted(int(c) for c in chunk)) for chunk in chunks), seed)
 
 
