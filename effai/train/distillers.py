@@ -6,8 +6,11 @@
 The training loop wraps the distiller (not the bare student) in DDP, so training-only modules (OFA-KD's exit
 projectors) are synchronized with the student; only `distiller.student` is kept, averaged (EMA) and exported.
 
-- `Vanilla`: L = CE_smooth(z_s, y) + kd_weight * L_kd(z_s, z_t, y) (L_kd from the LOSSES registry: kd, dkd, dist);
-  without a teacher, CE only.
+- `Vanilla`: L = CE_smooth(z_s, y) + kd_weight * w_e * L_kd(z_s, z_t, y) (L_kd from the LOSSES registry: kd, dkd,
+  dist, with the config's kd_temperature, dkd_alpha/beta, dist_beta/gamma); w_e = min((e + 1) / dkd_warmup, 1) at
+  epoch e for DKD when dkd_warmup > 0 (mdistiller's warm-up), else 1. Without a teacher, CE only.
+
+The loop tells a distiller the epoch with `distiller.set_epoch(epoch)` at the start of each epoch.
 - `OFA`: L = CE_smooth(z_s, y) + w * [L_OFA(z_s; eps_final) + sum_s L_OFA(proj_s(f_s); eps_s)] (effai.train.losses.ofa,
   projectors from effai.train.projectors), exits after the student's stages captured by module path.
 """
@@ -23,7 +26,7 @@ from torch import Tensor, nn
 from effai.errors import UsageError
 from effai.registry import Registry
 from effai.train.features import FeatureCapture, feature_info, stage_exits
-from effai.train.losses import LOSSES
+from effai.train.losses import LOSSES, KDParams
 from effai.train.losses.ofa import ofa_loss
 from effai.train.projectors import PROJECTORS, family_of, init_projector
 
@@ -34,6 +37,11 @@ class Distiller(nn.Module):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: Any) -> None:
         super().__init__()
         self.student, self.teacher, self.cfg = student, teacher, cfg
+        self.epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """The 0-based epoch the next steps belong to (for epoch-dependent loss weights such as DKD's warm-up)."""
+        self.epoch = int(epoch)
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
@@ -55,15 +63,41 @@ class Distiller(nn.Module):
         raise NotImplementedError
 
 
+def kd_params(cfg: Any) -> KDParams:
+    """The logit losses' hyper-parameters from a TrainConfig (KDParams' defaults for fields it lacks)."""
+    d = KDParams()
+    return KDParams(temperature=getattr(cfg, "kd_temperature", d.temperature),
+                    dkd_alpha=getattr(cfg, "dkd_alpha", d.dkd_alpha), dkd_beta=getattr(cfg, "dkd_beta", d.dkd_beta),
+                    dist_beta=getattr(cfg, "dist_beta", d.dist_beta),
+                    dist_gamma=getattr(cfg, "dist_gamma", d.dist_gamma))
+
+
+def warmup_factor(epoch: int | None, warmup: int) -> float:
+    """min((epoch + 1) / warmup, 1): mdistiller's DKD warm-up min(epoch / 20, 1) with its 1-based epoch."""
+    if warmup <= 0:
+        return 1.0
+    if epoch is None:
+        raise RuntimeError("dkd_warmup needs the epoch: the training loop must call distiller.set_epoch(epoch) "
+                           "at the start of every epoch")
+    return min((epoch + 1) / warmup, 1.0)
+
+
 class Vanilla(Distiller):
     """CE with label smoothing, plus kd_weight * the registered distillation loss when a teacher is given."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: Any) -> None:
+        super().__init__(student, teacher, cfg)
+        self.params = kd_params(cfg)
 
     def forward(self, x: Tensor, x_t: Tensor | None, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(x)
         losses = {"ce": F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)}
         z_t = self.teacher_logits(x_t)
         if z_t is not None:
-            losses["kd"] = self.cfg.kd_weight * LOSSES.get(self.cfg.loss)(logits.float(), z_t, y)
+            w = self.cfg.kd_weight
+            if self.cfg.loss == "dkd" and self.training:
+                w *= warmup_factor(self.epoch, getattr(self.cfg, "dkd_warmup", 0))
+            losses["kd"] = w * LOSSES.get(self.cfg.loss)(logits.float(), z_t, y, self.params)
         return logits, losses
 
 

@@ -5,6 +5,8 @@ GhostNetV3's recipe (Liu et al. 2024, arXiv:2404.11202): SGD momentum 0.9, lr 0.
 jitter 0.4, and NO mixup/cutmix (they hurt compact models). Vanilla KD (Hao et al. 2023, arXiv:2305.15781):
 L = CE(z_s, y) + T^2 KL(p_t || p_s), weights 1 and 1, teacher run on the same augmented batch.
 The epoch counts are scaled for small data (300 ImageNet epochs -> 15 on digits).
+The logit losses' hyper-parameters are VanillaKD's defaults (T = 1; DKD alpha 1, beta 2, no warm-up; DIST beta =
+gamma = 1), each a field: `--set kd_temperature=4 --set dkd_beta=8 --set dkd_warmup=5 --set dist_gamma=2`.
 OFA-KD (Hao et al. 2023, arXiv:2310.19444): recipe `ofa`, L = CE + L_OFA(final) + sum over the student's stage exits
 of L_OFA(projector(exit)), eps = 1 and T = 1 by default (METHODS.md section 3).
 Token students (ViT, Mixer, Swin, DeiT) train with AdamW (lr 1e-3 per 128 images, weight decay 0.05) unless
@@ -30,6 +32,13 @@ class TrainConfig:
     teacher_weights: str | None = None  # weights for a teacher given by name
     loss: str = "kd"                    # distillation loss when a teacher is given: kd | dkd | dist
     kd_weight: float = 1.0              # L = CE + kd_weight * L_kd (vanilla KD: 1 and 1)
+    kd_temperature: float = 1.0         # T of kd and dkd, tau of dist (VanillaKD --temperature 1)
+    dkd_alpha: float = 1.0              # DKD weight of TCKD (VanillaKD --dkd-alpha 1)
+    dkd_beta: float = 2.0               # DKD weight of NCKD (VanillaKD --dkd-beta 2)
+    dkd_warmup: int = 0                 # epochs over which the DKD term ramps up, min((epoch+1)/W, 1); 0: off
+                                        # (VanillaKD has none; mdistiller's DKD uses 20 of 240 CIFAR epochs)
+    dist_beta: float = 1.0              # DIST weight of the inter-class relation (VanillaKD --dist-beta 1)
+    dist_gamma: float = 1.0             # DIST weight of the intra-class relation (VanillaKD --dist-gamma 1)
     epochs: int = 15
     batch_size: int = 64                # GLOBAL batch; split evenly over --nproc processes
     lr: float = 0.05                    # SGD learning rate per 128 images; scaled linearly to batch_size
@@ -102,6 +111,12 @@ def make_config(recipe: str, **overrides: Any) -> TrainConfig:
         raise UsageError("recipe 'supervised' trains without a teacher; use recipe 'kd' or 'ghostnetv3' to distil")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise UsageError("--epochs, --batch-size and --lr must be positive")
+    if cfg.kd_temperature <= 0:
+        raise UsageError(f"kd_temperature {cfg.kd_temperature} must be > 0 (VanillaKD: 1; DKD's CIFAR setting: 4)")
+    negative = {k: getattr(cfg, k) for k in ("kd_weight", "dkd_alpha", "dkd_beta", "dkd_warmup", "dist_beta",
+                                              "dist_gamma") if getattr(cfg, k) < 0}
+    if negative:
+        raise UsageError(f"loss weights must be >= 0: {', '.join(f'{k}={v}' for k, v in negative.items())}")
     if cfg.input_size < 16:
         raise UsageError(f"--input-size {cfg.input_size} is too small; use >= 64 for GhostNetV3")
     return cfg.resolved()

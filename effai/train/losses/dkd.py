@@ -45,8 +45,9 @@ def dkd_loss(z_s: Tensor, z_t: Tensor, target: Tensor, alpha: float = 1.0, beta:
     """DKD: L = mean_b (alpha * TCKD + beta * NCKD). Scalar. See `dkd_parts` for the two terms.
 
     Zhao, Cui, Song, Qiu, Liang, "Decoupled Knowledge Distillation", CVPR 2022, arXiv:2203.08679.
-    Defaults alpha=1, beta=2, T=1 as in the VanillaKD baselines (Hao et al., NeurIPS 2023).
-    With K=2 there is one non-target class, so NCKD = 0.
+    Defaults alpha=1, beta=2, T=1 as in the VanillaKD baselines (Hao et al., NeurIPS 2023; `--set dkd_alpha/
+    dkd_beta/kd_temperature`). mdistiller's warm-up (the term times min(epoch / W, 1)) is the recipe's `dkd_warmup`,
+    applied by the distiller. With K=2 there is one non-target class, so NCKD = 0.
     """
     tckd, nckd = dkd_parts(z_s, z_t, target, temperature)
     return (alpha * tckd + beta * nckd).mean()

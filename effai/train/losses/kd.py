@@ -32,7 +32,8 @@ def kd_loss(z_s: Tensor, z_t: Tensor, temperature: float = 1.0) -> Tensor:
 
     Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", NeurIPS 2014 DL Workshop,
     arXiv:1503.02531; defaults (T=1, weight 1 next to the task loss) from Hao et al., "VanillaKD: Revisit the
-    Power of Vanilla Knowledge Distillation from Small Scale to Large Scale", NeurIPS 2023, arXiv:2305.15781.
+    Power of Vanilla Knowledge Distillation from Small Scale to Large Scale", NeurIPS 2023, arXiv:2305.15781
+    (`--set kd_temperature=T --set kd_weight=W`).
 
     L = 0 iff z_s - z_t is constant along each row. Gradient: dL/dz_s = T * (p_s^T - p_t^T) / B
     (T^2 from the loss times 1/T from the softmax). Pass a detached teacher to keep gradients off it.
