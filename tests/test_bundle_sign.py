@@ -386,3 +386,12 @@ def test_cli_removed_signature(signed, keys, tmp_path):
     code, out, _, err = run_zoo("install", str(signed), "--into", str(tmp_path / "app"), "--target", "onnx",
                                 "--precision", "fp32")
     assert code == 0 and out["signature"] == "unsigned" and "the bundle is unsigned" in err
+
+
+def test_archive_refuses_a_removed_signature(signed, tmp_path):
+    from effai.bundle import archive
+
+    strip_signature(signed)
+    with pytest.raises(EffaiError, match="refusing to archive .*signature removed"):
+        archive.make_archive(signed, tmp_path / "b.zip")
+    assert not (tmp_path / "b.zip").exists()

@@ -286,7 +286,8 @@ def _epoch() -> int:
 
 def make_archive(root: Path, dest: Path) -> dict[str, Any]:
     """Write the bundle at `root` as one deterministic .zip or .tar.gz (chosen by `dest`'s name) holding one
-    top-level directory named like the bundle. Refuses a bundle whose files do not match its index."""
+    top-level directory named like the bundle. Refuses a bundle whose files do not match its index, or whose
+    signature is invalid or was removed."""
     root, dest = Path(root), Path(dest)
     k = kind(dest)
     if k is None:
@@ -296,6 +297,11 @@ def make_archive(root: Path, dest: Path) -> dict[str, Any]:
     if problems:
         raise EffaiError(f"refusing to archive {root}: its files do not match bundle.json ({problems[0]}"
                          f"{f'; and {len(problems) - 1} more' if len(problems) > 1 else ''}); re-pack it")
+    from effai.bundle import sign
+
+    sig = sign.check_signature(root, index)
+    if sig.state in ("invalid", "removed"):
+        raise EffaiError(f"refusing to archive {root}: {sig.problems[0]}")
     base = root.resolve()
     if dest.resolve().is_relative_to(base):
         raise UsageError(f"{dest} is inside the bundle {root}; write the archive somewhere else")
