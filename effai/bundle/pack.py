@@ -35,10 +35,10 @@ import effai
 from effai.bundle import card as card_mod
 from effai.bundle import index as index_mod
 from effai.errors import EffaiError, UsageError, choices_hint
-from effai.files import atomic_write, replace_dir
+from effai.files import atomic_write, read_json, replace_dir
 
 TASK = "image-classification"
-ARTIFACT_STATUSES = ("pass", "fail", "unverified", "export-failed")
+ARTIFACT_STATUSES = index_mod.ARTIFACT_STATUSES
 
 # Measured by packing twice (tests/test_bundle_pack.py re-checks every "identical" claim; docs/bundle.md).
 VARIES = {
@@ -113,10 +113,13 @@ def destination(out: Path, name: str) -> Path:
 
 
 def is_bundle(path: Path) -> bool:
+    """Whether path holds a bundle.json with an effai.bundle/ schema (however damaged the rest of it is)."""
     try:
-        return str(json.loads((Path(path) / index_mod.INDEX).read_text()).get("schema", "")).startswith("effai.bundle/")
-    except (OSError, ValueError, AttributeError):
+        doc = read_json(Path(path) / index_mod.INDEX)
+    except EffaiError:
         return False
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    return isinstance(schema, str) and schema.startswith("effai.bundle/")
 
 
 # ------------------------------------------------------------------------------------------------ packing
