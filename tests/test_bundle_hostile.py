@@ -157,3 +157,12 @@ def test_zoo_list_skips_a_hostile_bundle(bundle, tmp_path):
     deep.mkdir()
     (deep / "bundle.json").write_text(DEEP)
     assert list(_bundle_latency(tmp_path)) == ["tinynet.digits"]
+
+
+def test_pack_does_not_take_a_hostile_bundle_json_for_a_bundle(tmp_path):
+    from effai.bundle.pack import is_bundle
+
+    (tmp_path / "bundle.json").write_text(DEEP)
+    assert not is_bundle(tmp_path)          # so `zoo pack --out` refuses to replace it (exit 2), no RecursionError
+    (tmp_path / "bundle.json").write_text(json.dumps({"schema": ["effai.bundle/1"]}))
+    assert not is_bundle(tmp_path)
