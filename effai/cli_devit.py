@@ -1,8 +1,10 @@
 """`effai devit serve|run`: DeViT collaborative inference, one process per device (torch.distributed gloo over TCP).
 
-    on each device:       effai devit serve RUN --part I --coordinator HOST:PORT
-    on the coordinator:   effai devit run RUN --coordinator HOST:PORT            (fusion head; prints the report)
+    on the coordinator:   effai devit run RUN --coordinator HOST:PORT --token-file T   (creates T when missing)
+    on each device:       effai devit serve RUN --part I --coordinator HOST:PORT --token-file T [--data D]
     all on this host:     effai devit run RUN --local                            (spawns the N device processes)
+
+Only peers holding the run's token (--token-file, mode 0600, or $EFFAI_DEVIT_TOKEN) join; docs/security.md.
 
 Registered on the main app by effai/cli.py (`register(app)`); also runnable as `python -m effai.cli_devit ...`
 (`--local` starts its devices that way). The runtime itself is effai.devit.
@@ -26,6 +28,8 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds any wait m
                                            "before the run fails naming the device.")]
 ServeTimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait to reach the coordinator and for "
                                                 "its go; after the go the coordinator's --timeout bounds every wait.")]
+TokenOpt = Annotated[Optional[Path], typer.Option("--token-file", help="The run's shared secret (a file only you can "
+                                                  "read); default: $EFFAI_DEVIT_TOKEN.")]
 
 
 def _fail(e: EffaiError, as_json: bool, extra: dict[str, Any] | None = None) -> None:
@@ -49,16 +53,25 @@ def serve_cmd(
     part: Annotated[int, typer.Option("--part", help="Which part this device holds (0..N-1).")],
     coordinator: Annotated[str, typer.Option("--coordinator", help="HOST:PORT where effai devit run listens.")],
     timeout: ServeTimeoutOpt = 60.0,
+    token_file: TokenOpt = None,
+    data: Annotated[Optional[str], typer.Option(help="This device's images: digits / DIR / X.npz (its copy of the "
+                                                "coordinator's data set) or random[:SEED]; default: the "
+                                                "coordinator's random[:SEED]. Never a path the coordinator names.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads on this device.")] = None,
     fail_after: Annotated[Optional[int], typer.Option(hidden=True, help="Tests: die after this many batches.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Hold one part on this device and answer the coordinator until it says stop."""
+    from effai.devit.channel import TOKEN_ENV, resolve_token
     from effai.devit.parts import load_part
     from effai.devit.runtime import serve
 
     try:
         _threads(threads)
+        token, _ = resolve_token(token_file)
+        if token is None:
+            raise UsageError(f"effai devit serve needs the run's token: --token-file FILE (the file effai devit run "
+                             f"--token-file created, copied here with mode 0600) or ${TOKEN_ENV}")
         path = run / f"part_{part}" if (run / f"part_{part}").is_dir() else run
         if path.is_dir() and not (path / "model.safetensors").is_file():
             raise UsageError(f"{run} has no part_{part}/model.safetensors; give the run directory written by effai "
@@ -68,7 +81,7 @@ def serve_cmd(
             raise UsageError(f"{loaded.path} is part {loaded.index}, not --part {part}")
         if not as_json:
             console.err().print(f"[dim]… part {part} ({loaded.d_sub}-wide CLS) joining {coordinator}[/]")
-        stats = serve(loaded, coordinator, timeout_s=timeout, fail_after=fail_after)
+        stats = serve(loaded, coordinator, token=token, timeout_s=timeout, data=data, fail_after=fail_after)
     except EffaiError as e:
         _fail(e, as_json, {"part": part})
     if not as_json:
@@ -92,19 +105,28 @@ def run_cmd(
     send_images: Annotated[bool, typer.Option("--send-images", help="Send each batch from the coordinator to the "
                                               "devices (default: every device reads the images itself).")] = False,
     timeout: TimeoutOpt = 30.0,
+    token_file: Annotated[Optional[Path], typer.Option("--token-file", help="The run's shared secret: read, or "
+                                                       "created (mode 0600, a new random token) when missing; copy "
+                                                       "it to every device. Default: $EFFAI_DEVIT_TOKEN; --local "
+                                                       "makes its own.")] = None,
     threads: Annotated[int, typer.Option(help="torch threads per process.")] = 1,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the report as JSON here.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fuse the devices' CLS features into predictions; report latency, compute, traffic per device."""
+    from effai.devit.channel import TOKEN_ENV, resolve_token
     from effai.devit.parts import load_run
-    from effai.devit.runtime import RunSpec, coordinate, parse_address
+    from effai.devit.runtime import RunSpec, coordinate, format_address, parse_address
 
     try:
         _threads(threads)
         host, port = parse_address(coordinator)
         if images < 1 or batch_size < 1 or warmup < 0:
             raise UsageError("--images and --batch-size must be >= 1 and --warmup >= 0")
+        token, created = (None, False) if local else resolve_token(token_file, create=True)
+        if not local and token is None:
+            raise UsageError(f"a run across the network needs a shared token: pass --token-file FILE (created with a "
+                             f"new token when missing; copy it to every device) or set ${TOKEN_ENV}")
         decomp = load_run(run)
         spec = RunSpec(data=data, images=images, batch_size=batch_size, warmup=warmup, timeout_s=timeout,
                        send_images=send_images)
@@ -118,10 +140,13 @@ def run_cmd(
         else:
             def listening(h: str, p: int) -> None:
                 if not as_json:
-                    ui.print(f"[dim]… listening on {h}:{p}; start on each device i: effai devit serve RUN --part i "
-                             f"--coordinator {h}:{p}[/]")
+                    where = format_address(h, p)
+                    made = f"; created {token_file} (mode 0600): copy it to every device" if created else ""
+                    ui.print(f"[dim]… listening on {where}{made}; start on each device i: effai devit serve RUN "
+                             f"--part i --coordinator {where} --token-file FILE"
+                             + ("" if send_images or data.startswith("random") else f" --data {data}") + "[/]")
 
-            result = coordinate(decomp, coordinator, spec, on_listening=listening)
+            result = coordinate(decomp, coordinator, spec, token=token, on_listening=listening)  # type: ignore[arg-type]
         report = {"run": str(run), **result.report}
         if out is not None:
             from effai.files import atomic_write

@@ -22,6 +22,8 @@ from effai.train.features import FeatureCapture
 
 from tests.conftest import DEVIT_SIZE as SIZE
 
+TOKEN = "test-token-0123456789abcdef"       # the run's shared secret in the tests that coordinate in-process
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, digits_npz, devit_teacher):
@@ -205,14 +207,14 @@ def test_missing_device_and_foreign_part_are_refused_before_data_flows(run, othe
     decomp = load_run(run["dir"])
     t0 = time.monotonic()
     with pytest.raises(EffaiError, match=r"device rank 1 \(part 0\), device rank 2 \(part 1\) did not join"):
-        coordinate(decomp, "127.0.0.1:0", RunSpec(timeout_s=1.0))
+        coordinate(decomp, "127.0.0.1:0", RunSpec(timeout_s=1.0), token=TOKEN)
     assert time.monotonic() - t0 < 10
     foreign, own = load_part(other_run / "part_1"), load_part(run["dir"] / "part_0")
     errors: dict[str, BaseException] = {}
 
     def device(part, key):
         try:
-            serve(part, f"127.0.0.1:{port['p']}", timeout_s=10)
+            serve(part, f"127.0.0.1:{port['p']}", token=TOKEN, timeout_s=10)
         except BaseException as e:   # noqa: BLE001 - collected for the assertion
             errors[key] = e
 
@@ -226,7 +228,7 @@ def test_missing_device_and_foreign_part_are_refused_before_data_flows(run, othe
             threads[-1].start()
 
     with pytest.raises(UsageError, match=r"device rank 2 \(part 1.*another decomposition"):
-        coordinate(decomp, "127.0.0.1:0", RunSpec(timeout_s=10), on_listening=listening)
+        coordinate(decomp, "127.0.0.1:0", RunSpec(timeout_s=10), token=TOKEN, on_listening=listening)
     for t in threads:
         t.join(15)
     assert isinstance(errors.get("foreign"), UsageError) and "refused by the coordinator" in str(errors["foreign"])
@@ -301,7 +303,7 @@ def test_a_device_that_cannot_load_its_inputs_is_named_and_the_others_are_told(r
 
     def device(part, port):
         try:
-            serve(part, f"127.0.0.1:{port}", timeout_s=60)
+            serve(part, f"127.0.0.1:{port}", token=TOKEN, timeout_s=60)
         except BaseException as e:   # noqa: BLE001 - collected for the assertion
             errors[part.index] = e
 
@@ -313,7 +315,7 @@ def test_a_device_that_cannot_load_its_inputs_is_named_and_the_others_are_told(r
     t0 = time.monotonic()
     with pytest.raises(UsageError, match=r"^device rank 2 \(part 1, .*\) failed before joining the run: --data digits:"
                                          r" no such file"):
-        coordinate(decomp, "127.0.0.1:0", RunSpec(images=4, timeout_s=60), on_listening=listening)
+        coordinate(decomp, "127.0.0.1:0", RunSpec(images=4, timeout_s=60), token=TOKEN, on_listening=listening)
     for t in threads:
         t.join(30)
     assert time.monotonic() - t0 < 30
@@ -323,18 +325,18 @@ def test_a_device_that_cannot_load_its_inputs_is_named_and_the_others_are_told(r
 
 
 # --- the ready/start handshake: who is told what, on whose clock ------------------------------------------------------
-def _client(port: int, timeout_s: float = 10.0):
-    import datetime
+def _client(port: int, timeout_s: float = 10.0, token: str = TOKEN):
+    from effai.devit import channel
 
-    import torch.distributed as dist
-
-    return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+    return channel.connect("127.0.0.1", port, token, timeout_s)
 
 
 def _fake_device(port: int, part, got: dict, protocol: bool = True, ready: bool = True, join: bool = True,
                  on_verdict=None) -> None:
-    """A device that speaks the rendezvous by hand (no inputs, no gloo); what it reads goes into `got`."""
-    from effai.devit.runtime import KEY, device_info
+    """A device that speaks the rendezvous by hand (the coordinator's random images, no gloo); what it reads goes
+    into `got`."""
+    from effai.devit.inputs import load_stream
+    from effai.devit.runtime import KEY, device_info, stream_digest
 
     try:
         store, rank = _client(port), part.index + 1
@@ -349,7 +351,9 @@ def _fake_device(port: int, part, got: dict, protocol: bool = True, ready: bool 
             on_verdict()
         if not got["verdict"]["ok"] or not ready:
             return
-        store.set(f"{KEY}/ready/{rank}", json.dumps({"ok": True}))
+        spec, card = got["verdict"]["spec"], part.card
+        stream = load_stream(spec["data"], tuple(card.input_size), list(card.mean), list(card.std), spec["images"])
+        store.set(f"{KEY}/ready/{rank}", json.dumps({"ok": True, "data": spec["data"], "stream": stream_digest(stream)}))
         got["start"] = json.loads(store.get(f"{KEY}/start"))
         store.add(f"{KEY}/start_ack", 1)
         if join and got["start"]["ok"]:
@@ -374,7 +378,7 @@ def _coordinate(decomp, spec, devices, watch=None) -> BaseException | None:
 
     error = None
     try:
-        coordinate(decomp, "127.0.0.1:0", spec, on_listening=listening, watch=watch)
+        coordinate(decomp, "127.0.0.1:0", spec, token=TOKEN, on_listening=listening, watch=watch)
     except BaseException as e:   # noqa: BLE001 - returned for the assertion
         error = chained = e
         while chained is not None:   # drop its frames (the coordinator's store with them), as a process exit would
@@ -391,21 +395,19 @@ def test_when_rank_1_fails_the_ready_rank_2_is_told_why(run, monkeypatch):
     slow to read the verdict: the coordinator must wait for part 1's ack (ready devices counted from the store), so
     part 1 gets the real reason, not a closed socket. A non-effai exception on the device becomes its one-line
     EffaiError (so `serve --json` prints its JSON line)."""
-    import torch.distributed as dist
-
-    from effai.devit import RunSpec, load_run, serve
+    from effai.devit import RunSpec, channel, load_run, serve
     from effai.devit import runtime
 
     decomp = load_run(run["dir"])
     real, port = runtime.load_stream, {}
 
-    class SlowToReadStart(dist.TCPStore):
+    class SlowToReadStart(channel.RemoteStore):
         def get(self, key):
             if key.endswith("/start") and threading.current_thread().name == "part 1":
                 time.sleep(0.5)
             return super().get(key)
 
-    monkeypatch.setattr(dist, "TCPStore", SlowToReadStart)
+    monkeypatch.setattr(channel, "RemoteStore", SlowToReadStart)
 
     def load_stream(*args, **kwargs):
         if threading.current_thread().name == "part 0":
@@ -418,7 +420,7 @@ def test_when_rank_1_fails_the_ready_rank_2_is_told_why(run, monkeypatch):
 
     def device(part, p):
         try:
-            serve(part, f"127.0.0.1:{p}", timeout_s=20)
+            serve(part, f"127.0.0.1:{p}", token=TOKEN, timeout_s=20)
         except BaseException as e:   # noqa: BLE001 - collected for the assertion
             errors[part.index] = e
 
@@ -438,47 +440,46 @@ def test_when_rank_1_fails_the_ready_rank_2_is_told_why(run, monkeypatch):
         errors[1]
 
 
-def test_mixed_protocol_versions_are_refused_on_both_sides(run):
-    """A device of the previous release (no protocol in its info) is refused by name; a device facing a coordinator
-    of the previous release (no protocol in its verdict) refuses to go on. Both say: install the same effai."""
-    import dataclasses
+def test_mixed_protocol_versions_are_refused_on_both_sides(run, monkeypatch):
+    """A device of an older release (no protocol in its info) is refused by name, and both devices are told why; a
+    device facing an older coordinator (torch's TCPStore rendezvous), or a coordinator facing a device that greets
+    with another protocol, refuses at the handshake. Each says: install the same effai."""
     import datetime
+    import socket
 
     import torch.distributed as dist
 
-    from effai.devit import RunSpec, load_run, serve
-    from effai.devit.runtime import KEY
+    from effai.devit import RunSpec, channel, load_run, serve
+    from effai.devit.runtime import PROTOCOL
 
     decomp = load_run(run["dir"])
     got: list[dict] = [{}, {}]
     error = _coordinate(decomp, RunSpec(timeout_s=10), lambda p: [
         (lambda: _fake_device(p, decomp.parts[0], got[0]), "part 0"),
         (lambda: _fake_device(p, decomp.parts[1], got[1], protocol=False), "part 1")])
-    want = r"device rank 2 \(part 1, .*\) runs effai devit protocol 1, the coordinator 2: install the same effai on " \
-           r"every device"
+    want = rf"device rank 2 \(part 1, .*\) runs effai devit protocol 1, the coordinator {PROTOCOL}: install the same " \
+           r"effai on every device"
     assert type(error) is UsageError and re.match("^" + want + "$", str(error)), error
     for g in got:
         assert "error" not in g and not g["verdict"]["ok"] and g["verdict"]["usage"]
         assert re.search(want, g["verdict"]["error"])                              # both devices are told why
+    monkeypatch.setattr(channel, "HANDSHAKE_S", 1.0)
     old = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=10),
-                        wait_for_workers=False)                                    # a coordinator of protocol 1
-    errors: dict[str, BaseException] = {}
-
-    def device():
-        try:
-            serve(decomp.parts[0], f"127.0.0.1:{old.port}", timeout_s=10)
-        except BaseException as e:   # noqa: BLE001 - collected for the assertion
-            errors["e"] = e
-
-    t = threading.Thread(target=device, daemon=True)
-    t.start()
-    assert json.loads(old.get(f"{KEY}/device/1"))["protocol"] == 2
-    old.set(f"{KEY}/verdict/1", json.dumps({"ok": True, "spec": dataclasses.asdict(RunSpec()), "val_seed": 0,
-                                            "error": None, "usage": False}))
-    t.join(10)
-    assert type(errors.get("e")) is UsageError and str(errors["e"]) == (
-        f"the coordinator at 127.0.0.1:{old.port} runs effai devit protocol 1, this device 2: install the same effai "
-        "on every device")
+                        wait_for_workers=False)                                    # a coordinator of protocol 2
+    with pytest.raises(EffaiError, match=rf"^the service at 127\.0\.0\.1:{old.port} did not answer as an effai devit "
+                                         rf"coordinator \(protocol {PROTOCOL}\); it runs an older effai \(install the "
+                                         "same effai on every device\)"):
+        serve(decomp.parts[0], f"127.0.0.1:{old.port}", token=TOKEN, timeout_s=10)
+    rv = channel.Rendezvous("127.0.0.1", 0, TOKEN)
+    try:
+        with socket.create_connection(("127.0.0.1", rv.port), timeout=5) as s:   # a device of protocol 2 greeting
+            s.sendall(channel._HELLO.pack(channel.MAGIC, 2, bytes(32)))
+            magic, theirs, status, _ = channel._REPLY.unpack(channel._read(s, channel._REPLY.size))
+        assert (magic, theirs, status) == (channel.MAGIC, PROTOCOL, channel.WRONG_PROTOCOL)
+        assert rv.refused == [f"127.0.0.1 (effai devit protocol 2, this coordinator {PROTOCOL})"]
+        assert rv.store.num_keys() == 0
+    finally:
+        rv.close()
 
 
 def test_a_ready_device_waits_for_start_on_the_coordinators_clock(run):
@@ -486,54 +487,46 @@ def test_a_ready_device_waits_for_start_on_the_coordinators_clock(run):
     coordinator may take (its timeout_s, given in the go); a coordinator that ends the run meanwhile is reported as
     such at once, not as a timeout."""
     import dataclasses
-    import datetime
-    import gc
 
-    import torch.distributed as dist
-
-    from effai.devit import RunSpec, load_run, serve
+    from effai.devit import RunSpec, channel, load_run, serve
     from effai.devit.runtime import KEY, PROTOCOL
 
     part = load_run(run["dir"]).parts[0]
     go = {"ok": True, "protocol": PROTOCOL, "spec": dataclasses.asdict(RunSpec(images=4, timeout_s=10)),
           "val_seed": 0, "val_fraction": 0.2, "error": None, "usage": False}
 
-    def until_ready(coordinator) -> tuple[threading.Thread, dict]:
+    def until_ready(rv) -> tuple[threading.Thread, dict]:
         errors: dict[str, BaseException] = {}
-        address = f"127.0.0.1:{coordinator.port}"                 # (the thread must not hold the coordinator's store)
+        address = f"127.0.0.1:{rv.port}"
 
         def device():
             try:
-                serve(part, address, timeout_s=0.5)                   # its own --timeout: 0.5 s
+                serve(part, address, token=TOKEN, timeout_s=0.5)          # its own --timeout: 0.5 s
             except BaseException as e:   # noqa: BLE001 - collected for the assertion
                 errors["e"] = e
 
         t = threading.Thread(target=device, daemon=True)
         t.start()
-        coordinator.get(f"{KEY}/device/1")
-        coordinator.set(f"{KEY}/verdict/1", json.dumps(go))
-        coordinator.wait([f"{KEY}/ready/1"])
+        rv.store.get(f"{KEY}/device/1", 10)
+        rv.store.set(f"{KEY}/verdict/1", json.dumps(go))
+        rv.store.wait([f"{KEY}/ready/1"])
         return t, errors
 
-    def master():
-        return dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=10),
-                             wait_for_workers=False)
-
-    coordinator = master()
-    t, errors = until_ready(coordinator)
+    rv = channel.Rendezvous("127.0.0.1", 0, TOKEN)
+    t, errors = until_ready(rv)
     time.sleep(1.5)                                                # 3x the device's own timeout
     assert t.is_alive()
-    coordinator.set(f"{KEY}/start", json.dumps({"ok": False, "error": "the run was aborted by the test"}))
+    rv.store.set(f"{KEY}/start", json.dumps({"ok": False, "error": "the run was aborted by the test"}))
     t.join(10)
     assert type(errors.get("e")) is EffaiError and str(errors["e"]) == "the run was aborted by the test"
-    assert coordinator.add(f"{KEY}/start_ack", 0) == 1
+    assert rv.store.add(f"{KEY}/start_ack", 0) == 1
+    rv.close()
 
-    coordinator = master()
-    address = f"127.0.0.1:{coordinator.port}"
-    t, errors = until_ready(coordinator)
+    rv = channel.Rendezvous("127.0.0.1", 0, TOKEN)
+    address = f"127.0.0.1:{rv.port}"
+    t, errors = until_ready(rv)
     t0 = time.monotonic()
-    del coordinator                                                # the coordinator's process exits
-    gc.collect()
+    rv.close()                                                     # the coordinator's process exits
     t.join(10)
     assert time.monotonic() - t0 < 5
     assert re.match(rf"^the coordinator at {re.escape(address)} ended the run \(.*\); its own output says why$",

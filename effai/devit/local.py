@@ -2,7 +2,9 @@
 
 The coordinator runs in the calling process; each part runs in its own `python -m effai.cli_devit serve` process that
 joins over TCP exactly as a remote device would (gloo, the same rendezvous and checks), so the run exercises the
-real protocol. A device process that exits before the run starts (an unreadable part, inputs it cannot load, a
+real protocol. The run gets a fresh token, which the device processes receive in their environment
+($EFFAI_DEVIT_TOKEN, never on their command line), and each reads the coordinator's --data itself. A device
+process that exits before the run starts (an unreadable part, inputs it cannot load, a
 usage error) fails the run at once with its exit code and its own one-line error, not after a rendezvous timeout;
 one that dies after reporting ready is named the same way once the process group cannot form.
 Device processes are always reaped: on success they exit by themselves; on any failure the ones still running are
@@ -20,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 from effai.devit.parts import Decomposition
-from effai.devit.runtime import DeviceExited, RunResult, RunSpec, coordinate
+from effai.devit import channel
+from effai.devit.runtime import DeviceExited, RunResult, RunSpec, coordinate, format_address
 
 
 def run_local(decomp: Decomposition, run_dir: str | Path, spec: RunSpec, host: str = "127.0.0.1", port: int = 0,
@@ -30,13 +33,17 @@ def run_local(decomp: Decomposition, run_dir: str | Path, spec: RunSpec, host: s
     mid-stream; `part_paths` serves other checkpoints than run_dir/part_<i> (tests of the refusals)."""
     procs: list[tuple[int, subprocess.Popen, Path]] = []
     logs = Path(tempfile.mkdtemp(prefix="effai-devit-"))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    token = channel.new_token()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), channel.TOKEN_ENV: token}
 
     def start(h: str, p: int) -> None:
         for i in range(decomp.fusion.parts):
             target = str(part_paths[i]) if part_paths else str(run_dir)
             cmd = [sys.executable, "-m", "effai.cli_devit", "serve", target, "--part", str(i),
-                   "--coordinator", f"{h}:{p}", "--timeout", f"{spec.timeout_s:g}", "--threads", str(threads), "--json"]
+                   "--coordinator", format_address(h, p), "--timeout", f"{spec.timeout_s:g}", "--threads", str(threads),
+                   "--json"]
+            if not spec.send_images:
+                cmd += ["--data", spec.data]
             if fail_after and i in fail_after:
                 cmd += ["--fail-after", str(fail_after[i])]
             log = logs / f"part_{i}.log"
@@ -52,7 +59,8 @@ def run_local(decomp: Decomposition, run_dir: str | Path, spec: RunSpec, host: s
 
     ok = False
     try:
-        result = coordinate(decomp, f"{host}:{port}", spec, on_listening=start, watch=watch)
+        result = coordinate(decomp, format_address(host, port), spec, token=token, on_listening=start,
+                            watch=watch)
         ok = True
         return result
     finally:

@@ -5,7 +5,8 @@
 
 Every checkpoint carries `effai.devit` metadata: role, part index, split_hash, parts, d_sub, d_teacher and classes.
 Parts from a different decomposition (another split hash), the wrong class subset for their index, or a feature
-width the fusion head does not take are refused with a UsageError before any data flows.
+width the fusion head does not take are refused with a UsageError before any data flows. devit.json records each
+part's sha256 (runs since protocol 3); the coordinator holds its part files to it and each device's to its own.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from effai import zoo
 from effai.errors import UsageError
+from effai.files import read_json, sha256
 from effai.train.devit.fusion import Ensemble, FusionHead, check_widths
 
 
@@ -29,6 +31,7 @@ class Part:
     card: Any
     info: dict[str, Any]
     path: Path
+    sha256: str = ""          # of the checkpoint file, read before the model was built from it
 
     @property
     def d_sub(self) -> int:
@@ -61,6 +64,11 @@ class Decomposition:
     fusion: Fusion
     manifest: dict[str, Any]
 
+    def part_sha256(self, index: int) -> str:
+        """The sha256 a device serving part `index` must report: the coordinator's own copy, which load_run held to
+        devit.json's record when the run has one."""
+        return self.parts[index].sha256
+
     def ensemble(self) -> Ensemble:
         """The single-process reference: all parts and the fusion head in this process."""
         return Ensemble([p.model for p in self.parts], self.fusion.model).eval()
@@ -88,8 +96,9 @@ def load_part(path: str | Path) -> Part:
     info = devit_info(path)
     if info.get("role") != "part":
         raise UsageError(f"{path} is the DeViT {info.get('role')}, not a part; give run/part_<i>/model.safetensors")
+    digest = sha256(path)
     model = zoo.create(weights=path).model.eval()
-    return Part(int(info["part"]), model, zoo.card_from_checkpoint(path), info, path)
+    return Part(int(info["part"]), model, zoo.card_from_checkpoint(path), info, path, digest)
 
 
 def load_fusion(path: str | Path) -> Fusion:
@@ -137,7 +146,17 @@ def load_run(run_dir: str | Path, part_paths: list[str | Path] | None = None) ->
         parts.append(load_part(p))
     check_widths([p.d_sub for p in parts], fusion.parts, fusion.model.d_sub)
     manifest_path = run / "devit.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = read_json(manifest_path) if manifest_path.is_file() else {}
+    if not isinstance(manifest, dict):
+        raise UsageError(f"{manifest_path} is not a JSON object; re-run effai train devit")
+    recorded = manifest.get("parts")
+    for i, part in enumerate(parts):
+        want = recorded[i].get("sha256") if isinstance(recorded, list) and i < len(recorded) \
+            and isinstance(recorded[i], dict) else None
+        if want is not None and want != part.sha256:
+            raise UsageError(f"{part.path} is not the part {i} that {manifest_path} records (sha256 "
+                             f"{part.sha256[:12]}…, recorded {str(want)[:12]}…); restore the run's file or re-run "
+                             "effai train devit")
     return Decomposition(parts, fusion, manifest)
 
 

@@ -10,7 +10,7 @@ Decomposing Vision Transformers for Collaborative Inference in Edge Devices", IE
 Writes (atomically; `devit.json` last, so its presence marks a finished run):
     OUT/part_<i>/model.safetensors    sub-model i: image -> CLS feature (B, d_sub)   runs on device i (rank i + 1)
     OUT/fusion/model.safetensors      concat of N CLS features -> logits (B, K)       runs on the coordinator (rank 0)
-    OUT/devit.json                    split + hash, per-part classes/params/accuracy, placement, traffic per image
+    OUT/devit.json                    split + hash, per-part classes/params/accuracy/sha256, placement, traffic
 Each checkpoint carries its model card (`effai export --weights` rebuilds it) and `effai.devit` metadata (split hash,
 part index, classes, widths) that `effai devit serve/run` checks before any data flows.
 
@@ -32,7 +32,7 @@ from torch import nn
 
 from effai import zoo
 from effai.errors import UsageError
-from effai.files import atomic_write
+from effai.files import atomic_write, sha256
 from effai.train import data as data_mod
 from effai.train import checkpoint as ckpt
 from effai.train.checkpoint import writable_run_dir
@@ -137,7 +137,7 @@ def train_devit(cfg: DevitConfig, *, force: bool = False, progress: Any = None) 
                 "class_names": rep["class_names"]}
         path = out / f"part_{i}" / "model.safetensors"
         ckpt.write_model(path, part, card, {**record, "part": i}, devit=info)
-        rep.update(path=str(path.relative_to(out)), params=_params(part), d_sub=d_sub,
+        rep.update(path=str(path.relative_to(out)), sha256=sha256(path), params=_params(part), d_sub=d_sub,
                    runs_on=f"device {i} (rank {i + 1}): effai devit serve {out} --part {i} --coordinator HOST:PORT")
     head_card = {"name": "devit_fusion", "family": "devit", "source": "effai:devit_fusion",
                  "input_size": [cfg.parts * d_sub, 1, 1], "mean": [0.0], "std": [1.0], "num_classes": len(full.classes),
@@ -154,7 +154,8 @@ def train_devit(cfg: DevitConfig, *, force: bool = False, progress: Any = None) 
         "teacher": {"path": str(t_path), "model": t_card.source, "params": _params(teacher), "d_teacher": d_teacher,
                     "val_acc": teacher_acc},
         "parts": part_reports,
-        "fusion": {"path": str(head_path.relative_to(out)), "params": _params(ensemble.head), "d_teacher": d_teacher,
+        "fusion": {"path": str(head_path.relative_to(out)), "sha256": sha256(head_path),
+                   "params": _params(ensemble.head), "d_teacher": d_teacher,
                    "runs_on": f"coordinator (rank 0): effai devit run {out} --coordinator HOST:PORT"},
         "val_acc": acc, "traffic_bytes_per_image": cfg.parts * d_sub * 4,
         "dataset": dataset, "config": cfg.to_dict(), "ensemble_seconds": round(ensemble_seconds, 1),
