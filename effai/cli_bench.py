@@ -63,7 +63,9 @@ def bench_cmd(
     record: Annotated[Optional[Path], typer.Option(help="A bundle (effai zoo pack) to append these results to: its "
                                                    "perf.json and MODEL_CARD.md perf table.")] = None,
     record_key: Annotated[Optional[Path], typer.Option(help="With --record: re-sign the bundle with this private "
-                                                       "key (else its now-stale signature is removed).")] = None,
+                                                       "key (else its now-stale signature is deleted: the "
+                                                       "bundle becomes unsigned). Invalid or removed "
+                                                       "signatures are refused.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Latency (and energy where a meter is readable) of artifacts on this host, a phone (adb) or a board (ssh)."""
