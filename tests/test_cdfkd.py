@@ -79,6 +79,96 @@ def test_generator_shape_and_batchnorm_normalized_output():
         Generator(img_size=30)
 
 
+class _Flatten(torch.nn.Module):
+    def forward(self, x):
+        return x.view(x.shape[0], -1)
+
+
+def _ref_generator(kind: str, nz: int, img_size: int, nc: int) -> torch.nn.Module:
+    """Hao840/CDFKD-MFS nets/gan.py: Generator (32 px), GeneratorLarge (128 px), GeneratorLargeBN (224 px), their
+    modules in their order (the reference's forward: l1 -> view -> BN -> up2 -> block1 -> up2 -> block2 -> out for
+    Generator, project -> view -> main for the large ones)."""
+    nn = torch.nn
+    if kind == "small":
+        s = img_size // 4
+
+        class Ref(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.l1 = nn.Sequential(nn.Linear(nz, 128 * s ** 2))
+                self.conv_blocks0 = nn.Sequential(nn.BatchNorm2d(128))
+                self.conv_blocks1 = nn.Sequential(nn.Conv2d(128, 128, 3, stride=1, padding=1),
+                                                  nn.BatchNorm2d(128, 0.8), nn.LeakyReLU(0.2, inplace=True))
+                self.conv_blocks2 = nn.Sequential(nn.Conv2d(128, 64, 3, stride=1, padding=1),
+                                                  nn.BatchNorm2d(64, 0.8), nn.LeakyReLU(0.2, inplace=True))
+                self.out_block = nn.Sequential(nn.Conv2d(64, nc, 3, stride=1, padding=1), nn.Tanh(),
+                                               nn.BatchNorm2d(nc, affine=False))
+
+            def forward(self, z):
+                img = self.conv_blocks0(self.l1(z).view(z.shape[0], 128, s, s))
+                img = self.conv_blocks1(F.interpolate(img, scale_factor=2))
+                img = self.conv_blocks2(F.interpolate(img, scale_factor=2))
+                return self.out_block(img)
+
+        return Ref()
+    s = img_size // 16
+    main = [nn.BatchNorm2d(64 * 8)]
+    for c_in, c_out in ((64 * 8, 64 * 4), (64 * 4, 64 * 2), (64 * 2, 64), (64, 64)):
+        main += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+                 nn.LeakyReLU(0.2, inplace=True)]
+    main += [nn.Conv2d(64, nc, 3, 1, 1), nn.Tanh()] + ([nn.BatchNorm2d(nc, affine=False)] if kind == "large_bn" else [])
+
+    class RefLarge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.project = nn.Sequential(_Flatten(), nn.Linear(nz, 64 * 8 * s * s))
+            self.main = nn.Sequential(*main)
+
+        def forward(self, z):
+            proj = self.project(z)
+            return self.main(proj.view(proj.shape[0], -1, s, s))
+
+    return RefLarge()
+
+
+@pytest.mark.parametrize("size,kind", [(32, "small"), (128, "large"), (224, "large_bn"), (16, "small"),
+                                       (64, "small"), (160, "large")])
+def test_generator_is_the_reference_for_the_input_size(size, kind):
+    """kind='auto' picks what the reference's registry uses (CIFAR-100 32 px: Generator; Caltech-101 128 px:
+    GeneratorLarge; mini-ImageNet 224 px: GeneratorLargeBN); with the same weights the outputs are equal."""
+    torch.manual_seed(size)
+    nz = 8
+    ours = Generator(nz=nz, img_size=size, channels=3)
+    assert ours.kind == kind
+    ref = _ref_generator(kind, nz, size, 3)
+    src, dst = ours.state_dict(), ref.state_dict()
+    assert [v.shape for v in src.values()] == [v.shape for v in dst.values()]   # same modules, same order
+    ref.load_state_dict(dict(zip(dst, src.values())))
+    z = torch.randn(2, nz)
+    for mode in (True, False):                                    # batch statistics and running statistics
+        ours.train(mode), ref.train(mode)
+        with torch.no_grad():
+            x = ours(z)
+            torch.testing.assert_close(x, ref(z), rtol=0, atol=1e-5)
+    assert x.shape == (2, 3, size, size)
+    assert ours.kind == Generator(nz, size, 3, kind=kind).kind
+
+
+def test_generator_choice_is_an_option_and_sizes_are_checked(teachers):
+    assert Generator(8, 128, 1, kind="small").kind == "small"     # any generator at any size it can make
+    assert Generator(8, 32, 1, kind="large").kind == "large"
+    with pytest.raises(UsageError, match="unknown CDFKD generator 'dcgan'; choose one of: auto, small, large, large_bn"):
+        Generator(8, 32, 1, kind="dcgan")
+    with pytest.raises(UsageError, match="multiple of 16"):
+        Generator(8, 136, 1)
+    with pytest.raises(UsageError, match="--input-size 136 must be a multiple of 16 for the large generator"):
+        CdfkdConfig(teachers=teachers, input_size=136)
+    with pytest.raises(UsageError, match="unknown CDFKD generator"):
+        CdfkdConfig(teachers=teachers, generator="big")
+    assert CdfkdConfig(teachers=teachers, input_size=136, generator="small").generator == "small"
+    assert CdfkdConfig(teachers=teachers).to_dict()["generator"] == "auto"
+
+
 def test_bn_term_is_zero_at_matching_statistics_and_scales_the_first_bn():
     import timm
 

@@ -3,7 +3,8 @@
 Paper defaults (Hao et al., arXiv:2205.11845, CIFAR-100): 300 epochs x 50 iterations, batch 256, 5 student steps
 per generator step, student SGD lr 0.1 momentum 0.9 wd 5e-4, generator Adam 1e-3, nz 256, loss weights 1 / 0.2 / 5
 (student) and 1 / 0.1 with first-BN scale 5 (generator). The iteration count and batch are scaled down for small
-data on CPUs; the schedule is cosine (the reference steps x0.1 at 1/3 and 2/3).
+data on CPUs; the schedule is cosine (the reference steps x0.1 at 1/3 and 2/3). The generator is the reference's for
+the input size (32 px: DAFL's; 128 px: DCGAN's; 224 px: DCGAN's + BN), `--set generator=...` to choose.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class CdfkdConfig:
     gen_lr: float = 1e-3                # generator Adam, same cosine factor
     student_steps: int = 5              # student steps per generator step (the asymmetric adversarial game)
     nz: int = 256                       # generator noise width
+    generator: str = "auto"             # auto | small | large | large_bn; auto: the reference's for the input size
+                                        # (small below 128 px, large from 128, large_bn from 224; generator.py)
     input_size: int | None = None       # None: the teachers' own (they must agree); given: must equal theirs
     seed: int = 0                       # student/generator init and noise; the eval split follows the teachers' seed
     real_samples: int = 0               # real TRAIN-split images (stratified) that train the attention aggregation
@@ -76,6 +79,15 @@ class CdfkdConfig:
         if self.input_size is not None and (self.input_size % 4 or self.input_size < 8):
             raise UsageError(f"--input-size {self.input_size} must be a multiple of 4 and >= 8 (the generator "
                              "upsamples s/4 twice); leave it out to use the teachers' size")
+        from effai.train.cdfkd.generator import generator_kind
+
+        if self.input_size is not None:
+            kind = generator_kind(self.generator, self.input_size)
+            if kind != "small" and self.input_size % 16:
+                raise UsageError(f"--input-size {self.input_size} must be a multiple of 16 for the {kind} generator "
+                                 "(it upsamples s/16 four times); or --set generator=small")
+        else:
+            generator_kind(self.generator, 32)      # a known name; the size check waits for the teachers' size
         if self.real_samples < 0:
             raise UsageError(f"--real-samples {self.real_samples} must be >= 0")
         if not 0 < self.val_fraction < 1:

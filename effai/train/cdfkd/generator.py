@@ -1,13 +1,19 @@
-"""The CDFKD-MFS image generator (DAFL/DFAD-style), exactly as the released code builds it for 32x32 images.
+"""The CDFKD-MFS image generators (DAFL/DFAD and DCGAN style), as the released code builds them per input size.
 
-    z (nz) -> Linear -> 128 x s/4 x s/4 -> BN -> up2 -> conv3x3 128 + BN(eps .8) + LeakyReLU .2
-           -> up2 -> conv3x3 64 + BN(eps .8) + LeakyReLU .2 -> conv3x3 C -> tanh -> BN(affine=False)
+    small     z (nz) -> Linear -> 128 x s/4 x s/4 -> BN -> up2 -> conv3x3 128 + BN(eps .8) + LeakyReLU .2
+              -> up2 -> conv3x3 64 + BN(eps .8) + LeakyReLU .2 -> conv3x3 C -> tanh -> BN(affine=False)
+    large     z -> Linear -> 512 x s/16 x s/16 -> BN -> 4 x [ConvT 4x4 s2 (512-256-128-64-64) + BN + LeakyReLU .2]
+              -> conv3x3 C -> tanh
+    large_bn  large, then BN(affine=False)
 
 Hao et al., "CDFKD-MFS: Collaborative Data-free Knowledge Distillation via Multi-level Feature Sharing",
-IEEE TMM 2022, arXiv:2205.11845 (code: Hao840/CDFKD-MFS nets/gan.py `Generator`). The final BatchNorm without
-affine parameters makes every output channel zero-mean, unit-variance over the batch (in training mode), i.e.
-images in the teachers' *normalized* input space; `eps=0.8` is the reference's (positional) BatchNorm eps on both
-conv blocks. Upsampling is nearest (F.interpolate's default), as in the reference.
+IEEE TMM 2022, arXiv:2205.11845 (code: Hao840/CDFKD-MFS nets/gan.py `Generator`, `GeneratorLarge`,
+`GeneratorLargeBN`; registry.py uses them for CIFAR-100 at 32 px, Caltech-101 at 128 px and mini-ImageNet at
+224 px). `kind="auto"` follows that: below 128 px small, 128 to 223 px large, 224 px and up large_bn. The final
+BatchNorm without affine parameters makes every output channel zero-mean, unit-variance over the batch (training
+mode), i.e. images in the teachers' *normalized* input space; `large` ends at tanh ([-1, 1], the normalized range of
+the reference's Caltech-101 teachers, mean = std = 0.5). `eps=0.8` is the reference's (positional) BatchNorm eps on
+the small generator's conv blocks. Upsampling in `small` is nearest (F.interpolate's default), as in the reference.
 """
 
 from __future__ import annotations
@@ -18,22 +24,54 @@ from torch import nn
 
 from effai.errors import UsageError
 
+GENERATOR_KINDS = ("auto", "small", "large", "large_bn")
+
+
+def generator_kind(kind: str, img_size: int) -> str:
+    """The generator the reference uses at this input size ('auto'), or the one asked for."""
+    if kind not in GENERATOR_KINDS:
+        raise UsageError(f"unknown CDFKD generator '{kind}'; choose one of: {', '.join(GENERATOR_KINDS)}")
+    if kind != "auto":
+        return kind
+    return "small" if img_size < 128 else "large" if img_size < 224 else "large_bn"
+
 
 class Generator(nn.Module):
-    def __init__(self, nz: int = 256, img_size: int = 32, channels: int = 3) -> None:
+    """z (B, nz) -> images (B, C, s, s). `kind` picks the reference architecture (module docstring)."""
+
+    def __init__(self, nz: int = 256, img_size: int = 32, channels: int = 3, kind: str = "auto") -> None:
         super().__init__()
-        if img_size % 4 or img_size < 8:
-            raise UsageError(f"the CDFKD generator upsamples s/4 twice; input size {img_size} must be a multiple of 4 "
-                             "and >= 8 (e.g. 16, 32, 64)")
-        self.nz, self.init_size, self.channels = nz, img_size // 4, channels
-        self.project = nn.Linear(nz, 128 * self.init_size ** 2)
-        self.bn0 = nn.BatchNorm2d(128)
-        self.block1 = nn.Sequential(nn.Conv2d(128, 128, 3, 1, 1), nn.BatchNorm2d(128, eps=0.8), nn.LeakyReLU(0.2))
-        self.block2 = nn.Sequential(nn.Conv2d(128, 64, 3, 1, 1), nn.BatchNorm2d(64, eps=0.8), nn.LeakyReLU(0.2))
-        self.out = nn.Sequential(nn.Conv2d(64, channels, 3, 1, 1), nn.Tanh(), nn.BatchNorm2d(channels, affine=False))
+        self.kind = generator_kind(kind, img_size)
+        self.nz, self.channels = nz, channels
+        if self.kind == "small":
+            if img_size % 4 or img_size < 8:
+                raise UsageError(f"the small CDFKD generator upsamples s/4 twice; input size {img_size} must be a "
+                                 "multiple of 4 and >= 8 (e.g. 16, 32, 64)")
+            self.init_size = img_size // 4
+            self.project = nn.Linear(nz, 128 * self.init_size ** 2)
+            self.bn0 = nn.BatchNorm2d(128)
+            self.block1 = nn.Sequential(nn.Conv2d(128, 128, 3, 1, 1), nn.BatchNorm2d(128, eps=0.8), nn.LeakyReLU(0.2))
+            self.block2 = nn.Sequential(nn.Conv2d(128, 64, 3, 1, 1), nn.BatchNorm2d(64, eps=0.8), nn.LeakyReLU(0.2))
+            self.out = nn.Sequential(nn.Conv2d(64, channels, 3, 1, 1), nn.Tanh(),
+                                     nn.BatchNorm2d(channels, affine=False))
+            return
+        if img_size % 16 or img_size < 16:
+            raise UsageError(f"the {self.kind} CDFKD generator upsamples s/16 four times; input size {img_size} must "
+                             "be a multiple of 16 (e.g. 128, 224), or use generator=small")
+        self.init_size = img_size // 16
+        self.project = nn.Linear(nz, 512 * self.init_size ** 2)
+        layers: list[nn.Module] = [nn.BatchNorm2d(512)]
+        for c_in, c_out in ((512, 256), (256, 128), (128, 64), (64, 64)):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+        layers += [nn.Conv2d(64, channels, 3, 1, 1), nn.Tanh()]
+        if self.kind == "large_bn":
+            layers.append(nn.BatchNorm2d(channels, affine=False))
+        self.main = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.project(z).view(z.shape[0], 128, self.init_size, self.init_size)
+        x = self.project(z.flatten(1)).view(z.shape[0], -1, self.init_size, self.init_size)
+        if self.kind != "small":
+            return self.main(x)
         x = F.interpolate(self.bn0(x), scale_factor=2)
         x = F.interpolate(self.block1(x), scale_factor=2)
         return self.out(self.block2(x))
