@@ -93,6 +93,90 @@ def test_projector_maps_every_exit_to_logits_for_every_family(family):
         assert len(d.projectors[0].merges) == 1
 
 
+# ---- the token projector against the reference (Hao840/OFAKD distillers/ofa.py + distillers/utils.py) ----------
+
+class _RefPatchMerging(nn.Module):
+    """distillers/utils.py PatchMerging: (B, H*W, C) -> 2x2 concat -> LayerNorm -> Linear(no bias) -> act."""
+
+    def __init__(self, input_resolution, dim, out_dim, act_layer):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+        self.act = act_layer()
+
+    def forward(self, x):
+        h, w = self.input_resolution
+        b, _, c = x.shape
+        x = x.view(b, h, w, c)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1).view(b, -1, 4 * c)
+        return self.act(self.reduction(self.norm(x)))
+
+
+class _RefTokenFnContext(nn.Module):
+    """distillers/utils.py TokenFnContext(token_num, fn): fn on the patch tokens, the class tokens put back first."""
+
+    def __init__(self, token_num, fn):
+        super().__init__()
+        self.token_num, self.fn = token_num, fn
+
+    def forward(self, x):
+        features = self.fn(x[:, self.token_num:])
+        return features if self.token_num == 0 else torch.cat([x[:, :self.token_num], features], dim=1)
+
+
+class _RefGetFeature(nn.Module):
+    """TokenFilter(token_num, remove_mode=False) + Flatten for a class token, GAP1d (mean over tokens) without."""
+
+    def __init__(self, token_num):
+        super().__init__()
+        self.token_num = token_num
+
+    def forward(self, x):
+        return x[:, :self.token_num].flatten(1) if self.token_num else x.mean(1)
+
+
+def _ref_token_projector(patch_num, embed_dim, token_num, stage, feature_dim_s, num_classes):
+    """distillers/ofa.py OFA.__init__, the non-CNN branch, verbatim in structure."""
+    import numpy as np
+    from timm.models.vision_transformer import Block
+
+    patch_grid = int(patch_num ** .5)
+    merge_num = max(int(np.log2(patch_grid / 7)), 0)
+    mergers = []
+    for i in range(merge_num):
+        if i == 0:
+            mergers.append(_RefPatchMerging((patch_grid // 2 ** i,) * 2, embed_dim, feature_dim_s, nn.GELU))
+        else:
+            mergers.append(_RefPatchMerging((patch_grid // 2 ** i,) * 2, feature_dim_s, feature_dim_s,
+                                            nn.GELU if i != merge_num - 1 else nn.Identity))
+    blocks = nn.Sequential(*[Block(dim=feature_dim_s, num_heads=4) for _ in range(max(4 - stage, 1))])
+    return nn.Sequential(_RefTokenFnContext(token_num, nn.Sequential(*mergers)), blocks, _RefGetFeature(token_num),
+                         nn.Linear(feature_dim_s, num_classes))
+
+
+@pytest.mark.parametrize("grid,prefix,stage", [(14, 1, 4), (14, 1, 1), (28, 1, 2), (56, 0, 3), (7, 1, 3), (14, 0, 4)])
+def test_token_projector_equals_the_reference(grid, prefix, stage):
+    """Same weights, same output: one merge (14 x 14, ViT/DeiT-16 at 224, the paper's ImageNet case) has GELU, two
+    merges GELU then none, three GELU GELU none; no norm after the blocks; class token or mean token."""
+    from effai.train.projectors import TokenProjector, init_projector
+
+    torch.manual_seed(grid + prefix + stage)
+    dim = 16
+    ours = TokenProjector(dim, (grid, grid), prefix, stage, dim, K)
+    init_projector(ours)
+    ref = _ref_token_projector(grid * grid, dim, prefix, stage, dim, K)
+    src, dst = ours.state_dict(), ref.state_dict()
+    assert [v.shape for v in src.values()] == [v.shape for v in dst.values()]   # same modules, same order
+    ref.load_state_dict(dict(zip(dst, src.values())))
+    ours.eval(), ref.eval()
+    x = torch.randn(3, prefix + grid * grid, dim)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-6)
+    gelus = [isinstance(m.act, nn.GELU) for m in ours.merges]
+    assert gelus == {14: [True], 28: [True, False], 56: [True, True, False], 7: []}[grid]
+
+
 def test_unsupported_family_and_bad_exits_are_clear_errors():
     class Flat(nn.Module):
         feature_info = [{"module": "a", "num_chs": 8, "reduction": 1}, {"module": "b", "num_chs": 8, "reduction": 2}]

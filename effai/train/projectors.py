@@ -7,10 +7,18 @@ with d_s, d_t the final feature widths of student and teacher, K classes:
     cnn    (B,C,H,W):  s < 4: (4 - s) SepConv blocks, channels doubling, the last to d*; s = 4: 1x1 conv to d*;
                        then GAP -> Linear(d*, K).
                        SepConv = dw3x3 s2 -> pw -> BN -> ReLU -> dw3x3 -> pw -> BN -> ReLU.
-    vit    (B,P+N,D):  patch tokens -> g x g grid -> max(floor(log2(g/7)), 0) patch mergings (to d_s) ->
-                       max(4 - s, 1) transformer blocks -> the class token -> Linear(d_s, K).  (P prefix tokens)
+    vit    (B,P+N,D):  patch tokens -> g x g grid -> max(floor(log2(g/7)), 0) patch mergings (to d_s; GELU after
+                       each but the last, and always after the first) -> prefix tokens put back in front ->
+                       max(4 - s, 1) transformer blocks -> the class token -> Linear(d_s, K), with no norm before the
+                       Linear.  (P prefix tokens)
     mixer  (B,N,D):    as vit without prefix tokens; the mean token instead of the class token.
     swin   (B,H,W,C):  as mixer, from the NHWC grid.
+
+The token projector is the reference's (`TokenFnContext(PatchMerging...)`, `Block`s, `TokenFilter` + Flatten or
+`GAP1d`, Linear): with the same weights its output equals the reference's (tested). The reference builds the first
+merge with GELU and the others with GELU unless last, so one merge (ViT/DeiT-16 at 224: a 14 x 14 grid, the
+paper's ImageNet case) has GELU. Beyond the reference, effai crops an odd grid to even, and projects prefix tokens
+(Linear) where no merge brings the patch tokens to d_s (the reference only builds projectors where widths agree).
 
 The family is chosen from the student (its class and the shape of an exit's feature). A new family is one
 `PROJECTORS.register(name, ProjectorRule(matches, build))`; rules are tried in registration order.
@@ -88,14 +96,13 @@ class TokenProjector(nn.Module):
         self.prefix, self.grid = prefix, grid
         n_merge = max(int(math.floor(math.log2(min(grid) / 7))), 0) if min(grid) >= 7 else 0
         merges, c = [], dim
-        for i in range(n_merge):
-            merges.append(PatchMerging(c, d_s, act=i != n_merge - 1))
+        for i in range(n_merge):   # the reference: GELU after the first merge, then after all but the last
+            merges.append(PatchMerging(c, d_s, act=i == 0 or i != n_merge - 1))
             c = d_s
         self.merges = nn.Sequential(*merges)
         self.prefix_proj = nn.Linear(dim, c) if (prefix and c != dim) else nn.Identity()
         heads = next(h for h in (4, 3, 2, 1) if c % h == 0)
         self.blocks = nn.Sequential(*[Block(dim=c, num_heads=heads) for _ in range(max(4 - stage, 1))])
-        self.norm = nn.LayerNorm(c)
         self.head = nn.Linear(c, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -106,7 +113,7 @@ class TokenProjector(nn.Module):
         tokens = self.merges(grid).flatten(1, 2)
         if self.prefix:
             tokens = torch.cat([self.prefix_proj(x[:, :self.prefix]), tokens], dim=1)
-        tokens = self.norm(self.blocks(tokens))
+        tokens = self.blocks(tokens)
         feature = tokens[:, 0] if self.prefix else tokens.mean(1)
         return self.head(feature)
 
