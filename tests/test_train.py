@@ -405,3 +405,11 @@ def test_truncate_metrics_keeps_the_rows_the_checkpoint_holds_and_drops_a_torn_l
     assert not path.exists()
     truncate_metrics(path, "epoch", 2)                                      # no log yet: nothing to do
     assert not path.exists()
+
+
+def test_dkd_warmup_follows_the_loops_epoch(tiny_run, tmp_path, digits_npz):
+    """--set dkd_warmup=W needs the epoch: the loop tells the distiller at the start of every epoch."""
+    cfg = make_config("kd", data=str(digits_npz), out=str(tmp_path / "w"), teacher=str(tiny_run[0]), loss="dkd",
+                      dkd_warmup=2, **{**TINY, "epochs": 1, "warmup_epochs": 0})
+    result = train(cfg)
+    assert len(result["history"]) == 1 and result["history"][0]["train_loss"] > 0

@@ -125,6 +125,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)   # data order + augmentation of this epoch
         perm = torch.randperm(len(train_set), generator=g)
         net.train()
+        distiller.set_epoch(epoch)                                       # DKD's warm-up follows the epoch
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         if progress:
             progress.start_epoch(epoch, cfg.epochs, steps_per_epoch)

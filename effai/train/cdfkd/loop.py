@@ -94,7 +94,7 @@ def train_cdfkd(cfg: CdfkdConfig, *, force: bool = False, progress: Any = None) 
     student = build_multi_header(len(full.classes), c, size, cfg.student, backbone_kwargs=backbone_kwargs,
                                  header_dims=[t.dim for t in teachers], aggregation=cfg.aggregation or "mean")
     student.to(device)
-    generator = Generator(cfg.nz, size, c).to(device)
+    generator = Generator(cfg.nz, size, c, kind=cfg.generator).to(device)
     opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.gen_lr)
 
