@@ -597,3 +597,380 @@ def test_a_device_s_own_report_wins_over_its_exit_notice(run):
     assert type(error) is UsageError and re.match(
         r"^device rank 2 \(part 1, .*\) failed before joining the run: --data nowhere: no such file$", str(error))
     assert not got[0]["start"]["ok"] and "--data nowhere" in got[0]["start"]["error"]
+
+
+# --- who may join, what is exposed (issue 21.2) -----------------------------------------------------------------------
+def _listening_sockets() -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket this process listens on, from /proc/self/fd and /proc/net/tcp{,6}."""
+    import ipaddress
+    import os
+
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if f[3] != "0A" or f[9] not in inodes:                        # 0A: LISTEN
+                continue
+            hexaddr, hexport = f[1].split(":")
+            raw = bytes.fromhex(hexaddr)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))   # little-endian 32-bit words
+            out.add((str(ipaddress.ip_address(raw)), int(hexport, 16)))
+    return out
+
+
+def _devices_in_threads(decomp, token=TOKEN, data=(None, None), parts=None, timeout_s=20):
+    """`devices(port)` for _coordinate: real serve() calls in threads; their errors go into the returned dict."""
+    from effai.devit import serve
+
+    errors: dict[int, BaseException] = {}
+
+    def device(part, i, p):
+        try:
+            serve(part, f"127.0.0.1:{p}", token=token, timeout_s=timeout_s, data=data[i])
+        except BaseException as e:   # noqa: BLE001 - collected for the assertion
+            errors[i] = e
+
+    def devices(p):
+        return [(lambda part=part, i=i: device(part, i, p), f"part {i}")
+                for i, part in enumerate(parts or decomp.parts)]
+
+    return devices, errors
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp")
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_a_run_listens_only_on_the_given_address(run, digits_npz, host, monkeypatch):
+    """Every socket the run listens on (the rendezvous, and gloo's of the coordinator and both devices: here all in
+    this process) is bound to exactly the given address, not every interface as torch's TCPStore did. The devices
+    read the held-out digits from their own --data; the result is the ensemble's."""
+    import socket
+
+    from effai.devit import RunSpec, coordinate, load_run, serve
+    from effai.devit import runtime
+
+    if host == "::1":
+        try:
+            socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+    decomp = load_run(run["dir"])
+    before, during = _listening_sockets(), {}
+    real_loop = runtime._coordinator_loop
+
+    def loop(*args, **kwargs):   # every process has joined gloo: all listeners exist
+        during["sockets"] = _listening_sockets() - before
+        return real_loop(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "_coordinator_loop", loop)
+    data = "random:5" if host == "::1" else str(digits_npz)
+    errors: dict[int, BaseException] = {}
+    threads: list[threading.Thread] = []
+
+    def device(part, port):
+        try:
+            serve(part, runtime.format_address(host, port), token=TOKEN, timeout_s=20, data=data)
+        except BaseException as e:   # noqa: BLE001 - collected for the assertion
+            errors[part.index] = e
+
+    def listening(h, port):
+        for part in decomp.parts:
+            threads.append(threading.Thread(target=device, args=(part, port), daemon=True))
+            threads[-1].start()
+
+    spec = RunSpec(data=data, images=6, batch_size=3, warmup=1, timeout_s=20)
+    result = coordinate(decomp, runtime.format_address(host, 0), spec, token=TOKEN, on_listening=listening)
+    for t in threads:
+        t.join(20)
+    assert not errors, errors
+    listeners = during["sockets"]
+    assert len(listeners) >= 4, listeners                        # rendezvous + gloo of the coordinator and 2 devices
+    assert {addr for addr, _ in listeners} == {host}, listeners
+    stream = runtime.load_stream(data, tuple(decomp.parts[0].card.input_size), list(decomp.parts[0].card.mean),
+                                 list(decomp.parts[0].card.std), 6, decomp.manifest["dataset"]["val_seed"],
+                                 decomp.manifest["dataset"]["val_fraction"])
+    with torch.no_grad():
+        ref = torch.cat([decomp.ensemble()(stream.x[i:i + 3]) for i in (0, 3)])
+    assert torch.allclose(result.logits, ref, atol=1e-6, rtol=0)
+    assert ("accuracy" in result.report) == (host != "::1")
+
+
+def test_a_peer_without_the_token_cannot_join_read_or_write(run, monkeypatch):
+    """torch's TCPStore client (what anyone could use against the old rendezvous to claim a rank, publish a fake
+    ready, or read the devices' info) gets nowhere; a device with the wrong token is refused and told so; the
+    coordinator's error lists who was refused. Nothing of theirs reaches the store."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from effai.devit import RunSpec, channel, load_run
+    from effai.devit import runtime
+
+    monkeypatch.setattr(channel, "HANDSHAKE_S", 1.0)             # the TCPStore client waits out the handshake
+    decomp = load_run(run["dir"])
+    got: dict[str, object] = {}
+    stores = []
+
+    def intruder(p):
+        try:
+            s = dist.TCPStore("127.0.0.1", p, is_master=False, timeout=datetime.timedelta(seconds=1))
+            got["claim"] = s.add(f"{runtime.KEY}/claim/1", 1)
+            s.set(f"{runtime.KEY}/ready/1", json.dumps({"ok": False, "error": "\x1b[2Jinjected"}))
+            got["keys"] = s.num_keys()
+        except BaseException as e:   # noqa: BLE001 - collected for the assertion
+            got["tcpstore"] = e
+
+    def wrong_token(p):
+        try:
+            stores.append(_client(p, token="not-the-run-token-0123456789"))
+        except BaseException as e:   # noqa: BLE001 - collected for the assertion
+            got["client"] = e
+
+    devices, errors = _devices_in_threads(decomp, token="another-token-abcdefghijklmn", parts=decomp.parts[:1])
+    error = _coordinate(decomp, RunSpec(timeout_s=3), lambda p: [(lambda: intruder(p), "intruder"),
+                                                                 (lambda: wrong_token(p), "client"), *devices(p)])
+    assert "claim" not in got and isinstance(got.get("tcpstore"), dist.DistError), got
+    assert isinstance(got.get("client"), UsageError) and "refused this device's token" in str(got["client"])
+    assert isinstance(errors.get(0), UsageError) and re.match(
+        r"^the coordinator at 127\.0\.0\.1:\d+ refused this device's token: give every device the token file of "
+        r"this run \(--token-file\) or \$EFFAI_DEVIT_TOKEN$", str(errors[0])), errors
+    assert type(error) is EffaiError and re.match(
+        r"^device rank 1 \(part 0\), device rank 2 \(part 1\) did not join .*; refused: .*127\.0\.0\.1 \(wrong token\), "
+        r"127\.0\.0\.1 \(wrong token\)", str(error)), error
+    assert "127.0.0.1 (it did not speak the effai devit protocol)" in str(error)
+
+
+def test_a_coordinator_without_the_token_is_refused_by_the_device(run):
+    """A listener that answers the greeting but cannot prove the token (a stranger at the address, or one relaying
+    without it) gets no device info: the device stops at the handshake."""
+    import secrets
+    import socket
+
+    from effai.devit import channel, load_part, serve
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    seen: dict[str, bytes] = {}
+
+    def fake():
+        conn, _ = server.accept()
+        with conn:
+            seen["hello"] = channel._read(conn, channel._HELLO.size)
+            conn.sendall(channel._REPLY.pack(channel.MAGIC, channel.PROTOCOL, channel.OK, secrets.token_bytes(32)))
+            seen["proof"] = channel._read(conn, 32)
+            conn.sendall(bytes([channel.OK]) + secrets.token_bytes(32))    # a proof it cannot make
+            conn.settimeout(2)
+            try:
+                seen["after"] = conn.recv(65536)
+            except OSError:
+                seen["after"] = b""
+
+    t = threading.Thread(target=fake, daemon=True)
+    t.start()
+    with pytest.raises(EffaiError, match=rf"^the service at 127\.0\.0\.1:{port} does not hold this run's token: it is "
+                                         "not this run's coordinator; check the address$"):
+        serve(load_part(run["dir"] / "part_0"), f"127.0.0.1:{port}", token=TOKEN, timeout_s=5)
+    t.join(5)
+    server.close()
+    assert seen["after"] == b""                                    # the device sent nothing more, and hung up
+    assert TOKEN.encode() not in seen["hello"] + seen["proof"]
+
+
+def test_frames_are_encrypted_and_a_tampered_one_is_refused():
+    import socket
+
+    from effai.devit import channel
+
+    a, b = socket.socketpair()
+    key = bytes(range(32))
+    sender, receiver = channel._Session(a, key, side=0), channel._Session(b, key, side=1)
+    sender.send({"host": "secret-host", "path": "/home/me/part_0"})
+    frame = b.recv(65536)
+    assert b"secret-host" not in frame and b"/home/me" not in frame
+    a.sendall(frame + frame)                                       # delivered, then the same frame: a replay
+    assert receiver.recv() == {"host": "secret-host", "path": "/home/me/part_0"}
+    with pytest.raises(channel.ChannelClosed, match="authentication"):
+        receiver.recv()
+    a2, b2 = socket.socketpair()
+    sender, receiver = channel._Session(a2, key, side=0), channel._Session(b2, key, side=1)
+    sender.send({"ok": True})
+    frame = bytearray(b2.recv(65536))
+    frame[-1] ^= 1
+    a2.sendall(bytes(frame))
+    with pytest.raises(channel.ChannelClosed, match="authentication"):
+        receiver.recv()
+    for s in (a, b, a2, b2):
+        s.close()
+
+
+def test_a_part_with_other_weights_is_refused_by_its_hash(run, tmp_path):
+    """devit.json records each part's sha256; a device serving a file with the right metadata but zeroed weights
+    is refused naming the part (and told why), and a coordinator whose own part file differs from the record
+    refuses to load the run."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from effai.devit import RunSpec, load_part, load_run
+    from effai.files import sha256
+
+    manifest = json.loads((run["dir"] / "devit.json").read_text())
+    for i, rec in enumerate(manifest["parts"]):
+        assert rec["sha256"] == sha256(run["dir"] / f"part_{i}" / "model.safetensors")
+    assert manifest["fusion"]["sha256"] == sha256(run["dir"] / "fusion" / "model.safetensors")
+    src = run["dir"] / "part_0" / "model.safetensors"
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        zeroed = {k: torch.zeros_like(f.get_tensor(k)) for k in f.keys()}
+    fake = tmp_path / "part_0" / "model.safetensors"
+    fake.parent.mkdir()
+    save_file(zeroed, str(fake), metadata=meta)
+    decomp = load_run(run["dir"])
+    devices, errors = _devices_in_threads(decomp, parts=[load_part(fake), decomp.parts[1]])
+    error = _coordinate(decomp, RunSpec(images=4, timeout_s=10), devices)
+    want = (r"device rank 1 \(part 0, .*\) serves \S+/part_0/model.safetensors, whose weights are not part 0 of this "
+            r"run \(sha256 [0-9a-f]{12}…, the run's [0-9a-f]{12}…\); copy the run's part_0/model.safetensors to that "
+            r"device")
+    assert type(error) is UsageError and re.match("^" + want + "$", str(error)), error
+    assert isinstance(errors.get(0), UsageError) and re.search(want, str(errors[0]))
+    copy = tmp_path / "run"
+    shutil.copytree(run["dir"], copy)
+    shutil.copy(fake, copy / "part_0" / "model.safetensors")
+    with pytest.raises(UsageError, match=r"part_0/model.safetensors is not the part 0 that \S+devit.json records"):
+        load_run(copy)
+
+
+def _verdict_to(part, verdict: dict, data=None) -> tuple[BaseException | None, dict | None, list]:
+    """serve(part) against a hand-made coordinator that sends `verdict`: (the device's error, what it reported as
+    ready, the load_stream calls it made)."""
+    from effai.devit import channel, serve
+    from effai.devit import runtime
+
+    calls: list = []
+    real = runtime.load_stream
+    rv = channel.Rendezvous("127.0.0.1", 0, TOKEN)
+    errors: dict[str, BaseException] = {}
+
+    def device():
+        try:
+            serve(part, f"127.0.0.1:{rv.port}", token=TOKEN, timeout_s=5, data=data)
+        except BaseException as e:   # noqa: BLE001 - collected for the assertion
+            errors["e"] = e
+
+    def recording(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    runtime.load_stream = recording
+    try:
+        t = threading.Thread(target=device, daemon=True)
+        t.start()
+        rv.store.get(f"{runtime.KEY}/device/1", 10)
+        rv.store.set(f"{runtime.KEY}/verdict/1", json.dumps(verdict))
+        ready, key, deadline = None, f"{runtime.KEY}/ready/1", time.monotonic() + 10
+        while t.is_alive() and not rv.store.check([key]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if rv.store.check([key]):
+            ready = json.loads(rv.store.get(key))
+            rv.store.set(f"{runtime.KEY}/start", json.dumps({"ok": False, "error": "test over"}))
+        t.join(10)
+    finally:
+        runtime.load_stream = real
+        rv.close()
+    return errors.get("e"), ready, calls
+
+
+def test_a_coordinator_s_spec_is_checked_strictly_and_never_names_the_device_s_files(run, digits_npz):
+    """An unknown field or a wrong type in the coordinator's spec is a clear UsageError (an unknown key crashed the
+    device with a TypeError); a data set path the coordinator names is never opened, and the device's answer is the
+    same whether that path exists or not. A device's own --data is what it reads."""
+    import dataclasses
+
+    from effai.devit import RunSpec, load_run
+    from effai.devit.runtime import PROTOCOL
+
+    part = load_run(run["dir"]).parts[0]
+
+    def verdict(**spec):
+        return {"ok": True, "protocol": PROTOCOL, "val_seed": 0, "val_fraction": 0.2, "error": None, "usage": False,
+                "spec": {**dataclasses.asdict(RunSpec(images=4, timeout_s=5)), **spec}}
+
+    error, ready, _ = _verdict_to(part, verdict(evil=1))
+    assert type(error) is UsageError and re.match(r"^the coordinator at 127\.0\.0\.1:\d+ sent a run spec that has "
+                                                  r"unknown field\(s\) evil; install the same effai on every device$",
+                                                  str(error)), error
+    error, _, _ = _verdict_to(part, verdict(images="64"))
+    assert type(error) is UsageError and "has images of the wrong type (str, not int)" in str(error)
+    error, _, _ = _verdict_to(part, {**verdict(), "extra": True})
+    assert type(error) is UsageError and "has unknown field(s) extra" in str(error)
+    answers = []
+    for path in (str(digits_npz), "/nonexistent/secret.npz"):
+        error, ready, calls = _verdict_to(part, verdict(data=path))
+        assert calls == [] and ready is not None and not ready["ok"] and ready["usage"]
+        assert type(error) is UsageError and "start it with --data" in str(error)
+        answers.append(re.sub(r":\d+ ", ":PORT ", f"{error} | {ready['error']}").replace(path, "PATH"))
+    assert answers[0] == answers[1]                               # no oracle on the device's files
+    error, ready, calls = _verdict_to(part, verdict(data="/nonexistent/secret.npz"), data=str(digits_npz))
+    assert calls == [str(digits_npz)] and ready["ok"] and ready["data"] == str(digits_npz)
+    assert error is not None and "test over" in str(error)
+
+
+def test_a_device_that_reads_other_images_is_refused(run):
+    """The coordinator compares each device's stream hash with its own: a device started with another --data
+    cannot feed the fusion head features of other images."""
+    from effai.devit import RunSpec, load_run
+
+    decomp = load_run(run["dir"])
+    devices, errors = _devices_in_threads(decomp, data=("random:1", "random:2"))
+    error = _coordinate(decomp, RunSpec(data="random:1", images=4, timeout_s=10), devices)
+    assert type(error) is UsageError and re.match(
+        r"^device rank 2 \(part 1, .*\) reads other images \(its --data random:2\) than the coordinator \(--data "
+        r"random:1\); start every device with --data", str(error)), error
+    assert "reads other images" in str(errors.get(0)) and "aborted by the coordinator" in str(errors.get(0))
+
+
+def test_token_options(run, tmp_path, monkeypatch):
+    """`run` without a token refuses a networked run; --token-file is created (0600, a fresh token) when missing;
+    a token file others can read, or a short token, is refused; serve needs a token too."""
+    import os
+    import stat
+
+    import typer
+
+    from effai import console
+    from effai.cli_devit import run_cmd, serve_cmd
+    from effai.devit import channel
+
+    monkeypatch.delenv(channel.TOKEN_ENV, raising=False)
+    lines: list[dict] = []
+    monkeypatch.setattr(console, "json_line", lines.append)
+    with pytest.raises(typer.Exit) as e:
+        run_cmd(run["dir"], coordinator="127.0.0.1:0", local=False, data="random", images=4, batch_size=1, warmup=0,
+                send_images=False, timeout=1.0, token_file=None, threads=1, out=None, as_json=True)
+    assert e.value.exit_code == 2 and "needs a shared token: pass --token-file FILE" in lines[-1]["error"]
+    with pytest.raises(typer.Exit) as e:
+        serve_cmd(run["dir"], part=0, coordinator="127.0.0.1:1", timeout=1.0, token_file=None, data=None, threads=None,
+                  fail_after=None, as_json=True)
+    assert e.value.exit_code == 2 and "needs the run's token" in lines[-1]["error"]
+    path = tmp_path / "devit.token"
+    token, created = channel.resolve_token(path, create=True)
+    assert created and stat.S_IMODE(os.stat(path).st_mode) == 0o600 and len(token) >= 40
+    assert channel.resolve_token(path, create=True) == (token, False)
+    os.chmod(path, 0o644)
+    with pytest.raises(UsageError, match=r"can be read by other users \(mode 644\); run chmod 600"):
+        channel.resolve_token(path)
+    monkeypatch.setenv(channel.TOKEN_ENV, "short")
+    with pytest.raises(UsageError, match=r"\$EFFAI_DEVIT_TOKEN holds no usable token"):
+        channel.resolve_token(None)

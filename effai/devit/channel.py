@@ -344,7 +344,7 @@ class Rendezvous:
     def _handshake(self, conn: socket.socket, peer: Any) -> _Session | None:
         try:
             hello = _read(conn, _HELLO.size)
-        except socket.timeout:
+        except (OSError, ChannelClosed):   # a timeout, a reset, or it hung up
             self._refuse(peer, "it did not speak the effai devit protocol")
             return None
         magic, theirs, nonce_c = _HELLO.unpack(hello)
