@@ -7,13 +7,13 @@ with the file named, before any runner copies it to a device.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from effai.errors import UsageError
-from effai.files import sha256
+from effai.export import manifest as manifest_io   # torch-free, like this module
+from effai.files import MAX_JSON_BYTES, loads_json, read_json
 
 MANIFEST = "manifest.json"
 TARGETS = ("executorch", "tflite", "onnx", "coreml")
@@ -46,17 +46,9 @@ def model_bytes(manifest: dict[str, Any]) -> int:
 
 
 def file_problems(root: Path, manifest: dict[str, Any]) -> list[str]:
-    """Files the manifest lists that are missing or whose size or sha256 changed; empty when all match."""
-    problems = []
-    for f in manifest.get("files", []):
-        p = root / str(f.get("path", ""))
-        if not p.is_file():
-            problems.append(f"{f.get('path')} is missing")
-        elif p.stat().st_size != f.get("bytes"):
-            problems.append(f"{f.get('path')} is {p.stat().st_size} bytes, the manifest says {f.get('bytes')}")
-        elif sha256(p) != f.get("sha256"):
-            problems.append(f"{f.get('path')} has a different sha256 than the manifest")
-    return problems
+    """Listed files outside the directory, missing, or with a changed size or sha256, and files the directory
+    holds that the manifest does not list; empty when all match (effai.export.manifest.check_files)."""
+    return manifest_io.check_files(root, manifest)
 
 
 def load(path: Path | str, check_hashes: bool = True) -> Artifact:
@@ -70,20 +62,20 @@ def load(path: Path | str, check_hashes: bool = True) -> Artifact:
     if not mpath.is_file():
         raise UsageError(f"{root} has no {MANIFEST}, so it is not an effai artifact; export one with: effai export "
                          "MODEL --target T --out DIR")
-    raw = mpath.read_bytes()
     try:
-        manifest = json.loads(raw)
-    except ValueError as e:
-        raise UsageError(f"{mpath} is not valid JSON ({e}); re-export the artifact") from None
+        raw = mpath.read_bytes() if mpath.stat().st_size <= MAX_JSON_BYTES else b""
+    except OSError as e:
+        raise UsageError(f"cannot read {mpath}: {e.strerror or e}") from None
+    manifest = loads_json(raw, str(mpath)) if raw else read_json(mpath)   # read_json names the size limit
     if not isinstance(manifest, dict):
         raise UsageError(f"{mpath} is not a JSON object; re-export the artifact")
     missing = [k for k in ("target", "model_file", "inputs") if k not in manifest]
     if missing:
         raise UsageError(f"{mpath} lacks {', '.join(missing)}; re-export the artifact")
     if manifest["target"] not in TARGETS:
-        raise UsageError(f"{mpath}: unknown target '{manifest['target']}' (bench runs {', '.join(TARGETS)}); "
-                         "re-export the artifact")
-    model_file = root / str(manifest["model_file"])
+        raise UsageError(f"{mpath}: unknown target '{str(manifest['target'])[:40]}' (bench runs "
+                         f"{', '.join(TARGETS)}); re-export the artifact")
+    model_file = manifest_io.model_file(root, manifest)   # inside the directory and hashed, or refused
     if not model_file.exists():
         raise UsageError(f"{root}: the model file {manifest['model_file']} named by the manifest is missing; "
                          "re-export the artifact")

@@ -122,13 +122,14 @@ def run_bench(artifact_dirs: Sequence[Path | str], device_spec: str, cfg: BenchC
     Artifacts are all loaded and hash-checked first (UsageError before any device time is spent). `on_record` is
     called after each record is safely in the report; `on_start(artifact, threads)` before each measurement."""
     from effai.device_bench import meters, thermal
-    from effai.device_bench.report import ReportWriter
+    from effai.device_bench.report import ReportWriter, check_writable
     from effai.device_bench.runners import RunnerError, open_runner
 
     check_config(cfg)
     if not artifact_dirs:
         raise UsageError("no artifact directories given; pass one or more directories written by effai export")
     arts = [artifact_mod.load(d) for d in artifact_dirs]
+    check_writable(report_path)   # an unwritable --out is refused before any device is touched
     spec = device_spec.strip()
     runner = open_runner(spec, cfg)
     try:

@@ -29,7 +29,7 @@ from typing import Any
 
 from effai.device_bench.base import REPORT_SCHEMA, BenchRecord
 from effai.errors import UsageError
-from effai.files import atomic_write
+from effai.files import MAX_JSON_BYTES, atomic_write
 
 SCHEMA_PREFIX = "effai.bench/"
 STATUSES = ("running", "complete", "interrupted")
@@ -111,9 +111,17 @@ def _read_document(path: Path, other: str = "choose another file") -> dict[str, 
     if path.is_dir():
         raise UsageError(f"{path} is a directory, not an effai bench report; {other}")
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise UsageError(f"{path} is {size:,} bytes, over effai's {MAX_JSON_BYTES:,}-byte limit for a report; "
+                             f"it is not an effai bench report: {other}")
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(f"{path} is not an effai bench report (not valid JSON: {e}); {other}") from None
+    except RecursionError:
+        raise UsageError(f"{path} is nested too deeply to be an effai bench report; {other}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}; {other}") from None
     version = schema_version(doc.get("schema", "")) if isinstance(doc, dict) else -1
     if version < 0 or not isinstance(doc.get("records"), list):
         raise UsageError(f"{path} is not an effai bench report; {other}")
@@ -200,7 +208,33 @@ class ReportWriter:
     def _write_locked(self) -> None:
         self._doc["updated_at"] = _now()
         doc = {**self._doc, "records": self._raw}
-        atomic_write_text(self.path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
+        try:
+            atomic_write_text(self.path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
+        except OSError as e:
+            raise UsageError(f"cannot write the bench report {self.path}: {e.strerror or e}; choose another --out "
+                             "(a writable file)") from None
+
+
+def check_writable(path: Path | str) -> None:
+    """UsageError naming `path` unless a report can be written there: called before any device is touched or any
+    timing starts. Probes with a temp file beside it (removed at once); a missing parent folder is created, as the
+    writer would."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a directory; give a file path for the JSON report, like {path}/bench.json")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+        if path.exists() and not os.access(path, os.R_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise UsageError(f"cannot write the bench report {path}: {e.strerror or e}; choose another --out "
+                         "(a writable file)") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -6,11 +6,11 @@ Torch-free so device-side code can read and verify artifacts.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from effai.errors import EffaiError, UsageError
-from effai.files import sha256
+from effai.files import read_json, sha256
 
 SCHEMA = "effai.manifest/1"
 MANIFEST = "manifest.json"
@@ -42,37 +42,156 @@ def write(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def read(root: Path) -> dict[str, Any]:
+    """The parsed manifest of an artifact dir; UsageError for a missing, malformed, hostile or foreign one."""
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"artifact directory not found: {root}")
     path = root / MANIFEST
     if not path.is_file():
         raise UsageError(f"{root} is not an effai artifact: it has no {MANIFEST}")
-    try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON ({e}); re-export the artifact") from e
+    m = read_json(path, str(path))
     if not isinstance(m, dict) or m.get("schema") != SCHEMA:
-        raise UsageError(f"{path} has schema {m.get('schema') if isinstance(m, dict) else None!r}; "
-                         f"this effai reads {SCHEMA}")
+        raise UsageError(f"{path} has schema {str(m.get('schema'))[:60] if isinstance(m, dict) else None!r}; "
+                         f"this effai reads {SCHEMA}; re-export the artifact")
     return m
 
 
+def inside(root: Path, rel: object) -> Path | None:
+    """root/rel when `rel` is a relative path that stays inside root (no absolute path, no '..', no symlink
+    leading out); None otherwise. Manifests are untrusted: every path they name goes through here."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
+        return None
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts or rel.startswith("~"):
+        return None
+    p = root / pure
+    try:
+        real_root = root.resolve(strict=True)
+        real = p.resolve()
+    except (OSError, RuntimeError):   # a symlink loop
+        return None
+    if real != real_root and real_root not in real.parents:
+        return None
+    return p
+
+
+def model_file(root: Path, manifest: dict[str, Any]) -> Path:
+    """The model file the manifest names, checked to lie inside root and to be hashed by the manifest (a file, or
+    a .mlpackage directory whose files are all listed). UsageError otherwise."""
+    name = manifest.get("model_file")
+    p = inside(root, name)
+    if p is None:
+        raise UsageError(f"{root / MANIFEST}: model_file {str(name)[:80]!r} is not a path inside the artifact "
+                         "directory (absolute, '..' or a symlink leading out); refusing it: re-export the artifact")
+    listed = {f.get("path") for f in _entries(manifest)}
+    under = [x for x in listed if isinstance(x, str) and x.startswith(f"{name}/")]
+    if name not in listed and not under:
+        raise UsageError(f"{root / MANIFEST}: model_file {name} is not among the files the manifest hashes, so it "
+                         "cannot be checked; refusing it: re-export the artifact")
+    return p
+
+
+def _entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    files = manifest.get("files", [])
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise UsageError("the manifest's files is not a list of {path, bytes, sha256} objects; re-export the artifact")
+    return files
+
+
 def check_files(root: Path, manifest: dict[str, Any]) -> list[str]:
-    """Problems with the files the manifest lists (missing, size or sha256 changed); empty when all match."""
+    """Problems with the files the manifest lists (outside the directory, missing, size or sha256 changed) and
+    with files the directory holds that it does not list; empty when all match."""
+    root = Path(root)
     problems = []
-    for f in manifest.get("files", []):
-        p = root / f["path"]
-        if not p.is_file():
-            problems.append(f"{f['path']}: missing")
-        elif p.stat().st_size != f["bytes"]:
-            problems.append(f"{f['path']}: {p.stat().st_size} bytes, manifest says {f['bytes']}")
-        elif sha256(p) != f["sha256"]:
-            problems.append(f"{f['path']}: sha256 differs from the manifest")
+    listed = set()
+    for f in _entries(manifest):
+        rel = f.get("path")
+        p = inside(root, rel)
+        if p is None:
+            problems.append(f"{str(rel)[:80]}: not a path inside the artifact directory (absolute, '..' or a symlink "
+                            "leading out); refused")
+            continue
+        listed.add(PurePosixPath(rel).as_posix())
+        if p.is_symlink() or not p.is_file():
+            problems.append(f"{rel}: missing" if not p.exists() else f"{rel}: not a regular file")
+        elif p.stat().st_size != f.get("bytes"):
+            problems.append(f"{rel}: {p.stat().st_size} bytes, manifest says {f.get('bytes')}")
+        elif sha256(p) != f.get("sha256"):
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    for extra in unlisted(root, listed):
+        problems.append(f"{extra}: present in the directory but not listed in the manifest")
     return problems
+
+
+def unlisted(root: Path, listed: set[str], exclude: tuple[str, ...] = (MANIFEST, LOG)) -> list[str]:
+    """Files (and symlinks) under root that the manifest does not list, apart from the manifest and the log."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if (p.is_symlink() or not p.is_dir()) and rel not in listed and rel not in exclude:
+            out.append(rel)
+    return out
 
 
 def verify_files(root: Path, manifest: dict[str, Any]) -> None:
     problems = check_files(root, manifest)
     if problems:
         raise EffaiError(f"artifact {root} failed its hash check: {'; '.join(problems[:5])}; re-export it")
+
+
+MAX_NPZ_BYTES = 16 << 30   # arrays effai reads from an .npz (datasets, calibration, parity data): at most 16 GiB
+
+
+def npz_limit() -> int:
+    """Bytes of arrays an .npz may declare: MAX_NPZ_BYTES, or half the memory available now when that is less."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        return min(MAX_NPZ_BYTES, avail // 2)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return MAX_NPZ_BYTES
+
+
+def npz_headers(path: Path, what: str, names: tuple[str, ...] | None = None) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{name: (shape, dtype)} of the arrays in an .npz, read from the member headers without reading any data. An
+    empty, non-zip or damaged file, an object (pickled) array, or arrays declaring more bytes than `npz_limit()`
+    (counting only `names` when given) are a UsageError naming `what`, before numpy allocates anything."""
+    import math
+    import zipfile
+
+    from numpy.lib import format as npf
+
+    limit = npz_limit()
+    out: dict[str, tuple[tuple[int, ...], Any]] = {}
+    try:
+        if Path(path).stat().st_size == 0:
+            raise UsageError(f"{what} is an empty file (0 bytes), not an .npz; write it again with numpy.savez")
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                name = info.filename[:-4]
+                with z.open(info) as f:
+                    version = npf.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = npf.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _, dtype = npf.read_array_header_2_0(f)
+                    else:
+                        shape, _, dtype = npf._read_array_header(f, version)  # (3, 0): no public reader
+                if dtype.hasobject:
+                    raise UsageError(f"{what}: array '{name}' holds Python objects (it would need unpickling); "
+                                     "refusing it: save plain numeric arrays")
+                out[name] = (tuple(int(d) for d in shape), dtype)
+    except UsageError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise UsageError(f"{what} is not a readable .npz ({type(e).__name__}: {str(e)[:160]}); write it again "
+                         "with numpy.savez") from None
+    total = sum(math.prod(s) * d.itemsize for n, (s, d) in out.items() if names is None or n in names)
+    if total > limit:
+        shapes = ", ".join(f"{n} {s} {d}" for n, (s, d) in out.items() if names is None or n in names)
+        raise UsageError(f"{what} declares {total / 2**30:,.1f} GiB of arrays ({shapes[:200]}), over effai's limit "
+                         f"of {limit / 2**30:,.1f} GiB (the smaller of {MAX_NPZ_BYTES >> 30} GiB and half the free "
+                         "memory); the file is damaged, or split it into smaller sets")
+    return out

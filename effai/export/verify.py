@@ -13,17 +13,27 @@ import numpy as np
 
 from effai.errors import UsageError
 from effai.export import manifest as manifest_io
-from effai.export.parity import check_artifact
+from effai.export.parity import TOLERANCES, check_artifact
 from effai.export.samples import gaussian, normalize
 from effai.export.targets import TARGETS, Lowered, TensorSpec
 
 
+MAX_PARITY_SAMPLES = 4096     # export stores tens; a manifest asking for more is hand-edited
+
+
 def verify(root: Path) -> dict[str, Any]:
+    """Hash check (every listed file inside the directory, nothing unlisted, the model file among them), then
+    parity. The manifest is untrusted: a malformed field is a UsageError naming it."""
     root = Path(root)
     m = manifest_io.read(root)
     problems = manifest_io.check_files(root, m)
-    report: dict[str, Any] = {"artifact": str(root), "target": m["target"], "files": len(m.get("files", [])),
-                              "hashes": "fail" if problems else "pass", "hash_problems": problems}
+    try:
+        manifest_io.model_file(root, m)
+    except UsageError as e:
+        problems.insert(0, str(e).split(": ", 1)[-1])
+    report: dict[str, Any] = {"artifact": str(root), "target": str(m.get("target"))[:40],
+                              "files": len(m.get("files", [])), "hashes": "fail" if problems else "pass",
+                              "hash_problems": problems}
     if problems:
         report["parity"] = {"status": "not-run", "reason": "hash check failed; the files are not the exported ones"}
         return report
@@ -31,32 +41,61 @@ def verify(root: Path) -> dict[str, Any]:
     return report
 
 
+def _malformed(root: Path, e: Exception) -> UsageError:
+    return UsageError(f"{root / manifest_io.MANIFEST} has a missing or malformed field ({type(e).__name__}: "
+                      f"{str(e)[:120]}); re-export the artifact")
+
+
 def parity_samples(root: Path, m: dict[str, Any]) -> tuple[np.ndarray, list[np.ndarray]]:
     """The exact inputs and torch reference outputs of the export-time parity check."""
-    p = m["parity"]
     try:
-        with np.load(root / p["data"], allow_pickle=False) as data:
+        return _parity_samples(root, m)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise _malformed(root, e) from None
+
+
+def _parity_samples(root: Path, m: dict[str, Any]) -> tuple[np.ndarray, list[np.ndarray]]:
+    p = m["parity"]
+    data_path = manifest_io.inside(root, p["data"])
+    if data_path is None:
+        raise UsageError(f"{root}: the manifest's parity data {str(p['data'])[:80]!r} is not a file inside the "
+                         "artifact; re-export the artifact")
+    pre = m["preprocessing"]
+    c, (h, w) = int(pre["channels"]), (int(pre["input_size"][0]), int(pre["input_size"][1]))
+    n = int(p["samples"])
+    if not 0 <= n <= MAX_PARITY_SAMPLES or not 0 < c * h * w <= 3 * 4096 * 4096:
+        raise UsageError(f"{root}: the manifest asks for {n} parity samples of {c}x{h}x{w} (at most "
+                         f"{MAX_PARITY_SAMPLES} of up to 3x4096x4096); it was edited: re-export the artifact")
+    manifest_io.npz_headers(data_path, f"{root}: the parity data {p['data']}")
+    try:
+        with np.load(data_path, allow_pickle=False) as data:
             photos = data["photos_u8"]
             refs = [data[k] for k in sorted((k for k in data.files if k.startswith("reference_")),
                                             key=lambda k: int(k[10:]))]
     except Exception as e:  # OSError, ValueError, KeyError, BadZipFile: all mean the same to the user
         raise UsageError(f"{root}: cannot read the parity data ({type(e).__name__}: {e}); re-export the artifact") from e
-    pre = m["preprocessing"]
-    c, (h, w) = pre["channels"], pre["input_size"]
     parts = [normalize(photos, pre["mean"], pre["std"], c)] if photos.shape[0] else []
-    parts.append(gaussian(p["samples"] - photos.shape[0], (c, h, w), p["noise_seed"]))
+    parts.append(gaussian(max(0, n - photos.shape[0]), (c, h, w), p["noise_seed"]))
     return np.concatenate(parts), refs
 
 
 def rerun_parity(root: Path, m: dict[str, Any]) -> dict[str, Any]:
-    target = TARGETS.get(m["target"])
+    target = TARGETS.get(str(m.get("target")))
     ok, why = target.available()
     if not ok:
         return {"status": "not-run", "reason": f"{m['target']} runtime not available here: {why}"}
-    lowered = Lowered(model_file=m["model_file"],
-                      inputs=[TensorSpec(i["name"], tuple(i["shape"]), i["dtype"], i["layout"]) for i in m["inputs"]],
-                      outputs=[TensorSpec(o["name"], tuple(o["shape"]), o["dtype"], o["layout"]) for o in m["outputs"]],
-                      details=m.get("target_details", {}))
-    expected = {"input_shapes": [i["shape"] for i in m["inputs"]],
-                "output_shapes": [o["shape"] for o in m["outputs"]], "precision": m["precision"]}
-    return check_artifact(target, root, lowered, expected, m["parity"]["batch"], lambda: parity_samples(root, m))
+    try:
+        lowered = Lowered(model_file=str(m["model_file"]),
+                          inputs=[TensorSpec(str(i["name"]), tuple(int(d) for d in i["shape"]), str(i["dtype"]),
+                                             str(i["layout"])) for i in m["inputs"]],
+                          outputs=[TensorSpec(str(o["name"]), tuple(int(d) for d in o["shape"]), str(o["dtype"]),
+                                              str(o["layout"])) for o in m["outputs"]],
+                          details=dict(m.get("target_details", {})))
+        expected = {"input_shapes": [list(i.shape) for i in lowered.inputs],
+                    "output_shapes": [list(o.shape) for o in lowered.outputs], "precision": str(m["precision"])}
+        batch = int(m["parity"]["batch"])
+        if batch < 1 or expected["precision"] not in TOLERANCES:
+            raise ValueError(f"parity batch {batch} / precision {expected['precision'][:20]}")
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise _malformed(root, e) from None
+    return check_artifact(target, root, lowered, expected, batch, lambda: parity_samples(root, m))

@@ -10,6 +10,7 @@ Splits are stratified and seeded, so the held-out set is the same for training, 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,12 +113,59 @@ def _fit(x: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8).contiguous()
 
 
-def _image_folder(root: Path, size: int, channels: int) -> ImageData:
+MAX_CLASSES = 65536
+MAX_IMAGE_PIXELS = 89_478_485   # PIL's own decompression-bomb bound (a 9459 x 9459 image): larger is refused
+
+
+def regular_images(files: list[Path], what: str) -> list[Path]:
+    """The image files among `files` that are regular files (or links to one); FIFOs, devices, sockets and broken
+    links are skipped (opening a FIFO blocks forever), with one warning saying how many."""
+    import stat
+    import warnings
+
+    keep, skipped = [], []
+    for f in files:
+        if f.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            regular = stat.S_ISREG(os.stat(f).st_mode)
+        except OSError:
+            regular = False
+        (keep if regular else skipped).append(f)
+    if skipped:
+        warnings.warn(f"{what}: skipped {len(skipped)} image name(s) that are not regular files (FIFOs, devices, "
+                      f"broken links), e.g. {skipped[0]}", stacklevel=2)
+    return keep
+
+
+def read_image(f: Path, mode: str, what: str) -> np.ndarray:
+    """Decode one image to a uint8 array in PIL `mode`, refusing images whose header declares more than
+    MAX_IMAGE_PIXELS pixels before any pixel is decoded. UsageError naming the file otherwise."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(f) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{w}x{h} = {w * h} pixels")
+                return np.asarray(im.convert(mode))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        detail = str(e).split(", could be")[0]   # PIL's own refusal at open: "Image size (N pixels) exceeds ..."
+        raise UsageError(f"{what}: image {f} declares more pixels than effai decodes ({detail}); the limit is "
+                         f"{MAX_IMAGE_PIXELS:,} pixels per image (PIL's decompression-bomb bound): downscale it or "
+                         "remove it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's decoders raise these
+        raise UsageError(f"{what}: cannot read image {f} ({e}); remove or fix it") from None
+
+
+def _image_folder(root: Path, size: int, channels: int) -> ImageData:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
-             if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [(f, i) for i, c in enumerate(classes)
+             for f in regular_images(sorted((root / c).rglob("*")), f"--data {root}")]
     if not files:
         raise UsageError(f"--data {root}: no images found; expected {root}/<class name>/<image>.png|jpg")
     if len(classes) < 2:
@@ -125,11 +173,7 @@ def _image_folder(root: Path, size: int, channels: int) -> ImageData:
     xs, ys = [], []
     mode = "L" if channels == 1 else "RGB"
     for f, label in files:
-        try:
-            with Image.open(f) as im:
-                arr = np.asarray(im.convert(mode))
-        except (UnidentifiedImageError, OSError) as e:
-            raise UsageError(f"--data: cannot read image {f} ({e}); remove or fix it") from e
+        arr = read_image(f, mode, "--data")
         t = torch.from_numpy(arr.copy())
         t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
         xs.append(_fit(t[None], size, channels)[0])
@@ -137,24 +181,47 @@ def _image_folder(root: Path, size: int, channels: int) -> ImageData:
     return ImageData(torch.stack(xs), torch.tensor(ys), classes, str(root))
 
 
-def _npz(path: Path, size: int, channels: int) -> ImageData:
+def read_npz(path: Path, names: tuple[str, ...], what: str, optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Arrays `names` (and `optional` ones when present) of an .npz, their declared sizes checked from the member
+    headers before numpy reads them (effai.export.manifest.npz_headers: a bounded, clear UsageError otherwise)."""
+    from effai.export.manifest import npz_headers
+
+    headers = npz_headers(path, what, names + optional)
+    missing = [n for n in names if n not in headers]
+    if missing:
+        raise UsageError(f"{what}: it has no array {', '.join(repr(n) for n in missing)} (it holds "
+                         f"{', '.join(headers) or 'no arrays'})")
     try:
         with np.load(path, allow_pickle=False) as z:
-            x, y = z["x"], z["y"]
-            classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
-    except (KeyError, ValueError, OSError) as e:
-        raise UsageError(f"--data {path}: expected an .npz with arrays 'x' (N,H,W,C uint8) and 'y' (N,): {e}") from e
-    if x.ndim != 4 or x.shape[0] != y.shape[0]:
-        raise UsageError(f"--data {path}: x has shape {x.shape} and y {y.shape}; need x N,H,W,C and y N")
+            return {n: np.asarray(z[n]) for n in names + optional if n in headers}
+    except (KeyError, ValueError, OSError, EOFError) as e:
+        raise UsageError(f"{what}: cannot read it ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+def _npz(path: Path, size: int, channels: int) -> ImageData:
+    what = f"--data {path}"
+    arrays = read_npz(path, ("x", "y"), what, optional=("classes",))
+    x, y = arrays["x"], arrays["y"]
+    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
+    if x.ndim != 4 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise UsageError(f"--data {path}: x has shape {x.shape} and y {y.shape}; need x N,H,W,C and y N (N >= 1)")
+    floating = np.issubdtype(x.dtype, np.floating)
+    if not (floating or np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_) \
+            or not np.issubdtype(y.dtype, np.integer):
+        raise UsageError(f"--data {path}: x is {x.dtype} and y {y.dtype}; need uint8 (or float) images and integer "
+                         "labels")
+    if floating:  # floats in [0, 1] or [0, 255]
+        x = x.astype(np.float32)
+        x = (x * 255 if float(np.nanmax(x)) <= 1.0 else x).round().clip(0, 255)
+    x = x if x.dtype == np.uint8 else np.nan_to_num(x).clip(0, 255).astype(np.uint8)
     t = torch.from_numpy(np.ascontiguousarray(x))
     if t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3):
         t = t.permute(0, 3, 1, 2)
-    if t.is_floating_point():  # floats in [0, 1] or [0, 255]
-        t = (t * 255 if float(t.max()) <= 1.0 else t).round().clamp(0, 255)
-    elif t.dtype != torch.uint8:
-        t = t.clamp(0, 255)
     labels = torch.from_numpy(y.astype(np.int64))
     n_classes = int(labels.max()) + 1
+    if n_classes > MAX_CLASSES:
+        raise UsageError(f"--data {path}: labels go up to {n_classes - 1}, over effai's limit of {MAX_CLASSES} "
+                         "classes; labels must be 0..K-1")
     classes = classes or [str(i) for i in range(n_classes)]
     if int(labels.min()) < 0 or n_classes > len(classes):
         raise UsageError(f"--data {path}: labels must lie in 0..{len(classes) - 1}, found {int(labels.min())}.."

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from effai.zoo.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard
 from effai.zoo.cards import CARDS
 from effai.zoo.labels import label_set
 from effai.zoo.user_module import load_model_def
-from effai.files import sha256 as sha256_file
+from effai.files import loads_json, sha256 as sha256_file
 from effai.zoo.weights import RANDOM_INIT, WeightsInfo, load_into, read_state_dict
 
 __all__ = ["CARDS", "LoadedModel", "ModelCard", "build", "create", "resolve_card", "labels"]
@@ -82,6 +81,7 @@ def create(name: str | None = None, *, weights: str | Path | None = None, pretra
         if card is None:
             raise UsageError(f"{weights} carries no effai model card; name the model it was trained as "
                              "(effai export MODEL --weights PATH)")
+        check_card_fits(card, Path(weights))
         loaded = LoadedModel(build(card), card, RANDOM_INIT)
         _load_weights(loaded, Path(weights))
         loaded.model.eval()
@@ -104,6 +104,7 @@ def create(name: str | None = None, *, weights: str | Path | None = None, pretra
             if saved is not None and saved.source == card.source:
                 card = card.with_(input_size=saved.input_size, mean=saved.mean, std=saved.std,
                                   num_classes=saved.num_classes, label_set=None, extra={**card.extra, **saved.extra})
+                check_card_fits(card, Path(weights))
             loaded = LoadedModel(build(card), card, RANDOM_INIT)
     if weights is not None:
         _load_weights(loaded, Path(weights))
@@ -174,34 +175,124 @@ def _plausible(key: str, v: object, depth: int = 0) -> None:
                          "strings, small lists); the file is damaged or not from effai: re-save it")
 
 
+MAX_INPUT_ELEMENTS = 3 * 4096 * 4096   # C*H*W of one input: a 4096 x 4096 RGB image (the fusion head's C x 1 x 1 fits)
+
+
 def card_from_checkpoint(path: Path) -> ModelCard | None:
-    """The model card effai train wrote into a safetensors file's metadata, if any."""
+    """The model card effai train wrote into a safetensors file's metadata, if any. The metadata is untrusted:
+    every value is type- and range-checked here, and `check_card_fits` compares the architecture it describes with
+    the file's tensors before anything is built."""
     meta = _safetensors_metadata(path) if path.is_file() else {}
     if "effai.card" not in meta:
         return None
     try:
-        c = json.loads(meta["effai.card"])
-        labels = json.loads(meta["labels"]) if "labels" in meta else None
-        arch = {k: v for k, v in c.get("arch_kwargs", {}).items() if k in SAFE_ARCH_KWARGS}   # metadata is untrusted
+        c = loads_json(meta["effai.card"], f"the effai.card metadata of {path}")
+        if not isinstance(c, dict):
+            raise TypeError("effai.card is not a JSON object")
+        labels = loads_json(meta["labels"], f"the labels metadata of {path}") if "labels" in meta else None
+        if labels is not None and (not isinstance(labels, list) or len(labels) > MAX_WIDTH
+                                   or not all(isinstance(x, str) and len(x) <= 200 for x in labels)):
+            raise TypeError("labels is not a list of class names")
+        arch = c.get("arch_kwargs", {})
+        if not isinstance(arch, dict):
+            raise TypeError("arch_kwargs is not a JSON object")
+        arch = {k: v for k, v in arch.items() if k in SAFE_ARCH_KWARGS}   # metadata is untrusted
         for k, v in {**arch, "input_size": list(c["input_size"]), "num_classes": c["num_classes"]}.items():
             _plausible(k, v)
+        size = _input_size(c["input_size"], path)
+        mean, std = _stats(c["mean"], "mean"), _stats(c["std"], "std")
+        num_classes = c["num_classes"]
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise TypeError(f"num_classes {str(num_classes)[:40]} is not a positive integer")
+        for k in ("name", "source", "family", "interpolation"):
+            if not isinstance(c.get(k, ""), str) or len(c.get(k, "")) > 200:
+                raise TypeError(f"{k} is not a short string")
         extra: dict = {"arch_kwargs": arch, **({"labels": labels} if labels else {})}
         if "effai.train" in meta:  # evaluate on the training run's own held-out split
-            tcfg = json.loads(meta["effai.train"]).get("config", {})
-            if tcfg.get("data"):
+            record = loads_json(meta["effai.train"], f"the effai.train metadata of {path}")
+            tcfg = record.get("config", {}) if isinstance(record, dict) else {}
+            tcfg = tcfg if isinstance(tcfg, dict) else {}
+            if isinstance(tcfg.get("data"), str) and tcfg["data"]:
                 seed = tcfg.get("split_seed")
                 extra["split"] = {"data": tcfg["data"], "seed": tcfg.get("seed", 0) if seed is None else seed,
                                   "val_fraction": tcfg.get("val_fraction", 0.2)}
                 if tcfg["data"] == "digits":   # a bundled set; a path named by metadata is not followed
                     extra["eval_data"] = tcfg["data"]
-            extra["train_record"] = json.loads(meta["effai.train"])
+            extra["train_record"] = record
         return ModelCard(name=c["name"], family=c.get("family", "trained"), source=c["source"],
-                         input_size=tuple(c["input_size"]), mean=tuple(c["mean"]), std=tuple(c["std"]),
+                         input_size=size, mean=mean, std=std,
                          interpolation=c.get("interpolation", "bilinear"), crop_pct=float(c.get("crop_pct", 1.0)),
-                         num_classes=int(c["num_classes"]), label_set=None,
+                         num_classes=num_classes, label_set=None,
                          description=f"trained by effai ({path.name})", extra=extra)
-    except (KeyError, ValueError, TypeError) as e:
-        raise UsageError(f"{path} has a malformed effai.card in its metadata ({e}); re-save it") from e
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise UsageError(f"{path} has a malformed effai.card in its metadata ({e}); re-save it") from None
+
+
+def _input_size(v: object, path: Path) -> tuple[int, int, int]:
+    ok = (isinstance(v, list) and len(v) == 3 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                                                      for d in v))
+    if not ok:
+        raise TypeError(f"input_size {str(v)[:60]} is not [C, H, W] of positive integers")
+    c, h, w = v  # type: ignore[misc]
+    if c * h * w > MAX_INPUT_ELEMENTS:
+        raise UsageError(f"{path}: its card declares inputs of {c}x{h}x{w} = {c * h * w:,} values, over effai's limit "
+                         f"of {MAX_INPUT_ELEMENTS:,} (a 4096x4096 RGB image); the file is damaged or not from effai")
+    return (c, h, w)
+
+
+def _stats(v: object, what: str) -> tuple[float, ...]:
+    import math
+
+    if not isinstance(v, list) or not 1 <= len(v) <= 4096 or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
+        raise TypeError(f"{what} is not a short list of numbers")
+    if what == "std" and any(x <= 0 for x in v):
+        raise TypeError("std has values <= 0")
+    return tuple(float(x) for x in v)
+
+
+def check_card_fits(card: ModelCard, path: Path) -> None:
+    """Before any memory is allocated for a card read from an untrusted file: build its architecture on the meta
+    device (shapes only) and require the same number of values as the tensors the file's header declares, so a
+    crafted card cannot make effai allocate more than the file holds."""
+    import math
+
+    import torch
+
+    declared = _safetensors_shapes(path)
+    if declared is None:
+        return
+    try:
+        with torch.device("meta"):
+            model = build(card)
+    except EffaiError:
+        raise
+    except Exception as e:  # noqa: BLE001 - untrusted options the architecture rejects
+        raise UsageError(f"{path}: its card ({card.source}) cannot be built: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''}; the file is damaged or not from effai: "
+                         "re-save it") from None
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    n_model = sum(math.prod(s) for s in own.values())
+    n_file = sum(math.prod(s) for s in declared.values())
+    if n_model != n_file:
+        differ = [f"{k} {declared[k]} vs {own[k]}" for k in own if k in declared and declared[k] != own[k]][:3]
+        raise UsageError(f"{path}: its card describes {card.source} with {n_model:,} values but the file holds "
+                         f"{n_file:,}{' (' + '; '.join(differ) + ')' if differ else ''}; the card does not match the "
+                         "weights: the file is damaged or not from effai, re-save it")
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """{name: shape} from a safetensors header (no tensor is read); None for other files."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for damaged headers
+        raise UsageError(f"{path} is not a readable safetensors file (corrupt or truncated?): "
+                         f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
 
 
 def _load_weights(loaded: LoadedModel, path: Path) -> None:
@@ -225,7 +316,7 @@ def _load_weights(loaded: LoadedModel, path: Path) -> None:
             loaded.model = build(card)
             loaded.notes.append(f"checkpoint has {n} classes; built {card.name} with a {n}-way head")
     if "labels" in meta:
-        card = card.with_(extra={**card.extra, "labels": json.loads(meta["labels"])})
+        card = card.with_(extra={**card.extra, "labels": loads_json(meta["labels"], f"the labels metadata of {path}")})
     load_into(loaded.model, sd, card.name, path)
     loaded.card = card
     loaded.weights = WeightsInfo(source=str(path), sha256=sha256_file(path), bytes=path.stat().st_size)

@@ -42,18 +42,69 @@ def load_model_def(spec: str) -> tuple[nn.Module, ModelCard]:
     try:
         model = factory()
     except TypeError as e:
-        raise UsageError(f"--model-def {obj_name}() must be callable with no arguments: {e}") from e
+        raise UsageError(f"--model-def {path}:{obj_name}() must be callable with no arguments: {e}") from e
+    except Exception as e:  # the user's own code failed: their bug, reported as such, never an internal error
+        raise UsageError(f"--model-def {path}:{obj_name}() raised {type(e).__name__}: {_one_line(e)}; fix the "
+                         "factory so that it builds the model with no arguments") from e
     if not isinstance(model, nn.Module):
         raise UsageError(f"--model-def {obj_name}() returned {type(model).__name__}, not a torch.nn.Module")
-    shape = tuple(getattr(module, "INPUT_SHAPE", (3, 224, 224)))
-    labels = getattr(module, "LABELS", None)
+    shape = _input_shape(getattr(module, "INPUT_SHAPE", (3, 224, 224)), path)
+    labels = _labels(getattr(module, "LABELS", None), path)
+    mean, std = (_floats(getattr(module, k, None), k, shape[0], path) for k in ("MEAN", "STD"))
     card = ModelCard(
         name=obj_name if inspect.isclass(factory) else obj_name, family="user", source=f"module:{path}:{obj_name}",
         input_size=shape,  # type: ignore[arg-type]
-        mean=tuple(getattr(module, "MEAN", IMAGENET_MEAN if shape[0] == 3 else (0.5,) * shape[0])),
-        std=tuple(getattr(module, "STD", IMAGENET_STD if shape[0] == 3 else (0.5,) * shape[0])),
+        mean=mean or (IMAGENET_MEAN if shape[0] == 3 else (0.5,) * shape[0]),
+        std=std or (IMAGENET_STD if shape[0] == 3 else (0.5,) * shape[0]),
         num_classes=len(labels) if labels else 0, label_set=None,
         description=f"user module {path.name}:{obj_name}",
         extra={"labels": list(labels)} if labels else {},
     )
     return model, card
+
+
+MAX_SIDE = 4096        # INPUT_SHAPE bounds: a larger input is a typo, not a vision model effai can export
+MAX_CHANNELS = 64
+
+
+def _input_shape(value: object, path: Path) -> tuple[int, int, int]:
+    """INPUT_SHAPE as (C, H, W); a leading batch of 1 is accepted. UsageError naming the file otherwise."""
+    shape = tuple(value) if isinstance(value, (tuple, list)) else None
+    if shape is not None and len(shape) == 4 and shape[0] == 1:
+        shape = shape[1:]
+    ok = (shape is not None and len(shape) == 3 and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+          and 1 <= shape[0] <= MAX_CHANNELS and all(1 <= d <= MAX_SIDE for d in shape[1:]))
+    if not ok:
+        raise UsageError(f"--model-def {path}: INPUT_SHAPE = {str(value)[:60]!s} is not valid; write it as "
+                         f"(C, H, W) or (1, C, H, W) with C 1..{MAX_CHANNELS} and H, W 1..{MAX_SIDE}, e.g. "
+                         "INPUT_SHAPE = (3, 224, 224) or (1, 3, 224, 224)")
+    return shape  # type: ignore[return-value]
+
+
+def _floats(value: object, name: str, channels: int, path: Path) -> tuple[float, ...] | None:
+    """MEAN / STD: one number per channel (or one for all channels); None when the file does not set it."""
+    if value is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        vals = ()
+    if len(vals) not in (1, channels) or (name == "STD" and any(v <= 0 for v in vals)):
+        raise UsageError(f"--model-def {path}: {name} = {str(value)[:60]} is not valid; give {channels} numbers, one "
+                         f"per input channel{' (all > 0)' if name == 'STD' else ''}, e.g. {name} = "
+                         f"{IMAGENET_MEAN if name == 'MEAN' else IMAGENET_STD}")
+    return vals
+
+
+def _labels(value: object, path: Path) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"--model-def {path}: LABELS must be a list of class names (strings), e.g. "
+                         "LABELS = ['cat', 'dog']")
+    return list(value)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else "(no message)"

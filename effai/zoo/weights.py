@@ -8,6 +8,7 @@ the missing, unexpected and mis-shaped keys.
 from __future__ import annotations
 
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,16 +47,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise UsageError(f"{path} is not a readable safetensors file (corrupt or truncated?): {_first_line(e)}") from e
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # torch warns about pickle protocols on stderr; the error below says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e) and ("Unsupported global" in str(e) or "GLOBAL" in str(e)):
-            raise UsageError(f"refusing to unpickle {path}: it holds Python objects beyond tensors (code can run on "
-                             "load); re-save it as safetensors or as a plain state_dict") from e
+        if "Weights only load failed" in str(e):
+            raise UsageError(f"refusing to unpickle {path}: it holds more than tensors and plain containers, and "
+                             f"unpickling it could run code ({_refusal_reason(e)}); re-save it as safetensors or as "
+                             "a plain state_dict where it came from") from None
         raise UsageError(f"{path} is not a readable torch checkpoint (corrupt, truncated, or not a checkpoint): "
-                         f"{_first_line(e)}") from e
+                         f"{_first_line(e)}") from None
     except Exception as e:  # torch raises KeyError, RuntimeError, EOFError, ... on garbage: all mean the same
         raise UsageError(f"{path} is not a readable torch checkpoint (corrupt, truncated, or not a checkpoint): "
-                         f"{type(e).__name__}: {_first_line(e)}") from e
+                         f"{type(e).__name__}: {_first_line(e)}") from None
     return _unwrap(obj, path)
 
 
@@ -103,6 +107,16 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], what: str, path: Pa
 
 def _few(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f", ... +{len(items) - n}" if len(items) > n else "")
+
+
+def _refusal_reason(e: BaseException) -> str:
+    """The line of torch's weights-only refusal that names what it met ("unsupported GLOBAL posix.system ...")."""
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
+    for line in str(e).splitlines():
+        line = line.strip().rstrip(".")
+        if line and not line.startswith(boiler) and "weights_only" not in line:
+            return line[:160]
+    return "an object the safe loader does not accept"
 
 
 def _first_line(e: BaseException) -> str:
