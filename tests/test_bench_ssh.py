@@ -38,14 +38,13 @@ def keygen(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory):
-    """A real sshd on 127.0.0.1:<free port> accepting one user key; yields its facts, killed at the end."""
+def start_sshd(d: Path, sftp: bool = True):
+    """A real sshd on 127.0.0.1:<free port> in `d` accepting one user key (with or without an SFTP subsystem);
+    returns (process, log file, facts)."""
     if not SSHD.exists() or shutil.which("ssh-keygen") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("/usr/sbin/sshd is missing in CI: .ci/run must install openssh-server")
         pytest.skip("/usr/sbin/sshd not installed (apt-get install openssh-server); the ssh runner is untested here")
-    d = tmp_path_factory.mktemp("sshd")
     host_key = keygen(d / "host_ed25519")
     user_key = keygen(d / "user_ed25519")
     (d / "authorized_keys").write_text((d / "user_ed25519.pub").read_text())
@@ -55,7 +54,7 @@ def sshd(tmp_path_factory):
         f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}", f"AuthorizedKeysFile {d}/authorized_keys",
         f"PidFile {d}/sshd.pid", "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
         "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
-        "Subsystem sftp internal-sftp", "LogLevel ERROR", ""]))
+        *(["Subsystem sftp internal-sftp"] if sftp else []), "LogLevel ERROR", ""]))
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
     log = open(d / "sshd.log", "w")
@@ -73,13 +72,24 @@ def sshd(tmp_path_factory):
     pub = (d / "host_ed25519.pub").read_text().split()
     known = d / "known_hosts"
     known.write_text(f"[127.0.0.1]:{port} {pub[0]} {pub[1]}\n")
-    yield {"port": port, "key": user_key, "known_hosts": known, "dir": d, "user": getpass.getuser()}
+    return proc, log, {"port": port, "key": user_key, "known_hosts": known, "dir": d, "user": getpass.getuser()}
+
+
+def stop_sshd(proc, log) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real sshd on 127.0.0.1:<free port> accepting one user key; yields its facts, killed at the end."""
+    proc, log, facts = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield facts
+    stop_sshd(proc, log)
 
 
 @pytest.fixture
@@ -205,5 +215,66 @@ def test_connection_lost_mid_run_keeps_partial(board, small_exports, tmp_path, m
         assert part is not None and part.load_ms > 0 and part.extra["complete"] is False
         assert part.extra["board_dir"] in str(e.value)
         shutil.rmtree(part.extra["board_dir"], ignore_errors=True)  # the "board" is this machine: tidy /tmp
+    finally:
+        runner.close()
+
+
+def host_fingerprint(sshd) -> str:
+    out = subprocess.run(["ssh-keygen", "-lf", str(Path(sshd["dir"]) / "host_ed25519.pub")], check=True,
+                         capture_output=True, text=True).stdout
+    return out.split()[1]     # "256 SHA256:... comment (ED25519)"
+
+
+def test_unknown_host_shows_the_fingerprint_ssh_shows(board, sshd, tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFAI_KNOWN_HOSTS", str(tmp_path / "known_hosts"))
+    fp = host_fingerprint(sshd)
+    assert fp.startswith("SHA256:")
+    with pytest.raises(EffaiError, match="--trust-new-host.*ssh-keyscan") as e:
+        open_runner(board, BenchConfig())
+    assert f"ED25519 key {fp}" in str(e.value)
+
+
+def test_changed_host_key_hint_names_port_and_known_hosts_file(board, sshd, tmp_path, monkeypatch):
+    other = keygen(tmp_path / "other_host").with_suffix(".pub").read_text().split()
+    kh = tmp_path / "my known hosts"
+    kh.write_text(f"[127.0.0.1]:{sshd['port']} {other[0]} {other[1]}\n")
+    monkeypatch.setenv("EFFAI_KNOWN_HOSTS", str(kh))
+    with pytest.raises(EffaiError, match="changed") as e:
+        open_runner(board, BenchConfig())
+    msg = str(e.value)
+    assert f"ssh-keygen -R '[127.0.0.1]:{sshd['port']}' -f '{kh}'" in msg, msg
+    assert host_fingerprint(sshd) in msg and "--trust-new-host" in msg
+
+
+def test_remove_key_hint_on_port_22_and_the_default_file(monkeypatch, tmp_path):
+    from effai.device_bench.runners.ssh import remove_key_hint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert remove_key_hint("pi.local", 22, tmp_path / ".ssh" / "known_hosts") == "ssh-keygen -R pi.local"
+    assert remove_key_hint("pi.local", 2222, tmp_path / "kh") == f"ssh-keygen -R '[pi.local]:2222' -f {tmp_path}/kh"
+
+
+@pytest.fixture(scope="module")
+def sshd_no_sftp(tmp_path_factory):
+    """A second sshd like `sshd`, but with no SFTP subsystem (some minimal board images ship it that way)."""
+    proc, log, facts = start_sshd(tmp_path_factory.mktemp("sshd_no_sftp"), sftp=False)
+    yield facts
+    stop_sshd(proc, log)
+
+
+def test_board_without_sftp_names_the_real_cause(sshd_no_sftp, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("EFFAI_KNOWN_HOSTS", str(sshd_no_sftp["known_hosts"]))
+    monkeypatch.setenv("EFFAI_SSH_KEY", str(sshd_no_sftp["key"]))
+    monkeypatch.setenv("EFFAI_REMOTE_PYTHON", sys.executable)
+    spec = f"ssh:{sshd_no_sftp['user']}@127.0.0.1:{sshd_no_sftp['port']}"
+    art = SimpleNamespace(dir=tmp_path)     # the copy fails before any file of it is read
+    cfg = BenchConfig(warmup=1, runs=2)
+    runner = open_runner(spec, cfg)
+    try:
+        with pytest.raises(EffaiError, match="no SFTP subsystem.*Subsystem sftp") as e:
+            runner.run(art, 1, cfg)
+        assert "power and network" not in str(e.value)
     finally:
         runner.close()

@@ -103,6 +103,33 @@ def load_known_hosts(client: Any, path: Path) -> set[str]:
     return revoked
 
 
+def fingerprint(key: Any) -> str:
+    """A host key's fingerprint as ssh prints it: 'SHA256:' + unpadded base64 of the key blob's SHA-256."""
+    import base64
+    import hashlib
+
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+def key_label(key: Any) -> str:
+    """'ED25519 key SHA256:...' (ssh's wording: the key type without its 'ssh-' prefix, upper-cased)."""
+    kind = key.get_name().removeprefix("ssh-").removeprefix("ecdsa-sha2-").split("-")[0].upper()
+    return f"{'ECDSA' if key.get_name().startswith('ecdsa') else kind} key {fingerprint(key)}"
+
+
+def known_hosts_name(host: str, port: int) -> str:
+    """How OpenSSH names a host in known_hosts: HOST on port 22, [HOST]:PORT otherwise."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def remove_key_hint(host: str, port: int, kh: Path) -> str:
+    """The ssh-keygen command that removes a stale key: [HOST]:PORT off port 22, -f FILE for a non-default file."""
+    argv = ["ssh-keygen", "-R", known_hosts_name(host, port)]
+    if kh != (Path.home() / ".ssh" / "known_hosts").expanduser():
+        argv += ["-f", str(kh)]
+    return command(argv)
+
+
 def remote_python() -> list[str]:
     return shlex.split(os.environ.get(PYTHON_ENV) or "python3")
 
@@ -163,10 +190,16 @@ class SshRunner:
         client = paramiko.SSHClient()
         revoked = load_known_hosts(client, kh)
         known_before = self._known(client)
-        if trust_new_host:
-            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        else:
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        seen: dict[str, Any] = {}
+
+        class Reject(paramiko.MissingHostKeyPolicy):
+            """RejectPolicy that keeps the offered key, so the refusal can show its fingerprint."""
+
+            def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+                seen["key"] = key
+                raise paramiko.SSHException(f"Server {hostname!r} not found in known_hosts")
+
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy() if trust_new_host else Reject())
         key = os.environ.get(KEY_ENV)
         kwargs: dict[str, Any] = dict(hostname=self.host, port=self.port, username=self.user, timeout=10,
                                       banner_timeout=15, auth_timeout=15)
@@ -174,19 +207,22 @@ class SshRunner:
             kwargs.update(key_filename=str(Path(key).expanduser()), allow_agent=False, look_for_keys=False)
         try:
             client.connect(**kwargs)
-        except paramiko.BadHostKeyException:
-            raise EffaiError(f"the host key of {self.host}:{self.port} changed since it was stored in {kh}: if the "
-                             f"board was reinstalled, remove the old key (ssh-keygen -R {self.host}) and rerun with "
-                             "--trust-new-host") from None
+        except paramiko.BadHostKeyException as e:
+            raise EffaiError(f"the host key of {self.host}:{self.port} changed since it was stored in {kh} (it now "
+                             f"offers the {key_label(e.key)}): if the board was reinstalled, remove the old key "
+                             f"({remove_key_hint(self.host, self.port, kh)}) and rerun with --trust-new-host"
+                             ) from None
         except paramiko.AuthenticationException as e:
             raise EffaiError(f"ssh authentication to {where} failed ({e}): install your public key on the board "
                              f"(ssh-copy-id -p {self.port} {self.user}@{self.host}) or set {KEY_ENV} to the private "
                              "key it accepts") from None
         except paramiko.SSHException as e:
             if "not found in known_hosts" in str(e) or "known_hosts" in str(e):
-                raise EffaiError(f"{self.host}:{self.port} is not in {kh}: check its fingerprint and rerun with "
-                                 f"--trust-new-host, or add it with: ssh-keyscan -p {self.port} {self.host} >> {kh}"
-                                 ) from None
+                offered = f", and it offers the {key_label(seen['key'])}" if "key" in seen else ""
+                raise EffaiError(f"{self.host}:{self.port} is not in {kh}{offered}: check that this is the board's "
+                                 "fingerprint (on the board: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub) and "
+                                 "rerun with --trust-new-host, or add it with: ssh-keyscan -p "
+                                 f"{self.port} {self.host} >> {kh}") from None
             raise EffaiError(f"ssh to {where} failed: {e}; check that sshd runs there") from None
         except (socket.timeout, TimeoutError):
             raise EffaiError(f"ssh to {where} timed out: check the address and that the board is on the network"
@@ -203,7 +239,7 @@ class SshRunner:
             # Append one line: the user's file (comments, @cert-authority/@revoked markers, key types paramiko does
             # not know) is never rewritten.
             kh.parent.mkdir(parents=True, exist_ok=True)
-            name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+            name = known_hosts_name(self.host, self.port)
             fd = os.open(kh, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with os.fdopen(fd, "a") as f:
                 f.write(f"{name} {server_key.get_name()} {server_key.get_base64()}\n")
@@ -213,12 +249,21 @@ class SshRunner:
         return client
 
     def _known(self, client: Any) -> bool:
-        name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
-        return client.get_host_keys().lookup(name) is not None
+        return client.get_host_keys().lookup(known_hosts_name(self.host, self.port)) is not None
 
     def sftp(self):
+        """The SFTP session (opened once). A board whose sshd has no SFTP subsystem is named as such, not mistaken
+        for a lost connection."""
         if self._sftp is None:
-            self._sftp = self.client.open_sftp()
+            try:
+                self._sftp = self.client.open_sftp()
+            except (EOFError, SSH_ERRORS) as e:
+                if not self.alive():
+                    raise
+                raise RunnerError(f"{self.host}:{self.port} has no SFTP subsystem (opening SFTP failed: {e}), which "
+                                  "effai needs to copy the artifact: enable it in the board's /etc/ssh/sshd_config "
+                                  "(Subsystem sftp /usr/lib/openssh/sftp-server, or internal-sftp; install "
+                                  "openssh-sftp-server if missing), restart sshd and rerun", None) from None
         return self._sftp
 
     def alive(self) -> bool:
