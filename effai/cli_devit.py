@@ -54,9 +54,9 @@ def serve_cmd(
     coordinator: Annotated[str, typer.Option("--coordinator", help="HOST:PORT where effai devit run listens.")],
     timeout: ServeTimeoutOpt = 60.0,
     token_file: TokenOpt = None,
-    data: Annotated[Optional[str], typer.Option(help="This device's images: digits / DIR / X.npz (its copy of the "
-                                                "coordinator's data set) or random[:SEED]; default: the "
-                                                "coordinator's random[:SEED]. Never a path the coordinator names.")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        help="This device's images: digits / DIR / X.npz (its copy of the coordinator's data set) or random[:SEED]; "
+             "default: the coordinator's random[:SEED]. Never a path the coordinator names.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads on this device.")] = None,
     fail_after: Annotated[Optional[int], typer.Option(hidden=True, help="Tests: die after this many batches.")] = None,
     as_json: JsonOpt = False,
@@ -146,7 +146,8 @@ def run_cmd(
                              f"--part i --coordinator {where} --token-file FILE"
                              + ("" if send_images or data.startswith("random") else f" --data {data}") + "[/]")
 
-            result = coordinate(decomp, coordinator, spec, token=token, on_listening=listening)  # type: ignore[arg-type]
+            result = coordinate(decomp, coordinator, spec, token=token,  # type: ignore[arg-type]
+                                on_listening=listening)
         report = {"run": str(run), **result.report}
         if out is not None:
             from effai.files import atomic_write

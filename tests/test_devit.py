@@ -353,7 +353,8 @@ def _fake_device(port: int, part, got: dict, protocol: bool = True, ready: bool 
             return
         spec, card = got["verdict"]["spec"], part.card
         stream = load_stream(spec["data"], tuple(card.input_size), list(card.mean), list(card.std), spec["images"])
-        store.set(f"{KEY}/ready/{rank}", json.dumps({"ok": True, "data": spec["data"], "stream": stream_digest(stream)}))
+        store.set(f"{KEY}/ready/{rank}", json.dumps({"ok": True, "data": spec["data"],
+                                                     "stream": stream_digest(stream)}))
         got["start"] = json.loads(store.get(f"{KEY}/start"))
         store.add(f"{KEY}/start_ack", 1)
         if join and got["start"]["ok"]:
@@ -746,8 +747,8 @@ def test_a_peer_without_the_token_cannot_join_read_or_write(run, monkeypatch):
         r"^the coordinator at 127\.0\.0\.1:\d+ refused this device's token: give every device the token file of "
         r"this run \(--token-file\) or \$EFFAI_DEVIT_TOKEN$", str(errors[0])), errors
     assert type(error) is EffaiError and re.match(
-        r"^device rank 1 \(part 0\), device rank 2 \(part 1\) did not join .*; refused: .*127\.0\.0\.1 \(wrong token\), "
-        r"127\.0\.0\.1 \(wrong token\)", str(error)), error
+        r"^device rank 1 \(part 0\), device rank 2 \(part 1\) did not join .*; refused: .*127\.0\.0\.1 "
+        r"\(wrong token\), 127\.0\.0\.1 \(wrong token\)", str(error)), error
     assert "127.0.0.1 (it did not speak the effai devit protocol)" in str(error)
 
 
@@ -840,9 +841,9 @@ def test_a_part_with_other_weights_is_refused_by_its_hash(run, tmp_path):
     decomp = load_run(run["dir"])
     devices, errors = _devices_in_threads(decomp, parts=[load_part(fake), decomp.parts[1]])
     error = _coordinate(decomp, RunSpec(images=4, timeout_s=10), devices)
-    want = (r"device rank 1 \(part 0, .*\) serves \S+/part_0/model.safetensors, whose weights are not part 0 of this "
-            r"run \(sha256 [0-9a-f]{12}…, the run's [0-9a-f]{12}…\); copy the run's part_0/model.safetensors to that "
-            r"device")
+    want = (r"device rank 1 \(part 0, .*\) serves \S+/part_0/model.safetensors, whose weights are not part 0 of "
+            r"this run \(sha256 [0-9a-f]{12}…, the run's [0-9a-f]{12}…\); copy the run's part_0/model.safetensors to "
+            r"that device")
     assert type(error) is UsageError and re.match("^" + want + "$", str(error)), error
     assert isinstance(errors.get(0), UsageError) and re.search(want, str(errors[0]))
     copy = tmp_path / "run"

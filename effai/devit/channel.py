@@ -41,7 +41,7 @@ _REPLY = struct.Struct("!11sHB32s")          # magic, protocol, status, server n
 OK, WRONG_TOKEN, WRONG_PROTOCOL = 0, 1, 2
 
 
-# --- the token ---------------------------------------------------------------------------------------------------------
+# --- the token -------------------------------------------------------------------------------------------------------
 def new_token() -> str:
     return secrets.token_urlsafe(32)
 
@@ -95,7 +95,7 @@ def _mac(token: bytes, label: bytes, data: bytes) -> bytes:
     return hmac.new(token, label + b"\0" + data, hashlib.sha256).digest()
 
 
-# --- framing -----------------------------------------------------------------------------------------------------------
+# --- framing ---------------------------------------------------------------------------------------------------------
 class ChannelClosed(Exception):
     """The peer closed the connection, or sent something that is not an authentic frame."""
 
@@ -162,7 +162,7 @@ def _seconds(t: Any) -> float:
     return t.total_seconds() if isinstance(t, timedelta) else float(t)
 
 
-# --- the coordinator's store and server ---------------------------------------------------------------------------------
+# --- the coordinator's store and server ------------------------------------------------------------------------------
 class LocalStore(dist.Store):
     """An in-process store (the coordinator's): what the devices' RemoteStores read and write."""
 
@@ -416,7 +416,7 @@ class Rendezvous:
             return {"ok": False, "error": f"malformed request ({e})"}
 
 
-# --- the device's store -------------------------------------------------------------------------------------------------
+# --- the device's store ----------------------------------------------------------------------------------------------
 def connect(host: str, port: int, token: str, timeout_s: float) -> "RemoteStore":
     """Reach the coordinator (retrying until `timeout_s`, as it may start later) and authenticate both ways.
     OSError: not reachable; UsageError/EffaiError: reached, but the handshake said why not."""

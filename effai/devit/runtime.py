@@ -5,18 +5,13 @@
     rank i + 1   device i: holds part i; computes its CLS feature for batch b and sends it to rank 0
 
 Rendezvous is a small store the coordinator hosts at exactly HOST:PORT (effai/devit/channel.py): only a peer that
-holds the run's token gets in, and every message is encrypted and authenticated. Before any data flows each device publishes what it
-holds (protocol version, part index, split hash, width, classes, the sha256 of its weights file) and the coordinator
-answers go or refuse (another effai devit protocol, parts of another decomposition, the wrong part, a width the
-fusion head does not take, weights that are not this run's). After a go each device loads its inputs (only from its
-own --data, or images the coordinator sends) and reports ready with a hash of its stream, or why it cannot; only when
-all N are ready with the coordinator's images does the coordinator
-say start and the N + 1 processes join the gloo process group, so a device that fails before the group is named with
-its own error at once instead of surfacing as a rendezvous timeout. On an abort every device that did not fail is
-given up to 3 s to read why. Every wait is bounded by the coordinator's `timeout_s` (a device follows the
-coordinator's clock from the go on; its own --timeout bounds only reaching the coordinator and the go): a device
-that never joins, reports ready and then never joins the process group, dies mid-stream or stops answering ends the
-run with an EffaiError naming its rank, part and host, never a hang.
+holds the run's token gets in, and every message is encrypted and authenticated. Each device publishes what it holds
+(protocol, part, split hash, width, classes, its weights' sha256) and the coordinator answers go or refuse. After a
+go each device loads its images (only from its own --data, or sent by the coordinator) and reports ready with their
+hash, or why it cannot; only when all N are ready with the coordinator's images does it say start and the N + 1
+processes join the gloo process group. Every wait is bounded by the coordinator's `timeout_s`: a device that fails,
+never joins, dies mid-stream or stops answering ends the run with an EffaiError naming its rank, part and host, never
+a hang. docs/distill.md (DeViT runtime) has the details.
 
 Measured per run: end-to-end latency per batch at the coordinator, each device's compute and send time, fusion time,
 bytes each device sent, and the coordinator's wait not explained by the slowest device's compute (network +
@@ -293,7 +288,7 @@ def _coordinate(decomp: Decomposition, rv: channel.Rendezvous, address: str, spe
             expected = decomp.part_sha256(r - 1)
             if info["sha256"] != expected:
                 raise UsageError(f"{_describe(r, info)} serves {_clean(info['path'], 300)}, whose weights are not "
-                                 f"part {r - 1} of this run (sha256 {_clean(info['sha256'], 12)}…, the run's "
+                                 f"part {r - 1} of this run (sha256 {_clean(info['sha256'])[:12]}…, the run's "
                                  f"{expected[:12]}…); copy the run's part_{r - 1}/model.safetensors to that device")
         part_card = decomp.parts[0].card
         size, mean, std = tuple(part_card.input_size), list(part_card.mean), list(part_card.std)
@@ -596,6 +591,9 @@ def _serve(part: Part, store: channel.RemoteStore, address: str, timeout_s: floa
             raise UsageError(f"the verdict of the coordinator at {address} has no {name}; install the same effai on "
                              "every device")
     spec = spec_from_peer(verdict["spec"], address)
+    if not 0.0 < verdict["val_fraction"] < 1.0:
+        raise UsageError(f"the verdict of the coordinator at {address} has val_fraction {verdict['val_fraction']}, "
+                         "not between 0 and 1; install the same effai on every device")
     source: str | None = None
     try:   # anything that fails here is reported to the coordinator, which names this device and aborts the run
         if fail_after == 0:

@@ -138,7 +138,8 @@ def train_devit(cfg: DevitConfig, *, force: bool = False, progress: Any = None) 
         path = out / f"part_{i}" / "model.safetensors"
         ckpt.write_model(path, part, card, {**record, "part": i}, devit=info)
         rep.update(path=str(path.relative_to(out)), sha256=sha256(path), params=_params(part), d_sub=d_sub,
-                   runs_on=f"device {i} (rank {i + 1}): effai devit serve {out} --part {i} --coordinator HOST:PORT")
+                   runs_on=f"device {i} (rank {i + 1}): effai devit serve {out} --part {i} --coordinator HOST:PORT "
+                           "--token-file FILE")
     head_card = {"name": "devit_fusion", "family": "devit", "source": "effai:devit_fusion",
                  "input_size": [cfg.parts * d_sub, 1, 1], "mean": [0.0], "std": [1.0], "num_classes": len(full.classes),
                  "interpolation": "bilinear", "crop_pct": 1.0,
@@ -156,7 +157,7 @@ def train_devit(cfg: DevitConfig, *, force: bool = False, progress: Any = None) 
         "parts": part_reports,
         "fusion": {"path": str(head_path.relative_to(out)), "sha256": sha256(head_path),
                    "params": _params(ensemble.head), "d_teacher": d_teacher,
-                   "runs_on": f"coordinator (rank 0): effai devit run {out} --coordinator HOST:PORT"},
+                   "runs_on": f"coordinator (rank 0): effai devit run {out} --coordinator HOST:PORT --token-file FILE"},
         "val_acc": acc, "traffic_bytes_per_image": cfg.parts * d_sub * 4,
         "dataset": dataset, "config": cfg.to_dict(), "ensemble_seconds": round(ensemble_seconds, 1),
         "seconds": round(time.perf_counter() - t_start, 1), "history": history,
