@@ -117,7 +117,7 @@ def test_failed_replace_leaves_previous_report_intact(tmp_path, monkeypatch):
     import os
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(UsageError, match=f"cannot write the bench report {path}: disk full; choose another --out"):
         w.append(make_record(threads=2))
     monkeypatch.undo()
     assert path.read_text() == before
@@ -392,3 +392,12 @@ def test_modules_import_without_torch_matplotlib_or_rich():
             "bad = [m for m in ('torch', 'matplotlib', 'rich') if m in sys.modules]; assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_deeply_nested_report_is_a_usage_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UsageError, match="nested too deeply to be an effai bench report"):
+        report.load(path)
+    with pytest.raises(UsageError, match="nested too deeply"):
+        report.ReportWriter(path, {})
