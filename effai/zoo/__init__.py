@@ -202,8 +202,9 @@ def card_from_checkpoint(path: Path) -> ModelCard | None:
         size = _input_size(c["input_size"], path)
         mean, std = _stats(c["mean"], "mean"), _stats(c["std"], "std")
         num_classes = c["num_classes"]
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise TypeError(f"num_classes {str(num_classes)[:40]} is not a positive integer")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise TypeError(f"num_classes {str(num_classes)[:40]} is not an integer >= 0 (0: a feature extractor, "
+                            "as a DeViT part)")
         for k in ("name", "source", "family", "interpolation"):
             if not isinstance(c.get(k, ""), str) or len(c.get(k, "")) > 200:
                 raise TypeError(f"{k} is not a short string")
