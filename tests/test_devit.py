@@ -975,3 +975,30 @@ def test_token_options(run, tmp_path, monkeypatch):
     monkeypatch.setenv(channel.TOKEN_ENV, "short")
     with pytest.raises(UsageError, match=r"\$EFFAI_DEVIT_TOKEN holds no usable token"):
         channel.resolve_token(None)
+
+
+def test_devit_defaults_are_the_references_and_mixing_is_seeded_and_label_consistent():
+    """Reference defaults (mixup 0.8, cutmix 1.0, relation mode 'reference', fresh sub-teacher heads); a mixed
+    batch's soft targets are a convex mix of smoothed one-hots whose weight is the share of pixels (cutmix) or the
+    blend factor (mixup); the same generator seed gives the same batch."""
+    import torch
+
+    from effai.errors import UsageError
+    from effai.train.devit.config import DevitConfig
+    from effai.train.mixing import mix_batch
+
+    cfg = DevitConfig(teacher="x")
+    assert (cfg.mixup, cfg.cutmix, cfg.relation_mode, cfg.sub_teacher_head) == (0.8, 1.0, "reference", "fresh")
+    with pytest.raises(UsageError, match="relation mode 'nope'"):
+        DevitConfig(teacher="x", relation_mode="nope")
+    x = torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8)])            # image 0 all 0, image 1 all 1
+    y = torch.tensor([0, 1])
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+        a = mix_batch(x, y, 3, mixup=mixup, cutmix=cutmix, smoothing=0.1, g=torch.Generator().manual_seed(3))
+        b = mix_batch(x, y, 3, mixup=mixup, cutmix=cutmix, smoothing=0.1, g=torch.Generator().manual_seed(3))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        xm, t = a
+        assert torch.allclose(t.sum(1), torch.ones(2)) and float(t[:, 2].max()) == pytest.approx(0.1 / 3)
+        share_of_1 = float(xm[0].mean())        # image 0's pixels that now come from image 1 (or its blend weight)
+        on, off = 1 - 0.1 + 0.1 / 3, 0.1 / 3
+        assert float(t[0, 1]) == pytest.approx(off + (on - off) * share_of_1, abs=1e-6)

@@ -1,7 +1,7 @@
 """DeViT's training configuration (`effai train devit ...`; every field also takes `--set key=value`).
 
 Defaults follow the reference (falcon-xu/DeViT): split seed 42, alpha 0.5, gammas (0.2, 0.1, 0.3), AdamW with cosine
-decay and weight decay 0.05 (DeiT's), label smoothing 0.1. Epoch counts and the learning rate are set for small data
+decay and weight decay 0.05 (DeiT's), label smoothing 0.1, mixup 0.8 / cutmix 1.0, fresh sub-teacher heads. Epoch counts and the learning rate are set for small data
 (few steps per epoch): on digits, 10 ensemble epochs at lr 1e-3 reach 95.8% held-out with 2 parts where 4 epochs at
 the reference 5e-4 reach 90.8% (teacher 98.3%). Pruning (stage 2) is off unless prune_neurons or prune_heads > 0.
 """
@@ -46,6 +46,12 @@ class DevitConfig:
     label_smoothing: float = 0.1        # on the CE(z, y) terms (reference base criterion)
     jitter: float = 0.2                 # brightness/contrast augmentation; translation is always on
     hflip: bool | None = None           # None: off for digits (a flipped 2 is not a 2), on otherwise
+    mixup: float = 0.8                  # Beta(a, a) mixup in stages 1 and 3, as the reference (0: off)
+    cutmix: float = 1.0                 # Beta(a, a) cutmix in stages 1 and 3, as the reference (0: off); with both,
+                                        # each batch takes one of them with probability 1/2
+    relation_mode: str = "reference"    # DEKD relation scale: reference (KL summed over rows / batch / student
+                                        # depth) | token_mean (effai's earlier choice: averaged over rows)
+    sub_teacher_head: str = "fresh"     # stage 1 head: fresh (reference) | teacher_rows (the teacher's rows)
 
     def __post_init__(self) -> None:
         if not self.teacher:
@@ -69,6 +75,13 @@ class DevitConfig:
             raise UsageError(f"gammas {self.gammas} must be three weights >= 0 for R_Q, R_K, R_V, like 0.2,0.1,0.3")
         if not 0.0 < self.val_fraction < 1.0:
             raise UsageError(f"val_fraction {self.val_fraction} must lie in (0, 1)")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise UsageError(f"mixup {self.mixup} / cutmix {self.cutmix} must be >= 0 (Beta parameters; 0 turns off)")
+        from effai.train.devit.dekd import check_mode
+
+        check_mode(self.relation_mode)
+        if self.sub_teacher_head not in ("fresh", "teacher_rows"):
+            raise UsageError(f"sub_teacher_head '{self.sub_teacher_head}' is not one of: fresh, teacher_rows")
         if self.input_size is not None and self.input_size < 8:
             raise UsageError(f"--input-size {self.input_size} is too small for a patch grid; use >= 16")
 

@@ -108,10 +108,16 @@ def qkv_relation_terms(qkv_t: Tensor, qkv_s: Tensor, heads_t: int, heads_s: int,
 
 
 def dekd_loss(z_s: Tensor, z_t: Tensor, y: Tensor, relations: Sequence[Tensor], *, alpha: float = 0.5,
-              gammas: Sequence[float] = (0.2, 0.1, 0.3), label_smoothing: float = 0.0
-              ) -> tuple[Tensor, dict[str, float]]:
-    """The DEKD total and its terms (for logging). `relations` = (R_Q, R_K, R_V) from `qkv_relation_terms`."""
-    ce = F.cross_entropy(z_s, y, label_smoothing=label_smoothing)
+              gammas: Sequence[float] = (0.2, 0.1, 0.3), label_smoothing: float = 0.0,
+              target: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """The DEKD total and its terms (for logging). `relations` = (R_Q, R_K, R_V) from `qkv_relation_terms`;
+    `target`: soft labels of a mixed batch (mixup/cutmix, smoothing included), used by the CE term instead of y."""
+    if target is not None:
+        from effai.train.mixing import soft_cross_entropy
+
+        ce = soft_cross_entropy(z_s, target)
+    else:
+        ce = F.cross_entropy(z_s, y, label_smoothing=label_smoothing)
     hard = F.cross_entropy(z_s, z_t.argmax(dim=1))
     rel = sum(g * r for g, r in zip(gammas, relations))
     total = (1 - alpha) * ce + alpha * hard + rel

@@ -29,10 +29,11 @@ from effai.train.devit.config import DevitConfig
 from effai.train.devit.fusion import Ensemble
 from effai.train.features import FeatureCapture
 from effai.train.loop import TrainingDiverged, evaluate
+from effai.train.mixing import mix_batch, soft_cross_entropy
 from effai.train.optim import param_groups, warmup_cosine
 
 # step(x normalized, y) -> (loss, logits for train accuracy, terms to log)
-Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, dict[str, float]]]
+Step = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor, dict[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,9 @@ def subset_data(data: data_mod.ImageData, classes: Sequence[int]) -> data_mod.Im
 
 def fit(stage: str, modules: Sequence[nn.Module], step: Step, train: data_mod.ImageData, val_model: nn.Module,
         val: data_mod.ImageData, *, epochs: int, lr: float, cfg: DevitConfig, norm: Norm, seed: int,
-        progress: Any = None) -> list[dict[str, Any]]:
-    """Train `modules` with `step` for `epochs`; returns one metrics row per epoch (val accuracy of `val_model`)."""
+        progress: Any = None, mix_classes: int | None = None) -> list[dict[str, Any]]:
+    """Train `modules` with `step` for `epochs`; returns one metrics row per epoch (val accuracy of `val_model`).
+    With `mix_classes` (K) and cfg.mixup/cutmix on, each batch is mixed and `step` gets its soft targets."""
     if epochs == 0:
         return []
     batch = min(cfg.batch_size, len(train))
@@ -81,9 +83,13 @@ def fit(stage: str, modules: Sequence[nn.Module], step: Step, train: data_mod.Im
             idx = perm[s * batch:(s + 1) * batch]
             raw = data_mod.augment(train.x[idx].float() / 255, g, hflip=hflip, jitter=cfg.jitter)
             y = train.y[idx].to(norm.device)
+            target = None
+            if mix_classes is not None and (cfg.mixup > 0 or cfg.cutmix > 0):
+                raw, target = mix_batch(raw, y, mix_classes, mixup=cfg.mixup, cutmix=cfg.cutmix,
+                                        smoothing=cfg.label_smoothing, g=g)
             for group in opt.param_groups:
                 group["lr"] = warmup_cosine(lr, i, total, warmup)
-            loss, logits, _ = step(norm(raw), y)
+            loss, logits, _ = step(norm(raw), y, target)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"{stage}: loss became {loss.item()} at epoch {epoch} step {s}; lower --lr")
             opt.zero_grad(set_to_none=True)
@@ -110,22 +116,26 @@ def fit(stage: str, modules: Sequence[nn.Module], step: Step, train: data_mod.Im
 def finetune_sub_teacher(teacher: nn.Module, classes: Sequence[int], train: data_mod.ImageData,
                          val: data_mod.ImageData, cfg: DevitConfig, norm: Norm, seed: int,
                          progress: Any = None, label: str = "") -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Stage 1: a copy of the teacher whose head keeps only `classes`' rows, fine-tuned on that subset."""
+    """Stage 1: a copy of the teacher with a head for `classes` only (fresh, as the reference, or the teacher's
+    own rows of those classes: cfg.sub_teacher_head), fine-tuned on that subset."""
     model = copy.deepcopy(teacher)
     for p in model.parameters():
         p.requires_grad_(True)
     old = model.get_classifier()
     model.reset_classifier(len(classes))
-    with torch.no_grad():   # start from the teacher's own decision rule restricted to the subset
-        model.head.weight.copy_(old.weight[list(classes)])
-        model.head.bias.copy_(old.bias[list(classes)])
+    if cfg.sub_teacher_head == "teacher_rows":
+        with torch.no_grad():   # start from the teacher's own decision rule restricted to the subset
+            model.head.weight.copy_(old.weight[list(classes)])
+            model.head.bias.copy_(old.bias[list(classes)])
 
-    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
+    def step(x: Tensor, y: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor, dict[str, float]]:
         z = model(x)
-        return F.cross_entropy(z, y, label_smoothing=cfg.label_smoothing), z, {}
+        ce = soft_cross_entropy(z, target) if target is not None else \
+            F.cross_entropy(z, y, label_smoothing=cfg.label_smoothing)
+        return ce, z, {}
 
     rows = fit(f"{label}sub-teacher fine-tuning", [model], step, train, model, val, epochs=cfg.finetune_epochs,
-               lr=cfg.finetune_lr, cfg=cfg, norm=norm, seed=seed, progress=progress)
+               lr=cfg.finetune_lr, cfg=cfg, norm=norm, seed=seed, progress=progress, mix_classes=len(classes))
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), rows
@@ -140,20 +150,22 @@ def distil_sub_model(student: nn.Module, sub_teacher: nn.Module, train: data_mod
     cap_t = FeatureCapture(sub_teacher, [dekd.qkv_path(sub_teacher)], detach=True)
     cap_s = FeatureCapture(student, [dekd.qkv_path(student)])
 
-    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
+    depth = dekd.depth(student)
+
+    def step(x: Tensor, y: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor, dict[str, float]]:
         with torch.no_grad():
             z_t = sub_teacher(x)
         z_s = student(x)
         (qkv_t,), (qkv_s,) = cap_t.outputs, cap_s.outputs
-        rel = dekd.qkv_relation_terms(qkv_t, qkv_s, heads_t, heads_s)
+        rel = dekd.qkv_relation_terms(qkv_t, qkv_s, heads_t, heads_s, mode=cfg.relation_mode, student_depth=depth)
         loss, terms = dekd.dekd_loss(z_s, z_t, y, rel, alpha=cfg.alpha, gammas=cfg.gammas,
-                                     label_smoothing=cfg.label_smoothing)
+                                     label_smoothing=cfg.label_smoothing, target=target)
         return loss, z_s, terms
 
     with cap_t, cap_s:
         return fit(f"{label}DEKD sub-model", [student], step, train, student, val,
                    epochs=cfg.epochs if epochs is None else epochs, lr=cfg.lr, cfg=cfg, norm=norm, seed=seed,
-                   progress=progress)
+                   progress=progress, mix_classes=student.num_classes)
 
 
 def ranking_batches(train: data_mod.ImageData, cfg: DevitConfig, norm: Norm, seed: int) -> list[Tensor]:
@@ -175,7 +187,7 @@ def teacher_outputs(teacher: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 def train_ensemble(ensemble: Ensemble, teacher: nn.Module, train: data_mod.ImageData, val: data_mod.ImageData,
                    cfg: DevitConfig, norm: Norm, seed: int, progress: Any = None) -> list[dict[str, Any]]:
     """Stage 4: sub-models and fusion head jointly, against the full teacher's CLS feature and predictions."""
-    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
+    def step(x: Tensor, y: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor, dict[str, float]]:
         with torch.no_grad():
             t_cls, z_t = teacher_outputs(teacher, x)
         h = ensemble.head.forward_features(torch.cat([p(x) for p in ensemble.parts], dim=1))
