@@ -26,11 +26,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from effai.train import data as data_mod
+from effai.data import datasets as data_mod
 from effai.train.cdfkd import CdfkdConfig, train_cdfkd
-from effai.train.cdfkd.student import build_multi_header
+from effai.zoo.cdfkd_student import build_multi_header
 from effai.train.cdfkd.teachers import load_teachers
-from effai.train.loop import evaluate, train
+from effai.train.evaluation import evaluate
+from effai.train.loop import train
 from effai.train.recipes import make_config
 
 TEACHERS = ("resnet10t", "resnet14t", "resnet18")

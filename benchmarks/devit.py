@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from effai.devit import RunSpec, load_run, run_local
-from effai.devit.inputs import load_stream
+from effai.devit_runtime import RunSpec, load_run, run_local
+from effai.devit_runtime.inputs import load_stream
 from effai.files import atomic_write
-from effai.train import data as data_mod
+from effai.data import datasets as data_mod
 from effai.train.devit import DevitConfig, stages, train_devit
 from effai.train.models import build_student, save_model
 from effai.train.recipes import make_config

@@ -3,4 +3,6 @@
 The pipeline flows one way: zoo -> fold -> quantize -> lower -> artifact + manifest -> bench -> report.
 """
 
-__version__ = "0.1.0"
+from effai.version import __version__
+
+__all__ = ["__version__"]

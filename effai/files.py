@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 
 def sha256(path: Path) -> str:
@@ -12,6 +13,18 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_entries(root: Path, exclude: frozenset[str] | tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """[{path, bytes, sha256}] of every regular file below `root` (posix paths, sorted), but those in `exclude`.
+    The one file listing behind artifact manifests and bundle indexes."""
+    root = Path(root)
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in exclude:
+            out.append({"path": rel, "bytes": p.stat().st_size, "sha256": sha256(p)})
+    return out
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None:
@@ -41,6 +54,60 @@ def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None
         except FileNotFoundError:
             pass
         raise
+
+
+def staging_dir(dest: Path, mode: int = 0o777) -> Path:
+    """A fresh `.NAME.tmp-PID-XXXXXXXX` directory beside `dest` to build it in (then `replace_dir`), after removing
+    the ones killed processes left there. Shared by export artifact dirs, bundles, installs, archives and DeViT
+    exports. `mode` (umask applied): 0o700 keeps a half-built install private, as mkdtemp did."""
+    import os
+    import uuid
+
+    dest = Path(dest)
+    remove_stale(dest)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(mode=mode)
+    return tmp
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the temp dirs beside `out` that a killed export left (`.NAME.tmp-PID-XXXXXXXX` of a PID no longer
+    alive; a pre-PID `.NAME.tmp-XXXXXXXX` or an `.NAME.old-XXXXXXXX` older than a day). Returns what was removed."""
+    import re
+    import shutil
+    import time
+
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp-(\d+)-|tmp-|old-)[0-9a-f]{{8}}$")
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = pattern.match(p.name)
+        if not m or p.is_symlink() or not p.is_dir():
+            continue
+        if m.group(1) is not None:
+            if _alive(int(m.group(1))):
+                continue
+        elif time.time() - p.stat().st_mtime < 86400:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # another user's process
+        return True
+    return True
+    return True
 
 
 def replace_dir(tmp: Path, dest: Path) -> None:
@@ -107,3 +174,63 @@ def read_json(path: Path, what: str | None = None) -> object:
     except OSError as e:
         raise UsageError(f"cannot read {what}: {e.strerror or e}") from None
     return loads_json(data, what)
+
+
+MAX_NPZ_BYTES = 16 << 30   # arrays effai reads from an .npz (datasets, calibration, parity data): at most 16 GiB
+
+
+def npz_limit() -> int:
+    """Bytes of arrays an .npz may declare: MAX_NPZ_BYTES, or half the memory available now when that is less."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        return min(MAX_NPZ_BYTES, avail // 2)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return MAX_NPZ_BYTES
+
+
+def npz_headers(path: Path, what: str, names: tuple[str, ...] | None = None) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{name: (shape, dtype)} of the arrays in an .npz, read from the member headers without reading any data. An
+    empty, non-zip or damaged file, an object (pickled) array, or arrays declaring more bytes than `npz_limit()`
+    (counting only `names` when given) are a UsageError naming `what`, before numpy allocates anything."""
+    import math
+    import zipfile
+
+    from numpy.lib import format as npf
+
+    from effai.errors import UsageError
+
+    limit = npz_limit()
+    out: dict[str, tuple[tuple[int, ...], Any]] = {}
+    try:
+        if Path(path).stat().st_size == 0:
+            raise UsageError(f"{what} is an empty file (0 bytes), not an .npz; write it again with numpy.savez")
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                name = info.filename[:-4]
+                with z.open(info) as f:
+                    version = npf.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = npf.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _, dtype = npf.read_array_header_2_0(f)
+                    else:
+                        shape, _, dtype = npf._read_array_header(f, version)  # (3, 0): no public reader
+                if dtype.hasobject:
+                    raise UsageError(f"{what}: array '{name}' holds Python objects (it would need unpickling); "
+                                     "refusing it: save plain numeric arrays")
+                out[name] = (tuple(int(d) for d in shape), dtype)
+    except UsageError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise UsageError(f"{what} is not a readable .npz ({type(e).__name__}: {str(e)[:160]}); write it again "
+                         "with numpy.savez") from None
+    total = sum(math.prod(s) * d.itemsize for n, (s, d) in out.items() if names is None or n in names)
+    if total > limit:
+        shapes = ", ".join(f"{n} {s} {d}" for n, (s, d) in out.items() if names is None or n in names)
+        raise UsageError(f"{what} declares {total / 2**30:,.1f} GiB of arrays ({shapes[:200]}), over effai's limit "
+                         f"of {limit / 2**30:,.1f} GiB (the smaller of {MAX_NPZ_BYTES >> 30} GiB and half the free "
+                         "memory); the file is damaged, or split it into smaller sets")
+    return out

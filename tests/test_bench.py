@@ -23,7 +23,7 @@ from effai.device_bench.bench import run_bench
 from effai.device_bench.runners import RunnerError, open_runner, parse_spec
 from effai.device_bench.stats import summarize
 from effai.errors import EffaiError, UsageError
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 RUNNER = Path(remote_runner.__file__)
 FAST = BenchConfig(threads=(1,), warmup=1, runs=5, cooldown_s=0.0, idle_s=0.0, energy="none")

@@ -290,7 +290,7 @@ def test_onnx_and_missing_tool(phone, small_exports, monkeypatch, tmp_path):
 def test_effai_bench_over_adb_end_to_end_with_battery_energy(phone, small_exports, tmp_path):
     """`effai bench --device adb:SERIAL --energy auto`: both tools, big-core pinning, and the Android battery meter
     read through adb from the simulated phone (discharging, current in uA with the negative-is-discharge sign)."""
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     bat = phone.root / "sys/class/power_supply/battery"
     bat.mkdir(parents=True)

@@ -149,7 +149,7 @@ def test_hostile_perf_json(bundle, tmp_path):
 
 
 def test_zoo_list_skips_a_hostile_bundle(bundle, tmp_path):
-    from effai.cli import _bundle_latency
+    from effai.cli.zoo import _bundle_latency
 
     (bundle / "perf.json").write_text(json.dumps({"schema": "effai.perf/1", "rows": [
         {"device_class": "phone", "median_ms": 1.5}]}))

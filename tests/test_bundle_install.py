@@ -361,5 +361,5 @@ def test_checking_and_installing_bundles_needs_no_torch():
     import sys
 
     code = ("import sys; import effai.bundle.sign, effai.bundle.archive, effai.bundle.install, effai.bundle.perf, "
-            "effai.bundle.card, effai.cli_bundle; sys.exit('torch' in sys.modules)")
+            "effai.bundle.model_card_md, effai.cli.bundle; sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from effai.bundle import card as card_mod
+from effai.bundle import model_card_md as card_mod
 from effai.bundle import index as index_mod
 from effai.bundle import pack as pack_mod
 from effai.errors import UsageError
 from effai.files import sha256
-from tests.conftest import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 
 MODEL = "ghostnetv3_050.digits"
 TARGETS = ["tflite", "onnx", "coreml"]

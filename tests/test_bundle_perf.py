@@ -229,7 +229,7 @@ def test_real_host_bench_records_into_a_bundle(tmp_path):
     assert perf.best_latency(root)[row["device_class"]]["median_ms"] == row["median_ms"]
 
     # effai bench --record checks the bundle, the key and the artifacts BEFORE measuring
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     stranger = tmp_path / "stranger"
     import shutil

@@ -219,7 +219,7 @@ def test_unsigned_and_removed(tmp_path, keys):
     (root / "bundle.sig").unlink()
     removed = sign.verify(root)
     assert not removed.ok and removed.signature == "removed" and "bundle.sig is missing" in removed.problems[0]
-    assert "zoo sign" not in removed.problems[0]          # never advises re-signing a bundle you did not build
+    assert "bundle sign" not in removed.problems[0]          # never advises re-signing a bundle you did not build
     index = index_mod.read(root)
     index["signing"] = None
     index_mod.write(root, index)
@@ -270,9 +270,6 @@ def test_not_a_bundle(tmp_path):
 CLI = """
 import sys
 import effai.cli as cli
-if "verify" not in {c.name for c in cli.zoo_app.registered_commands}:   # until effai/cli.py registers them
-    from effai.cli_bundle import register
-    register(cli.zoo_app)
 sys.argv = ["effai", *sys.argv[1:]]
 cli.main()
 """
@@ -330,7 +327,7 @@ def test_removed_signature_is_tampered_and_is_not_re_signed(signed, keys, tmp_pa
     pub, priv = Path(keys[0]["public"]), Path(keys[0]["private"])
     for result in (sign.verify(signed), sign.verify(signed, pub)):
         assert not result.ok and not result.trusted and result.signature == "removed"
-        assert result.problems[0].startswith("signature removed") and "zoo sign" not in result.problems[0]
+        assert result.problems[0].startswith("signature removed") and "bundle sign" not in result.problems[0]
     with pytest.raises(EffaiError, match="refusing to sign .*signature removed.*--force only if you packed") as e:
         sign.sign_bundle(signed, priv)
     assert not isinstance(e.value, UsageError)
@@ -376,7 +373,7 @@ def test_cli_removed_signature(signed, keys, tmp_path):
     assert code == 1 and "signature removed" in out["error"] and not (signed / "bundle.sig").exists(), err
     code, out, _, err = run_zoo("verify", str(signed), "--pubkey", keys[0]["public"], "--json")
     assert code == 1 and out["signature"] == "removed" and not out["trusted"]
-    assert out["error"].startswith("signature removed") and "zoo sign" not in out["error"]
+    assert out["error"].startswith("signature removed") and "bundle sign" not in out["error"]
     code, out, _, err = run_zoo("install", str(signed), "--into", str(tmp_path / "app"), "--target", "onnx",
                                 "--precision", "fp32", "--json")
     assert code == 1 and "signature removed" in out["error"] and not (tmp_path / "app").exists()

@@ -18,10 +18,10 @@ from effai.train.cdfkd import CdfkdConfig, train_cdfkd
 from effai.train.cdfkd.generator import Generator
 from effai.train.cdfkd.losses import BNStatistics, generator_loss, student_loss
 from effai.train.cdfkd.loop import GeneratorCollapsed, collapse_reason, generator_step
-from effai.train.cdfkd.student import HeaderAttention, StageTrunk, build_multi_header
+from effai.zoo.cdfkd_student import HeaderAttention, StageTrunk, build_multi_header
 from effai.train.cdfkd.teachers import TeacherEnsemble, load_teachers
-from effai.train.features import FeatureCapture, stage_exits
-from tests.conftest import randomize_bn, run_cli
+from effai.zoo.features import FeatureCapture, stage_exits
+from tests.helpers import randomize_bn, run_cli
 
 SIZE = 32
 NARROW = (8, 16, 32, 64)    # timm ResNet stage widths of the tiny test student

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_zoo_list_and_show():
@@ -86,3 +86,16 @@ def test_untraceable_user_module_exits_1_naming_the_line(tmp_path):
     code, last, _, err = run_cli("export", "--model-def", f"{f}:M", "--target", "onnx", "--out", str(tmp_path / "o"))
     assert code == 1 and "torch.export cannot trace" in last["error"] and "m.py:5" in last["error"]
     assert not (tmp_path / "o").exists()
+
+
+def test_bundle_commands_have_their_own_group_and_the_old_zoo_spellings_still_work(tmp_path):
+    """`effai bundle pack|keygen|sign|verify|unpack|install|archive`; `effai zoo ...` keeps them as hidden aliases for
+    one release (same command, same result)."""
+    code, _, out, _ = run_cli("bundle", "--help")
+    assert code == 0 and all(c in out for c in ("pack", "keygen", "sign", "verify", "unpack", "install", "archive"))
+    code, _, out, _ = run_cli("zoo", "--help")
+    assert code == 0 and "keygen" not in out and "list" in out
+    for group in ("bundle", "zoo"):
+        key = tmp_path / group / "k.pem"
+        code, last, _, err = run_cli(group, "keygen", str(key), "--json")
+        assert code == 0 and last["ok"] and key.is_file() and key.with_name("k.pem.pub").is_file(), err

@@ -16,11 +16,11 @@ import torch
 from effai import zoo
 from effai.errors import EffaiError, UsageError
 from effai.train.devit import DevitConfig, dekd, train_devit
-from effai.train.devit.fusion import FusionHead, build_fusion_head
+from effai.zoo.devit_fusion import FusionHead, build_fusion_head
 from effai.train.devit.split import split_classes, split_hash
-from effai.train.features import FeatureCapture
+from effai.zoo.features import FeatureCapture
 
-from tests.conftest import DEVIT_SIZE as SIZE
+from tests.helpers import DEVIT_SIZE as SIZE
 
 TOKEN = "test-token-0123456789abcdef"       # the run's shared secret in the tests that coordinate in-process
 
@@ -121,7 +121,7 @@ def test_fusion_head_widths_are_checked():
 
 # --- training pipeline ------------------------------------------------------------------------------------------------
 def test_train_devit_writes_parts_fusion_and_manifest(run):
-    from effai.devit.parts import devit_info
+    from effai.devit_runtime.parts import devit_info
 
     res, d = run["result"], run["dir"]
     manifest = json.loads((d / "devit.json").read_text())
@@ -154,7 +154,7 @@ def other_run(run, tmp_path_factory):
 def test_parts_of_another_decomposition_are_refused(run, other_run):
     from safetensors.torch import load_file
 
-    from effai.devit.parts import load_run
+    from effai.devit_runtime.parts import load_run
 
     other = other_run
     init = load_file(run["dir"] / "part_0" / "model.safetensors")
@@ -170,8 +170,8 @@ def test_parts_of_another_decomposition_are_refused(run, other_run):
 
 # --- collaborative inference ------------------------------------------------------------------------------------------
 def test_three_process_run_equals_the_single_process_ensemble(run):
-    from effai.devit import RunSpec, load_run, run_local
-    from effai.devit.inputs import load_stream
+    from effai.devit_runtime import RunSpec, load_run, run_local
+    from effai.devit_runtime.inputs import load_stream
 
     decomp = load_run(run["dir"])
     spec = RunSpec(data="random:3", images=12, batch_size=3, warmup=1, timeout_s=30)
@@ -192,7 +192,7 @@ def test_three_process_run_equals_the_single_process_ensemble(run):
 
 
 def test_a_device_that_dies_mid_stream_ends_the_run_naming_it(run):
-    from effai.devit import DeviceLost, RunSpec, load_run, run_local
+    from effai.devit_runtime import DeviceLost, RunSpec, load_run, run_local
 
     t0 = time.monotonic()
     with pytest.raises(DeviceLost, match=r"device rank 2 \(part 1, .*pid \d+\).*aborted"):
@@ -202,7 +202,7 @@ def test_a_device_that_dies_mid_stream_ends_the_run_naming_it(run):
 
 
 def test_missing_device_and_foreign_part_are_refused_before_data_flows(run, other_run):
-    from effai.devit import RunSpec, coordinate, load_part, load_run, serve
+    from effai.devit_runtime import RunSpec, coordinate, load_part, load_run, serve
 
     decomp = load_run(run["dir"])
     t0 = time.monotonic()
@@ -236,7 +236,7 @@ def test_missing_device_and_foreign_part_are_refused_before_data_flows(run, othe
 
 # --- export -----------------------------------------------------------------------------------------------------------
 def test_devit_export_writes_every_piece_with_parity_and_where_it_runs(run, tmp_path):
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     out = tmp_path / "bundle"        # parts quantized; the fusion head (CLS features in) stays float, noted
     code, last, _, err = run_cli("devit", "export", str(run["dir"]), "--target", "onnx", "-q", "int8-dynamic", "--out",
@@ -266,7 +266,7 @@ def test_a_device_process_that_dies_before_the_run_fails_it_fast_naming_it(run, 
     and a crash after the coordinator's go (before the gloo process group)."""
     import shutil
 
-    from effai.devit import RunSpec, load_run, run_local
+    from effai.devit_runtime import RunSpec, load_run, run_local
 
     decomp = load_run(run["dir"])
     bad = tmp_path / "run"
@@ -286,8 +286,8 @@ def test_a_device_process_that_dies_before_the_run_fails_it_fast_naming_it(run, 
 def test_a_device_that_cannot_load_its_inputs_is_named_and_the_others_are_told(run, monkeypatch):
     """A device's own error after the go (here: its --data fails to load) reaches the coordinator through the
     rendezvous, naming the device, and the device that was ready is told the run was aborted; nobody times out."""
-    from effai.devit import RunSpec, coordinate, load_run, serve
-    from effai.devit import runtime
+    from effai.devit_runtime import RunSpec, coordinate, load_run, serve
+    from effai.devit_runtime import runtime
 
     decomp = load_run(run["dir"])
     real = runtime.load_stream
@@ -326,7 +326,7 @@ def test_a_device_that_cannot_load_its_inputs_is_named_and_the_others_are_told(r
 
 # --- the ready/start handshake: who is told what, on whose clock ------------------------------------------------------
 def _client(port: int, timeout_s: float = 10.0, token: str = TOKEN):
-    from effai.devit import channel
+    from effai.devit_runtime import channel
 
     return channel.connect("127.0.0.1", port, token, timeout_s)
 
@@ -335,8 +335,8 @@ def _fake_device(port: int, part, got: dict, protocol: bool = True, ready: bool 
                  on_verdict=None) -> None:
     """A device that speaks the rendezvous by hand (the coordinator's random images, no gloo); what it reads goes
     into `got`."""
-    from effai.devit.inputs import load_stream
-    from effai.devit.runtime import KEY, device_info, stream_digest
+    from effai.devit_runtime.inputs import load_stream
+    from effai.devit_runtime.runtime import KEY, device_info, stream_digest
 
     try:
         store, rank = _client(port), part.index + 1
@@ -368,7 +368,7 @@ def _coordinate(decomp, spec, devices, watch=None) -> BaseException | None:
     closed on return (its frames are collected), as when `effai devit run` exits."""
     import gc
 
-    from effai.devit import coordinate
+    from effai.devit_runtime import coordinate
 
     threads: list[threading.Thread] = []
 
@@ -396,8 +396,8 @@ def test_when_rank_1_fails_the_ready_rank_2_is_told_why(run, monkeypatch):
     slow to read the verdict: the coordinator must wait for part 1's ack (ready devices counted from the store), so
     part 1 gets the real reason, not a closed socket. A non-effai exception on the device becomes its one-line
     EffaiError (so `serve --json` prints its JSON line)."""
-    from effai.devit import RunSpec, channel, load_run, serve
-    from effai.devit import runtime
+    from effai.devit_runtime import RunSpec, channel, load_run, serve
+    from effai.devit_runtime import runtime
 
     decomp = load_run(run["dir"])
     real, port = runtime.load_stream, {}
@@ -450,8 +450,8 @@ def test_mixed_protocol_versions_are_refused_on_both_sides(run, monkeypatch):
 
     import torch.distributed as dist
 
-    from effai.devit import RunSpec, channel, load_run, serve
-    from effai.devit.runtime import PROTOCOL
+    from effai.devit_runtime import RunSpec, channel, load_run, serve
+    from effai.devit_runtime.runtime import PROTOCOL
 
     decomp = load_run(run["dir"])
     got: list[dict] = [{}, {}]
@@ -489,8 +489,8 @@ def test_a_ready_device_waits_for_start_on_the_coordinators_clock(run):
     such at once, not as a timeout."""
     import dataclasses
 
-    from effai.devit import RunSpec, channel, load_run, serve
-    from effai.devit.runtime import KEY, PROTOCOL
+    from effai.devit_runtime import RunSpec, channel, load_run, serve
+    from effai.devit_runtime.runtime import KEY, PROTOCOL
 
     part = load_run(run["dir"]).parts[0]
     go = {"ok": True, "protocol": PROTOCOL, "spec": dataclasses.asdict(RunSpec(images=4, timeout_s=10)),
@@ -537,8 +537,8 @@ def test_a_ready_device_waits_for_start_on_the_coordinators_clock(run):
 def test_a_device_that_reports_ready_then_never_joins_is_named(run):
     """A device that dies between ready and the process group is named from its missing `joining` key, not left
     as an anonymous gloo timeout; with a `watch` (run_local) its process's own exit notice wins."""
-    from effai.devit import RunSpec, load_run
-    from effai.devit.runtime import DeviceExited
+    from effai.devit_runtime import RunSpec, load_run
+    from effai.devit_runtime.runtime import DeviceExited
 
     decomp = load_run(run["dir"])
     spec = RunSpec(images=4, timeout_s=1.5)
@@ -572,8 +572,8 @@ def test_a_device_that_reports_ready_then_never_joins_is_named(run):
 def test_a_device_s_own_report_wins_over_its_exit_notice(run):
     """A local device writes its UsageError to the store and exits; when `watch` sees the exit first, the coordinator
     re-reads the reports and raises the device's own UsageError (exit code 2), and the ready device is told why."""
-    from effai.devit import RunSpec, load_run
-    from effai.devit.runtime import KEY, DeviceExited
+    from effai.devit_runtime import RunSpec, load_run
+    from effai.devit_runtime.runtime import KEY, DeviceExited
 
     decomp = load_run(run["dir"])
     seen, port = threading.Event(), {}
@@ -633,7 +633,7 @@ def _listening_sockets() -> set[tuple[str, int]]:
 
 def _devices_in_threads(decomp, token=TOKEN, data=(None, None), parts=None, timeout_s=20):
     """`devices(port)` for _coordinate: real serve() calls in threads; their errors go into the returned dict."""
-    from effai.devit import serve
+    from effai.devit_runtime import serve
 
     errors: dict[int, BaseException] = {}
 
@@ -658,8 +658,8 @@ def test_a_run_listens_only_on_the_given_address(run, digits_npz, host, monkeypa
     read the held-out digits from their own --data; the result is the ensemble's."""
     import socket
 
-    from effai.devit import RunSpec, coordinate, load_run, serve
-    from effai.devit import runtime
+    from effai.devit_runtime import RunSpec, coordinate, load_run, serve
+    from effai.devit_runtime import runtime
 
     if host == "::1":
         try:
@@ -715,8 +715,8 @@ def test_a_peer_without_the_token_cannot_join_read_or_write(run, monkeypatch):
 
     import torch.distributed as dist
 
-    from effai.devit import RunSpec, channel, load_run
-    from effai.devit import runtime
+    from effai.devit_runtime import RunSpec, channel, load_run
+    from effai.devit_runtime import runtime
 
     monkeypatch.setattr(channel, "HANDSHAKE_S", 1.0)             # the TCPStore client waits out the handshake
     decomp = load_run(run["dir"])
@@ -758,7 +758,7 @@ def test_a_coordinator_without_the_token_is_refused_by_the_device(run):
     import secrets
     import socket
 
-    from effai.devit import channel, load_part, serve
+    from effai.devit_runtime import channel, load_part, serve
 
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
@@ -791,7 +791,7 @@ def test_a_coordinator_without_the_token_is_refused_by_the_device(run):
 def test_frames_are_encrypted_and_a_tampered_one_is_refused():
     import socket
 
-    from effai.devit import channel
+    from effai.devit_runtime import channel
 
     a, b = socket.socketpair()
     key = bytes(range(32))
@@ -824,7 +824,7 @@ def test_a_part_with_other_weights_is_refused_by_its_hash(run, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from effai.devit import RunSpec, load_part, load_run
+    from effai.devit_runtime import RunSpec, load_part, load_run
     from effai.files import sha256
 
     manifest = json.loads((run["dir"] / "devit.json").read_text())
@@ -856,8 +856,8 @@ def test_a_part_with_other_weights_is_refused_by_its_hash(run, tmp_path):
 def _verdict_to(part, verdict: dict, data=None) -> tuple[BaseException | None, dict | None, list]:
     """serve(part) against a hand-made coordinator that sends `verdict`: (the device's error, what it reported as
     ready, the load_stream calls it made)."""
-    from effai.devit import channel, serve
-    from effai.devit import runtime
+    from effai.devit_runtime import channel, serve
+    from effai.devit_runtime import runtime
 
     calls: list = []
     real = runtime.load_stream
@@ -899,8 +899,8 @@ def test_a_coordinator_s_spec_is_checked_strictly_and_never_names_the_device_s_f
     same whether that path exists or not. A device's own --data is what it reads."""
     import dataclasses
 
-    from effai.devit import RunSpec, load_run
-    from effai.devit.runtime import PROTOCOL
+    from effai.devit_runtime import RunSpec, load_run
+    from effai.devit_runtime.runtime import PROTOCOL
 
     part = load_run(run["dir"]).parts[0]
 
@@ -931,7 +931,7 @@ def test_a_coordinator_s_spec_is_checked_strictly_and_never_names_the_device_s_f
 def test_a_device_that_reads_other_images_is_refused(run):
     """The coordinator compares each device's stream hash with its own: a device started with another --data
     cannot feed the fusion head features of other images."""
-    from effai.devit import RunSpec, load_run
+    from effai.devit_runtime import RunSpec, load_run
 
     decomp = load_run(run["dir"])
     devices, errors = _devices_in_threads(decomp, data=("random:1", "random:2"))
@@ -951,8 +951,8 @@ def test_token_options(run, tmp_path, monkeypatch):
     import typer
 
     from effai import console
-    from effai.cli_devit import run_cmd, serve_cmd
-    from effai.devit import channel
+    from effai.cli.devit import run_cmd, serve_cmd
+    from effai.devit_runtime import channel
 
     monkeypatch.delenv(channel.TOKEN_ENV, raising=False)
     lines: list[dict] = []

@@ -14,8 +14,8 @@ from effai import zoo
 from effai.errors import UsageError
 from effai.train.devit import DevitConfig, prune
 from effai.zoo.vit import block_widths, keep_heads_and_neurons
-from tests.conftest import DEVIT_SIZE as SIZE
-from tests.conftest import run_cli
+from tests.helpers import DEVIT_SIZE as SIZE
+from tests.helpers import run_cli
 
 
 def _vit(**arch) -> torch.nn.Module:
@@ -121,7 +121,7 @@ def pruned_run(tmp_path_factory, digits_npz, devit_teacher):
 
 
 def test_devit_with_pruning_writes_smaller_parts_that_rebuild_and_export(pruned_run, tmp_path):
-    from effai.devit.parts import load_run
+    from effai.devit_runtime.parts import load_run
 
     manifest = json.loads((pruned_run / "devit.json").read_text())
     assert manifest["config"]["prune_neurons"] == 0.5

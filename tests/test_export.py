@@ -16,7 +16,7 @@ from effai.export import manifest as manifest_io
 from effai.export.pipeline import ExportConfig, ParityFailed, export
 from effai.export.targets import TARGETS
 from effai.export.verify import verify
-from tests.conftest import SMALL
+from tests.helpers import SMALL
 
 TARGET_NAMES = ("executorch", "onnx", "tflite", "coreml")
 MODEL_FILES = {"executorch": "model.pte", "onnx": "model.onnx", "tflite": "model.tflite", "coreml": "model.mlpackage"}

@@ -8,7 +8,7 @@ import pytest
 
 from effai import zoo
 from effai.export.pipeline import ExportConfig, export
-from tests.conftest import randomize_bn
+from tests.helpers import randomize_bn
 
 TARGETS = ("executorch", "onnx", "tflite", "coreml")
 MODELS = {  # name -> input size

@@ -10,7 +10,7 @@ from torch import nn
 from effai import zoo
 from effai.export.fold import count_params, fold
 from effai.zoo.layers import NearestUpsample
-from tests.conftest import SMALL, randomize_bn
+from tests.helpers import SMALL, randomize_bn
 
 ZOO = zoo.CARDS.names()
 REPARAM = [n for n in ZOO if zoo.CARDS.get(n).reparameterizable

@@ -14,7 +14,7 @@ from effai.export.fold import count_params
 from effai.export.fold import fold as export_fold
 from effai.zoo.ghostnetv3 import (EffaiGhostBottleneck, EffaiGhostModule, GhostNetV3, ghostnetv3_050, ghostnetv3_100,
                                   ghostnetv3_130, ghostnetv3_160, remap_timm_state_dict)
-from tests.conftest import SMALL, randomize_bn
+from tests.helpers import SMALL, randomize_bn
 
 CONFIGS = list(itertools.product([1, 2, 3], [True, False], [True, False]))   # num_branches x scale x identity-BN
 TOL = 1e-5

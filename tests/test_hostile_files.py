@@ -278,7 +278,7 @@ def image_folder(root: Path) -> Path:
 
 
 def test_png_declaring_a_huge_size_is_refused_before_decoding(tmp_path):
-    from effai.train import data
+    from effai.data import datasets as data
 
     root = image_folder(tmp_path / "imgs")
     (root / "a" / "bomb.png").write_bytes(png_header(30000, 30000))
@@ -294,7 +294,7 @@ def test_fifo_named_like_an_image_is_skipped_with_a_warning(tmp_path):
     root = image_folder(tmp_path / "imgs")
     os.mkfifo(root / "a" / "x.png")
     # In a child process: before the fix, opening the FIFO blocked forever.
-    code = ("import warnings\nfrom effai.train import data\n"
+    code = ("import warnings\nfrom effai.data import datasets as data\n"
             "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
             f"    d = data.load({str(root)!r}, 8, 3)\n"
             "print(len(d), [str(x.message) for x in w if 'not regular files' in str(x.message)])\n")
@@ -320,7 +320,7 @@ def npz_declaring(path: Path, shape: tuple[int, ...]) -> Path:
 
 
 def test_npz_header_declaring_931_gib_is_refused_before_reading(tmp_path):
-    from effai.train import data
+    from effai.data import datasets as data
 
     path = npz_declaring(tmp_path / "huge.npz", (1_000_000, 1000, 1000))
     with pytest.raises(UsageError, match=r"declares 931\.3 GiB of arrays .* over effai's limit of"):
@@ -348,7 +348,7 @@ def test_bad_npz_over_the_cli_exits_2(tmp_path, kind):
 
 
 def test_npz_labels_and_dtypes_are_checked(tmp_path):
-    from effai.train import data
+    from effai.data import datasets as data
 
     path = tmp_path / "d.npz"
     np.savez(path, x=np.zeros((2, 8, 8, 1), np.uint8), y=np.array([0, 70_000]))

@@ -54,6 +54,7 @@ def test_ctrl_c_on_export_ends_with_the_json_line_and_leaves_nothing(tmp_path):
 
 def test_a_killed_exports_temp_dir_is_removed_by_the_next_one(tmp_path):
     from effai.export import artifact_dir
+    from effai.files import remove_stale
 
     out = tmp_path / "art"
     proc = _start(["export", "ghostnetv3_050.digits", "--target", "onnx", "--out", str(out)])
@@ -67,7 +68,7 @@ def test_a_killed_exports_temp_dir_is_removed_by_the_next_one(tmp_path):
     other = tmp_path / f".other.tmp-{left[0].name.split('-')[1]}-0123abcd"   # another --out's: not ours to touch
     other.mkdir()
     tmp = artifact_dir.prepare(out)                           # what the next export does first
-    assert sorted(artifact_dir.remove_stale(out)) == [] and not any(p.exists() for p in left)
+    assert sorted(remove_stale(out)) == [] and not any(p.exists() for p in left)
     assert live.is_dir() and other.is_dir() and tmp.is_dir()
 
 

@@ -1,4 +1,4 @@
-"""Distillation losses (METHODS.md section 2): their invariants, checked on seeded random logits of several shapes."""
+"""Distillation losses (docs/distill.md): their invariants, checked on seeded random logits of several shapes."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from effai.export import metadata
 from effai.export.pipeline import ExportConfig, export
 from effai.export.targets import TARGETS, LowerOptions
 from effai.export.verify import parity_samples, verify
-from tests.conftest import SMALL
+from tests.helpers import SMALL
 
 
 def _read_tflite(path: Path):

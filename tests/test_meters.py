@@ -28,7 +28,7 @@ from effai.device_bench.meters.rapl import RaplMeter
 from effai.device_bench.meters.rpi import RpiPmicMeter, parse_pmic, pmic_watts
 from effai.device_bench.meters.sampling import SampledMeter
 from effai.errors import EffaiError, UsageError
-from tests.conftest import plant, write_tree
+from tests.helpers import plant, write_tree
 
 # Real `vcgencmd pmic_read_adc` output of a Raspberry Pi 5 Model B (2 GB, Raspberry Pi OS bookworm, four busy cores),
 # as recorded in ml-energy/zeus tests/device/machine/test_rpi.py (commit 09de54d90c81dac3b480212e0be76436faa62886).

@@ -1,4 +1,4 @@
-"""OFA-KD: the loss's invariants (METHODS.md section 3), projectors for every registered family, feature capture
+"""OFA-KD: the loss's invariants (docs/distill.md, OFA-KD), projectors for every registered family, feature capture
 by module path, heterogeneous distillation both ways, and the exported student being the plain student."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from torch import nn
 from effai import zoo
 from effai.errors import UsageError
 from effai.train.distillers import OFA
-from effai.train.features import FeatureCapture, resolve_module, stage_exits
+from effai.zoo.features import FeatureCapture, resolve_module, stage_exits
 from effai.train.losses.kd import kd_loss
 from effai.train.losses.ofa import ofa_loss, ofa_target_weights
 from effai.train.loop import train
 from effai.train.projectors import PROJECTORS
 from effai.train.recipes import make_config
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 K = 10
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from effai.export.parity import TOLERANCES, compare, run_batched
-from effai.export.samples import PHOTOS, normalize, parity_inputs, photo, resize_crop
+from effai.data.photos import PHOTOS, normalize, parity_inputs, photo, resize_crop
 from effai.zoo.card import ModelCard
 
 REF = [np.random.default_rng(0).standard_normal((6, 10)).astype(np.float32) * 5]

@@ -17,7 +17,7 @@ from effai.export.pipeline import ExportConfig, ParityFailed, export
 from effai.export.precisions import PRECISIONS
 from effai.export.sensitivity import fallback_schedule, fake_quant_weight, layer_sensitivity
 from effai.export.targets import TARGETS
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 DIGITS = "ghostnetv3_050.digits"
 

@@ -106,7 +106,7 @@ def digits(tmp_path_factory):
     from effai import zoo
     from effai.export.evaluate import eval_set
     from effai.export.fold import fold
-    from effai.train import data as data_mod
+    from effai.data import datasets as data_mod
 
     loaded = zoo.create("ghostnetv3_050.digits")
     card, model = loaded.card, loaded.model.eval()

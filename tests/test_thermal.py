@@ -13,7 +13,7 @@ import pytest
 
 from effai.device_bench import device, thermal
 from effai.device_bench.hostfs import LocalFS
-from tests.conftest import plant, write_tree
+from tests.helpers import plant, write_tree
 
 
 

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from effai import zoo
 from effai.errors import UsageError
-from effai.train import data as data_mod
+from effai.data import datasets as data_mod
 from effai.train.loop import TrainingDiverged, train
 from effai.train.recipes import make_config
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 TINY = dict(student="resnet10t", channels=1, input_size=32, batch_size=32, epochs=3, warmup_epochs=1)
 

@@ -48,7 +48,7 @@ class Case:
         """The first held-out image when the card has labelled data, else the first parity photo."""
         if self.eval is not None:
             return np.ascontiguousarray(self.eval[0][:1])
-        from effai.export.samples import parity_inputs
+        from effai.data.photos import parity_inputs
 
         x, _, _ = parity_inputs(self.card.preprocessing(), 1, 0, 0)
         return np.ascontiguousarray(x[:1], np.float32)

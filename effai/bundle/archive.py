@@ -12,7 +12,7 @@ Extraction then writes each file with O_EXCL|O_NOFOLLOW below a fresh directory 
 resolution), never more bytes than the entry declared. An archive may hold the bundle at its top level or inside one
 top-level directory (what `make_archive` writes); macOS's __MACOSX/ and .DS_Store are ignored when looking.
 
-Writing (`make_archive`, `effai zoo archive`): the entries are the bundle's files and directories in sorted order
+Writing (`make_archive`, `effai bundle archive`): the entries are the bundle's files and directories in sorted order
 under one top-level directory named after the bundle, with a fixed mtime (SOURCE_DATE_EPOCH when set, else
 1980-01-01), mode 0644/0755, uid/gid 0 and no user/group names, so archiving the same bundle twice gives the same
 bytes.
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from effai.bundle import index as index_mod
+from effai.files import staging_dir
 from effai.errors import EffaiError, UsageError
 
 SUFFIXES = (".zip", ".tar.gz", ".tgz")
@@ -67,7 +68,7 @@ class Entry:
 
 def _refuse(archive: Path, raw: str, why: str) -> UsageError:
     return UsageError(f"{archive}: refusing entry {raw!r}: {why}; the archive is unsafe or damaged, so nothing was "
-                      "extracted (re-create it with effai zoo archive)")
+                      "extracted (re-create it with effai bundle archive)")
 
 
 def _normalize(archive: Path, raw: str) -> str:
@@ -189,7 +190,7 @@ def extract(archive: Path, dest: Path) -> Path:
             raise UsageError(f"{dest} exists and is not an empty directory; extract into a new directory")
         dest.rmdir()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp = staging_dir(dest, mode=0o700)
     try:
         base = tmp.resolve()
         if kind(archive) == "zip":
@@ -251,7 +252,7 @@ def bundle_root(dest: Path, archive: Path | None = None) -> Path:
         return tops[0]
     where = archive or dest
     raise UsageError(f"{where} holds no {index_mod.INDEX} at its top level or in one top-level directory: not an "
-                     "effai bundle (make one with effai zoo pack, and an archive of it with effai zoo archive)")
+                     "effai bundle (make one with effai bundle pack, and an archive of it with effai bundle archive)")
 
 
 @contextmanager
@@ -263,7 +264,7 @@ def opened(path: Path) -> Iterator[Path]:
         yield path
         return
     if not path.exists():
-        raise UsageError(f"{path} does not exist; pass a bundle directory written by effai zoo pack, or a .zip / "
+        raise UsageError(f"{path} does not exist; pass a bundle directory written by effai bundle pack, or a .zip / "
                          ".tar.gz of one")
     if kind(path) is None:
         raise UsageError(f"{path} is neither a bundle directory nor a .zip / .tar.gz / .tgz archive of one")

@@ -1,10 +1,10 @@
 """bundle.json: the index of an app-ready bundle, every file with its size and sha256 (schema `effai.bundle/1`).
 
-A bundle is one directory per model (ARCHITECTURE.md: the app-facing unit):
+A bundle is one directory per model (the app-facing unit; docs/bundle.md):
 
     <out>/<model>/
       bundle.json          this index (signed as exact bytes: bundle.sig holds the Ed25519 signature)
-      bundle.sig           optional; base64 Ed25519 signature of bundle.json's bytes (effai zoo pack --sign KEY)
+      bundle.sig           optional; base64 Ed25519 signature of bundle.json's bytes (effai bundle pack --sign KEY)
       MODEL_CARD.md        generated: what it is, accuracy per artifact, perf table (from perf.json)
       labels.txt           one class name per line
       preprocessing.json   how to feed it (size, layout, mean/std, interpolation, ...), the card's recipe
@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from effai.errors import UsageError
-from effai.files import atomic_write, read_json, sha256
+from effai import files
+from effai.files import atomic_write, read_json
 
 SCHEMA = "effai.bundle/1"
 SCHEMA_VERSION = 1
@@ -40,13 +41,7 @@ _MODEL_NAME = re.compile(r"model\.[A-Za-z0-9]+")   # model.pte | model.tflite | 
 
 def file_entries(root: Path) -> list[dict[str, Any]]:
     """[{path, bytes, sha256}] of every file below root except bundle.json/bundle.sig, sorted by path."""
-    root = Path(root)
-    out = []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel not in UNLISTED:
-            out.append({"path": rel, "bytes": p.stat().st_size, "sha256": sha256(p)})
-    return out
+    return files.file_entries(root, UNLISTED)
 
 
 def write(root: Path, index: dict[str, Any]) -> dict[str, Any]:
@@ -67,10 +62,10 @@ def read(root: Path) -> dict[str, Any]:
     root = Path(root)
     path = root / INDEX
     if not root.is_dir():
-        raise UsageError(f"{root} is not a directory; pass a bundle directory written by `effai zoo pack` "
+        raise UsageError(f"{root} is not a directory; pass a bundle directory written by `effai bundle pack` "
                          "(or a .zip / .tar.gz of one)")
     if not path.is_file():
-        raise UsageError(f"{root} has no {INDEX}: not an effai bundle; pack one with `effai zoo pack MODEL`")
+        raise UsageError(f"{root} has no {INDEX}: not an effai bundle; pack one with `effai bundle pack MODEL`")
     index = read_json(path, str(path))
     schema = index.get("schema", "") if isinstance(index, dict) else ""
     schema = schema if isinstance(schema, str) else ""

@@ -16,7 +16,7 @@ signature must be valid (and made by `pubkey` when one is given); a removed one 
 is gone) is refused as tampered; `pubkey` with an unsigned bundle is refused, and without `pubkey` an unsigned bundle
 is installed with a note saying it is unsigned. The artifact's model_file must be the one its manifest names.
 install checks only the files it copies (a changed file of another target does not block it; `unpack` and
-`effai zoo verify` check them all).
+`effai bundle verify` check them all).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from effai.bundle import archive, sign
 from effai.bundle import index as index_mod
+from effai.files import staging_dir
 from effai.errors import EffaiError, UsageError
 from effai.files import read_json, replace_dir
 
@@ -96,7 +96,7 @@ def _stage_copy(root: Path, into: Path, plan: list[tuple[str, str]], listed: dic
     """Copy plan [(bundle rel, dest rel)] (+ `extra` files copied as is) into a temp folder beside `into`, run
     `before_swap(staged)` (raises to refuse), then swap it in. Returns the bytes copied."""
     into.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{into.name}.", suffix=".tmp", dir=into.parent))
+    staged = staging_dir(into, mode=0o700)
     total = 0
     try:
         base = staged.resolve()

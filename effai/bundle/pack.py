@@ -1,4 +1,4 @@
-"""effai zoo pack: export one model to several targets/precisions and assemble an app-ready bundle.
+"""effai bundle pack: export one model to several targets/precisions and assemble an app-ready bundle.
 
     result = pack("ghostnetv3_050.digits", ["coreml", "tflite", "executorch", "onnx"], None, Path("bundles"))
 
@@ -31,10 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import effai
-from effai.bundle import card as card_mod
+from effai.version import __version__
+from effai.bundle import model_card_md as card_mod
 from effai.bundle import index as index_mod
-from effai.errors import EffaiError, UsageError, choices_hint
+from effai.files import staging_dir
+from effai.errors import EffaiError, UsageError
 from effai.files import atomic_write, read_json, replace_dir
 
 TASK = "image-classification"
@@ -72,27 +73,16 @@ def plan(targets: Sequence[str],
          precisions: Sequence[str] | None) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
     """(target, precision) pairs to build, and the skipped ones with the reason. No precisions: each target's
     default (fp16 for Core ML, fp32 elsewhere). A precision a target does not take is skipped, not an error."""
-    from effai.export.precisions import PRECISIONS
+    from effai.export.plan import plan as plan_one
     from effai.export.targets import TARGETS
 
     targets = list(dict.fromkeys(t.strip() for t in targets if t.strip()))
     if not targets:
         raise UsageError(f"--targets is empty; choose from: {', '.join(TARGETS.names())}")
-    for t in targets:
-        TARGETS.get(t)                                   # unknown -> UsageError listing the choices
     precs = list(dict.fromkeys(p.strip() for p in (precisions or []) if p.strip()))
-    for p in precs:
-        if p not in PRECISIONS:
-            raise UsageError(f"unknown --quantize '{p}'; {choices_hint(p, PRECISIONS.names())}")
-    pairs, skipped = [], []
-    for t in targets:
-        target = TARGETS.get(t)
-        for p in precs or [target.precisions[0]]:
-            if p in target.precisions:
-                pairs.append((t, p))
-            else:
-                why = target.unsupported.get(p) or f"{t} takes {', '.join(target.precisions)}"
-                skipped.append({"target": t, "precision": p, "reason": f"{t} does not take {p}: {why}"})
+    plans = [plan_one(t, p) for t in targets for p in (precs or [None])]   # unknown names: UsageError
+    pairs = [(p.target, p.precision) for p in plans if p.ok]
+    skipped = [{"target": p.target, "precision": p.precision, "reason": p.reason} for p in plans if not p.ok]
     if not pairs:
         raise UsageError("no target takes any of the precisions asked for (" + "; ".join(s["reason"] for s in skipped)
                          + "); choose precisions the targets list in `effai doctor`")
@@ -150,8 +140,7 @@ def pack(model: str, targets: Sequence[str], precisions: Sequence[str] | None = 
     dest = destination(Path(out), loaded.card.name)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp = staging_dir(dest)
     except OSError as e:
         raise UsageError(f"cannot create the bundle directory {dest}: {e.strerror}; choose a writable --out") from e
     try:
@@ -265,7 +254,7 @@ def _write_bundle(root: Path, loaded: Any, artifacts: list[dict[str, Any]], skip
     status = "complete" if all(a["status"] in ("pass", "unverified") for a in artifacts) else "partial"
     index: dict[str, Any] = {
         "schema": index_mod.SCHEMA,
-        "effai_version": effai.__version__,
+        "effai_version": __version__,
         "model": {"name": card.name, "family": card.family, "task": TASK, "params": stats["params"],
                   "macs": stats["macs"], "input_size": list(card.input_size), "num_classes": len(labels),
                   "license": card.weights_license, "weights": weights_block(loaded),
@@ -344,7 +333,7 @@ def normalize_artifact(art: Path, rel: str, bundled: str | None = None) -> dict[
     log = art / manifest_io.LOG
     if log.exists():
         log.unlink()
-    m = json.loads((art / manifest_io.MANIFEST).read_text())
+    m = manifest_io.read(art)
     if m.get("target") == "coreml":
         _normalize_mlpackage(art / m["model_file"])
     when = source_date()

@@ -221,7 +221,7 @@ def _refuse_tampered_signature(root: Path, index: dict[str, Any], prefix: str) -
                          "restore or re-pack the bundle first")
     if sig.state == "removed":
         raise EffaiError(f"{prefix}bundle {root}: {sig.problems[0]}; recording would re-index it. Only if you packed "
-                         "it yourself and an earlier command was interrupted: effai zoo sign BUNDLE --key KEY --force, "
+                         "it yourself and an earlier command was interrupted: effai bundle sign BUNDLE --key KEY --force, "
                          "then record again")
     return sig
 
@@ -278,7 +278,7 @@ def record(root: Path, records: list[Any], sign_key: Path | None = None) -> Reco
     had_signature = earlier.state == "valid"
     if sig_path.exists():
         sig_path.unlink()        # first: an interruption below leaves a "removed" signature (refused until
-        #                          `zoo sign --force`), never a signature over the wrong bytes
+        #                          `bundle sign --force`), never a signature over the wrong bytes
     atomic_write(root / PERF, json.dumps({"schema": SCHEMA, "rows": rows + added}, indent=1, sort_keys=True,
                                          ensure_ascii=False) + "\n")
     index["signing"] = sign.public_block(sign_key) if sign_key is not None else None
@@ -294,5 +294,5 @@ def record(root: Path, records: list[Any], sign_key: Path | None = None) -> Reco
         if had_signature:
             notes.append(f"the bundle is now unsigned: bundle.json changed, so the signature by key {earlier.key_id} "
                          f"was deleted and the signing block cleared; if you publish this bundle, sign it again: "
-                         f"effai zoo sign {root} --key KEY (or record with --record-key KEY)")
+                         f"effai bundle sign {root} --key KEY (or record with --record-key KEY)")
     return RecordResult(len(added), len(rows) + len(added), duplicates, skipped, state, str(root / PERF), notes)

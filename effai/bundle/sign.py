@@ -3,22 +3,22 @@
 What is signed: the exact bytes of bundle.json. bundle.json lists every other file's size and sha256
 (effai.bundle.index), so one 64-byte signature covers the whole bundle; bundle.sig holds it as one line of base64.
 
-Key files (`effai zoo keygen KEY`):
+Key files (`effai bundle keygen KEY`):
     KEY       the private key, PEM PKCS#8 without a passphrase, mode 0600: keep it out of the bundle and of git
     KEY.pub   the public key, PEM SubjectPublicKeyInfo ("-----BEGIN PUBLIC KEY-----"): the file to publish, and
-              what `effai zoo verify --pubkey` takes (openssl reads it: `openssl pkey -pubin -in KEY.pub -text`)
+              what `effai bundle verify --pubkey` takes (openssl reads it: `openssl pkey -pubin -in KEY.pub -text`)
 `--pubkey` also accepts the raw 32-byte key as base64 (what bundle.json's signing block carries), an OpenSSH
 "ssh-ed25519 ..." line, or a private key (its public half is used).
 
 The bundle names its key in bundle.json: "signing": {"algorithm": "ed25519", "public_key": base64 of the raw 32
 bytes, "key_id": first 16 hex digits of sha256(raw public key)}. That block is part of the signed bytes, so it has
-to be in bundle.json before signing (`public_block` gives it to `effai zoo pack --sign`). A signature that checks
+to be in bundle.json before signing (`public_block` gives it to `effai bundle pack --sign`). A signature that checks
 out against the key the bundle names only proves the bundle is self-consistent (whoever tampered could re-sign
 with their own key): trust comes from `--pubkey`, a key obtained some other way.
 
 The signing block is also the record that the bundle was signed: a bundle whose bundle.json names a key but has no
-bundle.sig ("removed") is treated as tampered by verify, install, unpack, `zoo sign` and `bench --record` (only
-`zoo sign --force` re-signs it, for the one who packed it). Without `--pubkey` nothing is protected against a
+bundle.sig ("removed") is treated as tampered by verify, install, unpack, `bundle sign` and `bench --record` (only
+`bundle sign --force` re-signs it, for the one who packed it). Without `--pubkey` nothing is protected against a
 deliberate edit: whoever changes a file can also update its hash, drop the signing block and delete bundle.sig,
 and the result looks like an honest unsigned bundle. So `--pubkey` demands a valid signature by that key, and an
 unsigned bundle is never reported trusted.
@@ -110,13 +110,13 @@ def _write_private(path: Path, data: bytes) -> None:
 def _read_key_file(path: Path, what: str) -> bytes:
     path = Path(path)
     if not path.exists():
-        raise UsageError(f"{what} {path} does not exist; make a key pair with: effai zoo keygen KEY")
+        raise UsageError(f"{what} {path} does not exist; make a key pair with: effai bundle keygen KEY")
     if path.is_dir():
         raise UsageError(f"{what} {path} is a directory, not a key file")
     data = path.read_bytes()
     if len(data) > 64 * 1024:
         raise UsageError(f"{what} {path} is {len(data)} bytes, too big to be an Ed25519 key; pass the file written "
-                         "by effai zoo keygen")
+                         "by effai bundle keygen")
     return data
 
 
@@ -136,18 +136,18 @@ def load_private(path: Path) -> Any:
             key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise UsageError(f"signing key {path} is protected by a passphrase, which effai does not read; make an "
-                         "unencrypted key with effai zoo keygen KEY (and keep it private)") from None
+                         "unencrypted key with effai bundle keygen KEY (and keep it private)") from None
     except (ValueError, UnsupportedAlgorithm) as e:
         raise UsageError(f"signing key {path} cannot be read ({e}); pass the private key written by effai zoo "
                          "keygen") from None
     if key is None:
         if _try_public(data) is not None:
             raise UsageError(f"{path} is a public key: signing needs the private key (the file without .pub, "
-                             "written by effai zoo keygen)")
-        raise UsageError(f"{path} is not an Ed25519 private key; make one with: effai zoo keygen KEY")
+                             "written by effai bundle keygen)")
+        raise UsageError(f"{path} is not an Ed25519 private key; make one with: effai bundle keygen KEY")
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise UsageError(f"signing key {path} is a {type(key).__name__.replace('PrivateKey', '')} key; bundles are "
-                         "signed with Ed25519: make a key with effai zoo keygen KEY")
+                         "signed with Ed25519: make a key with effai bundle keygen KEY")
     return key
 
 
@@ -173,7 +173,7 @@ def _try_public(data: bytes) -> Any:
         return None
     if key is not None and not isinstance(key, ed25519.Ed25519PublicKey):
         raise UsageError(f"this is a {type(key).__name__.replace('PublicKey', '').lstrip('_')} public key; bundles "
-                         "are signed with Ed25519: pass the .pub written by effai zoo keygen")
+                         "are signed with Ed25519: pass the .pub written by effai bundle keygen")
     return key
 
 
@@ -189,7 +189,7 @@ def load_public(path: Path) -> Any:
         return key
     if b"PRIVATE KEY-----" in data:
         return load_private(path).public_key()
-    raise UsageError(f"{path} is not an Ed25519 public key (expected the PEM .pub written by effai zoo keygen, or "
+    raise UsageError(f"{path} is not an Ed25519 public key (expected the PEM .pub written by effai bundle keygen, or "
                      "the base64 public_key from a bundle.json signing block)")
 
 
@@ -216,7 +216,7 @@ def sign(root: Path, key_path: Path) -> dict[str, Any]:
     if not isinstance(have, dict) or have.get("public_key") != block["public_key"]:
         named = f"names key {have.get('key_id')}" if isinstance(have, dict) else "has no signing block"
         raise UsageError(f"{root / index_mod.INDEX} {named}, not the key in {key_path} ({block['key_id']}); write "
-                         "the signing block first (effai zoo sign BUNDLE --key KEY does both)")
+                         "the signing block first (effai bundle sign BUNDLE --key KEY does both)")
     problems = index_mod.check(root, index)
     if problems:
         raise EffaiError(f"refusing to sign {root}: its files do not match bundle.json ({_first(problems)}); "
@@ -228,7 +228,7 @@ def sign(root: Path, key_path: Path) -> dict[str, Any]:
 
 
 def sign_bundle(root: Path, key_path: Path, force: bool = False) -> dict[str, Any]:
-    """Sign an existing bundle with `key_path` (`effai zoo sign`): check the files against the index, put the key's
+    """Sign an existing bundle with `key_path` (`effai bundle sign`): check the files against the index, put the key's
     signing block into bundle.json (regenerating MODEL_CARD.md, which names the key), re-index, then sign.
     Replaces an earlier valid signature by another key (returned as "replaced"); an INVALID one (bundle.json edited
     after signing, e.g. files swapped and their hashes updated) or a REMOVED one (bundle.json names a key, bundle.sig
@@ -249,7 +249,7 @@ def sign_bundle(root: Path, key_path: Path, force: bool = False) -> dict[str, An
                          "made that change yourself")
     if earlier.state == "removed" and not force:
         raise EffaiError(f"refusing to sign {root}: {earlier.problems[0]}. Pass --force only if you packed this "
-                         "bundle yourself and an earlier effai zoo sign or effai bench --record was interrupted")
+                         "bundle yourself and an earlier effai bundle sign or effai bench --record was interrupted")
     sig = root / index_mod.SIGNATURE
     if sig.exists():
         sig.unlink()
@@ -262,13 +262,13 @@ def sign_bundle(root: Path, key_path: Path, force: bool = False) -> dict[str, An
 
 
 def reindex(root: Path, index: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """Write bundle.json, regenerate MODEL_CARD.md from it (effai.bundle.card), and write bundle.json again so the
+    """Write bundle.json, regenerate MODEL_CARD.md from it (effai.bundle.model_card_md), and write bundle.json again so the
     new card's hash is listed. Returns (index written, a note when the card module is not available)."""
     index = index_mod.write(root, index)
     try:
-        from effai.bundle import card
+        from effai.bundle import model_card_md as card
     except ImportError:
-        return index, "MODEL_CARD.md was not regenerated (effai.bundle.card is not available)"
+        return index, "MODEL_CARD.md was not regenerated (effai.bundle.model_card_md is not available)"
     card.write(root)
     return index_mod.write(root, index), None
 
@@ -326,7 +326,7 @@ def check_signature(root: Path, index: dict[str, Any], pubkey: Path | None = Non
             return SignatureCheck("invalid", None, False, problems, notes)
         if given is not None:
             problems.append(f"the bundle is unsigned, so it cannot be checked against the key you gave ({given[0]}); "
-                            "ask for a signed bundle (effai zoo pack --sign KEY)")
+                            "ask for a signed bundle (effai bundle pack --sign KEY)")
         else:
             notes.append(UNSIGNED_NOTE)
         return SignatureCheck("unsigned", None, False, problems, notes)

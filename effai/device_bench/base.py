@@ -1,6 +1,6 @@
 """The contracts of `effai bench`: what a runner, a meter and a device filesystem are, and what they return.
 
-device_bench/ imports without torch (ARCHITECTURE.md): it reads only an artifact directory and its manifest, so
+device_bench/ imports without torch (docs/architecture.md): it reads only an artifact directory and its manifest, so
 the same code can run on a board with numpy and one runtime. Nothing here imports effai.export or torch.
 
 One measurement, top to bottom (bench.py):

@@ -2,7 +2,7 @@
 
     run_bench(["out/a-tflite", "out/a-onnx"], "host", BenchConfig(threads=(1, 4)), Path("bench.json"))
 
-Order of one measurement (ARCHITECTURE.md): cooldown (skipped before the first) -> thermal snapshot -> meter start
+Order of one measurement (docs/bench.md): cooldown (skipped before the first) -> thermal snapshot -> meter start
 -> idle window (the meter's idle baseline) -> runner.run (load, first, warmup, timed loop) -> meter stop ->
 energy.reading over the runner's timed window -> thermal snapshot -> throttling verdict -> stats -> the record is
 appended to the report (rewritten atomically) before the next measurement starts, so an interrupted matrix loses
@@ -62,7 +62,7 @@ def _now() -> str:
 
 
 def _version() -> str:
-    from effai import __version__
+    from effai.version import __version__
 
     return __version__
 

@@ -20,7 +20,7 @@ prints one JSON object per line on stdout, flushed:
 Exit codes: 0 success, 3 runtime missing, 2 bad artifact, 1 anything else. `measure()` is the same measurement
 in-process (effai's host runner calls it), so host and remote numbers come from one code path.
 
-The timed loop is kept minimal (ARCHITECTURE.md: harness overhead <= 2% of a bare loop): inputs are bound before
+The timed loop is kept minimal (harness overhead <= 2% of a bare loop, benchmarks/bench_overhead.py): inputs are bound before
 the loop, only perf_counter_ns brackets each invoke and samples are appended to a list. As a script the `iter`
 events stream out one by one, each written after its invoke's timing ends (a connection lost mid-loop keeps what
 was sent); in-process (host runner) or with --no-stream they are emitted after the loop.

@@ -52,7 +52,7 @@ def _now() -> str:
 
 
 def _effai_version() -> str:
-    from effai import __version__  # effai/__init__.py is import-light (no torch)
+    from effai.version import __version__  # effai/__init__.py is import-light (no torch)
 
     return __version__
 

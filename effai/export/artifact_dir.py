@@ -6,13 +6,11 @@ A failed or interrupted export leaves the destination as it was (absent, or the 
 from __future__ import annotations
 
 import errno
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 from effai.errors import EffaiError, UsageError
-from effai.files import replace_dir
+from effai.files import replace_dir, staging_dir
 from effai.export.manifest import MANIFEST, SCHEMA
 
 
@@ -36,50 +34,12 @@ def prepare(out: Path) -> Path:
                          f"schema {SCHEMA}); choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(out)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp = staging_dir(out)
     except PermissionError as e:
         raise UsageError(f"cannot write to {out.parent}: permission denied; choose a writable --out") from e
     except OSError as e:
         raise UsageError(f"cannot create the output directory {out}: {e.strerror}; choose another --out") from e
     return tmp
-
-
-def remove_stale(out: Path) -> list[Path]:
-    """Remove the temp dirs beside `out` that a killed export left (`.NAME.tmp-PID-XXXXXXXX` of a PID no longer
-    alive; a pre-PID `.NAME.tmp-XXXXXXXX` or an `.NAME.old-XXXXXXXX` older than a day). Returns what was removed."""
-    import re
-    import time
-
-    removed = []
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp-(\d+)-|tmp-|old-)[0-9a-f]{{8}}$")
-    try:
-        entries = list(out.parent.iterdir())
-    except OSError:
-        return removed
-    for p in entries:
-        m = pattern.match(p.name)
-        if not m or p.is_symlink() or not p.is_dir():
-            continue
-        if m.group(1) is not None:
-            if _alive(int(m.group(1))):
-                continue
-        elif time.time() - p.stat().st_mtime < 86400:
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:       # another user's process
-        return True
-    return True
 
 
 def commit(tmp: Path, out: Path) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from effai.errors import EffaiError, UsageError
-from effai.export import samples
+from effai.data import photos as samples
 
 DEFAULT_SAMPLES = 128
 MIN_SAMPLES = 32
@@ -125,7 +125,7 @@ def _photos(pre: dict[str, Any], n: int, seed: int) -> np.ndarray:
 def _digits(pre: dict[str, Any], card: Any, n: int, seed: int) -> tuple[np.ndarray, str]:
     import torch
 
-    from effai.train import data as data_mod
+    from effai.data import datasets as data_mod
 
     h, w = pre["input_size"]
     if h != w:
@@ -138,34 +138,24 @@ def _digits(pre: dict[str, Any], card: Any, n: int, seed: int) -> tuple[np.ndarr
 
 
 def _folder(root: Path, pre: dict[str, Any]) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from effai.data.datasets import IMAGE_SUFFIXES, read_image, regular_images
 
-    from effai.train.data import IMAGE_SUFFIXES
-
-    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                   and not any(part.startswith(".") for part in f.relative_to(root).parts))
+    files = regular_images(sorted(f for f in root.rglob("*") if not any(part.startswith(".") for part in
+                                                                        f.relative_to(root).parts)), f"--calib {root}")
     if not files:
         raise UsageError(f"--calib {root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} at any depth); "
                          "point it at a folder of representative images")
-    out = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                rgb = np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as e:
-            raise UsageError(f"--calib: cannot read image {f} ({e}); remove or fix it") from e
-        out.append(samples.resize_crop(rgb, tuple(pre["input_size"]), pre["crop_pct"], pre["interpolation"]))
+    out = [samples.resize_crop(read_image(f, "RGB", "--calib"), tuple(pre["input_size"]), pre["crop_pct"],
+                               pre["interpolation"]) for f in files]
     return np.stack(out)
 
 
 def _npz(path: Path, pre: dict[str, Any]) -> np.ndarray:
+    from effai.data.datasets import read_npz
+
     if path.suffix != ".npz":
         raise UsageError(f"--calib {path} is neither an image folder nor an .npz file")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            x = np.asarray(f["x"])
-    except Exception as e:
-        raise UsageError(f"--calib {path}: expected an .npz with array 'x' (N,H,W,C uint8): {e}") from e
+    x = read_npz(path, ("x",), f"--calib {path}")["x"]
     h, w = pre["input_size"]
     if x.ndim != 4 or x.shape[1:3] != (h, w) or x.shape[3] not in (1, 3) or x.dtype != np.uint8:
         raise UsageError(f"--calib {path}: x is {x.dtype} {tuple(x.shape)}; the model needs uint8 N x {h} x {w} x 3 "

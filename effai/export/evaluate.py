@@ -18,7 +18,7 @@ from effai.zoo.card import ModelCard
 def eval_set(spec: str, card: ModelCard) -> tuple[np.ndarray, np.ndarray, str]:
     """(inputs N,C,H,W float32 preprocessed per the card, labels N, description). The card's held-out split is used
     when the data is the set it was trained on."""
-    from effai.train import data as data_mod
+    from effai.data import datasets as data_mod
 
     c, h, w = card.input_size
     if h != w:

@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from effai.errors import EffaiError, UsageError
+from effai import files
 from effai.files import read_json, sha256
 
 SCHEMA = "effai.manifest/1"
@@ -23,12 +24,7 @@ LOG = "export.log"
 def file_entries(root: Path, exclude: tuple[str, ...] = (MANIFEST, LOG)) -> list[dict[str, Any]]:
     """Every file under root (a .mlpackage is a directory: its files are listed one by one), sorted. The manifest
     and the toolchain log are not hashed (the log may still be written to while the manifest is)."""
-    out = []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel not in exclude:
-            out.append({"path": rel, "bytes": p.stat().st_size, "sha256": sha256(p)})
-    return out
+    return files.file_entries(root, exclude)
 
 
 def write(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -137,61 +133,3 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> None:
     problems = check_files(root, manifest)
     if problems:
         raise EffaiError(f"artifact {root} failed its hash check: {'; '.join(problems[:5])}; re-export it")
-
-
-MAX_NPZ_BYTES = 16 << 30   # arrays effai reads from an .npz (datasets, calibration, parity data): at most 16 GiB
-
-
-def npz_limit() -> int:
-    """Bytes of arrays an .npz may declare: MAX_NPZ_BYTES, or half the memory available now when that is less."""
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        return min(MAX_NPZ_BYTES, avail // 2)
-    except (OSError, StopIteration, ValueError, IndexError):
-        return MAX_NPZ_BYTES
-
-
-def npz_headers(path: Path, what: str, names: tuple[str, ...] | None = None) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """{name: (shape, dtype)} of the arrays in an .npz, read from the member headers without reading any data. An
-    empty, non-zip or damaged file, an object (pickled) array, or arrays declaring more bytes than `npz_limit()`
-    (counting only `names` when given) are a UsageError naming `what`, before numpy allocates anything."""
-    import math
-    import zipfile
-
-    from numpy.lib import format as npf
-
-    limit = npz_limit()
-    out: dict[str, tuple[tuple[int, ...], Any]] = {}
-    try:
-        if Path(path).stat().st_size == 0:
-            raise UsageError(f"{what} is an empty file (0 bytes), not an .npz; write it again with numpy.savez")
-        with zipfile.ZipFile(path) as z:
-            for info in z.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                name = info.filename[:-4]
-                with z.open(info) as f:
-                    version = npf.read_magic(f)
-                    if version == (1, 0):
-                        shape, _, dtype = npf.read_array_header_1_0(f)
-                    elif version == (2, 0):
-                        shape, _, dtype = npf.read_array_header_2_0(f)
-                    else:
-                        shape, _, dtype = npf._read_array_header(f, version)  # (3, 0): no public reader
-                if dtype.hasobject:
-                    raise UsageError(f"{what}: array '{name}' holds Python objects (it would need unpickling); "
-                                     "refusing it: save plain numeric arrays")
-                out[name] = (tuple(int(d) for d in shape), dtype)
-    except UsageError:
-        raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise UsageError(f"{what} is not a readable .npz ({type(e).__name__}: {str(e)[:160]}); write it again "
-                         "with numpy.savez") from None
-    total = sum(math.prod(s) * d.itemsize for n, (s, d) in out.items() if names is None or n in names)
-    if total > limit:
-        shapes = ", ".join(f"{n} {s} {d}" for n, (s, d) in out.items() if names is None or n in names)
-        raise UsageError(f"{what} declares {total / 2**30:,.1f} GiB of arrays ({shapes[:200]}), over effai's limit "
-                         f"of {limit / 2**30:,.1f} GiB (the smaller of {MAX_NPZ_BYTES >> 30} GiB and half the free "
-                         "memory); the file is damaged, or split it into smaller sets")
-    return out

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-import effai
+from effai.version import __version__
 from effai.errors import EffaiError
 from effai.files import atomic_write
 from effai.registry import Registry
@@ -88,7 +88,7 @@ def describe(card: Any, weights_sha256: str, random_init: bool, preprocessing: d
     text = card.description or card.name
     if sha == "random-init":
         text += " (random-init weights: not trained, for testing the pipeline only)"
-    return ModelInfo(name=card.name, description=text, author=f"effai {effai.__version__}",
+    return ModelInfo(name=card.name, description=text, author=f"effai {__version__}",
                      license=card.weights_license or "unknown",
                      version="random-init" if sha == "random-init" else f"weights-sha256:{sha[:16]}",
                      weights_sha256=sha, preprocessing=dict(preprocessing), labels=tuple(labels))
@@ -190,7 +190,7 @@ def write_onnx(root: Path, lowered: Any, info: ModelInfo) -> dict[str, Any]:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.doc_string = info.description
-    proto.producer_name, proto.producer_version = "effai", effai.__version__
+    proto.producer_name, proto.producer_version = "effai", __version__
     for v, spec in zip(proto.graph.input, lowered.inputs):
         v.doc_string = info.input_text(spec.shape, spec.dtype)
     for v in proto.graph.output:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-import effai
+from effai.version import __version__
 from effai import toolchain, zoo
 from effai.errors import EffaiError, UsageError, choices_hint
 from effai.export import artifact_dir, fallback as fallback_stage, manifest as manifest_io, metadata
@@ -33,9 +33,10 @@ from effai.export.diagnose import lowering_error
 from effai.export.fold import FoldReport, flat_outputs, fold
 from effai.export.fallback import gate_failed
 from effai.export.parity import check_artifact
+from effai.export.plan import require
 from effai.export.precisions import PRECISIONS
 from effai.export.quiet import captured
-from effai.export.samples import parity_inputs
+from effai.data.photos import parity_inputs
 from effai.export.targets import TARGETS, LowerOptions
 from effai.export.targets.base import ALL_LAYERS
 from effai.export.trace import trace
@@ -96,13 +97,7 @@ def resolve(loaded: zoo.LoadedModel, cfg: ExportConfig) -> tuple[Any, str, tuple
     ok, why = target.available()
     if not ok:
         raise EffaiError(f"target '{cfg.target}' is not available here: {why}")
-    precision = cfg.precision or target.precisions[0]
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision '{precision}'; {choices_hint(precision, PRECISIONS.names())}")
-    if precision not in target.precisions:
-        why = target.unsupported.get(precision)
-        raise UsageError(f"--quantize {precision} is not supported by {cfg.target}"
-                         + (f" ({why})" if why else "") + f"; {cfg.target} takes: {', '.join(target.precisions)}")
+    precision = require(cfg.target, cfg.precision)
     if cfg.io_dtype not in ("float", "int8"):
         raise UsageError(f"--io-dtype {cfg.io_dtype!r}: choose float or int8")
     if cfg.io_dtype == "int8" and (cfg.target, precision) != ("tflite", "int8"):
@@ -275,7 +270,7 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
             np.savez_compressed(tmp / manifest_io.PARITY_DATA, photos_u8=photos,
                                 **{f"reference_{i}": r for i, r in enumerate(reference)})
             manifest = {
-                "effai_version": effai.__version__,
+                "effai_version": __version__,
                 "model": {"name": card.name, "family": card.family, "source": card.source,
                           "weights": loaded.weights.source, "weights_sha256": loaded.weights.sha256,
                           "random_init": loaded.random_init, "weights_license": card.weights_license,

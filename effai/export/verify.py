@@ -13,8 +13,9 @@ import numpy as np
 
 from effai.errors import UsageError
 from effai.export import manifest as manifest_io
+from effai.files import npz_headers
 from effai.export.parity import TOLERANCES, check_artifact
-from effai.export.samples import gaussian, normalize
+from effai.data.photos import gaussian, normalize
 from effai.export.targets import TARGETS, Lowered, TensorSpec
 
 
@@ -66,7 +67,7 @@ def _parity_samples(root: Path, m: dict[str, Any]) -> tuple[np.ndarray, list[np.
     if not 0 <= n <= MAX_PARITY_SAMPLES or not 0 < c * h * w <= 3 * 4096 * 4096:
         raise UsageError(f"{root}: the manifest asks for {n} parity samples of {c}x{h}x{w} (at most "
                          f"{MAX_PARITY_SAMPLES} of up to 3x4096x4096); it was edited: re-export the artifact")
-    manifest_io.npz_headers(data_path, f"{root}: the parity data {p['data']}")
+    npz_headers(data_path, f"{root}: the parity data {p['data']}")
     try:
         with np.load(data_path, allow_pickle=False) as data:
             photos = data["photos_u8"]

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from effai.errors import UsageError
 from effai.registry import Registry
-from effai.train.features import FeatureCapture, feature_info, stage_exits
+from effai.zoo.features import FeatureCapture, feature_info, stage_exits
 from effai.train.losses import LOSSES, KDParams
 from effai.train.losses.ofa import ofa_loss
 from effai.train.projectors import PROJECTORS, family_of, init_projector

@@ -24,9 +24,10 @@ from torch import nn
 
 from effai.errors import EffaiError, UsageError
 from effai.train import checkpoint as ckpt
-from effai.train import data as data_mod
+from effai.data import datasets as data_mod
 from effai.train import distributed as ddp
 from effai.train.distillers import build_distiller
+from effai.train.evaluation import evaluate
 from effai.train.models import build_student, load_teacher, save_model
 from effai.train.optim import param_groups, warmup_cosine
 from effai.train.recipes import TrainConfig
@@ -227,19 +228,6 @@ def split_leak_warning(cfg: TrainConfig, t_card: Any) -> str | None:
     return (f"the teacher was trained on {cfg.data} with split seed {t_split.get('seed')}, this run holds out with "
             f"split seed {split_seed(cfg)}: the teacher has seen some held-out images, so held-out accuracy is "
             f"optimistic; pass --set split_seed={t_split.get('seed')} to use the teacher's split")
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, val: data_mod.ImageData, mean: torch.Tensor, std: torch.Tensor,
-             device: torch.device, batch: int = 256) -> float:
-    was = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(val), batch):
-        x = (val.x[i:i + batch].float() / 255 - mean) / std
-        correct += int((model(x.to(device)).argmax(1).cpu() == val.y[i:i + batch]).sum())
-    model.train(was)
-    return correct / max(1, len(val))
 
 
 @torch.no_grad()

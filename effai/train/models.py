@@ -90,7 +90,7 @@ def teacher_summary(cfg: TrainConfig) -> dict[str, Any] | None:
 def save_model(model: nn.Module, card: ModelCard, cfg: TrainConfig, out: Path, val_set: Any,
                result: dict[str, Any], which: str) -> dict[str, Any]:
     """Fold (architectures with their own fold) and write model.safetensors + train_record.json atomically."""
-    from effai.train.loop import evaluate
+    from effai.train.evaluation import evaluate
 
     model = ddp.revert_batchnorm(model).eval().cpu()
     mean = torch.tensor(card.mean).view(1, -1, 1, 1)
@@ -108,9 +108,7 @@ def save_model(model: nn.Module, card: ModelCard, cfg: TrainConfig, out: Path, v
               "val_acc": acc, "val_acc_before_fold": acc_before, "folded": folded,
               "epochs": len(result["history"]), "world_size": result["world_size"],
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    card_json = {"name": card.name, "family": card.family, "source": card.source, "input_size": list(card.input_size),
-                 "mean": list(card.mean), "std": list(card.std), "num_classes": card.num_classes,
-                 "interpolation": card.interpolation, "crop_pct": card.crop_pct, "arch_kwargs": arch_kwargs}
+    card_json = card.with_(extra={**card.extra, "arch_kwargs": arch_kwargs}).to_dict()
     ckpt.write_model(out / "model.safetensors", model, card_json, record, labels=card.extra["labels"])
     atomic_write(out / "train_record.json", json.dumps({**record, "history": result["history"]}, indent=2) + "\n")
     return {"model_path": str(out / "model.safetensors"), "val_acc": acc, "folded": folded}

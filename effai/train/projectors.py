@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from effai.errors import UsageError
+from effai.zoo.layers import SepConv   # re-exported: OFA-KD's and CDFKD-MFS's separable block
 from effai.registry import Registry
 
 
@@ -44,17 +45,6 @@ class ProjectorRule:
     matches: Callable[[nn.Module, Tensor], bool]
     build: Callable[[nn.Module, Tensor, int, int, int, int], nn.Module]
     layout: str                          # the feature layout the rule takes, for error messages
-
-
-class SepConv(nn.Sequential):
-    """dw3x3 (stride) -> pw -> BN -> ReLU -> dw3x3 -> pw (to c_out) -> BN -> ReLU (OFA-KD's, from DARTS)."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 2) -> None:
-        super().__init__(
-            nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), nn.Conv2d(c_in, c_in, 1, bias=False),
-            nn.BatchNorm2d(c_in), nn.ReLU(inplace=False),
-            nn.Conv2d(c_in, c_in, 3, 1, 1, groups=c_in, bias=False), nn.Conv2d(c_in, c_out, 1, bias=False),
-            nn.BatchNorm2d(c_out), nn.ReLU(inplace=False))
 
 
 def cnn_projector(c_in: int, stage: int, d_star: int, num_classes: int) -> nn.Sequential:

@@ -8,7 +8,7 @@ The epoch counts are scaled for small data (300 ImageNet epochs -> 15 on digits)
 The logit losses' hyper-parameters are VanillaKD's defaults (T = 1; DKD alpha 1, beta 2, no warm-up; DIST beta =
 gamma = 1), each a field: `--set kd_temperature=4 --set dkd_beta=8 --set dkd_warmup=5 --set dist_gamma=2`.
 OFA-KD (Hao et al. 2023, arXiv:2310.19444): recipe `ofa`, L = CE + L_OFA(final) + sum over the student's stage exits
-of L_OFA(projector(exit)), eps = 1 and T = 1 by default (METHODS.md section 3).
+of L_OFA(projector(exit)), eps = 1 and T = 1 by default (docs/distill.md, OFA-KD).
 Token students (ViT, Mixer, Swin, DeiT) train with AdamW (lr 1e-3 per 128 images, weight decay 0.05) unless
 --lr/--set say otherwise: SGD at CNN learning rates does not train them.
 """

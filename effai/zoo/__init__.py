@@ -13,8 +13,10 @@ from pathlib import Path
 from torch import nn
 
 from effai.errors import EffaiError, UsageError
-from effai.zoo.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard
-from effai.zoo.cards import CARDS
+from effai.zoo.card import ModelCard
+from effai.zoo.build import build, resolve_card
+from effai.zoo import cdfkd_student, devit_fusion  # noqa: F401  (they register their architectures)
+from effai.zoo.catalog import CARDS
 from effai.zoo.labels import label_set
 from effai.zoo.user_module import load_model_def
 from effai.files import loads_json, sha256 as sha256_file
@@ -39,38 +41,6 @@ def labels(card: ModelCard) -> list[str]:
     if "labels" in card.extra:
         return list(card.extra["labels"])
     return list(label_set(card.label_set, card.num_classes))
-
-
-def resolve_card(name: str) -> ModelCard:
-    """A zoo card by name, or a card derived from timm's pretrained config for any other timm model."""
-    if name in CARDS:
-        return CARDS.get(name)
-    import timm
-
-    if timm.is_model(name):
-        return _card_from_timm(name)
-    import difflib
-
-    timm_names = timm.list_models()
-    close = (difflib.get_close_matches(name, CARDS.names(), n=1, cutoff=0.6)
-             or difflib.get_close_matches(name, timm_names, n=1, cutoff=0.6))
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    raise UsageError(f"unknown model '{name}'; {hint}the zoo has: {', '.join(CARDS.names())}; any of timm's "
-                     f"{len(timm_names)} model names works too, or --model-def path/file.py:Class")
-
-
-def _card_from_timm(name: str) -> ModelCard:
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(name)
-    c = cfg.to_dict() if cfg is not None else {}
-    size = tuple(c.get("input_size", (3, 224, 224)))
-    nc = int(c.get("num_classes", 1000) or 1000)
-    return ModelCard(name=name, family=name.split("_")[0], source=f"timm:{name}", input_size=size,  # type: ignore[arg-type]
-                     mean=tuple(c.get("mean", IMAGENET_MEAN)), std=tuple(c.get("std", IMAGENET_STD)),
-                     interpolation=c.get("interpolation", "bilinear"), crop_pct=float(c.get("crop_pct", 0.875)),
-                     num_classes=nc, label_set="imagenet-1k" if nc == 1000 else None,
-                     weights_license=c.get("license", "unknown"), description=f"timm model {name} (not in effai's zoo)")
 
 
 def create(name: str | None = None, *, weights: str | Path | None = None, pretrained: bool = False,
@@ -113,33 +83,6 @@ def create(name: str | None = None, *, weights: str | Path | None = None, pretra
                             "images; pass --weights PATH or --pretrained")
     loaded.model.eval()
     return loaded
-
-
-def build(card: ModelCard) -> nn.Module:
-    """A randomly initialized model as the card describes it (classes, input channels, architecture options)."""
-    kind, _, ref = card.source.partition(":")
-    kwargs = dict(card.extra.get("arch_kwargs", {}))
-    if kind == "effai":
-        from effai.zoo.archs import ARCHS
-
-        factory = ARCHS.get(ref)
-        if getattr(factory, "takes_img_size", False):
-            kwargs["img_size"] = card.input_size[1]
-        try:
-            return factory(num_classes=card.num_classes, in_chans=card.input_size[0], **kwargs)
-        except TypeError as e:
-            raise UsageError(f"{card.name} ({card.source}) cannot be built with options {sorted(kwargs)}: {e}; the "
-                             "checkpoint's card does not fit this architecture") from e
-    if kind == "timm":
-        import timm
-
-        try:
-            return timm.create_model(ref, pretrained=False, num_classes=card.num_classes,
-                                     in_chans=card.input_size[0], **kwargs)
-        except TypeError as e:
-            raise UsageError(f"{card.name} ({card.source}) cannot be built with options {sorted(kwargs)}: {e}; the "
-                             "checkpoint's card does not fit this architecture") from e
-    raise EffaiError(f"card {card.name} has source '{card.source}', which the zoo cannot build")
 
 
 # Architecture options a checkpoint's metadata may set (metadata is untrusted: only these names, JSON values).
@@ -220,11 +163,8 @@ def card_from_checkpoint(path: Path) -> ModelCard | None:
                 if tcfg["data"] == "digits":   # a bundled set; a path named by metadata is not followed
                     extra["eval_data"] = tcfg["data"]
             extra["train_record"] = record
-        return ModelCard(name=c["name"], family=c.get("family", "trained"), source=c["source"],
-                         input_size=size, mean=mean, std=std,
-                         interpolation=c.get("interpolation", "bilinear"), crop_pct=float(c.get("crop_pct", 1.0)),
-                         num_classes=num_classes, label_set=None,
-                         description=f"trained by effai ({path.name})", extra=extra)
+        return ModelCard.from_dict({**c, "input_size": size, "mean": mean, "std": std, "num_classes": num_classes},
+                                   description=f"trained by effai ({path.name})", extra=extra)
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise UsageError(f"{path} has a malformed effai.card in its metadata ({e}); re-save it") from None
 

@@ -43,17 +43,5 @@ for _name in ("vit_pico", "vit_tiny", "vit_small"):
     ARCHS.register(_name, _token("vit", _name))
 ARCHS.register("mixer_pico", _token("mixer", "mixer_pico"))
 
-
-def _lazy(module: str, factory: str, takes_img_size: bool = False) -> Callable[..., nn.Module]:
-    def build(**kwargs: Any) -> nn.Module:
-        import importlib
-
-        return getattr(importlib.import_module(module), factory)(**kwargs)
-
-    build.takes_img_size = takes_img_size  # type: ignore[attr-defined]
-    return build
-
-
-# Trained composites whose checkpoints `effai export --weights` rebuilds from their card's arch_kwargs.
-ARCHS.register("cdfkd_student", _lazy("effai.train.cdfkd.student", "build_multi_header", takes_img_size=True))
-ARCHS.register("devit_fusion", _lazy("effai.train.devit.fusion", "build_fusion_head"))
+# Trained composites (CDFKD-MFS's multi-header student, DeViT's fusion head) register themselves from their own
+# modules (effai/zoo/cdfkd_student.py, devit_fusion.py): they build their backbones through effai.zoo.build.

@@ -36,6 +36,25 @@ class ModelCard:
     def with_(self, **changes: Any) -> ModelCard:
         return replace(self, **changes)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The card as effai's checkpoints carry it (`effai.card` metadata, JSON): what rebuilds the model and
+        preprocesses its input; the architecture options are `arch_kwargs`."""
+        return {"name": self.name, "family": self.family, "source": self.source, "input_size": list(self.input_size),
+                "mean": list(self.mean), "std": list(self.std), "num_classes": self.num_classes,
+                "interpolation": self.interpolation, "crop_pct": self.crop_pct,
+                "arch_kwargs": dict(self.extra.get("arch_kwargs", {}))}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **changes: Any) -> ModelCard:
+        """The inverse of `to_dict` for an already validated dict (checkpoint metadata is validated by
+        effai.zoo.card_from_checkpoint first); `changes` override fields (description, extra, ...)."""
+        card = cls(name=d["name"], family=d.get("family", "trained"), source=d["source"],
+                   input_size=tuple(d["input_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),  # type: ignore[arg-type]
+                   interpolation=d.get("interpolation", "bilinear"), crop_pct=float(d.get("crop_pct", 1.0)),
+                   num_classes=int(d["num_classes"]), label_set=None,
+                   extra={"arch_kwargs": dict(d.get("arch_kwargs", {}))})
+        return card.with_(**changes) if changes else card
+
     def preprocessing(self) -> dict[str, Any]:
         """The manifest's `preprocessing` block: how an app must turn a photo into the model input."""
         c, h, w = self.input_size

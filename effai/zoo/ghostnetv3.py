@@ -1,7 +1,7 @@
 """GhostNetV3: a compact CNN whose ghost modules train with parallel branches and deploy as single convs.
 
 Paper: Liu et al., "GhostNetV3: Exploring the Training Strategies for Compact Models", arXiv:2404.11202, 2024.
-Spec: docs/METHODS.md section 1. Parameter names mirror timm's `GhostNet(version='v3')` (timm/models/ghostnet.py),
+Spec: docs/ghostnetv3.md. Parameter names mirror timm's `GhostNet(version='v3')` (timm/models/ghostnet.py),
 so a timm state_dict loads strictly, before or after folding (see `remap_timm_state_dict`).
 
 Architecture (width w, channels c -> make_divisible(c * w, 4)):

@@ -37,3 +37,14 @@ class NearestUpsample(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.src_hw} -> {self.dst_hw}"
+
+
+class SepConv(nn.Sequential):
+    """dw3x3 (stride) -> pw -> BN -> ReLU -> dw3x3 -> pw (to c_out) -> BN -> ReLU (OFA-KD's, from DARTS)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 2) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), nn.Conv2d(c_in, c_in, 1, bias=False),
+            nn.BatchNorm2d(c_in), nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_in, 3, 1, 1, groups=c_in, bias=False), nn.Conv2d(c_in, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out), nn.ReLU(inplace=False))

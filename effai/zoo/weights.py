@@ -51,7 +51,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+        if "Weights only load failed" in str(e) and ("Unsupported operand" not in str(e) or _pickle_calls(path)):
             raise UsageError(f"refusing to unpickle {path}: it holds more than tensors and plain containers, and "
                              f"unpickling it could run code ({_refusal_reason(e)}); re-save it as safetensors or as "
                              "a plain state_dict where it came from") from None
@@ -61,6 +61,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise UsageError(f"{path} is not a readable torch checkpoint (corrupt, truncated, or not a checkpoint): "
                          f"{type(e).__name__}: {_first_line(e)}") from None
     return _unwrap(obj, path)
+
+
+def _pickle_calls(path: Path) -> bool:
+    """Whether the file starts with a well-formed pickle that imports or calls something (GLOBAL, REDUCE, ...): read
+    with pickletools, which parses opcodes and runs nothing. Random bytes are not (torch says "Unsupported operand"
+    for both)."""
+    import pickletools
+
+    calls = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+    try:
+        with open(path, "rb") as f:
+            ops = [op.name for op, _, _ in pickletools.genops(f.read(1 << 20))]   # the whole pickle, to its STOP
+    except Exception:   # not a well-formed pickle: garbage
+        return False
+    return ops[-1:] == ["STOP"] and any(name in calls for name in ops)
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from effai.device_bench.base import BenchConfig, Timings
-from effai.device_bench.runners import RunnerError
+from effai.device_bench.runners.common import RunnerError
 from effai.device_bench.runners import cpumask
 from effai.device_bench.runners.tool_output import (ToolOutputError, ToolResult, parse_benchmark_model,
                                                     parse_executor_runner, tail)

@@ -14,7 +14,7 @@ from typing import Any
 from effai.device_bench import remote_runner
 from effai.device_bench.base import BenchConfig, Timings
 from effai.device_bench.hostfs import LocalFS
-from effai.device_bench.runners import RunnerError, timings_from_events
+from effai.device_bench.runners.common import RunnerError, timings_from_events
 from effai.errors import EffaiError, UsageError
 
 

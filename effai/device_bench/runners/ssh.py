@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from effai.device_bench.base import BenchConfig, Timings
-from effai.device_bench.runners import RunnerError, timings_from_events
+from effai.device_bench.runners.common import RunnerError, timings_from_events
 from effai.errors import EffaiError, UsageError
 
 try:  # paramiko is needed only to connect; without it this module still imports (and connect() says what to install)

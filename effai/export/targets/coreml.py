@@ -64,9 +64,6 @@ class CoreMLTarget:
         import torch
 
         precision = options.precision
-        if precision not in self.precisions:
-            raise UsageError(f"precision '{precision}' is not supported by coreml; choose one of: "
-                             f"{', '.join(self.precisions)}")
         min_target = MIN_TARGETS.get(precision, MIN_TARGET)
         samples = _calibration_batches(options, example_inputs) if precision == "int8" else None
         _patch_int_cast_for_numpy2()

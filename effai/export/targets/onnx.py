@@ -52,9 +52,6 @@ class OnnxTarget:
                        ("onnxslim", "onnxslim"), extra="onnx")
 
     def lower(self, exported: Any, example_inputs: tuple, options: LowerOptions, out_dir: Path) -> Lowered:
-        if options.precision not in self.precisions:
-            raise UsageError(f"precision '{options.precision}' is not supported by onnx; choose one of: "
-                             f"{', '.join(self.precisions)}")
         calibration, keep_float = None, {}
         if options.precision == "int8":   # inputs are checked before the (slow) export, so bad ones fail fast
             calibration = check_calibration(options.calibration, example_inputs)

@@ -7,7 +7,7 @@ backbone, one header per teacher) imitates every teacher, while the generator se
     result = train_cdfkd(CdfkdConfig(teachers=("runs/t1", "runs/t2", "runs/t3"), out="runs/cdfkd"))
 
 Hao et al., "CDFKD-MFS: Collaborative Data-free Knowledge Distillation via Multi-level Feature Sharing",
-IEEE TMM 2022, arXiv:2205.11845. Spec: docs/METHODS.md section 5.
+IEEE TMM 2022, arXiv:2205.11845. Spec: docs/distill.md (CDFKD-MFS).
 """
 
 from effai.train.cdfkd.config import CdfkdConfig

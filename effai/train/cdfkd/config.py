@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from effai.errors import UsageError
-from effai.train.cdfkd.student import AGGREGATIONS
+from effai.zoo.cdfkd_student import AGGREGATIONS
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ batch from the generator stops the run with the last good checkpoint kept. Optio
 aggregation is trained on a few real TRAIN-split images with everything else frozen.
 
 Hao et al., "CDFKD-MFS: Collaborative Data-free Knowledge Distillation via Multi-level Feature Sharing",
-IEEE TMM 2022, arXiv:2205.11845; losses in `effai.train.cdfkd.losses`, spec in docs/METHODS.md section 5.
+IEEE TMM 2022, arXiv:2205.11845; losses in `effai.train.cdfkd.losses`, spec in docs/distill.md (CDFKD-MFS).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from torch import nn
 from effai.errors import EffaiError, UsageError
 from effai.files import atomic_write
 from effai.train import checkpoint as ckpt
-from effai.train import data as data_mod
+from effai.data import datasets as data_mod
 from effai.train.cdfkd.config import CdfkdConfig
 from effai.train.cdfkd.generator import Generator
 from effai.train.cdfkd.losses import generator_loss, student_loss
-from effai.train.cdfkd.student import MultiHeaderStudent, build_multi_header
+from effai.zoo.cdfkd_student import MultiHeaderStudent, build_multi_header
 from effai.train.cdfkd.teachers import TeacherEnsemble, load_teachers
-from effai.train.loop import evaluate
+from effai.train.evaluation import evaluate
 from effai.train.optim import warmup_cosine
 
 COLLAPSE_STD = 1e-4   # a generated batch with a smaller standard deviation is (nearly) constant: the generator died
@@ -303,10 +303,8 @@ def stratified_indices(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 def _save_student(student: MultiHeaderStudent, card: Any, labels: list[str], record: dict[str, Any],
                   history: list[dict[str, Any]], out: Path) -> Path:
     backbone = student.arch_kwargs["backbone"]
-    card_json = {"name": f"cdfkd_{backbone}", "family": "cdfkd", "source": "effai:cdfkd_student",
-                 "input_size": list(card.input_size), "mean": list(card.mean), "std": list(card.std),
-                 "num_classes": student.num_classes, "interpolation": card.interpolation, "crop_pct": card.crop_pct,
-                 "arch_kwargs": student.arch_kwargs}
+    card_json = card.with_(name=f"cdfkd_{backbone}", family="cdfkd", source="effai:cdfkd_student",
+                           num_classes=student.num_classes, extra={"arch_kwargs": student.arch_kwargs}).to_dict()
     path = ckpt.write_model(out / "model.safetensors", student, card_json, record, labels=labels)
     atomic_write(out / "train_record.json", json.dumps({**record, "history": history}, indent=2) + "\n")
     return path

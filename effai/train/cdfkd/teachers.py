@@ -16,7 +16,7 @@ from torch import nn
 
 from effai.errors import UsageError
 from effai.train.cdfkd.losses import BNStatistics
-from effai.train.features import FeatureCapture, resolve_module
+from effai.zoo.features import FeatureCapture, resolve_module
 from effai.zoo.card import ModelCard
 
 

@@ -33,14 +33,15 @@ from torch import nn
 from effai import zoo
 from effai.errors import UsageError
 from effai.files import atomic_write, sha256
-from effai.train import data as data_mod
+from effai.data import datasets as data_mod
 from effai.train import checkpoint as ckpt
 from effai.train.checkpoint import writable_run_dir
 from effai.train.devit import dekd, prune, stages
 from effai.train.devit.config import DevitConfig
-from effai.train.devit.fusion import Ensemble, FusionHead
+from effai.zoo.devit_fusion import Ensemble, FusionHead
+from effai.zoo.card import ModelCard
 from effai.train.devit.split import ClassSplit, split_classes
-from effai.train.loop import evaluate
+from effai.train.evaluation import evaluate
 from effai.train.models import load_teacher
 
 STUDENTS = ("vit_pico", "vit_tiny", "vit_small")   # effai's token archs that take the image size
@@ -129,10 +130,11 @@ def train_devit(cfg: DevitConfig, *, force: bool = False, progress: Any = None) 
     record = {"recipe": "devit", "devit": cfg.to_dict(), "dataset": dataset, "teacher": str(t_path),
               "ensemble_val_acc": acc, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for i, (part, rep) in enumerate(zip(parts, part_reports)):
-        card = {"name": f"devit_part{i}", "family": "devit", "source": f"effai:{cfg.student}",
-                "input_size": [channels, size, size], "mean": list(t_card.mean), "std": list(t_card.std),
-                "num_classes": 0, "interpolation": "bilinear", "crop_pct": 1.0,
-                "arch_kwargs": {"patch_size": patch, **rep.get("pruning", {}).get("arch_kwargs", {})}}
+        card = ModelCard(name=f"devit_part{i}", family="devit", source=f"effai:{cfg.student}",
+                         input_size=(channels, size, size), mean=t_card.mean, std=t_card.std, num_classes=0,
+                         crop_pct=1.0, extra={"arch_kwargs": {"patch_size": patch,
+                                                              **rep.get("pruning", {}).get("arch_kwargs", {})}}
+                         ).to_dict()
         info = {"role": "part", "part": i, **_identity(split, d_sub, d_teacher), "classes": rep["classes"],
                 "class_names": rep["class_names"]}
         path = out / f"part_{i}" / "model.safetensors"
@@ -140,10 +142,10 @@ def train_devit(cfg: DevitConfig, *, force: bool = False, progress: Any = None) 
         rep.update(path=str(path.relative_to(out)), sha256=sha256(path), params=_params(part), d_sub=d_sub,
                    runs_on=f"device {i} (rank {i + 1}): effai devit serve {out} --part {i} --coordinator HOST:PORT "
                            "--token-file FILE")
-    head_card = {"name": "devit_fusion", "family": "devit", "source": "effai:devit_fusion",
-                 "input_size": [cfg.parts * d_sub, 1, 1], "mean": [0.0], "std": [1.0], "num_classes": len(full.classes),
-                 "interpolation": "bilinear", "crop_pct": 1.0,
-                 "arch_kwargs": {"parts": cfg.parts, "d_sub": d_sub, "d_teacher": d_teacher}}
+    head_card = ModelCard(name="devit_fusion", family="devit", source="effai:devit_fusion",
+                          input_size=(cfg.parts * d_sub, 1, 1), mean=(0.0,), std=(1.0,), num_classes=len(full.classes),
+                          crop_pct=1.0, extra={"arch_kwargs": {"parts": cfg.parts, "d_sub": d_sub,
+                                                               "d_teacher": d_teacher}}).to_dict()
     head_path = out / "fusion" / "model.safetensors"
     ckpt.write_model(head_path, ensemble.head, head_card, {**record, "val_acc": acc}, labels=full.classes,
                      devit={"role": "fusion", **_identity(split, d_sub, d_teacher),

@@ -18,7 +18,7 @@ the accuracy (loop.py). The pruned sub-model's card records its heads and neuron
 Choices, against the reference code:
 - each unit's activations are standardized over the batch, (x - mean) / std; the reference writes
   `x - mean / std` (operator precedence), which is no standardization;
-- heads use the same score as neurons (METHODS.md); the reference ranks heads by relevance - 0.1 redundancy
+- heads use the same score as neurons (docs/distill.md); the reference ranks heads by relevance - 0.1 redundancy
   (HSIC between heads), an O(heads^2) variant;
 - the scores of several batches are summed (the reference uses one batch);
 - the removed count is rounded half up and one unit always stays (the reference floors the kept count, which can

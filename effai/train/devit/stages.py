@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effai.train import data as data_mod
+from effai.data import datasets as data_mod
 from effai.train.devit import dekd
 from effai.train.devit.config import DevitConfig
-from effai.train.devit.fusion import Ensemble
-from effai.train.features import FeatureCapture
-from effai.train.loop import TrainingDiverged, evaluate
+from effai.zoo.devit_fusion import Ensemble
+from effai.zoo.features import FeatureCapture
+from effai.train.evaluation import evaluate
+from effai.train.loop import TrainingDiverged
 from effai.train.mixing import mix_batch, soft_cross_entropy
 from effai.train.optim import param_groups, warmup_cosine
 

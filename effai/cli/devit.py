@@ -19,23 +19,17 @@ from typing import Annotated, Any, Optional
 import typer
 
 from effai import console
+from effai.cli.common import JsonOpt, fail
 from effai.errors import EffaiError, UsageError
 
 devit_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                         help="DeViT collaborative inference: parts on devices, fusion head on a coordinator.")
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output only (one JSON object).")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds any wait may take (join, send, receive) "
                                            "before the run fails naming the device.")]
 ServeTimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait to reach the coordinator and for "
                                                 "its go; after the go the coordinator's --timeout bounds every wait.")]
 TokenOpt = Annotated[Optional[Path], typer.Option("--token-file", help="The run's shared secret (a file only you can "
                                                   "read); default: $EFFAI_DEVIT_TOKEN.")]
-
-
-def _fail(e: EffaiError, as_json: bool, extra: dict[str, Any] | None = None) -> None:
-    from effai.cli import _fail as fail
-
-    fail(e, as_json, extra)
 
 
 def _threads(n: int | None) -> None:
@@ -62,9 +56,9 @@ def serve_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Hold one part on this device and answer the coordinator until it says stop."""
-    from effai.devit.channel import TOKEN_ENV, resolve_token
-    from effai.devit.parts import load_part
-    from effai.devit.runtime import serve
+    from effai.devit_runtime.channel import TOKEN_ENV, resolve_token
+    from effai.devit_runtime.parts import load_part
+    from effai.devit_runtime.runtime import serve
 
     try:
         _threads(threads)
@@ -83,7 +77,7 @@ def serve_cmd(
             console.err().print(f"[dim]… part {part} ({loaded.d_sub}-wide CLS) joining {coordinator}[/]")
         stats = serve(loaded, coordinator, token=token, timeout_s=timeout, data=data, fail_after=fail_after)
     except EffaiError as e:
-        _fail(e, as_json, {"part": part})
+        fail(e, as_json, {"part": part})
     if not as_json:
         console.err().print(f"[green]✓[/] part {part}: {stats['batches']} batches, "
                             f"compute median {stats['compute_ms'].get('median', 0):.2f} ms, "
@@ -114,9 +108,9 @@ def run_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Fuse the devices' CLS features into predictions; report latency, compute, traffic per device."""
-    from effai.devit.channel import TOKEN_ENV, resolve_token
-    from effai.devit.parts import load_run
-    from effai.devit.runtime import RunSpec, coordinate, format_address, parse_address
+    from effai.devit_runtime.channel import TOKEN_ENV, resolve_token
+    from effai.devit_runtime.parts import load_run
+    from effai.devit_runtime.runtime import RunSpec, coordinate, format_address, parse_address
 
     try:
         _threads(threads)
@@ -132,7 +126,7 @@ def run_cmd(
                        send_images=send_images)
         ui = console.err()
         if local:
-            from effai.devit.local import run_local
+            from effai.devit_runtime.local import run_local
 
             if not as_json:
                 ui.print(f"[dim]… {decomp.fusion.parts} device processes + coordinator on this host[/]")
@@ -154,7 +148,7 @@ def run_cmd(
 
             atomic_write(out, json.dumps(report, indent=2) + "\n")
     except EffaiError as e:
-        _fail(e, as_json)
+        fail(e, as_json)
     if not as_json:
         console.out().print(_table(report))
     console.json_line({"ok": True, **report})
@@ -171,8 +165,8 @@ def export_cmd(
 ) -> None:
     """Export every part (for its device) and the fusion head (for the coordinator), with parity, and record which
     artifact runs where in devit_bundle.json."""
-    from effai.cli import check_precision, parse_targets
-    from effai.devit.bundle import export_run
+    from effai.cli.common import check_precision, parse_targets
+    from effai.devit_runtime.export import export_run
 
     try:
         targets = parse_targets(target)
@@ -182,7 +176,7 @@ def export_cmd(
         record = export_run(run, targets, out, precision,
                             progress=None if as_json else (lambda what: ui.print(f"[dim]… export {what}[/]")))
     except EffaiError as e:
-        _fail(e, as_json)
+        fail(e, as_json)
     if not as_json:
         for piece in record["pieces"]:
             name = "fusion head" if piece["role"] == "fusion" else f"part {piece['index']}"
@@ -214,6 +208,3 @@ def register(app: typer.Typer) -> None:
     """Add `effai devit serve|run` to the main typer app."""
     app.add_typer(devit_app, name="devit")
 
-
-if __name__ == "__main__":
-    devit_app()

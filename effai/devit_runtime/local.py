@@ -1,6 +1,6 @@
 """`effai devit run --local`: the whole collaborative run on this host, one process per device.
 
-The coordinator runs in the calling process; each part runs in its own `python -m effai.cli_devit serve` process that
+The coordinator runs in the calling process; each part runs in its own `python -m effai devit serve` process that
 joins over TCP exactly as a remote device would (gloo, the same rendezvous and checks), so the run exercises the
 real protocol. The run gets a fresh token, which the device processes receive in their environment
 ($EFFAI_DEVIT_TOKEN, never on their command line), and each reads the coordinator's --data itself. A device
@@ -21,9 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from effai.devit.parts import Decomposition
-from effai.devit import channel
-from effai.devit.runtime import DeviceExited, RunResult, RunSpec, coordinate, format_address
+from effai.devit_runtime.parts import Decomposition
+from effai.devit_runtime import channel
+from effai.devit_runtime.runtime import DeviceExited, RunResult, RunSpec, coordinate, format_address
 
 
 def run_local(decomp: Decomposition, run_dir: str | Path, spec: RunSpec, host: str = "127.0.0.1", port: int = 0,
@@ -39,7 +39,7 @@ def run_local(decomp: Decomposition, run_dir: str | Path, spec: RunSpec, host: s
     def start(h: str, p: int) -> None:
         for i in range(decomp.fusion.parts):
             target = str(part_paths[i]) if part_paths else str(run_dir)
-            cmd = [sys.executable, "-m", "effai.cli_devit", "serve", target, "--part", str(i),
+            cmd = [sys.executable, "-m", "effai", "devit", "serve", target, "--part", str(i),
                    "--coordinator", format_address(h, p), "--timeout", f"{spec.timeout_s:g}", "--threads", str(threads),
                    "--json"]
             if not spec.send_images:

@@ -21,7 +21,7 @@ from torch import nn
 from effai import zoo
 from effai.errors import UsageError
 from effai.files import read_json, sha256
-from effai.train.devit.fusion import Ensemble, FusionHead, check_widths
+from effai.zoo.devit_fusion import Ensemble, FusionHead, check_widths
 
 
 @dataclass

@@ -32,8 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from effai.errors import UsageError
-from effai.train.features import FeatureCapture, feature_info, stage_exits
-from effai.train.projectors import SepConv   # OFA-KD's and CDFKD-MFS's separable block (DARTS)
+from effai.zoo.archs import ARCHS
+from effai.zoo.build import build, resolve_card
+from effai.zoo.features import FeatureCapture, feature_info, stage_exits
+from effai.zoo.layers import SepConv   # OFA-KD's and CDFKD-MFS's separable block (DARTS)
 
 AGGREGATIONS = ("mean", "attention")
 # Backbone options a checkpoint may carry (its metadata is untrusted: no paths, no pretrained/checkpoint options).
@@ -154,8 +156,6 @@ def build_multi_header(num_classes: int, in_chans: int = 3, img_size: int = 32, 
                        aggregation: str = "mean") -> MultiHeaderStudent:
     """A multi-header student. Without `exits`/`exit_channels` they are found (stage_exits, one forward) and the
     trunk is checked against forward hooks on the intact backbone; a checkpoint's card passes them explicitly."""
-    from effai import zoo
-
     if aggregation not in AGGREGATIONS:
         raise UsageError(f"unknown aggregation '{aggregation}'; choose one of: {', '.join(AGGREGATIONS)}")
     if not header_dims or not all(isinstance(d, int) and d > 0 for d in header_dims):
@@ -164,10 +164,10 @@ def build_multi_header(num_classes: int, in_chans: int = 3, img_size: int = 32, 
     bad = sorted(set(bk) - set(BACKBONE_KWARGS))
     if bad:
         raise UsageError(f"backbone options {bad} are not allowed; valid: {', '.join(BACKBONE_KWARGS)}")
-    card = zoo.resolve_card(backbone).with_(input_size=(in_chans, img_size, img_size), num_classes=num_classes,
+    card = resolve_card(backbone).with_(input_size=(in_chans, img_size, img_size), num_classes=num_classes,
                                             label_set=None, extra={"arch_kwargs": bk})
     try:
-        full = zoo.build(card)
+        full = build(card)
     except TypeError as e:
         raise UsageError(f"student backbone '{backbone}' does not take options {sorted(bk)} ({e})") from e
     verify = exits is None or exit_channels is None
@@ -216,3 +216,7 @@ def _check_trunk(full: nn.Module, trunk: StageTrunk, in_chans: int, img_size: in
         raise UsageError(f"student backbone '{name}' does not run as a plain chain of its modules up to {trunk.exits}; "
                          "choose another CNN (resnet10t, regnetx_002, mobilenetv3_small_100)")
     return [int(g.shape[1]) for g in got]
+
+
+build_multi_header.takes_img_size = True  # type: ignore[attr-defined]
+ARCHS.register("cdfkd_student", build_multi_header)

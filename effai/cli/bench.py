@@ -12,15 +12,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from effai import console
+from effai.cli.common import JsonOpt, fail
 from effai.errors import EffaiError, UsageError
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output only (one JSON object).")]
-
-
-def _fail(e: EffaiError, as_json: bool, extra: dict[str, Any] | None = None) -> None:
-    from effai.cli import _fail as fail
-
-    fail(e, as_json, extra)
 
 
 def parse_threads(text: str) -> tuple[int, ...]:
@@ -60,7 +54,7 @@ def bench_cmd(
     runner_binary: Annotated[Optional[Path], typer.Option(help="adb: executor_runner or benchmark_model built for "
                                                           "the phone, or a directory holding both.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
-    record: Annotated[Optional[Path], typer.Option(help="A bundle (effai zoo pack) to append these results to: its "
+    record: Annotated[Optional[Path], typer.Option(help="A bundle (effai bundle pack) to append these results to: its "
                                                    "perf.json and MODEL_CARD.md perf table.")] = None,
     record_key: Annotated[Optional[Path], typer.Option(help="With --record: re-sign the bundle with this private "
                                                        "key (else its now-stale signature is deleted: the "
@@ -89,7 +83,7 @@ def bench_cmd(
         if plot_png is not None and plot_png.suffix.lower() != ".png":
             raise UsageError(f"--plot {plot_png} must be a .png path")
     except EffaiError as e:
-        _fail(e, as_json)
+        fail(e, as_json)
 
     def on_start(art: Any, n: int) -> None:
         if not as_json:
@@ -110,7 +104,7 @@ def bench_cmd(
             ui.print(f"[bold red]✗[/] {rec.artifact['model']} {rec.artifact['target']} t={rec.threads}: {rec.error}")
 
     if record_key is not None and record is None:
-        _fail(UsageError("--record-key needs --record BUNDLE (the bundle to append the results to)"), as_json)
+        fail(UsageError("--record-key needs --record BUNDLE (the bundle to append the results to)"), as_json)
     if record is not None:
         from effai.bundle import perf
         from effai.device_bench import artifact as artifact_mod
@@ -118,7 +112,7 @@ def bench_cmd(
         try:   # refuse a bad bundle, key or artifact now, not after the measurements
             perf.precheck(record, [artifact_mod.load(a) for a in artifacts], record_key)
         except EffaiError as e:
-            _fail(e, as_json)
+            fail(e, as_json)
     meta = {"command": ["effai", *sys.argv[1:]]}
     try:
         result = run_bench(artifacts, device, cfg, out, on_record, meta=meta, on_start=on_start)
@@ -132,7 +126,7 @@ def bench_cmd(
                            "error": "interrupted", "exit_code": 130})
         raise typer.Exit(130)
     except EffaiError as e:
-        _fail(e, as_json, {"report": str(out)} if out.exists() else None)
+        fail(e, as_json, {"report": str(out)} if out.exists() else None)
     for n in result.notices:
         if not as_json:
             ui.print(f"[yellow]! {n}[/]")
@@ -175,7 +169,7 @@ def bench_cmd(
         try:
             rec = perf.record(record, [r for r in records if r.status == "ok"], sign_key=record_key)
         except EffaiError as e:
-            _fail(e, as_json, {"report": str(out)})
+            fail(e, as_json, {"report": str(out)})
         summary["recorded"] = rec.to_dict()
         if not as_json:
             ui.print(f"[green]✓[/] recorded {rec.added} result(s) in {record}/perf.json (signature {rec.signature})")

@@ -36,10 +36,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from effai.devit import channel
-from effai.devit.channel import PROTOCOL
-from effai.devit.inputs import Stream, load_stream
-from effai.devit.parts import Decomposition, Part, check_part
+from effai.devit_runtime import channel
+from effai.devit_runtime.channel import PROTOCOL
+from effai.devit_runtime.inputs import Stream, load_stream
+from effai.devit_runtime.parts import Decomposition, Part, check_part
 from effai.errors import EffaiError, UsageError
 from effai.files import loads_json
 

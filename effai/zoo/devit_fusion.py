@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from effai.errors import UsageError
+from effai.zoo.archs import ARCHS
 
 
 class FusionHead(nn.Module):
@@ -68,7 +69,7 @@ def build_fusion_head(num_classes: int, in_chans: int, parts: int, d_sub: int, d
 
 class Ensemble(nn.Module):
     """The whole decomposition in one process: fusion head over the parts' CLS features. The single-process
-    reference the distributed runtime (effai.devit) must reproduce."""
+    reference the distributed runtime (effai.devit_runtime) must reproduce."""
 
     def __init__(self, parts: Sequence[nn.Module], head: FusionHead) -> None:
         super().__init__()
@@ -80,3 +81,6 @@ class Ensemble(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head.fuse(self.features(x))
+
+
+ARCHS.register("devit_fusion", build_fusion_head)

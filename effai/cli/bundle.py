@@ -1,4 +1,4 @@
-"""`effai zoo keygen | sign | verify | unpack | install | archive`: the bundle commands that check and copy.
+"""`effai bundle keygen | sign | verify | unpack | install | archive`: the bundle commands that check and copy.
 
 Registered on the `zoo` typer app by `register(zoo_app)` (effai/cli.py calls it). Thin like the rest of the CLI:
 parse, call effai.bundle, print, end stdout with one JSON object. Exit codes: 0 success; 1 a bundle that fails
@@ -15,18 +15,12 @@ import typer
 from rich.markup import escape
 
 from effai import console
+from effai.cli.common import JsonOpt, fail, parse_targets, progress_printer
 from effai.errors import EffaiError
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output only (one JSON object).")]
 PubkeyOpt = Annotated[Optional[Path], typer.Option("--pubkey", help="The signer's public key (KEY.pub from effai zoo "
                                                    "keygen): the bundle must be signed by it.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an earlier effai unpack/install at --into.")]
-
-
-def _fail(e: EffaiError, as_json: bool, extra: dict[str, Any] | None = None) -> None:
-    from effai.cli import _fail as fail
-
-    fail(e, as_json, extra)
 
 
 def _notes(notes: list[str], as_json: bool) -> None:
@@ -46,7 +40,7 @@ def keygen_cmd(
     try:
         info = sign.keygen(key, force=force)
     except EffaiError as e:
-        _fail(e, as_json)
+        fail(e, as_json)
     if not as_json:
         console.err().print(f"[green]✓[/] private key {info['private']} (keep it secret), public key "
                             f"{info['public']} (key_id {info['key_id']})")
@@ -54,8 +48,8 @@ def keygen_cmd(
 
 
 def sign_cmd(
-    bundle: Annotated[Path, typer.Argument(help="Bundle directory written by effai zoo pack.")],
-    key: Annotated[Path, typer.Option("--key", "-k", help="Private key from effai zoo keygen.")],
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory written by effai bundle pack.")],
+    key: Annotated[Path, typer.Option("--key", "-k", help="Private key from effai bundle keygen.")],
     force: Annotated[bool, typer.Option("--force", help="Sign even though the current signature is invalid or "
                                         "was removed (only for a bundle you packed and changed yourself).")] = False,
     as_json: JsonOpt = False,
@@ -66,11 +60,11 @@ def sign_cmd(
     try:
         info = sign.sign_bundle(bundle, key, force=force)
     except EffaiError as e:
-        _fail(e, as_json)
+        fail(e, as_json)
     if not as_json:
         if info.get("replaced"):
             _notes([f"replaced the signature by key {info['replaced']}"], as_json)
-        console.err().print(f"[green]✓[/] signed {bundle} with key {info['key_id']}; check it with: effai zoo verify "
+        console.err().print(f"[green]✓[/] signed {bundle} with key {info['key_id']}; check it with: effai bundle verify "
                             f"{bundle} --pubkey {key}.pub")
     console.json_line({"ok": True, "bundle": str(bundle), **info})
 
@@ -87,7 +81,7 @@ def verify_cmd(
         with archive.opened(bundle) as root:
             result = sign.verify(root, pubkey)
     except EffaiError as e:
-        _fail(e, as_json)
+        fail(e, as_json)
     if not as_json:
         ui = console.err()
         for p in result.problems:
@@ -123,7 +117,7 @@ def unpack_cmd(
     try:
         info = install.unpack(bundle, into, pubkey=pubkey, force=force)
     except EffaiError as e:
-        _fail(e, as_json)
+        fail(e, as_json)
     _notes(info["notes"], as_json)
     if not as_json:
         console.err().print(f"[green]✓[/] unpacked {info['files']} verified files to {into} (signature "
@@ -147,7 +141,7 @@ def install_cmd(
     try:
         info = install.install(bundle, into, target, precision=precision, pubkey=pubkey, force=force)
     except EffaiError as e:
-        _fail(e, as_json)
+        fail(e, as_json)
     _notes(info["notes"], as_json)
     if not as_json:
         console.err().print(f"[green]✓[/] installed {info['target']}/{info['precision']} to {into}: "
@@ -156,7 +150,7 @@ def install_cmd(
 
 
 def archive_cmd(
-    bundle: Annotated[Path, typer.Argument(help="Bundle directory written by effai zoo pack.")],
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory written by effai bundle pack.")],
     out: Annotated[Path, typer.Argument(help="Archive to write: NAME.zip, NAME.tar.gz or NAME.tgz.")],
     as_json: JsonOpt = False,
 ) -> None:
@@ -166,17 +160,81 @@ def archive_cmd(
     try:
         info = archive.make_archive(bundle, out)
     except EffaiError as e:
-        _fail(e, as_json)
+        fail(e, as_json)
     if not as_json:
         console.err().print(f"[green]✓[/] wrote {out} ({info['files']} files, {info['bytes']} bytes)")
     console.json_line({"ok": True, **info})
 
 
-COMMANDS = {"keygen": keygen_cmd, "sign": sign_cmd, "verify": verify_cmd, "unpack": unpack_cmd,
+def pack_cmd(
+    model: Annotated[str, typer.Argument(help="Zoo or timm model name (effai zoo list).")],
+    targets: Annotated[str, typer.Option("--targets", "-t", help="Comma list of executorch, coreml, tflite, onnx "
+                                         "(or all: the available ones).")] = "all",
+    quantize: Annotated[Optional[str], typer.Option("--quantize", "-q", help="Comma list of precisions (fp32,int8,"
+                                                    "...); each target gets those it takes, the others are skipped "
+                                                    "with a note. Default: each target's default.")] = None,
+    eval_data: Annotated[str, typer.Option("--eval", help="Top-1 of torch vs each artifact: auto (the card's own "
+                                           "set), digits, an image folder, an .npz, or none.")] = "auto",
+    max_drop: Annotated[float, typer.Option(help="Fail an artifact losing more top-1 points than this.")] = 1.0,
+    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint (.safetensors or .pt/.pth, weights only).")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Download timm's hub weights (needs network).")] = False,
+    sign_key: Annotated[Optional[Path], typer.Option("--sign", help="Ed25519 private key (effai bundle keygen): "
+                                                     "writes bundle.sig over bundle.json.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundles directory; the bundle is <out>/<model>/.")] = Path("bundles"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a model to several targets and pack an app-ready bundle: artifacts, labels, preprocessing, model card
+    and bundle.json (every file's sha256). Exit 1 with status "partial" when a target failed; 0 when complete."""
+    from effai.bundle.pack import pack
+
+    ui = console.err()
+    skipped: dict[str, str] = {}
+    try:
+        names = parse_targets(targets, skipped)
+        if skipped and not as_json:
+            for n, why in skipped.items():
+                ui.print(f"[yellow]! skipping {n}: {why}[/]")
+
+        def on_artifact(a: dict[str, Any]) -> None:
+            if as_json:
+                return
+            color = {"pass": "green", "unverified": "yellow"}.get(a["status"], "red")
+            ui.print(f"[{color}]{'✓' if a['status'] in ('pass', 'unverified') else '✗'}[/] {a['dir']}: {a['status']}"
+                     + (f": {a['error']}" if a.get("error") else ""))
+
+        res = pack(model, names, quantize.split(",") if quantize else None, out,
+                   sign_key=sign_key, eval=eval_data, max_drop=max_drop, weights=weights, pretrained=pretrained,
+                   progress=None if as_json else (lambda rel: progress_printer(ui, rel)), on_artifact=on_artifact)
+    except EffaiError as e:
+        fail(e, as_json)
+    index = res.index
+    if not as_json:
+        for s in res.skipped:
+            ui.print(f"[yellow]! {s['target']} {s['precision']} skipped: {s['reason']}[/]")
+        ui.print(f"{'[green]✓' if res.status == 'complete' else '[bold red]✗'}[/] bundle {res.root} ({res.status}, "
+                 f"{len(index['files'])} files{', signed' if index.get('signing') else ''})")
+    arts = [{k: a[k] for k in ("target", "precision", "dir", "status", "error", "bytes")} for a in index["artifacts"]]
+    summary = {"ok": res.status == "complete", "status": res.status, "bundle": str(res.root),
+               "model": index["model"]["name"], "artifacts": arts, "skipped": res.skipped,
+               "skipped_targets": skipped, "files": len(index["files"]), "signed": index.get("signing") is not None}
+    if res.status != "complete":
+        failed = "; ".join(f"{a['dir']}: {a['status']}" for a in arts if a["status"] not in ("pass", "unverified"))
+        summary["error"], summary["exit_code"] = f"partial bundle ({failed})", 1
+    console.json_line(summary)
+    if res.status != "complete":
+        raise typer.Exit(1)
+
+
+COMMANDS = {"pack": pack_cmd, "keygen": keygen_cmd, "sign": sign_cmd, "verify": verify_cmd, "unpack": unpack_cmd,
             "install": install_cmd, "archive": archive_cmd}
 
 
-def register(zoo_app: typer.Typer) -> None:
-    """Add the bundle commands to the `effai zoo` typer app."""
+bundle_app = typer.Typer(no_args_is_help=True, help="App bundles: pack a model for an app, sign, verify, install.")
+for _name, _fn in COMMANDS.items():
+    bundle_app.command(_name)(_fn)
+
+
+def add_aliases(zoo_app: typer.Typer) -> None:
+    """The old spellings `effai bundle pack|keygen|sign|verify|unpack|install|archive`, hidden, kept for one release."""
     for name, fn in COMMANDS.items():
-        zoo_app.command(name)(fn)
+        zoo_app.command(name, hidden=True)(fn)

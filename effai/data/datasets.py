@@ -183,8 +183,8 @@ def _image_folder(root: Path, size: int, channels: int) -> ImageData:
 
 def read_npz(path: Path, names: tuple[str, ...], what: str, optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Arrays `names` (and `optional` ones when present) of an .npz, their declared sizes checked from the member
-    headers before numpy reads them (effai.export.manifest.npz_headers: a bounded, clear UsageError otherwise)."""
-    from effai.export.manifest import npz_headers
+    headers before numpy reads them (effai.files.npz_headers: a bounded, clear UsageError otherwise)."""
+    from effai.files import npz_headers
 
     headers = npz_headers(path, what, names + optional)
     missing = [n for n in names if n not in headers]

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from effai.devit.parts import features_bytes, load_run
+from effai.devit_runtime.parts import features_bytes, load_run
+from effai.files import staging_dir
 from effai.errors import UsageError
 
 SCHEMA = "effai.devit-bundle/1"
@@ -36,7 +36,7 @@ def export_run(run_dir: Path, targets: list[str], out: Path, precision: str | No
     if out.exists() and not (out / "devit_bundle.json").is_file():
         raise UsageError(f"--out {out} exists and is not a DeViT bundle; choose a new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out, mode=0o700)
     n, d_sub = decomp.fusion.parts, decomp.fusion.model.d_sub
     data = str(decomp.manifest.get("config", {}).get("data") or "")
     calib = data if data == "digits" or Path(data).is_dir() else "auto"   # the parts calibrate on the run's images

@@ -6,9 +6,9 @@ its own process/device, the fusion head on a coordinator, torch.distributed (glo
     result = run_local(decomp, "runs/devit", RunSpec())   # coordinator here + one process per part
 """
 
-from effai.devit.local import run_local
-from effai.devit.parts import Decomposition, Fusion, Part, load_fusion, load_part, load_run
-from effai.devit.runtime import DeviceLost, RunResult, RunSpec, coordinate, serve
+from effai.devit_runtime.local import run_local
+from effai.devit_runtime.parts import Decomposition, Fusion, Part, load_fusion, load_part, load_run
+from effai.devit_runtime.runtime import DeviceLost, RunResult, RunSpec, coordinate, serve
 
 __all__ = ["Decomposition", "DeviceLost", "Fusion", "Part", "RunResult", "RunSpec", "coordinate", "load_fusion",
            "load_part", "load_run", "run_local", "serve"]

@@ -15,19 +15,13 @@ from typing import Annotated, Any, Optional
 import typer
 
 from effai import console
+from effai.cli.common import JsonOpt, fail
 from effai.errors import EffaiError, UsageError
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output only (one JSON object).")]
 
 # Recipes with a loop of their own: name -> (module, config class, entry point).
 OWN_LOOP = {"cdfkd": ("effai.train.cdfkd", "CdfkdConfig", "train_cdfkd"),
             "devit": ("effai.train.devit", "DevitConfig", "train_devit")}
-
-
-def _fail(e: EffaiError, as_json: bool) -> None:
-    from effai.cli import _fail as fail
-
-    fail(e, as_json)
 
 
 def train_cmd(
@@ -82,7 +76,7 @@ def train_cmd(
             result = _run_loop(recipe, {**given, "teacher_weights": teacher_weights, "loss": loss,
                                         "num_branches": branches}, set_, resume, force, progress, nproc, as_json)
     except EffaiError as e:
-        _fail(e, as_json)
+        fail(e, as_json)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     model = result.get("model_path")

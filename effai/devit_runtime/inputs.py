@@ -42,7 +42,7 @@ def load_stream(spec: str, input_size: tuple[int, int, int], mean: list[float], 
             raise UsageError(f"--data {spec}: write random or random:SEED (an integer)") from None
         g = torch.Generator().manual_seed(seed)
         return Stream(torch.randn(images, c, h, w, generator=g), None, spec)
-    from effai.train import data as data_mod
+    from effai.data import datasets as data_mod
 
     if h != w:
         raise UsageError(f"--data {spec} needs square inputs; the parts take {h}x{w}; use --data random")

@@ -1,0 +1,215 @@
+"""`effai export`, `effai verify` and `effai doctor`: fold, lower and prove an artifact; re-check one; what this
+machine can do."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from effai import console
+from effai.cli.common import (QUANTIZE_HELP, JsonOpt, check_precision, default_precision, fail, parse_shape,
+                              parse_targets, progress_printer)
+from effai.errors import EffaiError, UsageError
+
+
+def export_cmd(
+    model: Annotated[Optional[str], typer.Argument(help="Zoo or timm model name (effai zoo list); optional with "
+                                                        "--weights from effai train or --model-def.")] = None,
+    target: Annotated[str, typer.Option("--target", "-t",
+                                        help="executorch | coreml | tflite | onnx, a comma list, or all.")] = "onnx",
+    precision: Annotated[Optional[str], typer.Option("--quantize", "-q", "--precision", help=QUANTIZE_HELP)] = None,
+    calib: Annotated[str, typer.Option(help="Calibration data for int8: auto (the card's data, else photos), "
+                                       "photos, digits, an image folder or an .npz.")] = "auto",
+    calib_samples: Annotated[int, typer.Option(help="Calibration inputs to use (warned below 32).")] = 128,
+    io_dtype: Annotated[str, typer.Option(help="TFLite int8: float (float32 I/O) or int8 (int8 I/O).")] = "float",
+    float_layers: Annotated[Optional[str], typer.Option(help="Comma list of layers (module names) to keep in "
+                                                        "float when quantizing.")] = None,
+    no_fallback: Annotated[bool, typer.Option("--no-fallback", help="On a failed accuracy gate, fail instead of "
+                                              "keeping the most sensitive layers in float.")] = False,
+    input_size: Annotated[Optional[int], typer.Option(help="Square input size H=W (default: the model card's).")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(help="Full input shape NxCxHxW, e.g. 1x3x256x256.")] = None,
+    batch: Annotated[int, typer.Option(help="Exported (static) batch size.")] = 1,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact directory (default effai_out/<model>-<target>).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint: .safetensors, or .pt/.pth read with weights_only=True.")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Download timm's hub weights (needs network).")] = False,
+    model_def: Annotated[Optional[str], typer.Option(help="Your own module: path/file.py:ClassOrFactory.")] = None,
+    no_fold: Annotated[bool, typer.Option("--no-fold", help="Export without re-parameterizing/fusing (recorded).")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the parity check (recorded in the manifest).")] = False,
+    eval_data: Annotated[str, typer.Option("--eval", help="Top-1 of torch vs artifact on labelled data: digits, an "
+                                           "image folder, an .npz, auto (the model card's own set) or none.")] = "auto",
+    max_drop: Annotated[float, typer.Option(help="Fail when the artifact loses more top-1 points than this.")] = 1.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold a model, lower it to one or more targets, prove parity, write artifact dirs with manifests."""
+    from effai import zoo
+    from effai.export.pipeline import ExportConfig, ParityFailed, export, safe_name
+
+    ui = console.err()
+    results: list[dict[str, Any]] = []
+    try:
+        if batch < 1:
+            raise UsageError(f"--batch {batch} must be >= 1")
+        if input_size is not None and input_size < 1:
+            raise UsageError(f"--input-size {input_size} must be >= 1")
+        shape = parse_shape(input_shape) if input_shape else None
+        skipped: dict[str, str] = {}
+        targets = parse_targets(target, skipped)
+        if precision is not None:
+            check_precision(precision, targets)
+        if skipped and not as_json:
+            for n, why in skipped.items():
+                ui.print(f"[yellow]! skipping {n}: {why}[/]")
+        t0 = time.perf_counter()
+        with ui.status(f"loading {model or model_def}", spinner="dots") if not as_json else nullcontext():
+            loaded = zoo.create(model, weights=weights, pretrained=pretrained, model_def=model_def)
+        load_s = time.perf_counter() - t0
+        if not as_json:
+            ui.print(f"[green]✓[/] load      {load_s:6.2f}s  {loaded.card.name} ({loaded.weights.source})")
+            for note in loaded.notes:
+                style = "bold yellow" if "RANDOM-INIT" in note else "yellow"
+                ui.print(f"[{style}]! {note}[/]")
+    except EffaiError as e:
+        fail(e, as_json)
+    failed: EffaiError | None = None
+    for t in targets:
+        suffix = f"-{precision}" if precision and precision != default_precision(t) else ""
+        t_out = out if (out is None or len(targets) == 1) else out / f"{safe_name(loaded.card.name)}-{t}{suffix}"
+        cfg = ExportConfig(target=t, precision=precision, input_shape=shape, input_size=input_size,  # type: ignore[arg-type]
+                           batch=batch, out=t_out, fold=not no_fold, verify=not no_verify, eval=eval_data,
+                           max_drop=max_drop, calib=calib, calib_samples=calib_samples, io_dtype=io_dtype,
+                           fallback=not no_fallback,
+                           float_layers=tuple(x.strip() for x in (float_layers or "").split(",") if x.strip()))
+        try:
+            res = export(loaded, cfg, progress=None if as_json else progress_printer(ui, t))
+            results.append(_row(res))
+            if not as_json:
+                for w in res.manifest.get("warnings", []):
+                    ui.print(f"[yellow]! {t}: {w}[/]")
+        except ParityFailed as e:
+            results.append({**_row(e.result), "error": str(e)})
+            failed = failed or e
+            if not as_json:
+                ui.print(f"[bold red]✗ {e}[/]")
+        except EffaiError as e:
+            results.append({"target": t, "error": str(e), "exit_code": e.exit_code})
+            failed = failed or e
+            if not as_json:
+                ui.print(f"[bold red]✗ {t}: {e}[/]")
+        except Exception as e:  # a toolchain bug must not lose the other targets' results
+            if os.environ.get("EFFAI_DEBUG"):
+                raise
+            err = EffaiError(f"internal error exporting to {t}: {type(e).__name__}: {e} (EFFAI_DEBUG=1 shows the "
+                             "traceback; please report it)")
+            results.append({"target": t, "error": str(err), "exit_code": 1})
+            failed = failed or err
+            if not as_json:
+                ui.print(f"[bold red]✗ {err}[/]")
+    if not as_json:
+        _export_table(results)
+    summary = {"ok": failed is None, "model": loaded.card.name, "random_init": loaded.random_init,
+               "warnings": loaded.notes, "artifacts": results, "skipped_targets": skipped}
+    if failed is not None:
+        summary["error"], summary["exit_code"] = str(failed), failed.exit_code
+    console.json_line(summary)
+    if failed is not None:
+        raise typer.Exit(failed.exit_code)
+
+
+def _row(res: Any) -> dict[str, Any]:
+    m = res.manifest
+    p = m["parity"]
+    model_path = res.out_dir / m["model_file"]
+    size = sum(f["bytes"] for f in m["files"] if f["path"].startswith(m["model_file"]))
+    return {"target": m["target"], "precision": m["precision"], "dir": str(res.out_dir), "file": str(model_path),
+            "mb": round(size / 1e6, 3), "parity": p["status"], "max_abs_err": p.get("max_abs_err"),
+            "parity_reason": p.get("reason"), "seconds": round(sum(res.timings.values()), 2),
+            "accuracy": _acc_summary(m.get("accuracy"))}
+
+
+def _acc_summary(a: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not a:
+        return None
+    return {"status": a["status"], "torch_top1": a["torch"]["top1"],
+            "artifact_top1": a.get("artifact", {}).get("top1"), "samples": a["samples"]}
+
+
+def _export_table(rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="effai export")
+    show_acc = any(r.get("accuracy") for r in rows)
+    for col in ("target", "file", "MB", "parity", *(("top-1",) if show_acc else ()), "seconds"):
+        table.add_column(col, justify="right" if col in ("MB", "seconds") else "left",
+                         overflow="fold", no_wrap=col in ("target", "MB", "seconds"))
+    colors = {"pass": "green", "fail": "red", "not-run": "yellow"}
+    for r in rows:
+        if "file" not in r:
+            table.add_row(r["target"], "-", "-", "[red]error[/]", *(("-",) if show_acc else ()), "-")
+            continue
+        par = r["parity"]
+        if par == "pass" and r.get("max_abs_err") is not None:
+            par = f"pass ({r['max_abs_err']:.1e})"
+        elif par == "not-run":
+            par = f"not-run: {r.get('parity_reason')}"
+        acc = r.get("accuracy")
+        top1 = (() if not show_acc else ("-",) if not acc else
+                (f"{acc['artifact_top1']:.2%}" if acc["artifact_top1"] is not None else f"torch {acc['torch_top1']:.2%}",))
+        table.add_row(r["target"], r["file"], f"{r['mb']:.2f}", f"[{colors.get(r['parity'], 'white')}]{par}[/]",
+                      *top1, f"{r['seconds']:.1f}")
+    console.out().print(table)
+
+
+def verify_cmd(artifact: Annotated[Path, typer.Argument(help="An artifact directory written by effai export.")],
+               as_json: JsonOpt = False) -> None:
+    """Re-check an artifact's file hashes and re-run parity in its runtime where one exists here."""
+    from effai.export.verify import verify
+
+    try:
+        report = verify(artifact)
+    except EffaiError as e:
+        fail(e, as_json)
+    ok = report["hashes"] == "pass" and report["parity"]["status"] in ("pass", "not-run")
+    if not as_json:
+        ui = console.err()
+        ui.print(f"{'[green]✓' if report['hashes'] == 'pass' else '[red]✗'}[/] hashes  {report['files']} files")
+        p = report["parity"]
+        color = {"pass": "green", "fail": "red"}.get(p["status"], "yellow")
+        detail = p.get("reason") or f"max abs err {p.get('max_abs_err', 0):.2e}, cos {p.get('cosine', 0):.6f}"
+        ui.print(f"[{color}]{'✓' if p['status'] == 'pass' else '!'}[/] parity  {p['status']}: {detail}")
+    console.json_line({"ok": ok, **report})
+    if not ok:
+        raise typer.Exit(1)
+
+
+def doctor(as_json: JsonOpt = False) -> None:
+    """What this machine can do: targets, host runtimes, toolchain versions."""
+    from effai import toolchain
+    from effai.export.targets import TARGETS
+
+    targets = {}
+    for n, t in TARGETS.items():
+        ok, why = t.available()
+        targets[n] = {"available": ok, "detail": why, "precisions": list(t.precisions), "description": t.description}
+    versions = toolchain.versions()
+    if not as_json:
+        from rich.table import Table
+
+        table = Table(title="effai doctor: targets")
+        for col in ("target", "available", "precisions", "detail"):
+            table.add_column(col)
+        for n, r in targets.items():
+            table.add_row(n, "[green]yes[/]" if r["available"] else "[red]no[/]", ", ".join(r["precisions"]), r["detail"])
+        console.out().print(table)
+        console.out().print(" ".join(f"{k}={v}" for k, v in versions.items()))
+    console.json_line({"ok": True, "targets": targets, "toolchain": versions})
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_cmd)
+    app.command("verify")(verify_cmd)
+    app.command("doctor")(doctor)

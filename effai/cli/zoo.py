@@ -1,0 +1,127 @@
+"""`effai zoo list|show`: the model cards (any timm model name works too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from effai import console
+from effai.cli.common import JsonOpt, fail
+from effai.errors import EffaiError, UsageError
+
+zoo_app = typer.Typer(no_args_is_help=True, help="Model cards: what effai can build and export.")
+
+
+@zoo_app.command("list")
+def zoo_list(
+    bundles: Annotated[Optional[Path], typer.Option("--bundles", help="Directory of bundles (effai bundle pack --out): "
+                                                    "adds each model's best measured latency per device class "
+                                                    "[default: ./bundles when it exists]")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The zoo's model cards with task, size and cost (any timm model name works too)."""
+    from rich.table import Table
+
+    from effai.zoo import CARDS
+
+    try:
+        if bundles is not None and not bundles.is_dir():
+            raise UsageError(f"--bundles {bundles} is not a directory; pass the --out of `effai bundle pack`")
+        bundle_dir = bundles if bundles is not None else (Path("bundles") if Path("bundles").is_dir() else None)
+        latency = _bundle_latency(bundle_dir) if bundle_dir is not None else {}
+        rows = [_zoo_row(n, c, latency.get(n)) for n, c in CARDS.items()]
+    except EffaiError as e:
+        fail(e, as_json)
+    if not as_json:
+        table = Table(title="effai zoo")
+        for col in ("name", "task", "family", "params", "MACs", "input", "license", "weights", "best latency"):
+            table.add_column(col, overflow="fold", no_wrap=col in ("name", "params", "MACs", "input"))
+        for r in rows:
+            best = "; ".join(f"{cls} {b['median_ms']:.2f} ms" for cls, b in (r["best_latency"] or {}).items()) or "-"
+            macs = f"{r['macs'] / 1e9:.2f} G" if r["macs"] >= 1e9 else f"{r['macs'] / 1e6:.1f} M"
+            table.add_row(r["name"], r["task"], r["family"], f"{r['params'] / 1e6:.2f} M", macs, r["input"],
+                          r["license"].split(" (")[0], r["weights_available"], best)
+        console.out().print(table)
+    console.json_line({"ok": True, "models": rows, "bundles": str(bundle_dir) if bundle_dir is not None else None,
+                       "macs_convention": "1 MAC = one multiply-add over Conv2d/Linear of the deploy form at the "
+                                          "card's input size, batch 1 (docs/bundle.md)"})
+
+
+def _zoo_row(name: str, c: Any, best: dict[str, Any] | None) -> dict[str, Any]:
+    from effai.bundle.pack import TASK, card_stats
+
+    stats = card_stats(name)
+    return {"name": name, "task": TASK, "family": c.family, "params": stats["params"], "macs": stats["macs"],
+            "input": "x".join(map(str, c.input_size)), "input_size": list(c.input_size), "classes": c.num_classes,
+            "license": c.weights_license, "reparameterizable": c.reparameterizable,
+            "weights": "bundled" if c.bundled_weights else "hub (--pretrained) / --weights; random-init without",
+            "weights_available": "bundled" if c.bundled_weights else "hub",
+            "description": c.description, "best_latency": best}
+
+
+def _bundle_latency(root: Path) -> dict[str, dict[str, Any]]:
+    """{model name: best measured latency per device class} over the bundles under root (root may be one bundle)."""
+    from effai.bundle import index as bundle_index
+
+    try:
+        from effai.bundle.perf import best_latency
+    except ImportError:
+        best_latency = _best_latency_rows
+    out: dict[str, dict[str, Any]] = {}
+    for b in ([root] if (root / "bundle.json").is_file() else sorted(p for p in root.iterdir() if p.is_dir())):
+        try:
+            name = bundle_index.read(b)["model"]["name"]   # checked (hostile JSON too): a bad bundle is skipped
+        except (EffaiError, KeyError, TypeError):
+            continue
+        try:
+            best = best_latency(b)
+        except EffaiError:      # an unreadable perf.json: that bundle shows no latency, the catalogue still lists
+            continue
+        if best:
+            out[name] = best
+    return out
+
+
+def _best_latency_rows(root: Path) -> dict[str, dict[str, Any]]:
+    from effai.bundle.model_card_md import perf_rows
+
+    best: dict[str, dict[str, Any]] = {}
+    for r in perf_rows(root):
+        cls, ms = r.get("device_class"), r.get("median_ms")
+        if isinstance(cls, str) and isinstance(ms, (int, float)) and (cls not in best or ms < best[cls]["median_ms"]):
+            best[cls] = {k: r.get(k) for k in ("median_ms", "p90_ms", "device", "target", "precision", "threads")}
+    return best
+
+
+@zoo_app.command("show")
+def zoo_show(name: Annotated[str, typer.Argument(help="Zoo or timm model name.")], as_json: JsonOpt = False) -> None:
+    """One model card in full, with its parameter count."""
+    from effai import zoo
+
+    try:
+        loaded = zoo.create(name)
+    except EffaiError as e:
+        fail(e, as_json)
+    card = loaded.card
+    info = {"name": card.name, "family": card.family, "source": card.source, "input_size": list(card.input_size),
+            "num_classes": card.num_classes, "label_set": card.label_set, "labels_preview": zoo.labels(card)[:5],
+            "preprocessing": card.preprocessing(), "weights_license": card.weights_license,
+            "reparameterizable": card.reparameterizable, "bundled_weights": card.bundled_weights,
+            "params": sum(p.numel() for p in loaded.model.parameters()), "description": card.description,
+            "weights": loaded.weights.source, "weights_sha256": loaded.weights.sha256}
+    record = card.extra.get("train_record")
+    if record:
+        cfg = record.get("config", {})
+        info["trained"] = {"recipe": record.get("recipe"), "data": cfg.get("data"), "teacher": cfg.get("teacher"),
+                           "loss": cfg.get("loss"), "epochs": record.get("epochs"),
+                           "held_out_top1": record.get("val_acc"), "folded": record.get("folded")}
+    if not as_json:
+        from rich.table import Table
+
+        table = Table(title=card.name, show_header=False)
+        for k, v in info.items():
+            table.add_row(k, str(v))
+        console.out().print(table)
+    console.json_line({"ok": True, "model": info})
