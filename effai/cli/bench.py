@@ -1,6 +1,6 @@
 """`effai bench`: latency and energy of exported artifacts on the host, Android phones (adb) and boards (ssh).
 
-Registered on the main app by effai/cli.py (`register(app)`); the measurement itself is effai.device_bench.
+Registered on the app by effai/cli/app.py (`register(app)`); the measurement itself is effai.device_bench.
 """
 
 from __future__ import annotations

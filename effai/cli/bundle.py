@@ -1,9 +1,6 @@
-"""`effai bundle keygen | sign | verify | unpack | install | archive`: the bundle commands that check and copy.
-
-Registered on the `zoo` typer app by `register(zoo_app)` (effai/cli.py calls it). Thin like the rest of the CLI:
-parse, call effai.bundle, print, end stdout with one JSON object. Exit codes: 0 success; 1 a bundle that fails
-verification (tampered file, invalid signature, wrong key) or another failure; 2 bad input (not a bundle, a bad
-key file, an unsafe archive, an unknown target). Imports nothing heavy: no torch.
+"""`effai bundle pack | keygen | sign | verify | unpack | install | archive` (the old `effai zoo ...` spellings are
+hidden aliases for one release). Exit codes: 1 a bundle that fails verification, 2 bad input. No torch imported
+except by `pack`.
 """
 
 from __future__ import annotations

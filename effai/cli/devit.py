@@ -6,8 +6,8 @@
 
 Only peers holding the run's token (--token-file, mode 0600, or $EFFAI_DEVIT_TOKEN) join; docs/security.md.
 
-Registered on the main app by effai/cli.py (`register(app)`); also runnable as `python -m effai.cli_devit ...`
-(`--local` starts its devices that way). The runtime itself is effai.devit.
+Registered on the app by effai/cli/app.py (`register(app)`); `--local` starts its devices as `python -m effai devit
+serve ...`. The runtime itself is effai.devit_runtime.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
                  features (B x d_sub float32 each: the only data on the network) and fuses them into logits
     rank i + 1   device i: holds part i; computes its CLS feature for batch b and sends it to rank 0
 
-Rendezvous is a small store the coordinator hosts at exactly HOST:PORT (effai/devit/channel.py): only a peer that
+Rendezvous is a small store the coordinator hosts at exactly HOST:PORT (effai/devit_runtime/channel.py): only a peer that
 holds the run's token gets in, and every message is encrypted and authenticated. Each device publishes what it holds
 (protocol, part, split hash, width, classes, its weights' sha256) and the coordinator answers go or refuse. After a
 go each device loads its images (only from its own --data, or sent by the coordinator) and reports ready with their
