@@ -127,7 +127,7 @@ def pack(model: str, targets: Sequence[str], precisions: Sequence[str] | None = 
     nothing is written and the (first) error is raised. `progress(dir)` returns
     the export progress callback for one artifact dir; `on_artifact` hears each bundle.json artifact entry."""
     from effai import zoo
-    from effai.export.pipeline import ExportConfig, ParityFailed, export
+    from effai.export.pipeline import ExportConfig, try_export
 
     pairs, skipped = plan(targets, precisions)
     sign_block = None
@@ -150,19 +150,13 @@ def pack(model: str, targets: Sequence[str], precisions: Sequence[str] | None = 
             rel = f"{target}-{precision}"
             cfg = ExportConfig(target=target, precision=precision, out=tmp / rel, eval=eval, max_drop=max_drop)
             entry: dict[str, Any] = {"target": target, "precision": precision, "dir": rel}
-            try:
-                res = export(loaded, cfg, progress=progress(rel) if progress else None)
-                entry["manifest"] = res.manifest
-            except ParityFailed as e:
-                entry["manifest"], entry["error"] = e.result.manifest, _one_line(e)
-            except EffaiError as e:
-                entry["error"] = _one_line(e)
-                errors.append(e)
-            except Exception as e:  # a toolchain bug must not lose the other targets
-                if os.environ.get("EFFAI_DEBUG"):
-                    raise
-                entry["error"] = f"internal error exporting to {target}: {type(e).__name__}: {_one_line(e)}"
-                errors.append(EffaiError(entry["error"] + " (EFFAI_DEBUG=1 shows the traceback; please report it)"))
+            o = try_export(loaded, cfg, progress=progress(rel) if progress else None)
+            if o.result is not None:
+                entry["manifest"] = o.result.manifest
+            if o.error is not None:
+                entry["error"] = _one_line(o.error)
+                if o.result is None:
+                    errors.append(o.error)
             if "manifest" in entry:
                 entry["manifest"] = normalize_artifact(tmp / rel, rel, loaded.card.bundled_weights)
             artifacts.append(_artifact_entry(tmp, entry))

@@ -3,7 +3,6 @@ machine can do."""
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -47,7 +46,7 @@ def export_cmd(
 ) -> None:
     """Fold a model, lower it to one or more targets, prove parity, write artifact dirs with manifests."""
     from effai import zoo
-    from effai.export.pipeline import ExportConfig, ParityFailed, export, safe_name
+    from effai.export.pipeline import ExportConfig, ParityFailed, safe_name, try_export
 
     ui = console.err()
     results: list[dict[str, Any]] = []
@@ -84,31 +83,18 @@ def export_cmd(
                            max_drop=max_drop, calib=calib, calib_samples=calib_samples, io_dtype=io_dtype,
                            fallback=not no_fallback,
                            float_layers=tuple(x.strip() for x in (float_layers or "").split(",") if x.strip()))
-        try:
-            res = export(loaded, cfg, progress=None if as_json else progress_printer(ui, t))
-            results.append(_row(res))
+        o = try_export(loaded, cfg, progress=None if as_json else progress_printer(ui, t))
+        if o.error is None:
+            results.append(_row(o.result))
             if not as_json:
-                for w in res.manifest.get("warnings", []):
+                for w in o.result.manifest.get("warnings", []):
                     ui.print(f"[yellow]! {t}: {w}[/]")
-        except ParityFailed as e:
-            results.append({**_row(e.result), "error": str(e)})
-            failed = failed or e
-            if not as_json:
-                ui.print(f"[bold red]✗ {e}[/]")
-        except EffaiError as e:
-            results.append({"target": t, "error": str(e), "exit_code": e.exit_code})
-            failed = failed or e
-            if not as_json:
-                ui.print(f"[bold red]✗ {t}: {e}[/]")
-        except Exception as e:  # a toolchain bug must not lose the other targets' results
-            if os.environ.get("EFFAI_DEBUG"):
-                raise
-            err = EffaiError(f"internal error exporting to {t}: {type(e).__name__}: {e} (EFFAI_DEBUG=1 shows the "
-                             "traceback; please report it)")
-            results.append({"target": t, "error": str(err), "exit_code": 1})
-            failed = failed or err
-            if not as_json:
-                ui.print(f"[bold red]✗ {err}[/]")
+            continue
+        failed = failed or o.error
+        results.append({**_row(o.result), "error": str(o.error)} if o.result is not None else
+                       {"target": t, "error": str(o.error), "exit_code": o.error.exit_code})
+        if not as_json:
+            ui.print(f"[bold red]✗ {o.error if isinstance(o.error, ParityFailed) else f'{t}: {o.error}'}[/]")
     if not as_json:
         _export_table(results)
     summary = {"ok": failed is None, "model": loaded.card.name, "random_init": loaded.random_init,

@@ -86,6 +86,31 @@ class ParityFailed(EffaiError):
         self.result = result
 
 
+@dataclass
+class Outcome:
+    """One target's export inside a loop over several: what was written (None: nothing) and why it failed (None:
+    it did not). A ParityFailed keeps its written result."""
+    target: str
+    result: ExportResult | None
+    error: EffaiError | None
+
+
+def try_export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Any = None) -> Outcome:
+    """export() for loops over targets (`effai export --target all`, `effai bundle pack`): any failure, a toolchain
+    bug included, becomes the Outcome's error, so the other targets still run (EFFAI_DEBUG=1 re-raises bugs)."""
+    try:
+        return Outcome(cfg.target, export(loaded, cfg, progress=progress), None)
+    except ParityFailed as e:
+        return Outcome(cfg.target, e.result, e)
+    except EffaiError as e:
+        return Outcome(cfg.target, None, e)
+    except Exception as e:
+        if os.environ.get("EFFAI_DEBUG"):
+            raise
+        return Outcome(cfg.target, None, EffaiError(f"internal error exporting to {cfg.target}: {type(e).__name__}: "
+                                                    f"{e} (EFFAI_DEBUG=1 shows the traceback; please report it)"))
+
+
 def safe_name(name: str) -> str:
     """A model name usable as one path component (names can come from a checkpoint's metadata)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).lstrip(".") or "model"
