@@ -1,21 +1,8 @@
 """Bundles as one file: read .zip / .tar.gz / .tgz archives of a bundle safely, and write them deterministically.
 
-Reading never trusts the archive. Every entry is checked BEFORE anything is written, and the first bad one is
-refused with a one-line UsageError naming it:
-  - absolute names (/etc/x, C:\\x), `..` components, backslashes or NUL in names (zip-slip / tar path traversal);
-  - symlinks, hardlinks, device files, FIFOs, anything but regular files and directories;
-  - duplicate entries, and an entry below a name that is a file;
-  - encrypted zip entries;
-  - absurd sizes: more than MAX_TOTAL_BYTES uncompressed in all, more than MAX_ENTRIES entries, or (above
-    RATIO_FLOOR bytes) a compression ratio over MAX_RATIO, per entry for zip, for the whole stream for tar.gz.
-Extraction then writes each file with O_EXCL|O_NOFOLLOW below a fresh directory (checked to stay below it after
-resolution), never more bytes than the entry declared. An archive may hold the bundle at its top level or inside one
-top-level directory (what `make_archive` writes); macOS's __MACOSX/ and .DS_Store are ignored when looking.
-
-Writing (`make_archive`, `effai bundle archive`): the entries are the bundle's files and directories in sorted order
-under one top-level directory named after the bundle, with a fixed mtime (SOURCE_DATE_EPOCH when set, else
-1980-01-01), mode 0644/0755, uid/gid 0 and no user/group names, so archiving the same bundle twice gives the same
-bytes.
+Reading checks every entry BEFORE anything is written (traversal, links and special files, duplicates, encryption,
+sizes against MAX_TOTAL_BYTES / MAX_ENTRIES / MAX_RATIO) and refuses the first bad one with a one-line UsageError.
+`make_archive` gives the same bytes for the same bundle. Rules: docs/bundle.md, "effai/bundle/archive.py".
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
 """bundle.json: the index of an app-ready bundle, every file with its size and sha256 (schema `effai.bundle/1`).
 
-A bundle is one directory per model (the app-facing unit; docs/bundle.md):
-
-    <out>/<model>/
-      bundle.json          this index (signed as exact bytes: bundle.sig holds the Ed25519 signature)
-      bundle.sig           optional; base64 Ed25519 signature of bundle.json's bytes (effai bundle pack --sign KEY)
-      MODEL_CARD.md        generated: what it is, accuracy per artifact, perf table (from perf.json)
-      labels.txt           one class name per line
-      preprocessing.json   how to feed it (size, layout, mean/std, interpolation, ...), the card's recipe
-      perf.json            optional; measured results appended by `effai bench --record BUNDLE`
-      <target>-<precision>/  one effai export artifact dir each (manifest.json + model file + parity.npz)
-
 Every file below the bundle root except bundle.json and bundle.sig is listed in `files` (posix relative paths,
 sorted), so a flipped byte anywhere is found by `check()`. torch-free: verifying or installing a bundle needs
-only the standard library (and `cryptography` for signatures).
+only the standard library (and `cryptography` for signatures). Layout and fields: docs/bundle.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,9 @@
 """Copy a bundle, or just what an app needs from it, out of a bundle directory or archive, verifying on the way.
 
-    unpack(BUNDLE, into)            the whole bundle, after `sign.verify` passes (every file, the signature)
-    install(BUNDLE, into, target)   one artifact, ready to drop into an Xcode / Android project:
-        into/<model file>           model.mlpackage/ | model.tflite | model.onnx | model.pte
-        into/manifest.json          the artifact's manifest: I/O, preprocessing, labels, parity, hashes (the
-                                    sidecar; for ExecuTorch the only metadata there is)
-        into/labels.txt, into/preprocessing.json, into/MODEL_CARD.md   from the bundle root, when it has them
-
-`into` is the folder to create. It must not exist or be empty; with `force`, an earlier effai unpack/install there
-(an unpacked bundle holding bundle.json; an install holding the .effai-install.json marker it writes) is replaced
-as a whole, never an arbitrary folder that merely has a manifest.json. Files are copied into a temp directory
-beside `into`, each one hashed as it is copied and compared with bundle.json (refused on any mismatch), and the
-temp directory is renamed into place at the end: a refusal leaves `into` as it was. Signatures: a signed bundle's
-signature must be valid (and made by `pubkey` when one is given); a removed one (bundle.json names a key, bundle.sig
-is gone) is refused as tampered; `pubkey` with an unsigned bundle is refused, and without `pubkey` an unsigned bundle
-is installed with a note saying it is unsigned. The artifact's model_file must be the one its manifest names.
-install checks only the files it copies (a changed file of another target does not block it; `unpack` and
-`effai bundle verify` check them all).
+`unpack(BUNDLE, into)` copies the whole bundle after `sign.verify` passes; `install(BUNDLE, into, target)` copies
+one artifact (model file, its manifest.json as the sidecar, labels.txt, preprocessing.json, MODEL_CARD.md), each
+file hashed as it is copied, into a temp dir renamed into place at the end: a refusal leaves `into` as it was.
+`force`, signatures, what is checked: docs/bundle.md, "effai/bundle/install.py".
 """
 
 from __future__ import annotations

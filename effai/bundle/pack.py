@@ -2,19 +2,8 @@
 
     result = pack("ghostnetv3_050.digits", ["coreml", "tflite", "executorch", "onnx"], None, Path("bundles"))
 
-The bundle (layout in effai.bundle.index) is built in a temp dir beside `<out>/<model>` and renamed into place at
-the end: an existing bundle there is replaced only as a whole, anything else there is never touched.
-
-Determinism: the bundle's files are a function of the inputs (model, weights, options, toolchain versions) except
-where `VARIES` says otherwise. What effai controls is normalized in the bundle copy of each artifact:
-  - manifest.json: `created_at` is SOURCE_DATE_EPOCH when that is set (else left out), `timings_s` is left out,
-    `export_config.out` is the artifact's dir inside the bundle, bundled weights are named `bundled:<file>` rather
-    than by their install path; `bundle_copy` says so. The manifest's own file list is re-hashed.
-  - export.log (the toolchain's build log: times, PIDs, temp paths) is not copied into bundles.
-  - Core ML: model.mlmodel is re-serialized with protobuf's deterministic map order (the spec is unchanged), the
-    .mlpackage Manifest.json's random item UUIDs become name-based UUIDs, and coremltools' conversion_date becomes
-    SOURCE_DATE_EPOCH's date when that is set.
-This module also measures models (params, MACs) for the card and `effai zoo list`.
+Built in a temp dir beside `<out>/<model>`, renamed into place; the files are a function of the inputs except where
+`VARIES` says otherwise (docs/bundle.md, "Determinism"). Also measures models (params, MACs) for the card.
 """
 
 from __future__ import annotations

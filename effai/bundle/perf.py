@@ -1,33 +1,8 @@
 """perf.json: measured latency (and energy) of a bundle's artifacts per device, appended by `effai bench --record`.
 
-    {"schema": "effai.perf/1",
-     "rows": [{"device": "Raspberry Pi 5 Model B Rev 1.0 (Cortex-A76)", "device_class": "board", "transport": "ssh",
-               "os": "Debian GNU/Linux 12 (bookworm)", "runtime": "litert", "runtime_version": "2.0.2",
-               "target": "tflite", "precision": "fp32", "artifact": "tflite-fp32", "threads": 4, "runs": 100,
-               "median_ms": 3.21, "p90_ms": 3.4, "energy_j": null, "throttling": "none",
-               "effai_version": "0.1.0", "date": "2026-11-30", "match": "manifest"}, ...]}
-
-Rows are appended in the order recorded; an identical row is not added twice (recording the same report again
-changes nothing). A row never holds the device's address: adb serials and ssh user@host stay in the bench report,
-because bundles are shipped. `date` is the measurement's date (the record's created_at), the only time in the file.
-
-Which artifact a record belongs to: the record's manifest_sha256 equal to the sha256 of an artifact's manifest.json
-in the bundle ("match": "manifest", the artifact dir inside the bundle was benchmarked); else the same model name,
-target and precision ("match": "model-target-precision": a separate export of the same thing). Anything else is a
-UsageError naming the bundle's artifacts, and nothing is written.
-
-Device classes (`device_class`), first rule that fits, from the record's device description:
-    phone    adb transport (`--device adb:SERIAL`), or an Android OS
-    board    model or SoC naming a single-board computer: Raspberry Pi, Jetson/Orin/Xavier, Rockchip RK3xxx,
-             Radxa/Rock, Odroid, Orange/Banana Pi, Khadas, BeagleBone, Coral, Pine64, i.MX 8; or an ssh device whose
-             machine is aarch64/armv7 and that is not a server by the rule below
-    laptop   model naming a laptop line: MacBook, ThinkPad, Latitude, XPS, ZenBook, Surface Laptop, ... or "laptop" /
-             "notebook" / "chromebook"
-    server   CPU or model of a server or cloud VM: Xeon, EPYC, Neoverse/Ampere/Graviton, PowerEdge, ProLiant, EC2,
-             Google Compute Engine, KVM/QEMU/VMware virtual machines; or 32 or more cores
-    desktop  everything else (a host machine that is none of the above: newer Apple "MacNN,N" identifiers included,
-             which do not say whether they are laptops)
-A record's device may carry "device_class" itself to override the rules.
+Schema `effai.perf/1`, one row per measurement, never the device's address. A record belongs to the artifact whose
+manifest.json has its manifest_sha256 ("match": "manifest"), else to the same model, target and precision.
+Row fields, matching and device classes: docs/bundle.md, "effai/bundle/perf.py".
 """
 
 from __future__ import annotations

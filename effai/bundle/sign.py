@@ -1,34 +1,9 @@
 """Ed25519 signing of a bundle's index, and `verify`: every file hash plus the signature, with the culprit named.
 
-What is signed: the exact bytes of bundle.json. bundle.json lists every other file's size and sha256
-(effai.bundle.index), so one 64-byte signature covers the whole bundle; bundle.sig holds it as one line of base64.
-
-Key files (`effai bundle keygen KEY`):
-    KEY       the private key, PEM PKCS#8 without a passphrase, mode 0600: keep it out of the bundle and of git
-    KEY.pub   the public key, PEM SubjectPublicKeyInfo ("-----BEGIN PUBLIC KEY-----"): the file to publish, and
-              what `effai bundle verify --pubkey` takes (openssl reads it: `openssl pkey -pubin -in KEY.pub -text`)
-`--pubkey` also accepts the raw 32-byte key as base64 (what bundle.json's signing block carries), an OpenSSH
-"ssh-ed25519 ..." line, or a private key (its public half is used).
-
-The bundle names its key in bundle.json: "signing": {"algorithm": "ed25519", "public_key": base64 of the raw 32
-bytes, "key_id": first 16 hex digits of sha256(raw public key)}. That block is part of the signed bytes, so it has
-to be in bundle.json before signing (`public_block` gives it to `effai bundle pack --sign`). A signature that checks
-out against the key the bundle names only proves the bundle is self-consistent (whoever tampered could re-sign
-with their own key): trust comes from `--pubkey`, a key obtained some other way.
-
-The signing block is also the record that the bundle was signed: a bundle whose bundle.json names a key but has no
-bundle.sig ("removed") is treated as tampered by verify, install, unpack, `bundle sign` and `bench --record` (only
-`bundle sign --force` re-signs it, for the one who packed it). Without `--pubkey` nothing is protected against a
-deliberate edit: whoever changes a file can also update its hash, drop the signing block and delete bundle.sig,
-and the result looks like an honest unsigned bundle. So `--pubkey` demands a valid signature by that key, and an
-unsigned bundle is never reported trusted.
-
-Signature states reported by `verify`:
-    valid     bundle.sig verifies over bundle.json with the key named in the signing block
-    invalid   it does not (bundle.json or bundle.sig changed after signing), or it is malformed, or bundle.sig
-              exists while bundle.json names no key
-    removed   bundle.json names a key but bundle.sig is missing: the signature was removed (tampered)
-    unsigned  neither a signing block nor bundle.sig: hashes catch accidents only, not edits
+What is signed: the exact bytes of bundle.json, which lists every other file's size and sha256, so bundle.sig covers
+the whole bundle. The signing block must be in bundle.json before signing (`public_block`). Signature states: valid,
+invalid, removed (tampered), unsigned; trust comes only from `--pubkey`, a key obtained some other way.
+Key files, key forms, states: docs/bundle.md, "effai/bundle/sign.py".
 """
 
 from __future__ import annotations
