@@ -159,7 +159,7 @@ def test_coreml_spec_metadata_and_classifier(small_exports):
 def test_coreml_classifier_keeps_checks_and_numerics(small_exports):
     """effai verify's structural check and the Linux evaluator still see the logits tensor after the classifier."""
     from effai.export.parity import TOLERANCES, compare
-    from effai.export.targets import coreml_mil
+    from effai.export import coreml_mil
 
     res = small_exports["coreml"]
     report = verify(res.out_dir)

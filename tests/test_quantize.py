@@ -383,7 +383,7 @@ def test_executorch_weight_only_runs_in_xnnpack_and_matches_its_simulation(tmp_p
     the PT2E simulation of the same quantized weights (biases split out: the kernels would drop them), the file
     3.5x / 6x smaller than fp32; a layer named in float_layers stays float; a CNN is warned about."""
     from effai.export.targets.base import LowerOptions
-    from effai.export.targets.executorch_weight_only import quantize_weight_only
+    from effai.export.executorch_weight_only import quantize_weight_only
     from effai.export.trace import trace
 
     model, t = _Mlp().eval(), TARGETS.get("executorch")

@@ -98,6 +98,12 @@ class Target(Protocol):
     def structural_check(self, out_dir: Path, lowered: Lowered, expected: dict[str, Any]) -> dict[str, Any] | None:
         """A check that does not need a runtime (Core ML on Linux); None where not applicable."""
 
+    metadata_modifies_model: bool     # False: the description is a sidecar, the model file is not touched
+
+    def write_metadata(self, root: Path, lowered: Lowered, info: Any) -> dict[str, Any]:
+        """The model's description (effai.export.metadata.ModelInfo) written this format's native way; returns the
+        manifest's `native_metadata` block."""
+
 
 TARGETS: Registry[Target] = Registry("target")
 

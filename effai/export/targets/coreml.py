@@ -25,6 +25,7 @@ insertion passes; so int8 exports on Linux too. Programs with an op the evaluato
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import platform
 from pathlib import Path
@@ -33,7 +34,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from effai.errors import EffaiError, UsageError
-from effai.export.targets.coreml_mil import MilEvaluator, NeedsRuntime
+from effai.export.coreml_mil import MilEvaluator, NeedsRuntime
+from effai.export.metadata import CLASS_LABEL, CLASS_SCORES, ModelInfo, output_text
+from effai.files import atomic_write
 from effai.export.targets.base import (TARGETS, LayerRule, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
                                        package_versions, require)
 
@@ -98,6 +101,12 @@ class CoreMLTarget:
                      for o in summary["outputs"]],
             details=details,
         )
+
+    metadata_modifies_model = True             # False: nothing to check before/after embedding
+
+    def write_metadata(self, root: Path, lowered: Lowered, info: ModelInfo) -> dict[str, Any]:
+        """The model's description in the model file, this format's native way (effai.export.metadata)."""
+        return write_coreml(root, lowered, info)
 
     def load(self, out_dir: Path, lowered: Lowered) -> Predictor | str:
         if platform.system() != "Darwin":
@@ -490,6 +499,113 @@ def _numel(t: Any) -> int:
     for d in t.dimensions:
         n *= int(d.constant.size) if d.HasField("constant") else 1
     return n
+
+
+# ----------------------------------------------------------------------------------------------------- Core ML
+
+def write_coreml(root: Path, lowered: Any, info: ModelInfo) -> dict[str, Any]:
+    """spec.description.metadata and feature descriptions; a classifier (coremltools' `classify` op over the
+    logits, which stay an output) when the model has one (1, num_classes) float32 output. Only the package's spec
+    file (model.mlmodel) is rewritten: weights and Manifest.json stay as coremltools wrote them."""
+    import coremltools as ct
+
+    package = root / lowered.model_file
+    spec_file = _coreml_spec_file(package)
+    spec = ct.utils.load_spec(str(package))
+    md = spec.description.metadata
+    md.author, md.license, md.versionString, md.shortDescription = (info.author, info.license, info.version,
+                                                                      info.description)
+    fields = info.fields()
+    for key, value in fields.items():
+        md.userDefined[key] = value
+    for feature, tensor in zip(spec.description.input, lowered.inputs):
+        feature.shortDescription = info.input_text(tensor.shape, tensor.dtype)
+    tensors = [f for f in spec.description.output if f.type.WhichOneof("Type") == "multiArrayType"]
+    for feature in tensors:
+        feature.shortDescription = output_text(info, len(tensors))
+    classifier, why_not = _coreml_classifier(spec, info)
+    atomic_write(spec_file, spec.SerializeToString(deterministic=True))
+    return {"format": "coreml model metadata", "fields": ["author", "license", "shortDescription", "versionString"]
+            + sorted(f"userDefined.{k}" for k in fields),
+            "labels": "embedded" if info.labels else "none",
+            "classifier": classifier, **({"classifier_not_added": why_not} if why_not else {}),
+            "read_with": "coremltools: ct.utils.load_spec(path).description.metadata (or MLModel(path)"
+                         ".user_defined_metadata); Xcode's model view"}
+
+
+def _coreml_spec_file(package: Path) -> Path:
+    """The spec file inside an .mlpackage, as its Manifest.json names it (Data/<path of the root model item>)."""
+    try:
+        manifest = json.loads((package / "Manifest.json").read_text())
+        item = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
+        path = package / "Data" / item["path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EffaiError(f"{package} has no readable Manifest.json ({type(e).__name__}: {e}); re-export it") from e
+    if not path.is_file():
+        raise EffaiError(f"{package}: its Manifest.json names {item['path']}, which is missing; re-export it")
+    return path
+
+
+def _coreml_classifier(spec: Any, info: ModelInfo) -> tuple[dict[str, Any] | None, str | None]:
+    """Make the ML program a Core ML classifier in place; (what was added, None) or (None, why not).
+
+    coremltools' ClassifierConfig appends a `classify` op (probabilities -> class label + {label: score}) and
+    replaces the score output with its two outputs. Here the op is appended and its outputs are added in front of
+    the logits output, which stays: numerics and effai's parity/structural checks see the same tensor. classify
+    maps the scores as they are (no softmax): `classLabel` is the arg-max label."""
+    outs = list(spec.description.output)
+    n = len(info.labels)
+    if spec.description.predictedFeatureName:
+        return None, f"already a classifier ({spec.description.predictedFeatureName}): left as it is"
+    if not n:
+        return None, "the model has no labels"
+    if len(outs) != 1 or outs[0].type.WhichOneof("Type") != "multiArrayType":
+        return None, f"{len(outs)} outputs; a classifier needs one class-score output"
+    scores = outs[0]
+    shape = [int(d) for d in scores.type.multiArrayType.shape]
+    if shape not in ([1, n], [n]):
+        return None, f"output shape {shape} is not (1, {n}) (one image of {n} class scores)"
+    if scores.type.multiArrayType.dataType != 65568:   # ArrayFeatureType.FLOAT32: classify takes fp32
+        return None, "the class scores are not float32"
+    fn = spec.mlProgram.functions["main"]
+    block = fn.block_specializations[fn.opset]
+    if list(block.outputs) != [scores.name] or {CLASS_LABEL, CLASS_SCORES} & {f.name for f in spec.description.input}:
+        return None, "the program's outputs do not match its description"
+    op, features = _classify_template(list(info.labels), shape)
+    op.inputs["probabilities"].arguments[0].name = scores.name
+    block.operations.add().CopyFrom(op)
+    del block.outputs[:]
+    block.outputs.extend([CLASS_LABEL, CLASS_SCORES, scores.name])
+    del spec.description.output[:]
+    spec.description.output.extend([*features, scores])
+    spec.description.predictedFeatureName = CLASS_LABEL
+    spec.description.predictedProbabilitiesName = CLASS_SCORES
+    return {"predicted_feature": CLASS_LABEL, "scores": CLASS_SCORES, "classes": n,
+            "scores_are": f"the {scores.name} output as {{label: score}} (raw logits, no softmax)",
+            "tensor_output_kept": scores.name}, None
+
+
+def _classify_template(labels: list[str], shape: list[int]) -> tuple[Any, list[Any]]:
+    """The `classify` op and the two output feature descriptions exactly as coremltools 9 serializes them for
+    ClassifierConfig(labels): converted from a one-op ML program (scores -> identity -> classify)."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=tuple(shape))], opset_version=ct.target.iOS15)
+    def program(x: Any) -> Any:
+        return mb.identity(x=x)
+
+    model = ct.convert(program, convert_to="mlprogram", classifier_config=ct.ClassifierConfig(labels),
+                       compute_precision=ct.precision.FLOAT32, minimum_deployment_target=ct.target.iOS15,
+                       skip_model_load=True)
+    spec = model.get_spec()
+    fn = spec.mlProgram.functions["main"]
+    op = fn.block_specializations[fn.opset].operations[-1]
+    features = {f.name: f for f in spec.description.output}
+    if op.type != "classify" or set(features) != {CLASS_LABEL, CLASS_SCORES}:
+        raise EffaiError(f"coremltools {ct.__version__} builds classifiers differently than effai expects "
+                         f"(last op {op.type!r}, outputs {sorted(features)}); use coremltools 9")
+    return op, [features[CLASS_LABEL], features[CLASS_SCORES]]
 
 
 TARGETS.register("coreml", CoreMLTarget())

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from effai.errors import EffaiError, UsageError
-from effai.export.targets import executorch_weight_only as weight_only
+from effai.export import executorch_weight_only as weight_only
+from effai.export.metadata import ModelInfo
 from effai.export.targets.base import (TARGETS, LayerRule, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
                                        package_versions, require)
 
@@ -83,6 +84,12 @@ class ExecuTorchTarget:
             outputs=[TensorSpec(n, s, "float32", layout_for(s)) for n, s in zip(options.output_names, outs)],
             details=details,
         )
+
+    metadata_modifies_model = False             # False: nothing to check before/after embedding
+
+    def write_metadata(self, root: Path, lowered: Lowered, info: ModelInfo) -> dict[str, Any]:
+        """The model's description in the model file, this format's native way (effai.export.metadata)."""
+        return write_executorch(root, lowered, info)
 
     def load(self, out_dir: Path, lowered: Lowered) -> Predictor | str:
         import torch
@@ -227,6 +234,18 @@ def _flat_meta(exported: Any) -> list[tuple[int, ...]]:
 
 def _dt(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
+
+
+# -------------------------------------------------------------------------------------------------- ExecuTorch
+
+def write_executorch(root: Path, lowered: Any, info: ModelInfo) -> dict[str, Any]:
+    """Nothing to write: the .pte format has no metadata section apps read. The artifact's manifest.json is the
+    sidecar (preprocessing, labels, model, weights sha256 and licence)."""
+    return {"format": "sidecar", "fields": [], "labels": "sidecar" if info.labels else "none",
+            "sidecar": "manifest.json",
+            "reason": ".pte has no metadata section apps read; ship manifest.json (preprocessing, labels, model, "
+                      "weights sha256, licence) beside model.pte",
+            "read_with": "any JSON reader: manifest.json `preprocessing`, `labels`, `model`"}
 
 
 TARGETS.register("executorch", ExecuTorchTarget())

@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 
 from effai.errors import EffaiError, UsageError, choices_hint
+from effai.version import __version__
+from effai.export.metadata import ModelInfo, output_text
+from effai.files import atomic_write
 from effai.export.targets.base import (TARGETS, LayerRule, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
                                        package_versions, require)
 
@@ -80,6 +83,12 @@ class OnnxTarget:
             outputs=[_spec(v, None) for v in proto.graph.output],
             details=details,
         )
+
+    metadata_modifies_model = True             # False: nothing to check before/after embedding
+
+    def write_metadata(self, root: Path, lowered: Lowered, info: ModelInfo) -> dict[str, Any]:
+        """The model's description in the model file, this format's native way (effai.export.metadata)."""
+        return write_onnx(root, lowered, info)
 
     def load(self, out_dir: Path, lowered: Lowered) -> Predictor | str:
         import onnxruntime as ort
@@ -387,6 +396,39 @@ def _spec(value_info: Any, layout: str | None) -> TensorSpec:
     shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
     return TensorSpec(value_info.name, shape, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
                       layout or layout_for(shape))
+
+
+# ------------------------------------------------------------------------------------------------------- ONNX
+
+def write_onnx(root: Path, lowered: Any, info: ModelInfo) -> dict[str, Any]:
+    """ModelProto.metadata_props (replacing entries of the same keys), doc_string, producer (effai; the exporter
+    that wrote the graph moves to metadata_props "converter") and the graph inputs'/outputs' doc_string."""
+    import onnx
+
+    path = root / lowered.model_file
+    proto = onnx.load(str(path), load_external_data=False)   # weights past 2 GB stay in model.onnx.data, untouched
+    fields = info.fields()
+    existing = {p.key: p.value for p in proto.metadata_props}
+    converter = (existing.get("converter") if proto.producer_name == "effai"
+                 else f"{proto.producer_name} {proto.producer_version}".strip())
+    if converter:
+        fields["converter"] = converter
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in fields]
+    del proto.metadata_props[:]
+    for key, value in kept + list(fields.items()):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = info.description
+    proto.producer_name, proto.producer_version = "effai", __version__
+    for v, spec in zip(proto.graph.input, lowered.inputs):
+        v.doc_string = info.input_text(spec.shape, spec.dtype)
+    for v in proto.graph.output:
+        v.doc_string = output_text(info, len(proto.graph.output))
+    atomic_write(path, proto.SerializeToString(deterministic=True))
+    return {"format": "onnx metadata_props", "fields": sorted(fields), "labels": "embedded" if info.labels else "none",
+            "also": ["doc_string", "producer_name", "producer_version", "graph input/output doc_string"],
+            "read_with": "onnx.load(path).metadata_props; onnxruntime InferenceSession.get_modelmeta()"
+                         ".custom_metadata_map"}
 
 
 TARGETS.register("onnx", OnnxTarget())

@@ -14,12 +14,18 @@ Layers in LowerOptions.float_layers are found by weight content (effai/export/la
 
 from __future__ import annotations
 
+import io as io_
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from effai.errors import EffaiError
+from effai.export.metadata import (INFO_FILE, LABELS_FILE, TFLITE_METADATA, TFLITE_MIN_PARSER, ZIP_TIME, ModelInfo,
+                                   output_text, to_json)
+from effai.files import atomic_write
 from effai.export.targets.base import (TARGETS, LayerRule, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
                                        package_versions, require)
 
@@ -59,6 +65,12 @@ class TFLiteTarget:
             outputs=[_spec(d, None) for d in interp.get_output_details()],
             details={"ops": ops, "converter": "litert-torch", **({"quantization": quant} if quant else {})},
         )
+
+    metadata_modifies_model = True             # False: nothing to check before/after embedding
+
+    def write_metadata(self, root: Path, lowered: Lowered, info: ModelInfo) -> dict[str, Any]:
+        """The model's description in the model file, this format's native way (effai.export.metadata)."""
+        return write_tflite(root, lowered, info)
 
     def load(self, out_dir: Path, lowered: Lowered) -> Predictor | str:
         interp = _interpreter(out_dir / lowered.model_file)
@@ -207,6 +219,172 @@ def _spec(d: dict, layout: str | None) -> TensorSpec:
     dtype = np.dtype(d["dtype"])
     q = (float(d["quantization"][0]), int(d["quantization"][1])) if dtype.kind in "iu" else None
     return TensorSpec(d["name"], shape, dtype.name, layout or layout_for(shape), q)
+
+
+# ------------------------------------------------------------------------------------------------------ TFLite
+
+def write_tflite(root: Path, lowered: Any, info: ModelInfo) -> dict[str, Any]:
+    """The TFLite Metadata flatbuffer in a model buffer named TFLITE_METADATA, then labels.txt and
+    effai_metadata.json zipped (stored, fixed times) onto the end of the file, as the TFLite Metadata spec and
+    tflite-support's MetadataPopulator do; TFLite's loader ignores the trailing zip."""
+    from ai_edge_litert import schema_py_generated as tfl
+
+    path = root / lowered.model_file
+    buf = path.read_bytes()
+    if not tfl.Model.ModelBufferHasIdentifier(buf, 0):
+        raise EffaiError(f"{path} is not a TFLite flatbuffer (no TFL3 identifier); re-export it")
+    model = tfl.ModelT.InitFromPackedBuf(buf, 0)
+    if any(b.offset > 1 for b in model.buffers or []):
+        return {"format": "tflite metadata", "fields": [], "labels": "none",
+                "skipped": "the model keeps its weights outside the flatbuffer (over 2 GB): not rewritten"}
+    subgraph = model.subgraphs[0]
+    inputs = [subgraph.tensors[i] for i in subgraph.inputs]
+    n_out = len(subgraph.outputs)
+    files = {INFO_FILE: (to_json(info.fields()) + "\n").encode()}
+    labelled = bool(info.labels) and n_out == 1
+    if labelled:
+        files[LABELS_FILE] = ("\n".join(info.labels) + "\n").encode()
+    meta, fields = _tflite_metadata(info, inputs, lowered, n_out, labelled)
+    _set_metadata_buffer(model, tfl, meta)
+    packed = _pack_model(model, tfl)
+    atomic_write(path, _with_zip(packed, files))
+    return {"format": "tflite metadata", "fields": fields,
+            "labels": "associated file" if labelled else ("embedded" if info.labels else "none"),
+            "associated_files": sorted(files), "min_parser_version": TFLITE_MIN_PARSER,
+            "read_with": "TFLite Metadata schema reader (ModelMetadata.GetRootAs on the TFLITE_METADATA buffer; "
+                         "tflite_support MetadataDisplayer) + zipfile for the associated files"}
+
+
+def _tflite_metadata(info: ModelInfo, inputs: list[Any], lowered: Any, n_out: int,
+                     labelled: bool) -> tuple[bytes, list[str]]:
+    """(the ModelMetadata flatbuffer (file identifier M001), the fields set). TFLite normalizes pixels in 0-255:
+    x = (pixel - mean) / std, so effai's (pixel/255 - mean) / std becomes mean*255, std*255."""
+    import flatbuffers
+
+    from effai.export._vendor import tflite_metadata_schema as md
+
+    p = info.preprocessing
+    fields = ["name", "description", "version", "author", "license", "min_parser_version",
+              f"associated_files ({INFO_FILE})", "input.name", "input.description", "input.content.ImageProperties"]
+    mean = [float(m) * 255.0 for m in p.get("mean", [])]
+    std = [float(s) * 255.0 for s in p.get("std", [])]
+    tensors = []
+    for k, (tensor, spec) in enumerate(zip(inputs, lowered.inputs)):
+        t = md.TensorMetadataT()
+        t.name = "image" if len(inputs) == 1 else f"image_{k}"
+        t.description = info.input_text(spec.shape, spec.dtype)
+        if spec.layout == "NCHW" and len(spec.shape) == 4:
+            t.dimensionNames = ["batch", "channels", "height", "width"]
+            fields += ["input.dimension_names"] if k == 0 else []
+        t.content = md.ContentT()
+        t.content.contentPropertiesType = md.ContentProperties.ImageProperties
+        image = md.ImagePropertiesT()
+        image.colorSpace = {3: md.ColorSpaceType.RGB, 1: md.ColorSpaceType.GRAYSCALE}.get(
+            p.get("channels"), md.ColorSpaceType.UNKNOWN)
+        size = p.get("input_size") or []
+        if len(size) == 2:
+            image.defaultSize = md.ImageSizeT()
+            image.defaultSize.height, image.defaultSize.width = int(size[0]), int(size[1])
+        t.content.contentProperties = image
+        if mean and std and len(mean) == len(std):
+            unit = md.ProcessUnitT()
+            unit.optionsType = md.ProcessUnitOptions.NormalizationOptions
+            unit.options = md.NormalizationOptionsT()
+            unit.options.mean, unit.options.std = mean, std
+            t.processUnits = [unit]
+            fields += ["input.process_units.NormalizationOptions"] if k == 0 else []
+            if tensor.type == 0:   # FLOAT32: the normalized range, as tflite-support's image writers record it
+                t.stats = md.StatsT()
+                t.stats.min = [(0.0 - m) / s for m, s in zip(mean, std)]
+                t.stats.max = [(255.0 - m) / s for m, s in zip(mean, std)]
+                fields += ["input.stats"] if k == 0 else []
+        tensors.append(t)
+    outputs = []
+    for k in range(n_out):
+        t = md.TensorMetadataT()
+        t.name = "logits" if n_out == 1 else f"output_{k}"
+        t.description = output_text(info, n_out)
+        t.content = md.ContentT()
+        t.content.contentPropertiesType = md.ContentProperties.FeatureProperties
+        t.content.contentProperties = md.FeaturePropertiesT()
+        if labelled:
+            f = md.AssociatedFileT()
+            f.name, f.type = LABELS_FILE, md.AssociatedFileType.TENSOR_AXIS_LABELS
+            f.description = f"{len(info.labels)} class names, one a line, in the order of the scores"
+            t.associatedFiles = [f]
+        outputs.append(t)
+    fields += ["output.name", "output.description"] + ([f"output.associated_files ({LABELS_FILE}, "
+                                                       "TENSOR_AXIS_LABELS)"] if labelled else [])
+    sub = md.SubGraphMetadataT()
+    sub.inputTensorMetadata, sub.outputTensorMetadata = tensors, outputs
+    model = md.ModelMetadataT()
+    model.name, model.description, model.version = info.name, info.description, info.version
+    model.author, model.license, model.minParserVersion = info.author, info.license, TFLITE_MIN_PARSER
+    model.subgraphMetadata = [sub]
+    f = md.AssociatedFileT()
+    f.name, f.type = INFO_FILE, md.AssociatedFileType.DESCRIPTIONS
+    f.description = "effai: model, weights sha256, preprocessing and labels (JSON)"
+    model.associatedFiles = [f]
+    b = flatbuffers.Builder(0)
+    b.Finish(model.Pack(b), b"M001")
+    return bytes(b.Output()), fields
+
+
+def _set_metadata_buffer(model: Any, tfl: Any, data: bytes) -> None:
+    """Put `data` in the buffer of the model's TFLITE_METADATA entry (added when missing)."""
+    buffer = tfl.BufferT()
+    buffer.data = np.frombuffer(data, dtype=np.uint8)
+    model.buffers = model.buffers or []
+    model.metadata = model.metadata or []
+    for entry in model.metadata:
+        if (entry.name.decode() if isinstance(entry.name, bytes) else entry.name) == TFLITE_METADATA:
+            model.buffers[entry.buffer] = buffer
+            return
+    model.buffers.append(buffer)
+    entry = tfl.MetadataT()
+    entry.name, entry.buffer = TFLITE_METADATA, len(model.buffers) - 1
+    model.metadata.append(entry)
+
+
+def _pack_model(model: Any, tfl: Any) -> bytes:
+    """model packed as a TFLite flatbuffer ("TFL3"), each buffer's data 16-byte aligned as the TFLite converter
+    writes it (flatbuffers' object API would align bytes to 1)."""
+    import flatbuffers
+
+    class AlignedBuffer(tfl.BufferT):  # type: ignore[misc, name-defined]
+        def Pack(self, builder: Any) -> int:
+            data = None
+            if self.data is not None and len(self.data):
+                raw = np.asarray(self.data, dtype=np.uint8).tobytes()
+                builder.StartVector(1, len(raw), 16)
+                builder.head -= len(raw)
+                builder.Bytes[builder.head:builder.head + len(raw)] = raw
+                data = builder.EndVector()
+            tfl.BufferStart(builder)
+            if data is not None:
+                tfl.BufferAddData(builder, data)
+            tfl.BufferAddOffset(builder, self.offset)
+            tfl.BufferAddSize(builder, self.size)
+            return tfl.BufferEnd(builder)
+
+    for b in model.buffers:
+        b.__class__ = AlignedBuffer
+    builder = flatbuffers.Builder(1 << 20)
+    builder.Finish(model.Pack(builder), b"TFL3")
+    return bytes(builder.Output())
+
+
+def _with_zip(model: bytes, files: dict[str, bytes]) -> bytes:
+    """model followed by a zip of `files` (stored, entries sorted, fixed times and permissions)."""
+    out = io_.BytesIO()
+    out.write(model)
+    with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(files):
+            entry = zipfile.ZipInfo(name, date_time=ZIP_TIME)
+            entry.external_attr = 0o644 << 16
+            entry.create_system = 3
+            zf.writestr(entry, files[name])
+    return out.getvalue()
 
 
 TARGETS.register("tflite", TFLiteTarget())
