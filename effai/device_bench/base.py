@@ -1,16 +1,8 @@
 """The contracts of `effai bench`: what a runner, a meter and a device filesystem are, and what they return.
 
-device_bench/ imports without torch (docs/architecture.md): it reads only an artifact directory and its manifest, so
-the same code can run on a board with numpy and one runtime. Nothing here imports effai.export or torch.
-
-One measurement, top to bottom (bench.py):
-
-    runner = runners.open(device_spec)                # host | adb:SERIAL | ssh:USER@HOST[:PORT]
-    meter  = meters.choose(energy_spec, runner.fs)    # auto | none | rapl | android | jetson | rpi | apple
-    for artifact x threads:
-        cooldown; meter idle window -> idle W
-        meter.start(); timings = runner.run(artifact, threads, cfg); reading = meter.stop(timings.window_s)
-        stats.summarize(timings.samples_ms) + throttling verdict -> one BenchRecord, appended to report.json
+Imports without torch: nothing here imports effai.export or torch, since device_bench/ reads only an artifact
+directory and its manifest. One measurement: runner.run(artifact, threads, cfg) -> Timings, meter.start()/stop()
+-> Trace -> energy reading, one BenchRecord appended to the report (docs/bench.md, "effai/device_bench/base.py").
 """
 
 from __future__ import annotations

@@ -1,25 +1,8 @@
 """The regression gate: `--baseline FILE --fail-on latency:+5%,energy:+5%` compares this run with an earlier report.
 
-Records are matched by BenchRecord.key() (model, target, precision, device name, threads); when a report holds the
-same key more than once (reports appended over several runs) the last record wins. Each rule `METRIC:+N%` fails
-when the current value exceeds the baseline by more than N percent.
-
-Noise policy (docs/bench.md, "Regression gate"). Latency metrics (latency = median, p90, p99) come with raw samples
-on both sides, so the gate knows how precisely each quantile was measured: the distribution-free 95% confidence
-interval of a quantile q from n sorted samples is [x_(r), x_(s)] with r, s = ceil(n*q -/+ 1.96*sqrt(n*q*(1-q)))
-(order statistics, normal approximation to the binomial; Conover, Practical Nonparametric Statistics, 3rd ed.,
-ch. 3, confidence interval for a quantile). A change over the threshold whose intervals still overlap (the
-baseline's upper bound reaches the current lower bound) is reported as "within noise" and does not fail: a gate
-that flaps on jitter gets switched off. A clear regression separates the intervals and fails; with the usual 100
-runs the median's interval spans roughly the 41st..60th order statistic, much tighter than the p90-p10 spread that
-the diff also prints for the reader. A rule ending in "!"
-(`latency:+5%!`) is strict: any change over the threshold fails, noise or not. Energy, first-inference and load
-are single figures per record (no samples), so their rules are always strict.
-
-A metric missing on either side (energy unavailable, a run that failed in the baseline) is "not compared: reason",
-never a failure. A record whose current run failed (status "error") fails the gate: the artifact no longer
-benchmarks on that device. Records only in the baseline are listed as missing and only in the current run as new;
-neither fails.
+Records match by BenchRecord.key() (the last one wins); `METRIC:+N%` fails above +N percent, except a latency change
+whose 95% quantile intervals [x_(r), x_(s)], r, s = ceil(n*q -/+ 1.96*sqrt(n*q*(1-q))), still overlap: "within
+noise". A rule ending in "!" is strict. The policy: docs/bench.md, "Regression gate".
 """
 
 from __future__ import annotations

@@ -2,13 +2,8 @@
 
     run_bench(["out/a-tflite", "out/a-onnx"], "host", BenchConfig(threads=(1, 4)), Path("bench.json"))
 
-Order of one measurement (docs/bench.md): cooldown (skipped before the first) -> thermal snapshot -> meter start
--> idle window (the meter's idle baseline) -> runner.run (load, first, warmup, timed loop) -> meter stop ->
-energy.reading over the runner's timed window -> thermal snapshot -> throttling verdict -> stats -> the record is
-appended to the report (rewritten atomically) before the next measurement starts, so an interrupted matrix loses
-nothing already measured. One artifact failing on the device (RunnerError, a missing runtime) becomes a record with
-status "error", its partial samples kept; the matrix goes on. Ctrl-C finishes the report as "interrupted" and
-re-raises KeyboardInterrupt for the caller (the CLI exits 130).
+Each record is appended (report rewritten atomically) before the next measurement; a failing artifact becomes an
+"error" record, Ctrl-C an "interrupted" report. Step order: docs/bench.md, "effai/device_bench/bench.py".
 """
 
 from __future__ import annotations

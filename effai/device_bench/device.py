@@ -1,11 +1,8 @@
 """What a device is, read from its own files: model, SoC/CPU, cores with max clocks and capacities, OS, kernel.
 
-Sources (any DeviceFS, each optional): /proc/cpuinfo (x86 "model name"; Arm "Hardware", "CPU part"),
-/sys/devices/system/cpu/cpu*/{cpufreq/cpuinfo_max_freq,cpu_capacity}, /etc/os-release, /proc/version,
-/proc/device-tree/model (boards), /sys/class/dmi/id/{sys_vendor,product_name} (PCs), `uname -m`, and on Android
-`getprop ro.product.model / ro.soc.model / ro.build.version.release ...` through fs.run (argv lists).
-Cores are also grouped into clusters by (capacity, max clock), the biggest last, which is what a runner needs to
-pin work to the big cores.
+Reads /proc, /sys, /etc/os-release and (Android) getprop through any DeviceFS; cores are grouped into clusters by
+(capacity, max clock), the biggest last, which is what a runner needs to pin work to the big cores.
+Sources file by file: docs/bench.md, "effai/device_bench/device.py".
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
-"""Turn a meter's Trace into J/inference and mean W over the timed window, idle baseline subtracted.
+"""Turn a meter's Trace into J/inference and mean W over the timed window, idle baseline subtracted:
 
-A power trace (W) is integrated by the trapezoid rule over the window clipped to the samples, the end points
-linearly interpolated; an energy trace (cumulative J, already unwrapped) is read at the window edges by linear
-interpolation. The idle window (measured just before, device at rest) gives idle W; the reported figures are
-
-    mean_watts          = raw W over the window - idle W
+    mean_watts           = raw W over the window - idle W
     joules_per_inference = (E_window - idle W * window seconds) / inferences
 
-with the raw (not idle-subtracted) figures kept beside them. A window holding fewer than two samples cannot be
-measured by this meter: that is reported as unavailable, never extrapolated from one reading.
+Fewer than two samples in the window: unavailable. Integration: docs/bench.md, "effai/device_bench/energy.py".
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """The host's own files and programs as a DeviceFS (base.py), rooted under sysfs_root() so tests can fake a device.
 
-Device paths are absolute ("/sys/class/powercap/..."); they resolve to `root / "sys/class/powercap/..."`. With the
-default root "/" that is the real file. Tests set EFFAI_SYSFS_ROOT to a fake tree and may plant programs
-(`vcgencmd`, `powermetrics`, `uname`) in `root/bin`: run() looks there first whenever the root is not "/", so a
-simulated Raspberry Pi or Mac answers through the same code path a real one does.
-
-Also here: `glob`, `read_number`, helpers every meter uses over any DeviceFS (local, adb, ssh), built only on the
-protocol's read_text/listdir so they work unchanged on remote devices.
+Device paths are absolute and resolve to `root / path` (EFFAI_SYSFS_ROOT, default "/"); off "/" run() looks in
+`root/bin` first. Also `glob`, `read_number`: helpers every meter uses over any DeviceFS (local, adb, ssh).
+More: docs/bench.md, "effai/device_bench/hostfs.py".
 """
 
 from __future__ import annotations

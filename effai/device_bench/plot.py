@@ -1,15 +1,8 @@
 """One PNG per bench report: latency distributions per artifact x device x threads, and energy per inference.
 
-Left panel: a horizontal box plot of every record's raw per-iteration samples (box = p25..p75, whiskers = 1.5 IQR,
-dots = outliers), its median written above the box, records top to bottom in report order so the picture lines up
-with the table. A log axis is used when medians differ by more than 30x (a Raspberry Pi next to a desktop).
-Right panel, only when some record has energy: mJ per inference bars (idle baseline subtracted) with the mean
-watts; records without a reading say "n/a". Without any energy reading the figure carries the note
-"energy unavailable: <reasons>" instead of an empty panel.
-
 matplotlib is imported inside `plot` (device_bench imports without it) and used through its object API with the
-Agg canvas: no pyplot global state, no display needed, safe in a worker thread. The file is written to a temp path
-beside the target and os.replace-d, so a half-written PNG never sits at `png`.
+Agg canvas; the PNG is written to a temp path and os.replace-d.
+Panels: docs/bench.md, "Plot" and "effai/device_bench/plot.py".
 """
 
 from __future__ import annotations

@@ -1,29 +1,9 @@
 """Time one effai artifact in this Python process and report every measurement as JSON lines.
 
-This file is standalone on purpose: it imports only the standard library and numpy at import time and nothing from
-effai, so the ssh runner can copy it alone to a board that has Python, numpy and one runtime (ExecuTorch, LiteRT /
-tflite_runtime, onnxruntime, or Core ML on macOS). It keeps to Python 3.8 syntax for the same reason.
-
-    python remote_runner.py ARTIFACT_DIR --threads N --warmup W --runs R [--min-seconds S] [--seed K] [--no-stream]
-
-prints one JSON object per line on stdout, flushed:
-
-    {"event": "hello", "python": ..., "platform": ..., "machine": ..., "runtimes": {package: version}}
-    {"event": "load", "ms": ..., "runtime": "litert", "runtime_version": "2.3.0", "import_ms": ...}
-                                                  # ms: the model's load; import_ms: importing the runtime
-    {"event": "first", "ms": ...}                 # the first inference, never among the timed samples
-    {"event": "start", "t": time.time()}
-    {"event": "iter", "i": 0, "ms": ...}          # one per timed iteration, in order
-    {"event": "end", "t": time.time()}
-    {"event": "error", "kind": "missing-runtime" | "bad-artifact" | "load" | "run", "message": "..."}
-
-Exit codes: 0 success, 3 runtime missing, 2 bad artifact, 1 anything else. `measure()` is the same measurement
-in-process (effai's host runner calls it), so host and remote numbers come from one code path.
-
-The timed loop is kept minimal (harness overhead <= 2% of a bare loop, benchmarks/bench_overhead.py): inputs are bound before
-the loop, only perf_counter_ns brackets each invoke and samples are appended to a list. As a script the `iter`
-events stream out one by one, each written after its invoke's timing ends (a connection lost mid-loop keeps what
-was sent); in-process (host runner) or with --no-stream they are emitted after the loop.
+Standalone on purpose: stdlib + numpy at import time, nothing from effai, Python 3.8 syntax, so the ssh runner can
+copy it alone to a board. `python remote_runner.py ARTIFACT_DIR --threads N --warmup W --runs R` prints hello, load,
+first, start, iter (one per timed iteration), end or error events; `measure()` is the same measurement in-process
+(the host runner). Protocol and exit codes: docs/bench.md, "effai/device_bench/remote_runner.py".
 """
 
 from __future__ import annotations

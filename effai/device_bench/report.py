@@ -1,19 +1,8 @@
 """The bench report: one JSON file (schema `effai.bench/1`) rewritten after every record, and its rich table.
 
-Why rewrite the whole file each time: a benchmark matrix on phones and boards can take an hour and be cut short
-(Ctrl-C, a phone that disconnects, a board that reboots). Writing the complete document to a temp file and
-`os.replace`-ing it over the report after each BenchRecord means the file on disk is always valid JSON holding
-every record measured so far; a crash leaves it at status "running", which `load` reads as interrupted.
-
-Document layout (docs/bench.md has the field table):
-
-    {"schema": "effai.bench/1", "effai_version": "0.1.0", "created_at": "...Z", "updated_at": "...Z",
-     "status": "running" | "complete" | "interrupted",
-     "meta": {"command": [...], "config": {...}, ...},   # what the caller passed to ReportWriter
-     "sessions": [{"started_at", "meta", "status"}, ...],  # one per ReportWriter that wrote into this file
-     "records": [BenchRecord as a dict, raw samples_ms included, ...]}
-
-Imports only the stdlib at module level (device_bench imports without torch); rich is imported inside `table`.
+Each write replaces the whole file (temp file + os.replace), so it is always valid JSON holding every record so far;
+a crash leaves status "running", which `load` reads as interrupted. Stdlib only at module level (rich is imported
+inside `table`). Why, and the layout: docs/bench.md, "effai/device_bench/report.py" and "Report".
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """Throttling: what the device says about its temperature and clocks before and after a run, and a verdict.
 
-snapshot(fs) reads, where readable (any DeviceFS: host, adb phone, ssh board):
-- thermal zones /sys/class/thermal/thermal_zone*/{type,temp} (millidegrees C; a few vendor zones report degrees),
-- cpufreq /sys/devices/system/cpu/cpu*/cpufreq/{scaling_cur_freq,cpuinfo_max_freq,scaling_max_freq} (kHz),
-- Intel throttle counters /sys/devices/system/cpu/cpu*/thermal_throttle/{core,package}_throttle_count,
-- Raspberry Pi firmware flags from `vcgencmd get_throttled` (throttled=0x...).
-
-verdict(before, after, samples_ms) combines them with the drift of the timings themselves (median of the last
-decile / median of the first decile), because a phone that throttles shows it in its latencies even where its
-sysfs is locked down:
-- "throttled": clocks capped or dropped from max, throttle counters grew, or firmware throttle bits set;
-- "suspected": drift > 1.10, or the hottest zone rose by more than 15 C;
-- "none": something was readable and nothing of the above;
-- "unknown": nothing readable and the drift is fine (the drift is still reported).
+snapshot(fs) reads thermal zones, cpufreq, Intel throttle counters and `vcgencmd get_throttled` where readable;
+verdict() adds the timings' drift (median of the last decile / median of the first decile): throttled | suspected
+(drift > 1.10, or the hottest zone +15 C) | none | unknown.
+Files and rules: docs/bench.md, "effai/device_bench/thermal.py".
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """Energy meters behind one protocol (base.Meter), chosen by `--energy auto|none|NAME`.
 
-    rapl     Intel/AMD RAPL package counters (powercap sysfs)          meters/rapl.py
-    jetson   NVIDIA Jetson INA3221 rails (hwmon / iio)                  meters/jetson.py
-    rpi      Raspberry Pi 5 PMIC via `vcgencmd pmic_read_adc`           meters/rpi.py
-    android  phone battery current_now x voltage_now (refuses on USB)  meters/android.py
-    apple    macOS powermetrics CPU/GPU/ANE estimate                    meters/apple.py
-
-`auto` probes them in that order and takes the first that can measure; where none can, energy is
-"unavailable: <why each failed>", never a guess. Meters read the device only through its DeviceFS, so the same
-meter measures the host, an adb phone or an ssh board.
+NAME: rapl, jetson, rpi, android, apple (meters/<name>.py). `auto` probes them in that order and takes the first that
+can measure; where none can, energy is "unavailable: <why each failed>", never a guess. Meters read the device only
+through its DeviceFS, so one meter measures the host, an adb phone or an ssh board (docs/bench.md, "Energy meters").
 """
 
 from __future__ import annotations

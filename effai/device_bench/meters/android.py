@@ -1,20 +1,8 @@
 """Android battery fuel gauge: power = battery discharge current x battery voltage, sampled from power_supply sysfs.
 
-Files: /sys/class/power_supply/battery/{current_now, voltage_now, status}. The kernel ABI says microamps and
-microvolts, but vendors differ, so each device is calibrated when sampling starts and the rule is recorded in the
-trace's caveats together with the raw first readings:
-
-- current unit: the median |current_now| of a few reads >= 10_000 means microamps (a phone under load draws
-  >= 10 mA = 10_000 uA); below that the driver reports milliamps (10_000 mA = 10 A is impossible for a phone).
-- voltage unit: >= 100_000 means microvolts (a Li-ion cell is 3-4.5 V = 3e6-4.5e6 uV); >= 100 means millivolts;
-  otherwise volts.
-- sign: measured only while `status` is Discharging, when current flows out of the battery. The sign of the raw
-  reading then is the device's discharge sign (negative on e.g. Pixels, positive on e.g. Samsung); power is
-  sign * raw * V, so it is positive while discharging on either convention. A reading of the opposite sign later
-  means the battery was charging: the trace says so.
-
-While the phone is charging (status Charging/Full/Not charging, or the usb/ac/wireless supply online) the battery
-current says nothing about the model's draw, so the probe REFUSES and says how to measure: wireless adb, cable out.
+Units (uA/mA; uV/mV/V) are decided by magnitude and the sign while `status` is Discharging, recorded in the trace's
+caveats; while the phone is charging or on USB power the probe REFUSES and says how to measure (wireless adb).
+Rules: docs/bench.md, "effai/device_bench/meters/android.py".
 """
 
 from __future__ import annotations

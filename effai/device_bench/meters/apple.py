@@ -1,16 +1,8 @@
 """macOS `powermetrics` (Apple silicon): CPU/GPU/ANE power estimates, one 100 ms sample per call.
 
-`powermetrics --samplers cpu_power -i 100 -n 1` prints, among frequency and residency lines:
-
-    CPU Power: 1234 mW
-    GPU Power: 56 mW
-    ANE Power: 0 mW
-    Combined Power (CPU + GPU + ANE): 1290 mW
-
-The combined line is used when present (newer macOS), else the sum of the CPU/GPU/ANE lines. powermetrics needs
-root: the meter runs it directly when effai is root, else through `sudo -n` (never prompting), and the probe says
-how to allow it when neither works. The figures are the SoC's own model-based estimates, not wall power.
-The OS is asked with `uname -s` through the DeviceFS, so a Mac reached over ssh is recognised too.
+Uses the "Combined Power (CPU + GPU + ANE)" line when present, else the sum of the CPU/GPU/ANE lines; runs as root or
+through `sudo -n` (never prompting). The SoC's own model-based estimates, not wall power.
+Output and rules: docs/bench.md, "effai/device_bench/meters/apple.py".
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
 """NVIDIA Jetson on-module INA3221 power monitors, found by driver name and rail labels, never by hwmon number.
 
-Layouts read (hwmon numbers change between boots and JetPack releases, labels do not):
-- hwmon, JetPack 5/6 (Orin, upstream ina3221 driver): /sys/bus/i2c/drivers/ina3221*/*/hwmon/hwmon*/ and
-  /sys/class/hwmon/hwmon*/ whose `name` is ina3221; channel N has inN_label (rail name, e.g. VDD_IN,
-  VDD_CPU_GPU_CV, VDD_SOC), inN_input (bus mV), currN_input (mA), and on some kernels powerN_input (uW).
-- iio, JetPack 4 (Nano/TX2/Xavier, ina3221x driver): /sys/bus/i2c/drivers/ina3221x/*/iio:device*/ with
-  rail_name_N, in_power{N}_input (mW), in_voltage{N}_input (mV), in_current{N}_input (mA).
-
-Power per rail is powerN_input when present, else mV * mA / 1e6 W. The total-input rail (VDD_IN, POM_5V_IN: the whole
-module) is what the trace holds when present; otherwise the sum of the rails, with a caveat that the rest of the
-module is missing. Per-rail means go into the caveats.
+Reads the hwmon (JetPack 5/6) or iio (JetPack 4) layout; power per rail is powerN_input when present, else
+mV * mA / 1e6 W; the trace holds the total-input rail (VDD_IN, POM_5V_IN) when present, else the sum of the rails.
+Paths per layout: docs/bench.md, "effai/device_bench/meters/jetson.py".
 """
 
 from __future__ import annotations

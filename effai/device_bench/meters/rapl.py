@@ -1,11 +1,8 @@
 """RAPL through the powercap sysfs interface (Intel, and AMD Zen on Linux >= 5.8): a cumulative energy counter.
 
-Each package domain /sys/class/powercap/intel-rapl:N has `energy_uj` (microjoules, wraps to 0 after
-`max_energy_range_uj`) and `name` ("package-0"). Only the package domains are summed: the subzones intel-rapl:N:M
-(core, uncore, dram) are parts of, or beside, the package, and adding them would count energy twice. The trace is
-the sum over packages of each counter unwrapped independently (a drop means it wrapped once: add the range), in J.
-
-Since Linux 5.10 energy_uj is root-only (CVE-2020-8694); the probe says how to open it rather than guessing.
+Trace (J) = sum over the package domains intel-rapl:N of `energy_uj`, each unwrapped independently with
+`max_energy_range_uj`; subzones are not added (they would count energy twice). Root-only since Linux 5.10
+(CVE-2020-8694). Details: docs/bench.md, "effai/device_bench/meters/rapl.py".
 """
 
 from __future__ import annotations

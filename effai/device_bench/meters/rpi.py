@@ -1,17 +1,8 @@
 """Raspberry Pi 5 PMIC (DA9091) rail telemetry through `vcgencmd pmic_read_adc`.
 
-The real output is one line per ADC channel, right-aligned names, currents first then voltages, and the index in
-parentheses is the ADC channel, which differs between a rail's current and its voltage, so rails pair by NAME:
-
-     3V7_WL_SW_A current(0)=0.09368929A
-      VDD_CORE_A current(7)=6.22421000A
-      VDD_CORE_V volt(15)=0.86173300V
-         EXT5V_V volt(24)=5.09066000V
-
-Power = sum over rails of V x A, pairing `<RAIL>_A current(n)=` with `<RAIL>_V volt(m)=`. Voltage-only channels
-(EXT5V_V, the USB-C input; BATT_V, the RTC cell) have no current and are not summed. The sum covers the SoC-side
-rails the PMIC generates, not the 5 V that USB devices and the fan draw, nor the PMIC's own conversion losses:
-the caveat says so. Older Pis print `error=1 error_msg="Command not registered"`: the probe reports it.
+Power = sum over rails of V x A, pairing `<RAIL>_A current(n)=` with `<RAIL>_V volt(m)=` by NAME (the ADC channel
+numbers differ); voltage-only channels are not summed.
+Output and caveats: docs/bench.md, "effai/device_bench/meters/rpi.py".
 """
 
 from __future__ import annotations

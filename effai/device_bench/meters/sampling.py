@@ -1,10 +1,8 @@
 """The background sampler every meter shares: read one value every `period_s` between start(fs) and stop().
 
-A meter subclasses SampledMeter and supplies `probe(fs)` (why it cannot measure, or None), `prepare(fs)` (resolve
-paths once, calibrate) and `sample(fs) -> float | None` (one reading: watts for kind "power", cumulative joules for
-kind "energy"). The sampler stamps each reading with time.time() taken halfway through the read, so a slow read
-(adb shell cat, a vcgencmd call) is attributed to its middle, and records the mean achieved interval as the Trace's
-period: on a remote device a read can take longer than the requested period, and the report must say so.
+A meter subclasses SampledMeter and supplies `probe(fs)`, `prepare(fs)` and `sample(fs) -> float | None` (watts for
+kind "power", cumulative joules for kind "energy"). Each reading is stamped halfway through the read and the Trace's
+period is the mean achieved interval (docs/bench.md, "effai/device_bench/meters/sampling.py").
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
 """`adb:SERIAL`: time an artifact on an Android phone with the runtime's own benchmark tool, pinned to big cores.
 
-Per run: check the device is attached and authorized, refuse a tool binary built for another ABI (ELF e_machine vs
-ro.product.cpu.abilist) before pushing anything, push the model file and the tool to /data/local/tmp/effai-<random>/,
-run `taskset MASK TOOL FLAGS` (mask from cpumask.py), stream and parse the tool's output (tool_output.py), and
-remove the directory in `finally`. The adb binary is driven with argv lists; `adb shell` joins its arguments with
-spaces for the device's sh, so every argument is shlex.quote'd.
-
-Tools: LiteRT `benchmark_model` for .tflite (prints only aggregate statistics: the Timings then hold the printed mean
-as their single sample and say so in extra), ExecuTorch `executor_runner` for .pte (prints one line per execution).
-Found as cfg.runner_binary, else $EFFAI_RUNNER_DIR/<tool>, else <tool> on PATH.
-
-Tested against tests/fakes/adb, a simulated adb that plays a device from a directory and runs stand-in tools that
-execute the model with the host runtime and print the real tools' formats; no phone is needed for the tests.
+Per run: check the device, refuse a tool built for another ABI, push model and tool to
+/data/local/tmp/effai-<random>/, run `taskset MASK TOOL FLAGS` (cpumask.py), parse its output (tool_output.py),
+remove the directory in `finally`. Every `adb shell` argument is shlex.quote'd.
+Tools, lookup, tests: docs/bench.md, "effai/device_bench/runners/adb.py".
 """
 
 from __future__ import annotations

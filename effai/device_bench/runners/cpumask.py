@@ -1,10 +1,8 @@
 """Which cores of a device are the big ones, as a `taskset` mask: the adb runner pins the benchmark tool there.
 
-Phones mix core types (e.g. 4 little + 3 mid + 1 prime); an unpinned benchmark migrates between them and its
-timings wander. The kernel says how fast each core is in /sys/devices/system/cpu/cpuN/cpu_capacity (arm64
-energy-aware scheduling, 1024 = the fastest); where that is missing, cpufreq's cpuinfo_max_freq ranks them. The
-cores sharing the highest value form the mask. Everything is read through a DeviceFS, so the same code runs against
-a phone (adb shell cat), a board (ssh) or a fake sysfs tree in tests.
+The cores sharing the highest cpu_capacity (arm64, 1024 = the fastest), else the highest cpuinfo_max_freq, form the
+mask, read through a DeviceFS (phone, board or fake sysfs).
+Why pin: docs/bench.md, "effai/device_bench/runners/cpumask.py".
 """
 
 from __future__ import annotations

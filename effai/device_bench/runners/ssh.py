@@ -1,16 +1,9 @@
 """`ssh:USER@HOST[:PORT]`: time an artifact on a Linux board (Raspberry Pi, Jetson, ...) over SSH with paramiko.
 
-Per run: `mktemp -d` on the board, SFTP the artifact directory and effai's standalone remote_runner.py there, run
-`python3 remote_runner.py DIR --threads ...` (every argument shlex.quote'd; never a string built from unquoted
-input), read its JSON-lines stream as it comes (one line per timed iteration), and `rm -rf` the directory in
-`finally`. A connection lost mid-run raises RunnerError carrying the iterations received so far.
-
-Host keys are checked against ~/.ssh/known_hosts ($EFFAI_KNOWN_HOSTS overrides the file) and an unknown host is
-refused unless cfg.trust_new_host, which stores its key there. Authentication is by key: $EFFAI_SSH_KEY when set
-(then only that key), else the agent and the default ~/.ssh keys. The board's Python is `python3`, or
-$EFFAI_REMOTE_PYTHON (split like a shell would, so it may carry arguments).
-
-Tested against a real sshd on localhost that the tests start (tests/test_bench_ssh.py).
+Per run: `mktemp -d` on the board, SFTP the artifact and remote_runner.py there, run it (every argument
+shlex.quote'd), read its JSON lines as they come, `rm -rf` the directory in `finally`; a lost connection raises
+RunnerError carrying the iterations received so far.
+Host keys, auth, tests: docs/bench.md, "effai/device_bench/runners/ssh.py".
 """
 
 from __future__ import annotations

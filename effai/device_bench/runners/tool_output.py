@@ -1,26 +1,9 @@
 """Parsers for what the on-device benchmark tools print, in their real formats (the adb runner runs them).
 
-LiteRT / TFLite `benchmark_model` (google-ai-edge/LiteRT tflite/tools/benchmark/benchmark_model.cc, the Stat /
-StatWithPercentiles `OutputToStream` of tensorflow/core/util/stats_calculator.h, tsl/util/stats_calculator.h):
-
-    INFO: Initialized session in 48.1ms.
-    INFO: Running benchmark for at least 10 iterations and at least 0 seconds but terminate if exceeding 150 seconds.
-    INFO: count=10 first=34530 curr=20741 min=20619 max=34530 avg=21722.6 std=2851
-    INFO: Running benchmark for at least 50 iterations and at least 0 seconds but terminate if exceeding 150 seconds.
-    INFO: count=50 first=20854 curr=20737 min=20619 max=21067 avg=1.23457e+06 std=85 p5=20650 median=20741 p95=20990
-    INFO: Inference timings in us: Init: 48095, First inference: 34530, Warmup (avg): 21722.6, Inference (avg): 20764.7
-
-All times in microseconds; `avg` is a double written by an ostream with default precision, so large values come out
-in e-notation. The tool prints no per-iteration line: only the aggregate is available, and the result says so.
-
-ExecuTorch `executor_runner` (pytorch/executorch examples/portable/executor_runner/executor_runner.cpp, log lines
-formatted by runtime/platform/default/posix.cpp as "%c %02u:%02u:%02u.%06lu executorch:%s:%zu] %s"):
-
-    I 00:00:00.012000 executorch:executor_runner.cpp:508] Model loaded in 3.250000 ms.
-    I 00:00:00.020000 executorch:executor_runner.cpp:662] Iteration 1 of 21: 4.100000 ms
-    I 00:00:00.090000 executorch:executor_runner.cpp:676] Model executed successfully 21 time(s) in 86.100000 ms.
-
-Older executor_runner builds print only the "executed successfully" total: then only the mean is available.
+LiteRT `benchmark_model` (tflite/tools/benchmark/benchmark_model.cc; tsl/util/stats_calculator.h) prints only
+aggregates, in microseconds. ExecuTorch `executor_runner` (examples/portable/executor_runner/executor_runner.cpp;
+log format of runtime/platform/default/posix.cpp) prints one line per iteration, older builds only the total.
+Sample output: docs/bench.md, "effai/device_bench/runners/tool_output.py".
 """
 
 from __future__ import annotations
