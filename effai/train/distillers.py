@@ -1,18 +1,8 @@
 """Distillers: the student, the frozen teacher and any training-only modules, with the recipe's loss in forward.
 
-    logits, losses = distiller(x, x_t, y)      # x: the student's input, x_t: the same images normalized for the teacher
-    loss = sum(losses.values())
-
-The training loop wraps the distiller (not the bare student) in DDP, so training-only modules (OFA-KD's exit
-projectors) are synchronized with the student; only `distiller.student` is kept, averaged (EMA) and exported.
-
-- `Vanilla`: L = CE_smooth(z_s, y) + kd_weight * w_e * L_kd(z_s, z_t, y) (L_kd from the LOSSES registry: kd, dkd,
-  dist, with the config's kd_temperature, dkd_alpha/beta, dist_beta/gamma); w_e = min((e + 1) / dkd_warmup, 1) at
-  epoch e for DKD when dkd_warmup > 0 (mdistiller's warm-up), else 1. Without a teacher, CE only.
-
-The loop tells a distiller the epoch with `distiller.set_epoch(epoch)` at the start of each epoch.
-- `OFA`: L = CE_smooth(z_s, y) + w * [L_OFA(z_s; eps_final) + sum_s L_OFA(proj_s(f_s); eps_s)] (effai.train.losses.ofa,
-  projectors from effai.train.projectors), exits after the student's stages captured by module path.
+`logits, losses = distiller(x, x_t, y)` (x_t: the same images normalized for the teacher). `Vanilla`: CE_smooth +
+kd_weight * L_kd (LOSSES: kd, dkd, dist); `OFA`: CE_smooth + w * L_OFA on the final logits and projected stage exits.
+Only `distiller.student` is kept, averaged (EMA) and exported. Formulas: docs/distill.md, "effai/train/distillers.py".
 """
 
 from __future__ import annotations

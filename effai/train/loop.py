@@ -1,11 +1,9 @@
-"""One training loop, readable top to bottom (nanoGPT style).
+"""One training loop, readable top to bottom (nanoGPT style): `logits, losses = distiller(x, x_t, y)`, e.g.
+CE_smooth(z_s, y) + kd_weight * L_kd(z_s, z_t, y) with z_t = teacher(x_t), on the SAME augmented batch.
 
-    logits, losses = distiller(x, x_t, y)      e.g. CE_smooth(z_s, y) + kd_weight * L_kd(z_s, z_t, y), z_t = teacher(x_t)
-    loss = sum(losses)                         on the SAME augmented batch (effai.train.distillers: vanilla, ofa)
-
-SGD (AdamW for token models) + linear warmup + cosine, EMA of weights, bf16 autocast on GPU, DDP across processes (each takes a slice of
-the global batch; BN statistics are synchronized), atomic checkpoints every epoch with exact resume (the data
-order and augmentation of epoch e depend only on (seed, e)), metrics as JSONL, a rich progress bar.
+SGD (AdamW for token models) + linear warmup + cosine, EMA of weights, bf16 autocast on GPU, DDP across processes
+(each takes a slice of the global batch; BN statistics are synchronized), atomic checkpoints every epoch with exact
+resume (the data order and augmentation of epoch e depend only on (seed, e)), metrics as JSONL, a rich progress bar.
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
 """OFA-KD projectors: map a student's intermediate feature into the teacher's logit space, one rule per family.
 
-Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge Distillation", NeurIPS
-2023, arXiv:2310.19444 (code Hao840/OFAKD distillers/ofa.py). Exit s in 1..4 (the student's stages), d* = max(d_s, d_t)
-with d_s, d_t the final feature widths of student and teacher, K classes:
-
-    cnn    (B,C,H,W):  s < 4: (4 - s) SepConv blocks, channels doubling, the last to d*; s = 4: 1x1 conv to d*;
-                       then GAP -> Linear(d*, K).
-                       SepConv = dw3x3 s2 -> pw -> BN -> ReLU -> dw3x3 -> pw -> BN -> ReLU.
-    vit    (B,P+N,D):  patch tokens -> g x g grid -> max(floor(log2(g/7)), 0) patch mergings (to d_s; GELU after
-                       each but the last, and always after the first) -> prefix tokens put back in front ->
-                       max(4 - s, 1) transformer blocks -> the class token -> Linear(d_s, K), with no norm before the
-                       Linear.  (P prefix tokens)
-    mixer  (B,N,D):    as vit without prefix tokens; the mean token instead of the class token.
-    swin   (B,H,W,C):  as mixer, from the NHWC grid.
-
-The token projector is the reference's (`TokenFnContext(PatchMerging...)`, `Block`s, `TokenFilter` + Flatten or
-`GAP1d`, Linear): with the same weights its output equals the reference's (tested). The reference builds the first
-merge with GELU and the others with GELU unless last, so one merge (ViT/DeiT-16 at 224: a 14 x 14 grid, the
-paper's ImageNet case) has GELU. Beyond the reference, effai crops an odd grid to even, and projects prefix tokens
-(Linear) where no merge brings the patch tokens to d_s (the reference only builds projectors where widths agree).
-
-The family is chosen from the student (its class and the shape of an exit's feature). A new family is one
-`PROJECTORS.register(name, ProjectorRule(matches, build))`; rules are tried in registration order.
+Hao et al., NeurIPS 2023, arXiv:2310.19444 (code Hao840/OFAKD distillers/ofa.py). Families cnn, vit, mixer, swin,
+chosen from the student (its class and the shape of an exit's feature); a new family is one
+`PROJECTORS.register(name, ProjectorRule(matches, build))`. Each family's layers and what goes beyond the reference:
+docs/distill.md, "effai/train/projectors.py".
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """Training recipes: frozen dataclasses selectable by name (`effai train RECIPE`).
 
-GhostNetV3's recipe (Liu et al. 2024, arXiv:2404.11202): SGD momentum 0.9, lr 0.05 per 128 images, weight decay
-2e-5, cosine schedule with warmup, label smoothing 0.1, KD from a strong teacher at T=1, horizontal flip and colour
-jitter 0.4, and NO mixup/cutmix (they hurt compact models). Vanilla KD (Hao et al. 2023, arXiv:2305.15781):
-L = CE(z_s, y) + T^2 KL(p_t || p_s), weights 1 and 1, teacher run on the same augmented batch.
-The epoch counts are scaled for small data (300 ImageNet epochs -> 15 on digits).
-The logit losses' hyper-parameters are VanillaKD's defaults (T = 1; DKD alpha 1, beta 2, no warm-up; DIST beta =
-gamma = 1), each a field: `--set kd_temperature=4 --set dkd_beta=8 --set dkd_warmup=5 --set dist_gamma=2`.
-OFA-KD (Hao et al. 2023, arXiv:2310.19444): recipe `ofa`, L = CE + L_OFA(final) + sum over the student's stage exits
-of L_OFA(projector(exit)), eps = 1 and T = 1 by default (docs/distill.md, OFA-KD).
-Token students (ViT, Mixer, Swin, DeiT) train with AdamW (lr 1e-3 per 128 images, weight decay 0.05) unless
---lr/--set say otherwise: SGD at CNN learning rates does not train them.
+GhostNetV3's (Liu et al. 2024, arXiv:2404.11202; docs/ghostnetv3.md), vanilla KD (Hao et al. 2023, arXiv:2305.15781:
+L = CE(z_s, y) + T^2 KL(p_t || p_s)) and OFA-KD (Hao et al. 2023, arXiv:2310.19444), with epoch counts scaled for
+small data. Defaults: docs/distill.md, "effai/train/recipes.py".
 """
 
 from __future__ import annotations

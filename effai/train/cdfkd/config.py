@@ -1,10 +1,7 @@
 """CdfkdConfig: every knob of a CDFKD-MFS run (`effai train cdfkd`), with the paper's defaults where they apply.
 
-Paper defaults (Hao et al., arXiv:2205.11845, CIFAR-100): 300 epochs x 50 iterations, batch 256, 5 student steps
-per generator step, student SGD lr 0.1 momentum 0.9 wd 5e-4, generator Adam 1e-3, nz 256, loss weights 1 / 0.2 / 5
-(student) and 1 / 0.1 with first-BN scale 5 (generator). The iteration count and batch are scaled down for small
-data on CPUs; the schedule is cosine (the reference steps x0.1 at 1/3 and 2/3). The generator is the reference's for
-the input size (32 px: DAFL's; 128 px: DCGAN's; 224 px: DCGAN's + BN), `--set generator=...` to choose.
+Hao et al., arXiv:2205.11845. The iteration count and batch are scaled down for small data on CPUs; the schedule is
+cosine. The paper's defaults: docs/distill.md, "effai/train/cdfkd/config.py".
 """
 
 from __future__ import annotations

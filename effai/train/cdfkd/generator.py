@@ -1,19 +1,8 @@
 """The CDFKD-MFS image generators (DAFL/DFAD and DCGAN style), as the released code builds them per input size.
 
-    small     z (nz) -> Linear -> 128 x s/4 x s/4 -> BN -> up2 -> conv3x3 128 + BN(eps .8) + LeakyReLU .2
-              -> up2 -> conv3x3 64 + BN(eps .8) + LeakyReLU .2 -> conv3x3 C -> tanh -> BN(affine=False)
-    large     z -> Linear -> 512 x s/16 x s/16 -> BN -> 4 x [ConvT 4x4 s2 (512-256-128-64-64) + BN + LeakyReLU .2]
-              -> conv3x3 C -> tanh
-    large_bn  large, then BN(affine=False)
-
-Hao et al., "CDFKD-MFS: Collaborative Data-free Knowledge Distillation via Multi-level Feature Sharing",
-IEEE TMM 2022, arXiv:2205.11845 (code: Hao840/CDFKD-MFS nets/gan.py `Generator`, `GeneratorLarge`,
-`GeneratorLargeBN`; registry.py uses them for CIFAR-100 at 32 px, Caltech-101 at 128 px and mini-ImageNet at
-224 px). `kind="auto"` follows that: below 128 px small, 128 to 223 px large, 224 px and up large_bn. The final
-BatchNorm without affine parameters makes every output channel zero-mean, unit-variance over the batch (training
-mode), i.e. images in the teachers' *normalized* input space; `large` ends at tanh ([-1, 1], the normalized range of
-the reference's Caltech-101 teachers, mean = std = 0.5). `eps=0.8` is the reference's (positional) BatchNorm eps on
-the small generator's conv blocks. Upsampling in `small` is nearest (F.interpolate's default), as in the reference.
+Hao et al., IEEE TMM 2022, arXiv:2205.11845 (code: Hao840/CDFKD-MFS nets/gan.py). `kind="auto"`: below 128 px
+`small`, 128 to 223 px `large`, 224 px and up `large_bn`. Layers, output ranges and the reference's choices:
+docs/distill.md, "effai/train/cdfkd/generator.py".
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
 """CDFKD-MFS training loop, readable top to bottom (nanoGPT style). No real image is used to train the student.
 
-Per iteration (an asymmetric adversarial game, teachers frozen in eval mode):
-    5 x student step:   x = G(z) (no grad);  L_S(student heads on x, teachers on x) -> SGD step on the student
-    1 x generator step: x = G(z);  L_G = -disagreement(student, teachers) + BN-statistics prior -> Adam step on G
-Every `eval_every` iterations: top-1 on the held-out split of the real data, per header and for the aggregated
-output, then an atomic checkpoint (student, generator, optimizers, RNG: exact resume). A NaN/inf or a constant
-batch from the generator stops the run with the last good checkpoint kept. Optionally, at the end, the attention
-aggregation is trained on a few real TRAIN-split images with everything else frozen.
-
-Hao et al., "CDFKD-MFS: Collaborative Data-free Knowledge Distillation via Multi-level Feature Sharing",
-IEEE TMM 2022, arXiv:2205.11845; losses in `effai.train.cdfkd.losses`, spec in docs/distill.md (CDFKD-MFS).
+Per iteration: 5 x student step (x = G(z), no grad; L_S -> SGD), then 1 x generator step (L_G = -disagreement +
+BN-statistics prior -> Adam on G). Hao et al., IEEE TMM 2022, arXiv:2205.11845; losses in `effai.train.cdfkd.losses`;
+evaluation, checkpoints, the attention stage: docs/distill.md, "effai/train/cdfkd/loop.py".
 """
 
 from __future__ import annotations

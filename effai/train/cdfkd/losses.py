@@ -1,16 +1,8 @@
-"""CDFKD-MFS losses: the student's (imitate every teacher, its features and the ensemble) and the generator's
-(make students and teachers disagree on images whose teacher BatchNorm statistics look like the training data's).
-
-Student, with s_i / t_i the logits of header i / teacher i and f the pre-logits features:
+"""CDFKD-MFS losses (Hao et al., IEEE TMM 2022, arXiv:2205.11845); s_i / t_i the logits of header i / teacher i:
     L_S = mean_i L1(s_i, t_i) + 0.2 mean_i mean_b sum_d |f_s,i - f_t,i| + 5 L1(mean_i s_i, mean_i t_i)
-Generator, over the inputs x_l of every BatchNorm2d l of teacher i (r_l = 5 for the first BN, else 1):
     L_G = sum_i [ -L1(s_i, t_i) / N + 0.1 sum_l r_l (||mu(x_l) - mu_run,l||_2 + ||var(x_l) - var_run,l||_2) / N ]
-L1 is the mean absolute error over all elements (F.l1_loss); the feature term sums over feature dimensions and
-averages over the batch, as the released code's `criterion_feat`; var is the biased batch variance.
-
-Hao et al., "CDFKD-MFS: Collaborative Data-free Knowledge Distillation via Multi-level Feature Sharing",
-IEEE TMM 2022, arXiv:2205.11845 (code: Hao840/CDFKD-MFS CDFKD_MFS.py, utils/forward.py). The BN term is
-DeepInversion's feature-statistics prior (Yin et al., CVPR 2020, arXiv:1912.08795).
+f: pre-logits features; x_l: the input of teacher i's BatchNorm2d l (r_l = 5 for the first BN, else 1).
+Reductions and references: docs/distill.md, "effai/train/cdfkd/losses.py".
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
-"""DEKD, DeViT's decomposition-and-ensemble distillation loss (Xu et al., arXiv:2309.05015; falcon-xu/DeViT
-engine.py `train_1epoch_qkv` and utils/losses.py `feature_relation_loss`).
-
+"""DEKD, DeViT's decomposition-and-ensemble distillation loss (Xu et al., arXiv:2309.05015; falcon-xu/DeViT):
     L   = (1 - a) CE(z_s, y) + a CE(z_s, argmax z_t) + sum_{X in Q,K,V} g_X R_X        a = 0.5, g = (0.2, 0.1, 0.3)
     R_X = sum_n KL( softmax(X_t X_t^T / sqrt(d_t))_n || softmax(X_s X_s^T / sqrt(d_s))_n ) / (B * L_s)
-
-X_t, X_s are the Q, K or V token features (B, N, C) of block L // 2 - 1 of the sub-teacher and of the student (L
-their depths: block 11 of ViT-L's 24, block 5 of DeiT-Ti's 12), n runs over the N relation rows, L_s is the
-student's depth. The N x N token relations make models of different widths comparable; both must see the same N
-tokens (same image size and patch size).
-
-As in the reference:
-- heads are CONCATENATED (X is the (B, N, heads * head_dim) slice of timm's `attn.qkv` output, in timm's
-  q|k|v, head-major order), not averaged per head;
-- d is the per-head width (head_dim), the attention's own temperature;
-- mode "reference": the KL is summed over the relation rows, averaged over the batch (KLDivLoss "batchmean") and
-  divided by the student depth L_s (the reference's `q_loss /= student_layer_num`, one block compared).
-effai's earlier choice, mode "token_mean": the KL averaged over the N rows and the batch, not divided by L_s, i.e.
-N / L_s times smaller than the reference (2.8x for 17 tokens and 6 blocks, 16x for ViT at 224/16 with 12): on digits
-(2 parts) it gave 90.8% held-out against 88.6% for the plain row sum. R_X is exactly 0 when X_s = X_t.
+X: the Q, K or V token features of block L // 2 - 1 of sub-teacher and student. Heads, d, the modes ("reference",
+effai's earlier "token_mean"): docs/distill.md, "effai/train/devit/dekd.py".
 """
 
 from __future__ import annotations

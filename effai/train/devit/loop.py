@@ -1,22 +1,8 @@
 """`effai train devit`: decompose a trained ViT into N small ViTs that infer collaboratively (Xu et al., "DeViT:
 Decomposing Vision Transformers for Collaborative Inference in Edge Devices", IEEE TMC 2023, arXiv:2309.05015).
-
-    split          classes -> N disjoint subsets (seeded shuffle, contiguous chunks)          split.py
-    for i < N:     sub-teacher_i = teacher fine-tuned on subset i                              stages.py (stage 1)
-                   sub-model_i   = small ViT distilled from sub-teacher_i by DEKD on subset i  stages.py (stage 3)
-                   optional: prune sub-model_i's heads/neurons, DEKD again to recover           prune.py  (stage 2)
-    ensemble       sub-models (CLS features) + fusion head trained jointly on all classes      stages.py (stage 4)
-
-Writes (atomically; `devit.json` last, so its presence marks a finished run):
-    OUT/part_<i>/model.safetensors    sub-model i: image -> CLS feature (B, d_sub)   runs on device i (rank i + 1)
-    OUT/fusion/model.safetensors      concat of N CLS features -> logits (B, K)       runs on the coordinator (rank 0)
-    OUT/devit.json                    split + hash, per-part classes/params/accuracy/sha256, placement, traffic
-Each checkpoint carries its model card (`effai export --weights` rebuilds it) and `effai.devit` metadata (split hash,
-part index, classes, widths) that `effai devit serve/run` checks before any data flows.
-
-Stage 2 (pruning, `--set prune_neurons=R --set prune_heads=R`) runs on the distilled sub-model, as the reference's
-shrink.py does on a trained one: rank, cut, then `prune_epochs` more DEKD epochs. A pruned part's card carries its
-heads and MLP neurons per block, so export and serve rebuild it.
+split (split.py) -> per subset: sub-teacher (stage 1), DEKD sub-model (stage 3), optional pruning (stage 2, prune.py)
+-> sub-models + fusion head (stage 4). `devit.json`, written last, marks a finished run.
+Steps and files written: docs/distill.md, "effai/train/devit/loop.py".
 """
 
 from __future__ import annotations

@@ -1,28 +1,8 @@
 """DeViT's optional stage 2: structured pruning of a sub-model's MLP neurons and attention heads (Xu et al.,
 arXiv:2309.05015; falcon-xu/DeViT core/imp_rank.py), ranked by
-
     score(u) = 0.1 * HSIC(act_u, softmax(z)) + 0.9 * sum |act_u|         (each term min-max normalized per layer)
-
-where act_u is unit u's output over a batch of the part's training images: for an MLP neuron its activation (the
-input of fc2, B x N tokens), for a head its output averaged over the head's channels (the input of attn.proj,
-B x N); z are the model's own logits on the batch. HSIC (Gretton et al. 2005) with a multi-scale Gaussian kernel on
-the unit (sigmas 1, 2, 4, 8, 16, averaged) and a linear kernel on the prediction:
-
-    HSIC(X, Y) = trace(H K_X H  H K_Y H),     H = I - 11^T / B      (the 1/(B-1)^2 factor cancels in the ranking)
-
-The lowest-scoring ratio * units (rounded half up) of every layer are removed for real (smaller Linear layers, fewer heads:
-effai/zoo/vit.py `keep_heads_and_neurons`), at least one head and one neuron per block stay, and DEKD then recovers
-the accuracy (loop.py). The pruned sub-model's card records its heads and neurons per block, so `effai export` and
-`effai devit serve` rebuild it.
-
-Choices, against the reference code:
-- each unit's activations are standardized over the batch, (x - mean) / std; the reference writes
-  `x - mean / std` (operator precedence), which is no standardization;
-- heads use the same score as neurons (docs/distill.md); the reference ranks heads by relevance - 0.1 redundancy
-  (HSIC between heads), an O(heads^2) variant;
-- the scores of several batches are summed (the reference uses one batch);
-- the removed count is rounded half up and one unit always stays (the reference floors the kept count, which can
-  keep none).
+The lowest-scoring units are removed for real (effai/zoo/vit.py `keep_heads_and_neurons`), then DEKD recovers.
+Activations, HSIC, choices against the reference: docs/distill.md, "effai/train/devit/prune.py".
 """
 
 from __future__ import annotations

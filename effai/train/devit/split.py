@@ -1,14 +1,8 @@
-"""DeViT's decomposition by class subsets (Xu et al., "DeViT: Decomposing Vision Transformers for Collaborative
-Inference in Edge Devices", IEEE TMC 2023, arXiv:2309.05015; falcon-xu/DeViT splite_dataset.py).
-
+"""DeViT's decomposition by class subsets (Xu et al., arXiv:2309.05015; falcon-xu/DeViT splite_dataset.py):
     perm     = list(range(K)) shuffled by Python's `random` seeded with `seed`     (random.seed(42) in the paper)
     subset i = perm[i*K//N : (i+1)*K//N], the last one perm[(N-1)*K//N :]        (sizes differ by at most one)
-
-exactly as the reference partitions the classes, so seed 42 gives the paper's partition (each subset is stored
-sorted: the order of a part's local labels does not change what it learns). Device i holds a small model trained
-only on subset i. The subsets are disjoint and together cover every class. `split_hash` (sha256 of the sorted
-subsets, N and the seed) is written into every part and the fusion head, so parts of different decompositions are
-never combined.
+`split_hash` is written into every part and the fusion head, so parts of different decompositions are never
+combined. Details: docs/distill.md, "effai/train/devit/split.py".
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
-"""DeViT's three training stages, each a plain loop over one data set (Xu et al., arXiv:2309.05015):
-
-    finetune_sub_teacher   the trained teacher, its head cut to subset i's rows, fine-tuned on subset i   (stage 1)
-    ranking_batches        the subset images that prune.py ranks heads and neurons on                     (stage 2)
-    distil_sub_model       a small ViT trained on subset i by DEKD from sub-teacher i                     (stage 3)
-    train_ensemble         the N sub-models (CLS features) + fusion head on all classes:                   (stage 4)
-                           L = w MSE(project(concat CLS), teacher CLS) + (1-a) CE(z, y) + a CE(z, argmax z_teacher)
-
-All stages: AdamW (no decay on biases, norms, position embeddings, class token), linear warmup then cosine to 0,
-seeded data order and augmentation per epoch (translation + brightness/contrast jitter), drop_last batches.
+"""DeViT's training stages, each a plain loop over one data set (Xu et al., arXiv:2309.05015): `finetune_sub_teacher`
+(stage 1), `ranking_batches` (what prune.py ranks on, stage 2), `distil_sub_model` (DEKD, stage 3), `train_ensemble`
+(stage 4: L = w MSE(project(concat CLS), teacher CLS) + (1-a) CE(z, y) + a CE(z, argmax z_teacher)).
+The stages, optimizer and augmentation: docs/distill.md, "effai/train/devit/stages.py".
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""Distillation losses and their registry. Every registered loss is called as `loss(z_s, z_t, target[, params])`.
-
-    from effai.train.losses import LOSSES, KDParams
-    loss = LOSSES.get("dkd")(student_logits, teacher_logits.detach(), labels, KDParams(temperature=4.0))
+"""Distillation losses and their registry. Every registered loss is called as `loss(z_s, z_t, target[, params])`:
+`LOSSES.get("dkd")(student_logits, teacher_logits.detach(), labels, KDParams(temperature=4.0))`.
 
 `KDParams` holds the methods' hyper-parameters; its defaults are VanillaKD's (Hao840/vanillaKD train-kd.py:
 --temperature 1, --dkd-alpha 1, --dkd-beta 2, --dist-beta 1, --dist-gamma 1). The recipes set them from

@@ -1,13 +1,8 @@
 """OFA-KD's loss with adaptive target enhancement (Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous
 Architectures in Knowledge Distillation", NeurIPS 2023, arXiv:2310.19444; code Hao840/OFAKD distillers/ofa.py).
-
     L(z; eps) = mean_b [ - sum_c ((p_t,c + y_c)^eps - y_c) log p_s,c ]        p = softmax(z / T), y = one-hot
-
-The target class is weighted (1 + p_t,gt)^eps - 1 (>= p_t,gt for eps >= 1: the teacher's confidence in the true
-class is enhanced), every other class p_t,c^eps (< p_t,c: dark knowledge is damped). At eps = 1 the weights are
-p_t exactly, so L is the cross-entropy to the teacher, whose gradient equals vanilla KD's: dL/dz_s = (p_s - p_t)/B
-at T = 1. The teacher gives only logits. As in the reference code, L is not multiplied by T^2 (vanilla KD's
-convention), so at T != 1 its gradients are 1/T of KD's; the paper uses T = 1.
+At eps = 1 it is the cross-entropy to the teacher; as in the reference code, it is not multiplied by T^2.
+Weights and gradients: docs/distill.md, "effai/train/losses/ofa.py".
 """
 
 from __future__ import annotations
