@@ -1,14 +1,7 @@
-"""`effai devit export`: every piece of a DeViT decomposition exported for its device, plus the record of which
-artifact runs where.
-
-    OUT/part_<i>/<target>[-<precision>]/    device i's model (image -> CLS feature), an effai export artifact dir
-    OUT/fusion/<target>[-<precision>]/      the coordinator's fusion head (N CLS features -> logits)
-    OUT/devit_bundle.json                   schema effai.devit-bundle/1: split hash, classes per part, feature
-                                            widths, traffic per image, and per piece: where it runs, its artifacts
-                                            (file, parity, the sha256 of its manifest, which hashes every file)
-
-The decomposition is checked first (one split hash, widths that fit the fusion head); everything is written into a
-temp directory beside OUT and moved into place at the end, so a failed export leaves no half-written bundle.
+"""`effai devit export`: every piece of a DeViT decomposition exported for its device (OUT/part_<i>/, OUT/fusion/: each
+an effai export artifact dir), plus OUT/devit_bundle.json (effai.devit-bundle/1), the record of which artifact runs
+where. The decomposition is checked first; a failed export leaves no half-written bundle.
+Layout and checks: docs/distill.md, "effai/devit_runtime/export.py".
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""The image stream of a collaborative run, rebuilt identically by every process from a short spec.
-
-    random[:SEED]     seeded Gaussian images in model-input space (no labels)
-    digits | DIR | X.npz   the data set's held-out split (the run's own split seed), preprocessed as the parts' card
-
-In DeViT every device sees the same camera frame; by default each device reads it locally, so only CLS features
-cross the network. With `send_images` the coordinator sends each batch to every device instead (then the images'
-bytes are counted too).
+"""The image stream of a collaborative run, rebuilt identically by every process from a short spec: `random[:SEED]`,
+or `digits | DIR | X.npz` (the data set's held-out split). By default each device reads it locally, so only CLS
+features cross the network; with `send_images` the coordinator sends each batch to every device instead.
+Specs: docs/distill.md, "effai/devit_runtime/inputs.py".
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """`effai devit run --local`: the whole collaborative run on this host, one process per device.
 
 The coordinator runs in the calling process; each part runs in its own `python -m effai devit serve` process that
-joins over TCP exactly as a remote device would (gloo, the same rendezvous and checks), so the run exercises the
-real protocol. The run gets a fresh token, which the device processes receive in their environment
-($EFFAI_DEVIT_TOKEN, never on their command line), and each reads the coordinator's --data itself. A device
-process that exits before the run starts (an unreadable part, inputs it cannot load, a
-usage error) fails the run at once with its exit code and its own one-line error, not after a rendezvous timeout;
-one that dies after reporting ready is named the same way once the process group cannot form.
-Device processes are always reaped: on success they exit by themselves; on any failure the ones still running are
-terminated, then killed, and their logs are kept.
+joins over TCP exactly as a remote device would, so the run exercises the real protocol. Token, early failures and
+reaping: docs/distill.md, "effai/devit_runtime/local.py".
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Loading a DeViT decomposition (`effai train devit` output) and checking that its pieces belong together.
 
-    run/part_<i>/model.safetensors    image -> CLS feature (B, d_sub)        device i (rank i + 1)
-    run/fusion/model.safetensors      concat of N CLS features -> logits     coordinator (rank 0)
-
-Every checkpoint carries `effai.devit` metadata: role, part index, split_hash, parts, d_sub, d_teacher and classes.
 Parts from a different decomposition (another split hash), the wrong class subset for their index, or a feature
-width the fusion head does not take are refused with a UsageError before any data flows. devit.json records each
-part's sha256 (runs since protocol 3); the coordinator holds its part files to it and each device's to its own.
+width the fusion head does not take are refused with a UsageError before any data flows.
+Files, metadata and hashes: docs/distill.md, "effai/devit_runtime/parts.py".
 """
 
 from __future__ import annotations

@@ -1,22 +1,9 @@
 """DeViT collaborative inference on torch.distributed: gloo over TCP, one process per device, works across hosts.
 
-    rank 0       coordinator: holds the fusion head; per batch it asks every device for batch b, receives the N CLS
-                 features (B x d_sub float32 each: the only data on the network) and fuses them into logits
-    rank i + 1   device i: holds part i; computes its CLS feature for batch b and sends it to rank 0
-
-Rendezvous is a small store the coordinator hosts at exactly HOST:PORT (effai/devit_runtime/channel.py): only a peer that
-holds the run's token gets in, and every message is encrypted and authenticated. Each device publishes what it holds
-(protocol, part, split hash, width, classes, its weights' sha256) and the coordinator answers go or refuse. After a
-go each device loads its images (only from its own --data, or sent by the coordinator) and reports ready with their
-hash, or why it cannot; only when all N are ready with the coordinator's images does it say start and the N + 1
-processes join the gloo process group. Every wait is bounded by the coordinator's `timeout_s`: a device that fails,
-never joins, dies mid-stream or stops answering ends the run with an EffaiError naming its rank, part and host, never
-a hang. docs/distill.md (DeViT runtime) has the details.
-
-Measured per run: end-to-end latency per batch at the coordinator, each device's compute and send time, fusion time,
-bytes each device sent, and the coordinator's wait not explained by the slowest device's compute (network +
-protocol). gloo binds the address the coordinator listens on (a device: its address towards the coordinator);
-GLOO_SOCKET_IFNAME, when set, overrides that.
+Rank 0 (coordinator) holds the fusion head and fuses the N CLS features (B x d_sub float32 each: the only data on the
+network) that ranks i + 1 (device i, part i) send per batch. Rendezvous: effai/devit_runtime/channel.py. Every wait
+is bounded by `timeout_s`: a failing device ends the run with an EffaiError naming its rank, part and host, never a
+hang. Protocol and measurements: docs/distill.md, "effai/devit_runtime/runtime.py".
 """
 
 from __future__ import annotations
