@@ -1,10 +1,9 @@
 """Training data: real datasets held in memory as uint8 tensors at the training resolution.
 
-Sources (`--data`):
-- `digits`: scikit-learn's 1,797 handwritten 8x8 digits (10 classes), shipped inside scikit-learn, upsampled.
-- a directory in ImageFolder layout: DIR/<class name>/<image>.(png|jpg|jpeg|bmp|webp).
-- a CIFAR-style `.npz` with `x` (N,H,W,C or N,C,H,W uint8), `y` (N,) and optional `classes`.
-Splits are stratified and seeded, so the held-out set is the same for training, export and evaluation.
+Sources (`--data`): `digits` (scikit-learn's 1,797 handwritten 8x8 digits, 10 classes, shipped inside scikit-learn,
+upsampled); a directory in ImageFolder layout, DIR/<class name>/<image>.(png|jpg|jpeg|bmp|webp); a CIFAR-style `.npz`
+with `x` (N,H,W,C or N,C,H,W uint8), `y` (N,) and optional `classes`. Splits are stratified and seeded, so the
+held-out set is the same for training, export and evaluation.
 """
 
 from __future__ import annotations

@@ -1,24 +1,8 @@
 """The CDFKD-MFS multi-header student: one shared CNN backbone, one header per teacher, one exported module.
 
-    u_1..u_4 = the backbone's 4 stage outputs (run once, shared by every header)
-    header i:  a_1 = SepConv(u_1, s2);  a_k = SepConv([u_k || a_{k-1}], s2), k = 2..4
-               f_i = GAP(a_4) (teacher i's pre-logits width);  s_i = Linear_i(f_i)
-    output:    mean_i s_i   ("mean", the released code's test prediction), or
-               sum_i w_i(x) s_i with w(x) = softmax over headers ("attention", below)
-
-Hao et al., "CDFKD-MFS: Collaborative Data-free Knowledge Distillation via Multi-level Feature Sharing",
-IEEE TMM 2022, arXiv:2205.11845 (code: Hao840/CDFKD-MFS nets/mhresnet8x.py). SepConv is the reference's:
-dw kxk s2 -> 1x1 -> BN -> ReLU -> dw kxk -> 1x1 -> BN -> ReLU. a_{k-1} is resized to u_k's grid with adaptive
-average pooling when the strides do not halve exactly (odd sizes).
-
-Attention aggregation is the paper's idea for when a few real samples exist; the released code has none, so this
-is effai's version: k_i = K_i f_i, q = Q mean_i k_i, w_i = softmax_i(q . k_i / sqrt(d)). Q starts at zero, so an
-untrained module is exactly the mean of the headers; it is trained with CE on the real samples, everything else
-frozen (see `effai.train.cdfkd.loop`).
-
-The backbone is run as a plain chain of its own modules up to the last exit (`StageTrunk`), not through forward
-hooks, so the exported graph is one ordinary forward(x) -> logits (B, K). `build_multi_header` is registered as
-architecture `cdfkd_student`; its keyword arguments are what the checkpoint's card stores.
+Header i: a_1 = SepConv(u_1, s2), a_k = SepConv([u_k || a_{k-1}], s2) over the backbone's 4 stage outputs, then GAP
+and Linear_i; the output is the mean of the headers or an attention over them (Hao et al., IEEE TMM 2022,
+arXiv:2205.11845). Registered as architecture `cdfkd_student`. Details: docs/distill.md, "effai/zoo/cdfkd_student.py".
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """DeViT's fusion head, the only model on the coordinator (Xu et al., arXiv:2309.05015; falcon-xu/DeViT
-models/ensemble_models.py EnsMLP).
-
-    f      = concat(CLS_1, ..., CLS_N)            (B, N * d_sub)   the only data the devices send
-    h      = project(f)                           (B, d_teacher)   matched to the teacher's CLS feature (MSE)
-    logits = classifier(h)                        (B, K)
-
+models/ensemble_models.py EnsMLP): f = concat(CLS_1, ..., CLS_N) (B, N * d_sub), the only data the devices send ->
+h = project(f) (B, d_teacher), matched to the teacher's CLS feature (MSE) -> logits = classifier(h) (B, K).
 `forward` also takes (B, N * d_sub, 1, 1), the 4-D layout `effai export` feeds (its card's input size is
 (N * d_sub, 1, 1)), so the head exports like any image model.
 """

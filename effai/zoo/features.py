@@ -1,14 +1,8 @@
 """Feature capture by module path, for every feature-level recipe (OFA-KD exits, CDFKD-MFS stages, DeViT tokens).
 
-    with FeatureCapture(model, ["layer1", "layer4"]) as cap:
-        logits = model(x)
-    u1, u4 = cap.outputs                        # in the order the paths were given
-
-Paths are `named_modules()` names ("blocks.3", "layer2.1.conv1"); a path that does not exist is refused with the
-closest names. `where="input"` captures a module's first positional input instead (a classifier's pre-logits, a
-BatchNorm's input). Hooks are removed on exit, so the model is unchanged afterwards and exports as before.
-`stage_exits(model)` picks the outputs of the model's 4 stages from timm's `feature_info` (every timm model and
-effai's own carry one).
+`with FeatureCapture(model, ["layer1", "layer4"]) as cap: logits = model(x)`, then `cap.outputs` in the order the
+paths were given; hooks are removed on exit. `stage_exits(model)` picks the outputs of the model's 4 stages from
+timm's `feature_info`. See docs/distill.md, "Feature capture by module path".
 """
 
 from __future__ import annotations

@@ -1,29 +1,9 @@
 """GhostNetV3: a compact CNN whose ghost modules train with parallel branches and deploy as single convs.
 
 Paper: Liu et al., "GhostNetV3: Exploring the Training Strategies for Compact Models", arXiv:2404.11202, 2024.
-Spec: docs/ghostnetv3.md. Parameter names mirror timm's `GhostNet(version='v3')` (timm/models/ghostnet.py),
-so a timm state_dict loads strictly, before or after folding (see `remap_timm_state_dict`).
-
-Architecture (width w, channels c -> make_divisible(c * w, 4)):
-    stem conv3x3 s2 + BN + ReLU (16w) -> 16 ghost bottlenecks (table `_STAGES`) -> 1x1 conv + BN + ReLU (960w)
-    -> global average pool -> 1x1 conv (1280, bias) -> ReLU -> dropout -> Linear.
-Bottleneck: ghost1 (ReLU) -> depthwise kxk s2 (stride-2 blocks only) -> SE (hard-sigmoid gate) -> ghost2 (no act)
-    + shortcut (identity, or dw kxk s + BN + 1x1 + BN when the shape changes).
-Ghost module (ratio 2): x1 = primary(x) (1x1 conv, in -> ceil(out/2)), x2 = cheap(x1) (dw 3x3), out = [x1, x2].
-    In blocks with index >= 2, ghost1's output is multiplied by the DFC gate
-        sigmoid(short_conv(avgpool2x2(x))) upsampled (nearest) to out's size,
-    short_conv = 1x1 conv+BN, dw 1x5+BN, dw 5x1+BN. The DFC gate is NOT re-parameterized.
-
-Training-time branches (re-parameterizable), with n = num_branches (3 in the paper):
-    primary = ReLU( sum_n BN(conv1x1(x)) )
-    cheap   = act( sum_n BN(dw3x3(x1)) [+ BN(dw1x1(x1)) "scale"] [+ BN(x1) "identity"] )
-    dw s2   = sum_n BN(dw kxk s2(x)) [+ BN(dw1x1 s2(x)) "scale"]
-Folding (`fold()`, exact, idempotent) turns every branch k with conv W_k and BN (gamma, beta, mu, var, eps) into
-        W'_k = W_k * gamma / sqrt(var + eps),   b'_k = beta - mu * gamma / sqrt(var + eps),
-zero-pads 1x1 kernels to kxk, writes the identity-BN as a kernel with 1 at the centre of its own channel, and sums
-    W = sum_k W'_k,  b = sum_k b'_k   into ONE biased conv; the branches are deleted. Folding uses the BN running
-statistics, i.e. it reproduces the eval-mode function. `GhostNetV3(..., deploy=True)` builds that folded form directly
-(same state_dict keys and shapes as a folded model).
+Folding (`fold()`, exact, idempotent): every branch's conv W and BN -> W' = W * gamma / sqrt(var + eps),
+b' = beta - mu * gamma / sqrt(var + eps), summed into ONE biased conv. Parameter names mirror timm's
+`GhostNet(version='v3')`. Spec and effai's implementation notes: docs/ghostnetv3.md.
 """
 
 from __future__ import annotations

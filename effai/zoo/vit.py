@@ -1,15 +1,7 @@
 """Small token models for small images: ViT (Dosovitskiy et al. 2021, arXiv:2010.11929) and MLP-Mixer (Tolstikhin
 et al. 2021, arXiv:2105.01601) at the sizes CPU training on small data affords, built from timm's own classes (so
-timm's feature_info, weight names and export behaviour hold).
-
-    vit_pico    dim  96, depth  6, 3 heads, patch 8   (~0.7M params at 64x64)
-    vit_tiny    dim 192, depth 12, 3 heads, patch 8   (ViT-Ti / DeiT-Ti's shape, DeViT's device model)
-    vit_small   dim 384, depth 12, 6 heads, patch 8   (ViT-S's shape)
-    mixer_pico  dim  96, depth  6, patch 8            (~0.5M params at 64x64)
-
-`img_size` is the training resolution (the card's input size); the position embedding is fixed to its patch grid.
-A structurally pruned ViT (DeViT's optional stage, effai/train/devit/prune.py) is the same model with fewer heads and
-MLP neurons per block: `block_heads` / `block_mlp` (one count per block, from the checkpoint's card) rebuild it.
+timm's feature_info, weight names and export behaviour hold): vit_pico, vit_tiny, vit_small, mixer_pico.
+A pruned ViT rebuilds from `block_heads` / `block_mlp`. Sizes: docs/distill.md, "effai/zoo/vit.py".
 """
 
 from __future__ import annotations
