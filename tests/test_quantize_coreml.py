@@ -13,7 +13,8 @@ from effai.errors import EffaiError, UsageError  # noqa: E402
 from effai.export.parity import TOLERANCES, compare  # noqa: E402
 from effai.export.precisions import PRECISIONS  # noqa: E402
 from effai.export.targets import TARGETS  # noqa: E402
-from effai.export.targets import coreml, coreml_mil  # noqa: E402
+from effai.export.targets import coreml  # noqa: E402
+from effai.export import coreml_mil  # noqa: E402
 from effai.export.targets.base import LowerOptions  # noqa: E402
 
 SIZE = 32

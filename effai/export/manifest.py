@@ -27,6 +27,27 @@ def file_entries(root: Path, exclude: tuple[str, ...] = (MANIFEST, LOG)) -> list
     return files.file_entries(root, exclude)
 
 
+def build(*, model: dict[str, Any], target: str, precision: str, status: str, quantization: dict[str, Any] | None,
+          warnings: list[str], runtime_settings: dict[str, Any], lowered: Any, preprocessing: dict[str, Any],
+          labels: list[str], native_metadata: dict[str, Any], fold: dict[str, Any], parity: dict[str, Any],
+          accuracy: dict[str, Any] | None, toolchain: dict[str, str], export_config: dict[str, Any],
+          timings: dict[str, float]) -> dict[str, Any]:
+    """The manifest of one artifact (schema effai.manifest/1, fields in docs/manifest.md); `write` adds the files."""
+    from datetime import datetime, timezone
+
+    from effai.version import __version__
+
+    return {
+        "effai_version": __version__, "model": model, "target": target, "precision": precision, "status": status,
+        "quantization": quantization, "warnings": warnings, "runtime_settings": runtime_settings,
+        "model_file": lowered.model_file, "inputs": [s.to_dict() for s in lowered.inputs],
+        "outputs": [s.to_dict() for s in lowered.outputs], "preprocessing": preprocessing, "labels": labels,
+        "native_metadata": native_metadata, "fold": fold, "parity": parity, "accuracy": accuracy,
+        "target_details": lowered.details, "toolchain": toolchain, "export_config": export_config,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "timings_s": timings,
+    }
+
+
 def write(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Hash every file under root into the manifest and write it atomically; returns the written manifest."""
     manifest = {"schema": SCHEMA, **manifest, "files": file_entries(root)}

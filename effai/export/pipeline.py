@@ -18,14 +18,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from effai.version import __version__
 from effai import toolchain, zoo
 from effai.errors import EffaiError, UsageError, choices_hint
 from effai.export import artifact_dir, fallback as fallback_stage, manifest as manifest_io, metadata
@@ -145,195 +143,98 @@ def resolve(loaded: zoo.LoadedModel, cfg: ExportConfig) -> tuple[Any, str, tuple
     return target, precision, tuple(int(s) for s in shape), out  # type: ignore[return-value]
 
 
+@dataclass
+class Run:
+    """One export in progress: the resolved config and what each stage adds for the next ones."""
+    loaded: zoo.LoadedModel
+    cfg: ExportConfig
+    target: Any
+    precision: str
+    shape: tuple[int, int, int, int]
+    out: Path
+    tmp: Path
+    progress: Progress | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    model: Any = None                     # the caller's model, copied (fold changes it)
+    inputs: np.ndarray | None = None      # parity inputs: photos + seeded noise, preprocessed per the card
+    photos: np.ndarray | None = None
+    sample_names: list[str] = field(default_factory=list)
+    reference: list[np.ndarray] = field(default_factory=list)   # torch fp32 outputs of the unfolded model
+    report: FoldReport | None = None
+    calib: Any = None
+    program: Any = None                   # what the target lowers: the folded module, or its ExportedProgram
+    eval_spec: str | None = None
+    evaluation: tuple | None = None
+
+    @property
+    def card(self) -> Any:
+        return self.loaded.card.with_(input_size=self.shape[1:])
+
+    @property
+    def log(self) -> Path:
+        return self.tmp / LOG
+
+    @property
+    def example(self) -> tuple[torch.Tensor]:
+        return (torch.from_numpy(self.inputs[: self.shape[0]]).contiguous(),)
+
+    @contextmanager
+    def stage(self, name: str, detail: str = "") -> Iterator[dict[str, str]]:
+        """Time a stage, capture toolchain output into the log, report start/end/fail to `progress`."""
+        note = {"detail": detail}
+        if self.progress:
+            self.progress("start", name, detail, 0.0)
+        t0 = time.perf_counter()
+        try:
+            with captured(self.log):
+                yield note
+        except BaseException:
+            if self.progress:
+                self.progress("fail", name, note["detail"], time.perf_counter() - t0)
+            raise
+        elapsed = time.perf_counter() - t0
+        self.timings[name] = round(self.timings.get(name, 0.0) + elapsed, 3)   # the fallback repeats lower/parity/eval
+        if self.progress:
+            self.progress("end", name, note["detail"], elapsed)
+
+
 def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None = None) -> ExportResult:
     """Export one model to one target. The caller's model is not modified (the pipeline folds a copy)."""
     target, precision, shape, out = resolve(loaded, cfg)
-    card = loaded.card.with_(input_size=shape[1:])
-    timings: dict[str, float] = {}
-    tmp = artifact_dir.prepare(out)
-    log = tmp / LOG
-
-    @contextmanager
-    def stage(name: str, detail: str = "") -> Iterator[dict[str, str]]:
-        note = {"detail": detail}
-        if progress:
-            progress("start", name, detail, 0.0)
-        t0 = time.perf_counter()
-        try:
-            with captured(log):
-                yield note
-        except BaseException:
-            if progress:
-                progress("fail", name, note["detail"], time.perf_counter() - t0)
-            raise
-        elapsed = time.perf_counter() - t0
-        timings[name] = round(timings.get(name, 0.0) + elapsed, 3)   # the fallback repeats lower/parity/eval
-        if progress:
-            progress("end", name, note["detail"], elapsed)
-
+    run = Run(loaded, cfg, target, precision, shape, out, artifact_dir.prepare(out), progress)
     try:
-        model = copy.deepcopy(loaded.model).eval()
-        preprocessing = card.preprocessing()
-        n_noise = cfg.parity_noise + (-(cfg.parity_photos + cfg.parity_noise) % shape[0])  # whole batches
-        inputs, photos, sample_names = parity_inputs(preprocessing, cfg.parity_photos, n_noise, cfg.seed)
-        example = (torch.from_numpy(inputs[: shape[0]]).contiguous(),)
-        warnings: list[str] = []
-
-        with stage("fold") as note:
-            try:
-                with torch.no_grad():
-                    ref_t = flat_outputs(model(torch.from_numpy(inputs)))
-            except Exception as e:  # the model itself rejects this input shape
-                raise UsageError(f"{card.name} cannot run on input {shape[1:]} ({type(e).__name__}: "
-                                 f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); its card's size is "
-                                 f"{'x'.join(map(str, loaded.card.input_size))}: pass a size it supports") from e
-            reference = [o.numpy().copy() for o in ref_t]
-            if cfg.fold:
-                report = fold(model, (torch.from_numpy(inputs),), reference=ref_t, target=cfg.target)
-                note["detail"] = (f"{sum(report.reparameterized.values())} blocks re-parameterized, "
-                                  f"{report.fused_conv_bn + report.fused_linear_bn} BN fused, "
-                                  f"{sum(report.rewritten.values())} ops rewritten, "
-                                  f"params {report.params_before:,} -> {report.params_after:,}")
-            else:
-                report = FoldReport(skipped="disabled by --no-fold")
-                note["detail"] = "skipped (--no-fold)"
+        prepare(run)
+        fold_stage(run)
         prec = PRECISIONS.get(precision)
         rule = target.quantizes.get(precision, ALL_LAYERS)
-        if cfg.float_layers:
-            from effai.export.sensitivity import quantizable_layers
-
-            layers = quantizable_layers(model)
-            for n in cfg.float_layers:
-                if n not in layers:
-                    raise UsageError(f"--float-layers: {card.name} has no Conv2d/Linear layer '{n}'; "
-                                     f"{choices_hint(n, layers)}")
-            covered = set(quantizable_layers(model, rule))
-            idle = [n for n in cfg.float_layers if n not in covered]
-            if idle:
-                warnings.append(f"--float-layers {', '.join(idle)}: {cfg.target} {precision} does not quantize "
-                                f"{'this layer' if len(idle) == 1 else 'these layers'} anyway")
-        calib = None
+        check_float_layers(run, rule)
         if prec.needs_calibration or (prec.quantized and cfg.fallback):
-            with stage("calib", cfg.calib) as note:
-                from effai.export import calibration
-
-                calib = calibration.load(cfg.calib, preprocessing, card, cfg.calib_samples, cfg.seed)
-                calibration.check_finite(model, calib.x)
-                note["detail"] = f"{calib.x.shape[0]} samples from {calib.source}"
-                warnings.extend(calib.warnings)
-        program = model
-        if target.needs_exported_program:
-            with stage("trace", "torch.export") as note:
-                program = trace(model, example)
-        eval_spec = card.extra.get("eval_data") if cfg.eval == "auto" else (None if cfg.eval == "none" else cfg.eval)
-        evaluation = _eval_reference(loaded, card, eval_spec) if eval_spec else None
-
-        def attempt(float_layers: tuple[str, ...], label: str = "") -> tuple[Any, dict, dict | None]:
-            """lower -> parity -> eval with these layers kept in float."""
-            with stage("lower", f"{cfg.target} {precision}{label}") as note:
-                names = ("logits",) if len(reference) == 1 else tuple(f"output_{i}" for i in range(len(reference)))
-                options = LowerOptions(precision=precision, output_names=names,
-                                       calibration=calib.x if calib is not None else None,
-                                       float_layers=float_layers, io_dtype=cfg.io_dtype)
-                _clear_model_files(tmp)
-                try:
-                    lowered = target.lower(program, example, options, tmp)
-                except (EffaiError, OSError):
-                    raise
-                except Exception as e:
-                    others = {n: t for n, t in TARGETS.items() if n != cfg.target and t.available()[0]}
-
-                    def probe(op: str) -> dict[str, bool] | None:
-                        from effai.export.op_probe import targets_taking
-
-                        return targets_taking(model, example, op, others)
-
-                    raise lowering_error(cfg.target, e, log, list(others), probe) from e
-                note["detail"] = f"{lowered.model_file} {_size_mb(tmp / lowered.model_file):.2f} MB"
-                d = lowered.details.get("delegation")
-                if d:
-                    outside = sum(n for op, n in d["non_delegated_ops"].items() if op != "getitem")
-                    note["detail"] += (f", {d['partitions']} XNNPACK partition(s), {d['delegated_nodes']} ops "
-                                       f"delegated, {outside} outside")
-            with stage("parity") as note:
-                parity = _parity(target, tmp, lowered, cfg, precision, inputs, reference, shape, sample_names)
-                note["detail"] = _parity_line(parity)
-            accuracy = None
-            if eval_spec:
-                with stage("eval", eval_spec) as note:
-                    accuracy = _accuracy(evaluation, target, tmp, lowered, cfg, shape[0])
-                    a = accuracy
-                    note["detail"] = (f"top-1 torch {a['torch']['top1']:.2%}, artifact "
-                                      + (f"{a['artifact']['top1']:.2%} ({a['status']})" if "artifact" in a
-                                         else f"not-run ({a['reason']})") + f" on {a['samples']} images")
-            return lowered, parity, accuracy
-
-        lowered, parity, accuracy = attempt(tuple(cfg.float_layers))
+            calib_stage(run)
+        trace_stage(run)
+        lowered, parity, accuracy = attempt(run, tuple(cfg.float_layers))
         fallback = None
         if prec.quantized and cfg.fallback and gate_failed(parity, accuracy):
             (lowered, parity, accuracy), fallback, note = fallback_stage.run(
-                attempt, (lowered, parity, accuracy), model=model, calib_x=calib.x, precision=precision, rule=rule,
-                float_layers=tuple(cfg.float_layers), stage=stage,
-                size_mb=lambda low: _size_mb(tmp / low.model_file))
+                lambda layers, label="": attempt(run, layers, label), (lowered, parity, accuracy), model=run.model,
+                calib_x=run.calib.x, precision=precision, rule=rule, float_layers=tuple(cfg.float_layers),
+                stage=run.stage, size_mb=lambda low: _size_mb(run.tmp / low.model_file))
             if note:
-                warnings.append(note)
-        warnings.extend(lowered.details.get("warnings", []))
-        quantization = None
-        if prec.quantized:
-            quantization = {"precision": precision, "description": prec.description,
-                            **lowered.details.get("quantization", {}),
-                            "calibration": calib.to_dict() if calib is not None and prec.needs_calibration else None,
-                            "fallback": fallback}
-        labels = zoo.labels(card) if card.num_classes else []
-        if not labels and reference and reference[0].ndim == 2:
-            labels = [f"class_{i}" for i in range(reference[0].shape[1])]
-        with stage("metadata", cfg.target) as note:   # the model's description inside the model file itself
-            info = metadata.describe(card, loaded.weights.sha256, loaded.random_init, preprocessing, labels)
-            native = metadata.embed(target, tmp, lowered, info, inputs[: shape[0]] if cfg.verify else None)
-            note["detail"] = metadata.summary(native)
-        with stage("manifest") as note:
-            np.savez_compressed(tmp / manifest_io.PARITY_DATA, photos_u8=photos,
-                                **{f"reference_{i}": r for i, r in enumerate(reference)})
-            manifest = {
-                "effai_version": __version__,
-                "model": {"name": card.name, "family": card.family, "source": card.source,
-                          "weights": loaded.weights.source, "weights_sha256": loaded.weights.sha256,
-                          "random_init": loaded.random_init, "weights_license": card.weights_license,
-                          "description": card.description},
-                "target": cfg.target,
-                "precision": precision,
-                "status": _status(parity, accuracy),
-                "quantization": quantization,
-                "warnings": warnings,
-                "runtime_settings": runtime_settings(),
-                "model_file": lowered.model_file,
-                "inputs": [s.to_dict() for s in lowered.inputs],
-                "outputs": [s.to_dict() for s in lowered.outputs],
-                "preprocessing": preprocessing,
-                "labels": labels,
-                "native_metadata": native,
-                "fold": report.to_dict(),
-                "parity": {**parity, "samples": len(sample_names), "sample_names": sample_names,
-                           "data": manifest_io.PARITY_DATA, "noise_seed": cfg.seed,
-                           "n_photos": int(photos.shape[0]), "batch": shape[0]},
-                "accuracy": accuracy,
-                "target_details": lowered.details,
-                "toolchain": toolchain.versions(),
-                "export_config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "timings_s": timings,
-            }
-            manifest = manifest_io.write(tmp, manifest)
-            note["detail"] = f"{len(manifest['files'])} files hashed"
-        artifact_dir.commit(tmp, out)
+                run.warnings.append(note)
+        run.warnings.extend(lowered.details.get("warnings", []))
+        labels = _labels(run)
+        native = metadata_stage(run, lowered, labels)
+        manifest = manifest_stage(run, lowered, parity, accuracy, native, labels, _quantization(run, prec, lowered,
+                                                                                               fallback))
+        artifact_dir.commit(run.tmp, out)
     except OSError as e:
-        artifact_dir.discard(tmp)
+        artifact_dir.discard(run.tmp)
         raise artifact_dir.io_error(e, out) from e
     except BaseException:
-        _keep_log(log, out)
-        artifact_dir.discard(tmp)
+        _keep_log(run.log, out)
+        artifact_dir.discard(run.tmp)
         raise
-    result = ExportResult(out, manifest, timings)
+    result = ExportResult(out, manifest, run.timings)
     if accuracy is not None and accuracy["status"] == "fail":
         raise ParityFailed(f"{cfg.target} artifact failed the accuracy gate: {accuracy['reason']}; it was kept at "
                            f"{out} and marked failed in its manifest", result)
@@ -341,6 +242,174 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
         raise ParityFailed(f"{cfg.target} artifact does not match the torch model: {parity.get('reason')}; it was "
                            f"kept at {out} and marked failed in its manifest", result)
     return result
+
+
+def prepare(run: Run) -> None:
+    """A copy of the model to fold, the parity inputs (real photos + seeded noise, whole batches)."""
+    cfg = run.cfg
+    run.model = copy.deepcopy(run.loaded.model).eval()
+    n_noise = cfg.parity_noise + (-(cfg.parity_photos + cfg.parity_noise) % run.shape[0])
+    run.inputs, run.photos, run.sample_names = parity_inputs(run.card.preprocessing(), cfg.parity_photos, n_noise,
+                                                             cfg.seed)
+
+
+def fold_stage(run: Run) -> None:
+    """The torch reference outputs, then re-parameterization and BN fusion (checked exact against them)."""
+    with run.stage("fold") as note:
+        try:
+            with torch.no_grad():
+                ref_t = flat_outputs(run.model(torch.from_numpy(run.inputs)))
+        except Exception as e:  # the model itself rejects this input shape
+            raise UsageError(f"{run.card.name} cannot run on input {run.shape[1:]} ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); its card's size is "
+                             f"{'x'.join(map(str, run.loaded.card.input_size))}: pass a size it supports") from e
+        run.reference = [o.numpy().copy() for o in ref_t]
+        if run.cfg.fold:
+            r = fold(run.model, (torch.from_numpy(run.inputs),), reference=ref_t, target=run.cfg.target)
+            note["detail"] = (f"{sum(r.reparameterized.values())} blocks re-parameterized, "
+                              f"{r.fused_conv_bn + r.fused_linear_bn} BN fused, {sum(r.rewritten.values())} ops "
+                              f"rewritten, params {r.params_before:,} -> {r.params_after:,}")
+        else:
+            r = FoldReport(skipped="disabled by --no-fold")
+            note["detail"] = "skipped (--no-fold)"
+        run.report = r
+
+
+def check_float_layers(run: Run, rule: Any) -> None:
+    """--float-layers name real Conv2d/Linear layers; a warning for those the target's quantizer leaves alone."""
+    cfg = run.cfg
+    if not cfg.float_layers:
+        return
+    from effai.export.sensitivity import quantizable_layers
+
+    layers = quantizable_layers(run.model)
+    for n in cfg.float_layers:
+        if n not in layers:
+            raise UsageError(f"--float-layers: {run.card.name} has no Conv2d/Linear layer '{n}'; "
+                             f"{choices_hint(n, layers)}")
+    covered = set(quantizable_layers(run.model, rule))
+    idle = [n for n in cfg.float_layers if n not in covered]
+    if idle:
+        run.warnings.append(f"--float-layers {', '.join(idle)}: {cfg.target} {run.precision} does not quantize "
+                            f"{'this layer' if len(idle) == 1 else 'these layers'} anyway")
+
+
+def calib_stage(run: Run) -> None:
+    """Calibration inputs for static int8 (and for ranking layers when the accuracy gate needs the fallback)."""
+    with run.stage("calib", run.cfg.calib) as note:
+        from effai.export import calibration
+
+        run.calib = calibration.load(run.cfg.calib, run.card.preprocessing(), run.card, run.cfg.calib_samples,
+                                     run.cfg.seed)
+        calibration.check_finite(run.model, run.calib.x)
+        note["detail"] = f"{run.calib.x.shape[0]} samples from {run.calib.source}"
+        run.warnings.extend(run.calib.warnings)
+
+
+def trace_stage(run: Run) -> None:
+    """torch.export for the targets that lower an ExportedProgram; the labelled --eval set, loaded before lowering."""
+    run.program = run.model
+    if run.target.needs_exported_program:
+        with run.stage("trace", "torch.export"):
+            run.program = trace(run.model, run.example)
+    cfg = run.cfg
+    run.eval_spec = run.card.extra.get("eval_data") if cfg.eval == "auto" else (None if cfg.eval == "none" else cfg.eval)
+    run.evaluation = _eval_reference(run.loaded, run.card, run.eval_spec) if run.eval_spec else None
+
+
+def attempt(run: Run, float_layers: tuple[str, ...], label: str = "") -> tuple[Any, dict, dict | None]:
+    """lower -> parity -> eval, with these layers kept in float (the fallback calls it again with more)."""
+    cfg, tmp = run.cfg, run.tmp
+    with run.stage("lower", f"{cfg.target} {run.precision}{label}") as note:
+        names = ("logits",) if len(run.reference) == 1 else tuple(f"output_{i}" for i in range(len(run.reference)))
+        options = LowerOptions(precision=run.precision, output_names=names,
+                               calibration=run.calib.x if run.calib is not None else None,
+                               float_layers=float_layers, io_dtype=cfg.io_dtype)
+        _clear_model_files(tmp)
+        try:
+            lowered = run.target.lower(run.program, run.example, options, tmp)
+        except (EffaiError, OSError):
+            raise
+        except Exception as e:
+            others = {n: t for n, t in TARGETS.items() if n != cfg.target and t.available()[0]}
+
+            def probe(op: str) -> dict[str, bool] | None:
+                from effai.export.op_probe import targets_taking
+
+                return targets_taking(run.model, run.example, op, others)
+
+            raise lowering_error(cfg.target, e, run.log, list(others), probe) from e
+        note["detail"] = f"{lowered.model_file} {_size_mb(tmp / lowered.model_file):.2f} MB"
+        d = lowered.details.get("delegation")
+        if d:
+            outside = sum(n for op, n in d["non_delegated_ops"].items() if op != "getitem")
+            note["detail"] += (f", {d['partitions']} XNNPACK partition(s), {d['delegated_nodes']} ops delegated, "
+                               f"{outside} outside")
+    with run.stage("parity") as note:
+        parity = _parity(run.target, tmp, lowered, cfg, run.precision, run.inputs, run.reference, run.shape,
+                         run.sample_names)
+        note["detail"] = _parity_line(parity)
+    accuracy = None
+    if run.eval_spec:
+        with run.stage("eval", run.eval_spec) as note:
+            a = accuracy = _accuracy(run.evaluation, run.target, tmp, lowered, cfg, run.shape[0])
+            note["detail"] = (f"top-1 torch {a['torch']['top1']:.2%}, artifact "
+                              + (f"{a['artifact']['top1']:.2%} ({a['status']})" if "artifact" in a
+                                 else f"not-run ({a['reason']})") + f" on {a['samples']} images")
+    return lowered, parity, accuracy
+
+
+def metadata_stage(run: Run, lowered: Any, labels: list[str]) -> dict[str, Any]:
+    """The model's description inside the model file itself (outputs checked bit-identical where a runtime runs)."""
+    with run.stage("metadata", run.cfg.target) as note:
+        info = metadata.describe(run.card, run.loaded.weights.sha256, run.loaded.random_init,
+                                 run.card.preprocessing(), labels)
+        native = metadata.embed(run.target, run.tmp, lowered, info,
+                                run.inputs[: run.shape[0]] if run.cfg.verify else None)
+        note["detail"] = metadata.summary(native)
+    return native
+
+
+def manifest_stage(run: Run, lowered: Any, parity: dict[str, Any], accuracy: dict[str, Any] | None,
+                   native: dict[str, Any], labels: list[str], quantization: dict[str, Any] | None) -> dict[str, Any]:
+    """parity.npz (the inputs' photos and torch's outputs, for `effai verify`) and manifest.json over every file."""
+    cfg, card, loaded = run.cfg, run.card, run.loaded
+    with run.stage("manifest") as note:
+        np.savez_compressed(run.tmp / manifest_io.PARITY_DATA, photos_u8=run.photos,
+                            **{f"reference_{i}": r for i, r in enumerate(run.reference)})
+        manifest = manifest_io.build(
+            model={"name": card.name, "family": card.family, "source": card.source,
+                   "weights": loaded.weights.source, "weights_sha256": loaded.weights.sha256,
+                   "random_init": loaded.random_init, "weights_license": card.weights_license,
+                   "description": card.description},
+            target=cfg.target, precision=run.precision, status=_status(parity, accuracy), quantization=quantization,
+            warnings=run.warnings, runtime_settings=runtime_settings(), lowered=lowered,
+            preprocessing=card.preprocessing(), labels=labels, native_metadata=native, fold=run.report.to_dict(),
+            parity={**parity, "samples": len(run.sample_names), "sample_names": run.sample_names,
+                    "data": manifest_io.PARITY_DATA, "noise_seed": cfg.seed, "n_photos": int(run.photos.shape[0]),
+                    "batch": run.shape[0]},
+            accuracy=accuracy, toolchain=toolchain.versions(),
+            export_config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            timings=run.timings)
+        manifest = manifest_io.write(run.tmp, manifest)
+        note["detail"] = f"{len(manifest['files'])} files hashed"
+    return manifest
+
+
+def _labels(run: Run) -> list[str]:
+    labels = zoo.labels(run.card) if run.card.num_classes else []
+    if not labels and run.reference and run.reference[0].ndim == 2:
+        labels = [f"class_{i}" for i in range(run.reference[0].shape[1])]
+    return labels
+
+
+def _quantization(run: Run, prec: Any, lowered: Any, fallback: Any) -> dict[str, Any] | None:
+    if not prec.quantized:
+        return None
+    calib = run.calib
+    return {"precision": run.precision, "description": prec.description, **lowered.details.get("quantization", {}),
+            "calibration": calib.to_dict() if calib is not None and prec.needs_calibration else None,
+            "fallback": fallback}
 
 
 def _status(parity: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
