@@ -17,7 +17,7 @@ LAYERS = {
     "export": 3,
     "train": 4, "device_bench": 4,
     "bundle": 5, "devit_runtime": 5,
-    "cli": 6, "__main__": 6, "__init__": 6,
+    "cli": 6, "api": 6, "__main__": 6, "__init__": 6,
 }
 
 

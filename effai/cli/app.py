@@ -10,12 +10,30 @@ import sys
 import typer
 
 from effai import console
-from effai.cli import bench, bundle, devit, export, train, zoo
+from effai.cli import bench, bundle, devit, export, predict, train, zoo
 from effai.errors import EffaiError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fold, export and verify compact vision models for phones and edge boards.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from effai.version import __version__
+
+        console.out().print(f"effai {__version__}")
+        console.json_line({"ok": True, "version": __version__})
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print effai's version and exit.")) -> None:
+    """Fold, export and verify compact vision models for phones and edge boards."""
+
+
 export.register(app)
+predict.register(app)
 app.add_typer(zoo.zoo_app, name="zoo")
 app.add_typer(bundle.bundle_app, name="bundle")
 bundle.add_aliases(zoo.zoo_app)

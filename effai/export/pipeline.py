@@ -75,6 +75,27 @@ class ExportResult:
     def parity_status(self) -> str:
         return self.manifest["parity"]["status"]
 
+    @property
+    def status(self) -> str:
+        """pass | fail | unverified (no runtime here, e.g. Core ML on Linux)."""
+        return self.manifest["status"]
+
+    @property
+    def parity(self) -> dict[str, Any]:
+        return self.manifest["parity"]
+
+    @property
+    def accuracy(self) -> dict[str, Any] | None:
+        return self.manifest.get("accuracy")
+
+    @property
+    def model_file(self) -> Path:
+        return self.out_dir / self.manifest["model_file"]
+
+    def __repr__(self) -> str:
+        return (f"ExportResult({self.manifest['target']} {self.manifest['precision']}, {self.status}, "
+                f"{self.model_file})")
+
 
 class ParityFailed(EffaiError):
     """The artifact was written (marked failed in its manifest) but does not match the torch reference."""

@@ -80,18 +80,26 @@ def _parity_samples(root: Path, m: dict[str, Any]) -> tuple[np.ndarray, list[np.
     return np.concatenate(parts), refs
 
 
+def lowered_from_manifest(root: Path, m: dict[str, Any]) -> Lowered:
+    """What the target's `load` needs (model file, I/O specs, details), read back from an artifact's manifest."""
+    try:
+        return Lowered(model_file=str(m["model_file"]),
+                       inputs=[TensorSpec(str(i["name"]), tuple(int(d) for d in i["shape"]), str(i["dtype"]),
+                                          str(i["layout"])) for i in m["inputs"]],
+                       outputs=[TensorSpec(str(o["name"]), tuple(int(d) for d in o["shape"]), str(o["dtype"]),
+                                           str(o["layout"])) for o in m["outputs"]],
+                       details=dict(m.get("target_details", {})))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise _malformed(root, e) from None
+
+
 def rerun_parity(root: Path, m: dict[str, Any]) -> dict[str, Any]:
     target = TARGETS.get(str(m.get("target")))
     ok, why = target.available()
     if not ok:
         return {"status": "not-run", "reason": f"{m['target']} runtime not available here: {why}"}
+    lowered = lowered_from_manifest(root, m)
     try:
-        lowered = Lowered(model_file=str(m["model_file"]),
-                          inputs=[TensorSpec(str(i["name"]), tuple(int(d) for d in i["shape"]), str(i["dtype"]),
-                                             str(i["layout"])) for i in m["inputs"]],
-                          outputs=[TensorSpec(str(o["name"]), tuple(int(d) for d in o["shape"]), str(o["dtype"]),
-                                              str(o["layout"])) for o in m["outputs"]],
-                          details=dict(m.get("target_details", {})))
         expected = {"input_shapes": [list(i.shape) for i in lowered.inputs],
                     "output_shapes": [list(o.shape) for o in lowered.outputs], "precision": str(m["precision"])}
         batch = int(m["parity"]["batch"])
