@@ -22,14 +22,15 @@ def export(model: Any, target: str = "onnx", *, quantize: str | None = None, exa
            input_shape: Sequence[int] | None = None, out: str | Path | None = None, weights: str | Path | None = None,
            name: str | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
            labels: Sequence[str] | None = None, eval: str = "auto", max_drop: float = 1.0, calib: str = "auto",
-           calib_samples: int = 128, fold: bool = True, verify: bool = True, progress: bool = False) -> Any:
+           calib_samples: int = 128, fold: bool = True, verify: bool = True, force: bool = False,
+           progress: bool = False) -> Any:
     """Export `model` to `target` ("executorch" | "coreml" | "tflite" | "onnx"), prove parity in its runtime and
     write the artifact dir; returns an `ExportResult` (`.out_dir`, `.manifest`, `.parity`, `.accuracy`, ...).
 
     `model`: an `nn.Module` (give `example_inputs` or `input_shape` = (N, C, H, W); `mean`/`std`/`labels`/`name`
     describe it in the manifest), a zoo or timm name (`weights=` optional), or an effai checkpoint path
     (`.safetensors` carrying its model card). A failed parity or accuracy gate raises `ParityFailed`, whose
-    `.result` is the kept artifact."""
+    `.result` is the kept artifact. An artifact of something else at `out` is replaced only with `force=True`."""
     from effai.export.pipeline import ExportConfig
     from effai.export.pipeline import export as run_export
 
@@ -37,7 +38,7 @@ def export(model: Any, target: str = "onnx", *, quantize: str | None = None, exa
                           mean=mean, std=std, labels=labels)
     cfg = ExportConfig(target=target, precision=quantize, input_shape=shape, out=Path(out) if out else None,
                        fold=fold, verify=verify, eval=eval, max_drop=max_drop, calib=calib,
-                       calib_samples=calib_samples)
+                       calib_samples=calib_samples, force=force)
     return run_export(loaded, cfg, progress=_print_progress if progress else None)
 
 

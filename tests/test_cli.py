@@ -99,3 +99,30 @@ def test_bundle_commands_have_their_own_group_and_the_old_zoo_spellings_still_wo
         key = tmp_path / group / "k.pem"
         code, last, _, err = run_cli(group, "keygen", str(key), "--json")
         assert code == 0 and last["ok"] and key.is_file() and key.with_name("k.pem.pub").is_file(), err
+
+
+def test_exports_of_different_things_never_share_a_folder_silently(tmp_path):
+    """The default folder name carries precision, input size, batch, I/O dtype and non-default weights; an artifact
+    exported from something else is replaced only with --force, and the manifest says what it replaced."""
+    from effai import zoo
+    from effai.export.pipeline import artifact_name
+
+    loaded = zoo.create("ghostnetv3_050")
+    names = {artifact_name(loaded, "onnx", "fp32", (1, 3, 224, 224)), artifact_name(loaded, "onnx", "fp32", (1, 3, 64, 64)),
+             artifact_name(loaded, "onnx", "int8", (1, 3, 224, 224)), artifact_name(loaded, "tflite", "int8", (1, 3, 224, 224), "int8"),
+             artifact_name(loaded, "onnx", "fp32", (2, 3, 224, 224))}
+    assert len(names) == 5 and "ghostnetv3_050-onnx" in names and "ghostnetv3_050-onnx-64x64" in names
+    trained = zoo.LoadedModel(loaded.model, loaded.card, zoo.WeightsInfo("runs/x/model.safetensors", "ab" * 32))
+    assert artifact_name(trained, "onnx", "fp32", (1, 3, 224, 224)) == "ghostnetv3_050-onnx-wabababab"
+
+    out = tmp_path / "art"
+    base = ["export", "ghostnetv3_050.digits", "--target", "onnx", "--out", str(out), "--no-verify", "--eval", "none"]
+    assert run_cli(*base)[0] == 0
+    assert run_cli(*base)[0] == 0                                    # the same export again: a silent update
+    code, last, _, _ = run_cli(*base, "--input-size", "96")
+    assert code == 2 and "holds another export" in last["error"] and "--force" in last["error"]
+    code, last, _, err = run_cli(*base, "--input-size", "96", "--force", "--json")
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == [1, 1, 96, 96]
+    assert any(w.startswith("replaced the artifact") for w in manifest["warnings"])

@@ -33,7 +33,7 @@ def export_cmd(
     input_size: Annotated[Optional[int], typer.Option(help="Square input size H=W (default: the model card's).")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="Full input shape NxCxHxW, e.g. 1x3x256x256.")] = None,
     batch: Annotated[int, typer.Option(help="Exported (static) batch size.")] = 1,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact directory (default effai_out/<model>-<target>).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact directory (default effai_out/<model>-<target>[-<precision>][-<HxW>][-w<weights sha>]).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Checkpoint: .safetensors, or .pt/.pth read with weights_only=True.")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Download timm's hub weights (needs network).")] = False,
     model_def: Annotated[Optional[str], typer.Option(help="Your own module: path/file.py:ClassOrFactory.")] = None,
@@ -42,11 +42,13 @@ def export_cmd(
     eval_data: Annotated[str, typer.Option("--eval", help="Top-1 of torch vs artifact on labelled data: digits, an "
                                            "image folder, an .npz, auto (the model card's own set) or none.")] = "auto",
     max_drop: Annotated[float, typer.Option(help="Fail when the artifact loses more top-1 points than this.")] = 1.0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an artifact at --out that was exported from another "
+                                        "model, weights, precision or input shape.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fold a model, lower it to one or more targets, prove parity, write artifact dirs with manifests."""
     from effai import zoo
-    from effai.export.pipeline import ExportConfig, ParityFailed, safe_name, try_export
+    from effai.export.pipeline import ExportConfig, ParityFailed, artifact_name, try_export
 
     ui = console.err()
     results: list[dict[str, Any]] = []
@@ -76,12 +78,15 @@ def export_cmd(
         fail(e, as_json)
     failed: EffaiError | None = None
     for t in targets:
-        suffix = f"-{precision}" if precision and precision != default_precision(t) else ""
-        t_out = out if (out is None or len(targets) == 1) else out / f"{safe_name(loaded.card.name)}-{t}{suffix}"
+        t_out = out
+        if out is not None and len(targets) > 1:
+            c, h, w = loaded.card.input_size
+            full = shape or (batch, c, input_size or h, input_size or w)
+            t_out = out / artifact_name(loaded, t, precision or default_precision(t), full, io_dtype)
         cfg = ExportConfig(target=t, precision=precision, input_shape=shape, input_size=input_size,  # type: ignore[arg-type]
                            batch=batch, out=t_out, fold=not no_fold, verify=not no_verify, eval=eval_data,
                            max_drop=max_drop, calib=calib, calib_samples=calib_samples, io_dtype=io_dtype,
-                           fallback=not no_fallback,
+                           fallback=not no_fallback, force=force,
                            float_layers=tuple(x.strip() for x in (float_layers or "").split(",") if x.strip()))
         o = try_export(loaded, cfg, progress=None if as_json else progress_printer(ui, t))
         if o.error is None:
@@ -129,13 +134,13 @@ def _export_table(rows: list[dict[str, Any]]) -> None:
 
     table = Table(title="effai export")
     show_acc = any(r.get("accuracy") for r in rows)
-    for col in ("target", "file", "MB", "parity", *(("top-1",) if show_acc else ()), "seconds"):
+    for col in ("target", "precision", "file", "MB", "parity", *(("top-1",) if show_acc else ()), "seconds"):
         table.add_column(col, justify="right" if col in ("MB", "seconds") else "left",
-                         overflow="fold", no_wrap=col in ("target", "MB", "seconds"))
+                         overflow="fold", no_wrap=col in ("target", "precision", "MB", "seconds"))
     colors = {"pass": "green", "fail": "red", "not-run": "yellow"}
     for r in rows:
         if "file" not in r:
-            table.add_row(r["target"], "-", "-", "[red]error[/]", *(("-",) if show_acc else ()), "-")
+            table.add_row(r["target"], "-", "-", "-", "[red]error[/]", *(("-",) if show_acc else ()), "-")
             continue
         par = r["parity"]
         if par == "pass" and r.get("max_abs_err") is not None:
@@ -145,7 +150,7 @@ def _export_table(rows: list[dict[str, Any]]) -> None:
         acc = r.get("accuracy")
         top1 = (() if not show_acc else ("-",) if not acc else
                 (f"{acc['artifact_top1']:.2%}" if acc["artifact_top1"] is not None else f"torch {acc['torch_top1']:.2%}",))
-        table.add_row(r["target"], r["file"], f"{r['mb']:.2f}", f"[{colors.get(r['parity'], 'white')}]{par}[/]",
+        table.add_row(r["target"], r["precision"], r["file"], f"{r['mb']:.2f}", f"[{colors.get(r['parity'], 'white')}]{par}[/]",
                       *top1, f"{r['seconds']:.1f}")
     console.out().print(table)
 
