@@ -1,17 +1,9 @@
 """Calibration data for static quantization (`--calib`, `--calib-samples`), preprocessed exactly as the card says.
 
-Sources:
-- `photos`: the scikit-image photos, each cut into seeded random crops (scale 0.35-1, flips) until N samples;
-  real images, shipped in a package, fine for natural-image models when nothing better is at hand.
-- `digits`: scikit-learn digits, the training part of the card's split when the model was trained on it (never the
-  held-out images the accuracy gate measures).
-- a directory: every image under it (any depth: a flat folder or ImageFolder class dirs), resized and centre-cropped
-  like the card's eval transform; RGBA/greyscale are converted to what the model takes.
-- an `.npz` with `x` (N,H,W,C uint8) at the model's input size.
-- `auto` (default): the card's own data (digits model -> digits), otherwise photos.
-
-Ranges come from these samples, so they must look like deployment data: fewer than MIN_SAMPLES is warned about.
-The set's sha256 (over the float tensors fed) goes into the manifest.
+Sources: `auto` (default: the card's own data, otherwise photos), `photos` (seeded random crops), `digits` (the
+training part of the card's split, never the held-out images), an image directory, an `.npz` with `x` (N,H,W,C
+uint8). Fewer than MIN_SAMPLES is warned about; the set's sha256 (over the float tensors fed) goes into the manifest.
+Detail: docs/quantization.md, "Calibration" and "effai/export/calibration.py".
 """
 
 from __future__ import annotations

@@ -1,29 +1,9 @@
-"""Weight-only int8 / int4 for ExecuTorch's XNNPACK delegate: nn.Linear weights stored as per-channel int8 or int4,
-activations and compute in float32, run by XNNPACK's f32-qc8w / f32-qc4w fully-connected kernels.
+"""Weight-only int8 / int4 for ExecuTorch: per-channel nn.Linear weights, float compute, in XNNPACK's f32-qc8w/qc4w.
 
-    W_q = clamp(round(W / s_c), -2^(b-1), 2^(b-1) - 1),  s_c = max|W_c| / ((2^b - 1) / 2)  (symmetric, per output row)
+    W_q = clamp(round(W / s_c), -2^(b-1), 2^(b-1) - 1),  s_c = max|W_c| / ((2^b - 1) / 2);   y = x (s * W_q)^T + bias
 
-(torchao's symmetric scale over the full range: int8 max|W|/127.5, int4 max|W|/7.5, so the largest positive weight of
-a row clips to 7; XNNPACK takes a weight as 4-bit only with the range exactly -8..7.)
-    y   = x (s * W_q)^T + bias
-
-ExecuTorch 1.5.1 has the kernels but no path to them (measured; docs/stack.md): XNNPACKQuantizer refuses a config
-without activation quantization, and the stock partitioner claims a linear only when its input is quantized too,
-so dequantize + addmm stay outside the delegate (~30x slower than fp32). effai closes the gap with three steps, none
-of which patches executorch:
-
-1. `split_linear_bias`: aten.linear(x, W, b) -> aten.linear(x, W) + b in the exported graph (exact). With the bias
-   inside, the serializer refuses the node ("Weight and Input should both be quantized") and, patched past that,
-   the runtime ignores the float bias (wrong outputs). torchao's weight-only flow also lowers to wrong outputs
-   (cosine 0.71-0.94, measured), with fp32-sized files; its cause was not isolated.
-2. `WeightOnlyLinearQuantizer`: XNNPACK's own linear annotator with a weight-only config (input and output
-   activation None), so PT2E inserts quantize/dequantize on the weights only.
-3. `weight_only_partitioner`: the XNNPACK partitioner with its LinearConfig replaced by one that also claims a
-   linear whose weight is dequantized and whose input is float (a subclass overriding two of LinearConfig's
-   dependency hooks; if executorch renames them, effai stops with a clear error instead of building a slow file).
-
-Convolutions stay float32: XNNPACK has no f32-activation / int8-weight convolution (rejected at load). The manifest
-reports the share of the model's weights the precision covered, and warns when it is small (CNNs).
+ExecuTorch 1.5.1 has the kernels but no path to them; three steps (none patches executorch) close the gap:
+`split_linear_bias`, `WeightOnlyLinearQuantizer`, `weight_only_partitioner`. Why each: docs/quantization.md.
 """
 
 from __future__ import annotations

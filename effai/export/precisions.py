@@ -1,21 +1,8 @@
 """Precisions an artifact can be exported at (`effai export --quantize Q`): one name means one thing on every target.
 
-Each target lists the subset its backend implements (Target.precisions); `resolve()` rejects the others up front
-with the valid names for that target.
-
-| name        | weights            | activations                      | needs calibration |
-|-------------|--------------------|----------------------------------|-------------------|
-| fp32        | float32            | float32                          | no                |
-| fp16        | float16            | float16 (Core ML) / float32      | no                |
-| int8        | int8 per-channel   | int8 per-tensor, static ranges   | yes               |
-| int8-dynamic| int8 per-channel   | int8, ranges computed per run    | no                |
-| int8-weight | int8 per-channel   | float (weights dequantized)      | no                |
-| int4-weight | int4 per-channel/block | float                        | no                |
-| palette4/6/8| 2^k-entry k-means lookup table per tensor (Core ML palettization) | float | no        |
-
-Static int8 (Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
-Inference", CVPR 2018): q = clamp(round(x / s) + z, -128, 127), x ~ s (q - z); weights symmetric per output channel
-(z = 0, s = max|w_c| / 127), activations asymmetric per tensor with [min, max] observed on calibration data.
+Each target lists the subset its backend implements (Target.precisions); `resolve()` rejects the others up front.
+Static int8 (Jacob et al., CVPR 2018): q = clamp(round(x / s) + z, -128, 127), x ~ s (q - z); weights symmetric per
+output channel (z = 0), activations asymmetric per tensor. Table: docs/quantization.md, "effai/export/precisions.py".
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
 """Per-layer quantization sensitivity, and the float-layer fallback plan built from it.
 
-Sensitivity of layer l (the classic "one layer at a time" analysis, e.g. Wu et al., "Integer Quantization for
-Deep Learning Inference", 2020, sec. 5): quantize l alone (the rest of the network stays float) and measure how far
-the model's output moves on calibration data:
-
-    s_l = || f(x) - f_l(x) ||^2 / || f(x) ||^2          (relative squared error of the outputs)
-
-where f_l simulates the target precision on l only: weights fake-quantized symmetric per output channel to b bits
-(b = 8, or 4 for int4/palette4, 6 for palette6), and for precisions with int8 activations (int8) the layer's input
-fake-quantized per tensor, asymmetric, with the [min, max] observed on the same data.
-
-The fallback keeps the top-k layers in float, k = 1, 2, 4, ... (at most half of the layers), re-exports and
-re-measures until the accuracy gate passes; every attempt is recorded.
+One layer at a time (Wu et al., "Integer Quantization for Deep Learning Inference", 2020, sec. 5):
+s_l = || f(x) - f_l(x) ||^2 / || f(x) ||^2, f_l = the model with layer l alone fake-quantized at the target precision.
+The fallback keeps the top-k layers in float, k = 1, 2, 4, ... (at most half), until the accuracy gate passes.
+Detail: docs/quantization.md, "effai/export/sensitivity.py".
 """
 
 from __future__ import annotations

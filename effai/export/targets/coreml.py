@@ -1,25 +1,9 @@
 """Core ML target: torch.jit.trace -> coremltools -> .mlpackage (ML program), float or compressed.
 
-coremltools converts on Linux, but the Core ML runtime exists only on macOS: there, parity runs predictions; on
-Linux the package is verified structurally (inputs, outputs, op census, weight dtypes) and parity says so.
-(coremltools 9's torch.export path fails on GhostNetV3 with "Unsupported fx node alias"; the trace path works.)
-
-Precisions (coremltools.optimize.coreml post-training compression, applied to the fp16-compute ML program as
-Apple's docs recommend; weights above 2048 elements are compressed, smaller ones stay fp16):
-
-| precision   | coremltools call                                    | saved ops (coremltools 9)         | target |
-|-------------|-----------------------------------------------------|-----------------------------------|--------|
-| fp16, fp32  | ct.convert(compute_precision=...)                   | const fp16 / fp32                 | iOS16  |
-| int8-weight | linear_quantize_weights: int8, per-channel, symm.   | constexpr_affine_dequantize, int8 | iOS16  |
-| int4-weight | linear_quantize_weights: int4, per-block 32, symm.  | constexpr_blockwise_shift_scale   | iOS18  |
-| paletteK    | palettize_weights: kmeans, K bits, one LUT a tensor | constexpr_lut_to_dense, 2^K LUT   | iOS16  |
-| int8 (W8A8) | linear_quantize_activations + int8 weights as above | quantize/dequantize + the above   | iOS17  |
-
-W8A8 calibration: coremltools measures activation ranges with MLModel.predict, i.e. the Core ML runtime (macOS
-only). effai measures them instead by evaluating the converted ML program op by op with torch (`MilEvaluator`),
-checks that evaluation against the torch model, and hands the ranges to coremltools' own quantize/dequantize
-insertion passes; so int8 exports on Linux too. Programs with an op the evaluator lacks need macOS.
-`simulate()` runs a saved package the same way (weights decompressed): a Linux check of compressed numerics.
+The Core ML runtime exists only on macOS: there parity runs predictions; on Linux the package is verified
+structurally and parity says so. Compressed precisions: coremltools.optimize.coreml on the fp16-compute program;
+int8 (W8A8) takes its activation ranges from `MilEvaluator` (the program evaluated op by op in torch), so it exports
+on Linux too. Calls, saved ops, deployment targets: docs/quantization.md, "effai/export/targets/coreml.py".
 """
 
 from __future__ import annotations

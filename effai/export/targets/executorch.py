@@ -1,22 +1,9 @@
 """ExecuTorch target: torch.export -> XNNPACK delegate -> .pte, run by the ExecuTorch Runtime for parity.
 
-Precisions (all through XNNPACK, so every quantized op runs inside the delegate):
-- fp32.
-- int8: PT2E static quantization with XNNPACKQuantizer (per-channel symmetric int8 weights, per-tensor int8
-  activations observed with a histogram on --calib data), then lowered; XNNPACK runs the QS8 kernels.
-- int8-dynamic: PT2E dynamic quantization of the nn.Linear layers (int8 per-channel weights; activations quantized
-  per inference by XNNPACK's dynamically-quantized kernels). Convolutions stay fp32: with dynamically quantized
-  convs XNNPACK (executorch 1.5.1) fails to load GhostNetV3 ("Failed to create static transpose node"); for CNNs
-  static int8 is the fast path anyway. The scheme in the manifest says which layers were quantized.
-- int8-weight / int4-weight: per-channel int8 / int4 nn.Linear weights, float activations and compute, in XNNPACK's
-  f32-qc8w / f32-qc4w kernels (`executorch_weight_only.py`: the stock flow leaves weight-only layers outside the
-  delegate, ~30x slower). Convolutions stay fp32 (XNNPACK has no weight-only convolution); the manifest gives the
-  share of the weights covered and warns below half. torchao's IntxWeightOnlyConfig path lowers "fully delegated"
-  but computes wrong outputs (cosine 0.94; docs/stack.md), so effai does not use it.
-
-Graph hygiene for one delegate partition: `aten.hardsigmoid` (SE gates of GhostNet/MobileNetV3) is decomposed by
-ExecuTorch into add/clamp/div with int64 scalar constants whose float casts (`_to_dim_order_copy`) stay outside
-XNNPACK; effai decomposes it first with float scalars (relu6(x + 3) / 6, exact), leaving nothing outside.
+Every precision goes through XNNPACK, so every quantized op runs inside the delegate: int8 by PT2E static
+quantization (XNNPACKQuantizer), int8-dynamic on nn.Linear only, int8-weight / int4-weight by executorch_weight_only.
+`aten.hardsigmoid` is decomposed by effai (relu6(x + 3) / 6, exact) to keep one partition.
+Per precision, and why: docs/quantization.md, "effai/export/targets/executorch.py".
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """ONNX target: torch.onnx dynamo export -> onnxslim -> .onnx (weights inline when < 2 GB), run by onnxruntime.
 
-Precisions (effai.export.precisions):
-- fp32: the slimmed float graph.
-- int8: onnxruntime static quantization of the slimmed float graph, QDQ format (see `quantize_int8`).
-- int8-dynamic: onnxruntime dynamic quantization of MatMul/Gemm weights (see `quantize_int8_dynamic`).
-
+Precisions: fp32 (the slimmed float graph); int8, onnxruntime static quantization of the slimmed float graph, QDQ
+(`quantize_int8`); int8-dynamic, onnxruntime dynamic quantization of MatMul/Gemm weights (`quantize_int8_dynamic`).
 The quantized graph is never slimmed: onnxslim's constant folding would fold each weight's DequantizeLinear back
 into a float constant and undo the quantization.
 """
