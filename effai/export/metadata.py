@@ -1,23 +1,9 @@
 """Native metadata inside every exported artifact: what the model is and how to feed it, readable on the app side
-with each format's own tooling, no effai needed. The pipeline's `metadata` stage runs after lower/parity and before
-the manifest, which records what was embedded under `native_metadata`.
+with each format's own tooling, no effai needed. Runs after lower/parity, before the manifest (`native_metadata`).
 
-- Core ML: spec.description.metadata (author "effai <version>", license = the weights' licence, versionString,
-  shortDescription, userDefined = FIELDS), input/output shortDescription; a classifier (coremltools' `classify`
-  op: classLabel + {label: score}) when the model has one (1, num_classes) output. Read: ct.utils.load_spec(pkg).
-- TFLite: the TFLite Metadata flatbuffer (schema 1.5.0, vendored reader/writer) in the model buffer named
-  TFLITE_METADATA: name, description, version, author, license; the input's ImageProperties (RGB/GRAYSCALE, size),
-  NormalizationOptions (mean/std in 0-255 pixels), Stats (normalized range); the output's labels.txt
-  (TENSOR_AXIS_LABELS) and effai_metadata.json (the FIELDS), zipped onto the end of the .tflite as the metadata
-  spec does. Read: ModelMetadata.GetRootAs(buffer) + zipfile.
-- ONNX: ModelProto.metadata_props (FIELDS), doc_string, producer, graph input/output doc_string. Read: onnx.load,
-  onnxruntime's get_modelmeta().custom_metadata_map.
-- ExecuTorch: a .pte has no metadata section apps read: the artifact's manifest.json is the sidecar.
-
-Embedding never changes numerics: weights and compute ops are untouched (Core ML's classify only maps the logits
-to labels; the logits output stays). `embed` checks it where a runtime exists here: the outputs on a parity batch
-before and after embedding must be bit-identical. The bytes written depend only on the artifact and the model's
-description (no dates), so embedding the same artifact twice gives the same bytes.
+`embed` checks, where a runtime exists here, that the outputs on a parity batch are bit-identical before and after
+embedding; the bytes written contain no dates. Per format (Core ML, TFLite, ONNX; ExecuTorch: the manifest is the
+sidecar): docs/manifest.md, "Native metadata inside the model file".
 """
 
 from __future__ import annotations
