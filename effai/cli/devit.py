@@ -1,13 +1,8 @@
 """`effai devit serve|run`: DeViT collaborative inference, one process per device (torch.distributed gloo over TCP).
 
-    on the coordinator:   effai devit run RUN --coordinator HOST:PORT --token-file T   (creates T when missing)
-    on each device:       effai devit serve RUN --part I --coordinator HOST:PORT --token-file T [--data D]
-    all on this host:     effai devit run RUN --local                            (spawns the N device processes)
-
-Only peers holding the run's token (--token-file, mode 0600, or $EFFAI_DEVIT_TOKEN) join; docs/security.md.
-
-Registered on the app by effai/cli/app.py (`register(app)`); `--local` starts its devices as `python -m effai devit
-serve ...`. The runtime itself is effai.devit_runtime.
+Registered on the app by effai/cli/app.py (`register(app)`); the runtime itself is effai.devit_runtime. Only peers
+holding the run's token (--token-file, mode 0600, or $EFFAI_DEVIT_TOKEN) join; `--local` starts its devices as
+`python -m effai devit serve ...`. Usage: docs/distill.md, "DeViT"; the token: docs/security.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
-"""Folding: make the deploy form of a model, numerically exact.
+"""Folding: make the deploy form of a model, numerically exact; a fold that changes outputs is an error.
 
-Two passes, in order:
-1. Re-parameterization (RepVGG, Ding et al. 2021; MobileOne, Vasu et al. 2023; GhostNetV3, Liu et al. 2024):
-   every module with `fold()` (effai's own), `reparameterize()` / `switch_to_deploy()` / `fuse()` (timm's) merges its
-   training-time branches. For a branch k with conv weight W_k and BN (gamma, beta, mu, var, eps):
-       W'_k = W_k * gamma / sqrt(var + eps),   b'_k = beta - mu * gamma / sqrt(var + eps)
-   1x1 kernels are zero-padded to kxk, identity-BN becomes a centred one-hot kernel, and W = sum_k W'_k, b = sum_k b'_k.
-2. Conv+BN / Linear+BN fusion on ANY model, by the same formula, for every BN that directly consumes a conv's (or
-   linear's) output when that output has no other consumer. Pairs are found by running the model once with hooks
-   (the BN's input is the very tensor the conv produced, unmodified) and counting consumers in the autograd graph,
-   so it works on models that torch.fx cannot trace.
-
-3. Export rewrites (effai.export.rewrites): exact replacements for ops some runtime mis-lowers, e.g. GhostNet's
-   DFC-gate nearest upsample.
-
-The folded model is checked against the original on the given inputs; a fold that changes outputs is an error.
+Re-parameterization (RepVGG, Ding et al. 2021; MobileOne, Vasu et al. 2023; GhostNetV3, Liu et al. 2024), then
+Conv+BN / Linear+BN fusion on any model, then the export rewrites (effai.export.rewrites). Per BN:
+W' = W * gamma / sqrt(var + eps), b' = beta - mu * gamma / sqrt(var + eps). Detail: docs/architecture.md,
+"effai/export/fold.py".
 """
 
 from __future__ import annotations

@@ -2,9 +2,7 @@
 
 Each rewrite is registered under the module class name it applies to, with the targets that need it (None: all),
 and runs after folding; fold() then checks the whole model's outputs, so a rewrite that is not exact fails the
-export instead of shipping. A rewrite only goes where it helps: GhostNet's DFC upsample rewrite fixes TFLite (which
-mis-lowers non-integer nearest resizes) and ExecuTorch (which does not delegate the resize) and keeps Core ML on
-plain ops, but costs ONNX Runtime time (two MatMuls + Transposes instead of one Resize it runs correctly).
+export instead of shipping. A rewrite only goes where it helps: docs/architecture.md, "effai/export/rewrites.py".
 """
 
 from __future__ import annotations
