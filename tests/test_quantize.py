@@ -492,3 +492,17 @@ def test_executorch_int8_dynamic_ghostnet_loads_in_the_runtime(digits, tmp_path)
                                       parity_photos=2, parity_noise=0))
     assert res.manifest["status"] == "pass" and res.manifest["accuracy"]["drop_points"] <= 1.0
     assert res.manifest["target_details"]["delegation"]["partitions"] == 1
+
+
+@pytest.mark.slow
+def test_digits_int8_tflite_keeps_its_metadata_and_labels(digits_int8):
+    """ai-edge-quantizer writes its buffers after the flatbuffer; effai inlines them (under 2 GB) instead of skipping
+    the metadata with a false "over 2 GB" reason: labels and normalization ride in the int8 file, outputs unchanged."""
+    import zipfile
+
+    _, q = digits_int8["tflite"]
+    native = q.manifest["native_metadata"]
+    assert "skipped" not in native and native["outputs_unchanged"] is True and native["labels"] != "none", native
+    with zipfile.ZipFile(q.out_dir / q.manifest["model_file"]) as z:
+        assert z.read("labels.txt").decode().split() == [str(i) for i in range(10)]
+    assert not any("not embedded" in w for w in q.manifest["warnings"])

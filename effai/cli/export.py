@@ -119,7 +119,7 @@ def _row(res: Any) -> dict[str, Any]:
     return {"target": m["target"], "precision": m["precision"], "dir": str(res.out_dir), "file": str(model_path),
             "mb": round(size / 1e6, 3), "parity": p["status"], "max_abs_err": p.get("max_abs_err"),
             "parity_reason": p.get("reason"), "seconds": round(sum(res.timings.values()), 2),
-            "accuracy": _acc_summary(m.get("accuracy"))}
+            "accuracy": _acc_summary(m.get("accuracy")), "warnings": list(m.get("warnings", []))}
 
 
 def _acc_summary(a: dict[str, Any] | None) -> dict[str, Any] | None:

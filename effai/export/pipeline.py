@@ -449,6 +449,9 @@ def metadata_stage(run: Run, lowered: Any, labels: list[str]) -> dict[str, Any]:
         native = metadata.embed(run.target, run.tmp, lowered, info,
                                 run.inputs[: run.shape[0]] if run.cfg.verify else None)
         note["detail"] = metadata.summary(native)
+        if native.get("skipped"):
+            run.warnings.append(f"{run.cfg.target} metadata and labels were not embedded in the model file: "
+                                f"{native['skipped']}")
     return native
 
 

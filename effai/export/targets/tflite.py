@@ -1,15 +1,9 @@
 """TFLite target: litert-torch -> .tflite, run by the ai-edge-litert Interpreter (tflite_runtime as a fallback).
 
-Quantized precisions are applied to the float .tflite by ai-edge-quantizer (litert-torch's own PT2E int8 path
-fails on GhostNetV3: 'tfl.pad' same-scale constraint):
-- int8: full-integer static (`static_wi8_ai8`: per-channel int8 weights, int8 activations from min/max on --calib
-  data). Input/output stay float32 (a QUANTIZE/DEQUANTIZE at the edges) unless `--io-dtype int8`, which makes them
-  int8 with the scale/zero-point recorded in the manifest (microcontrollers, Edge TPU).
-- int8-dynamic: `dynamic_wi8_afp32` (int8 weights, activations quantized per run by the kernels).
-- int8-weight / int4-weight: `weight_only_wi8_afp32` / `weight_only_wi4_afp32` (weights dequantized, float compute).
-- fp16: float16 weights (float casting), dequantized to float32 at load (the GPU delegate computes in fp16).
-Layers in LowerOptions.float_layers are found by weight content (effai/export/layer_map.py) and their ops get
-`no_quantize` in the recipe.
+Quantized precisions are applied to the float .tflite by ai-edge-quantizer recipes (int8 `static_wi8_ai8`, float
+I/O unless `--io-dtype int8`); layers in LowerOptions.float_layers are found by weight content (layer_map) and
+their ops get `no_quantize`. Per precision, and why not litert-torch's PT2E path: docs/quantization.md,
+"effai/export/targets/tflite.py".
 """
 
 from __future__ import annotations
@@ -234,9 +228,14 @@ def write_tflite(root: Path, lowered: Any, info: ModelInfo) -> dict[str, Any]:
     if not tfl.Model.ModelBufferHasIdentifier(buf, 0):
         raise EffaiError(f"{path} is not a TFLite flatbuffer (no TFL3 identifier); re-export it")
     model = tfl.ModelT.InitFromPackedBuf(buf, 0)
-    if any(b.offset > 1 for b in model.buffers or []):
-        return {"format": "tflite metadata", "fields": [], "labels": "none",
-                "skipped": "the model keeps its weights outside the flatbuffer (over 2 GB): not rewritten"}
+    outside = [b for b in model.buffers or [] if b.offset > 1]
+    if outside:   # ai-edge-quantizer stores buffers after the flatbuffer (offset/size), whatever the model's size
+        if len(buf) >= (2 << 30) - (1 << 20):
+            return {"format": "tflite metadata", "fields": [], "labels": "none",
+                    "skipped": f"the model is {len(buf) / 2**30:.1f} GB, too large for one flatbuffer (2 GB): its "
+                               "weights stay outside it and the file is not rewritten"}
+        for b in outside:   # inline them: a flatbuffer under 2 GB holds its buffers itself
+            b.data, b.offset, b.size = np.frombuffer(buf[b.offset:b.offset + b.size], np.uint8), 0, 0
     subgraph = model.subgraphs[0]
     inputs = [subgraph.tensors[i] for i in subgraph.inputs]
     n_out = len(subgraph.outputs)
