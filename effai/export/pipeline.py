@@ -1,5 +1,4 @@
-"""The export pipeline, one way through named stages: fold -> trace -> lower -> parity -> metadata -> manifest ->
-commit.
+"""The export pipeline, one way through its stages: fold -> trace -> lower -> parity -> metadata -> manifest -> commit.
 
     result = export(zoo.create("ghostnetv3_100"), ExportConfig(target="onnx"))
 
