@@ -413,3 +413,10 @@ def test_dkd_warmup_follows_the_loops_epoch(tiny_run, tmp_path, digits_npz):
                       dkd_warmup=2, **{**TINY, "epochs": 1, "warmup_epochs": 0})
     result = train(cfg)
     assert len(result["history"]) == 1 and result["history"][0]["train_loss"] > 0
+
+
+def test_a_student_that_cannot_take_the_input_size_is_a_usage_error_before_training(tmp_path):
+    code, last, _, err = run_cli("train", "ghostnetv3", "--input-size", "32", "--epochs", "1",
+                                 "--out", str(tmp_path / "g"))
+    assert code == 2 and "cannot take 32x32 inputs" in last["error"] and "--input-size" in last["error"], err
+    assert not (tmp_path / "g" / "checkpoint.pt").exists()

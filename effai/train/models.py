@@ -37,7 +37,25 @@ def build_student(cfg: TrainConfig, classes: list[str]) -> tuple[nn.Module, Mode
     card = card.with_(input_size=(c, cfg.input_size, cfg.input_size), num_classes=len(classes), label_set=None,
                       mean=mean, std=std, crop_pct=1.0, interpolation="bilinear",
                       extra={"labels": list(classes), "arch_kwargs": arch_kwargs})
-    return zoo.build(card), card
+    model = zoo.build(card)
+    check_runs(model, card, "--student")
+    return model, card
+
+
+def check_runs(model: nn.Module, card: ModelCard, what: str) -> None:
+    """A usage error now, before any epoch, when the model cannot take the run's input size (e.g. GhostNetV3's
+    DFC gate below 64 px)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *card.input_size))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{what} {card.name} cannot take {card.input_size[1]}x{card.input_size[2]} inputs ({first}); "
+                         "choose another --input-size (GhostNetV3 needs at least 64)") from None
+    finally:
+        model.train(was)
 
 
 def load_teacher(cfg: TrainConfig, classes: list[str]) -> tuple[nn.Module, ModelCard]:
