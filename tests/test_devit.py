@@ -1002,3 +1002,15 @@ def test_devit_defaults_are_the_references_and_mixing_is_seeded_and_label_consis
         share_of_1 = float(xm[0].mean())        # image 0's pixels that now come from image 1 (or its blend weight)
         on, off = 1 - 0.1 + 0.1 / 3, 0.1 / 3
         assert float(t[0, 1]) == pytest.approx(off + (on - off) * share_of_1, abs=1e-6)
+
+
+def test_epochs_bounds_every_devit_stage_unless_the_stages_own_option_is_given():
+    from effai.cli.train import bound_stage_epochs
+    from effai.train.devit.config import DevitConfig
+
+    cfg = DevitConfig(teacher="x", **bound_stage_epochs(DevitConfig, {"epochs": 1}, {}))
+    assert (cfg.epochs, cfg.finetune_epochs, cfg.ensemble_epochs, cfg.prune_epochs) == (1, 1, 1, 1)
+    opts = bound_stage_epochs(DevitConfig, {"epochs": 2}, {"ensemble_epochs": 7})
+    cfg = DevitConfig(teacher="x", **opts, ensemble_epochs=7)
+    assert (cfg.epochs, cfg.finetune_epochs, cfg.ensemble_epochs) == (2, 2, 7)
+    assert bound_stage_epochs(DevitConfig, {}, {}) == {}

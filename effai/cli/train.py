@@ -85,8 +85,10 @@ def train_cmd(
                   and isinstance(v, (int, float, str, bool, type(None)))}}
     if not as_json and model:
         acc = f"  held-out accuracy {summary['val_acc']:.2%}" if isinstance(summary["val_acc"], float) else ""
+        how = (f"effai devit export {out} --target all (every part and the fusion head), then effai devit run {out}"
+               if recipe == "devit" else f"effai export --weights {model} --target all")
         console.err().print(f"[green]✓[/] wrote {model}{acc}{' (folded)' if summary.get('folded') else ''}; export "
-                            f"it with: effai export --weights {model} --target all")
+                            f"it with: {how}")
     console.json_line(summary)
 
 
@@ -156,8 +158,23 @@ def _run_own_loop(recipe: str, given: dict[str, Any], sets: list[str] | None, re
     if "resume" in opts and "resume" not in known:
         raise UsageError(f"recipe '{recipe}' cannot resume; run it again with --force")
     opts = {k: v for k, v in opts.items() if k in known}
-    cfg = config_cls(**_merge(opts, parse_sets(config_cls, sets)))
+    set_opts = parse_sets(config_cls, sets)
+    cfg = config_cls(**_merge(bound_stage_epochs(config_cls, opts, set_opts), set_opts))
     return getattr(mod, entry)(cfg, force=force, progress=progress)
+
+
+def bound_stage_epochs(config_cls: Any, opts: dict[str, Any], set_opts: dict[str, Any]) -> dict[str, Any]:
+    """--epochs bounds every stage of a recipe (`*_epochs` fields: fine-tuning, ensemble, pruning recovery, warmup)
+    unless that stage's own option is given with --set."""
+    import dataclasses
+
+    if "epochs" not in opts:
+        return opts
+    out = dict(opts)
+    for f in dataclasses.fields(config_cls):
+        if f.name.endswith("_epochs") and f.name not in set_opts and isinstance(f.default, int):
+            out[f.name] = min(f.default, int(opts["epochs"]))
+    return out
 
 
 def register(app: typer.Typer) -> None:
