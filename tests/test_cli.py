@@ -15,8 +15,14 @@ def test_zoo_list_and_show():
     code, last, out, _ = run_cli("zoo", "list")
     assert code == 0 and "ghostnetv3_100" in out and last["ok"]
     assert {m["name"] for m in last["models"]} >= {"ghostnetv3_050", "mobileone_s0", "repvgg_a0"}
+    assert last["params_form"].startswith("deploy")
     code, last, _, _ = run_cli("zoo", "show", "ghostnetv3_100", "--json")
-    assert code == 0 and last["model"]["params"] > 5_000_000 and last["model"]["reparameterizable"]
+    m = last["model"]
+    assert code == 0 and m["reparameterizable"] and m["params_training_form"] > m["params_deploy_form"] > 5_000_000
+    code, last, _, _ = run_cli("zoo", "list", "ghostnetv3_05", "--timm", "--json")   # a substring; timm names too
+    assert code == 0 and [r["name"] for r in last["models"]] == ["ghostnetv3_050", "ghostnetv3_050.digits"]
+    code, last, _, _ = run_cli("zoo", "list", "resnet1*", "--timm", "--json")
+    assert last["models"] == [] and "resnet18" in last["timm"]
 
 
 def test_doctor_lists_every_target():

@@ -23,9 +23,8 @@ from typing import Any
 from effai.version import __version__
 from effai.bundle import model_card_md as card_mod
 from effai.bundle import index as index_mod
-from effai.files import staging_dir
 from effai.errors import EffaiError, UsageError
-from effai.files import atomic_write, read_json, replace_dir
+from effai.files import atomic_write, read_json, replace_dir, staging_dir
 
 TASK = "image-classification"
 ARTIFACT_STATUSES = index_mod.ARTIFACT_STATUSES
@@ -430,6 +429,35 @@ def card_stats(name: str) -> dict[str, int]:
     """model_stats of a zoo card at its own input size (random-init build: weights do not change the counts);
     cached per process."""
     from effai import zoo
+    from effai.version import __version__
 
     card = zoo.resolve_card(name)
-    return model_stats(zoo.build(card).eval(), tuple(card.input_size))
+    key = json.dumps([__version__, name, card.source, list(card.input_size), card.num_classes,
+                      card.extra.get("arch_kwargs", {})], sort_keys=True)
+    cache = _stats_cache()
+    if key in cache:
+        return cache[key]
+    stats = model_stats(zoo.build(card).eval(), tuple(card.input_size))
+    cache[key] = stats
+    try:   # a cache for `effai zoo list` (building and folding every card takes seconds); never required
+        path = _stats_cache_path()
+        atomic_write(path, json.dumps(cache, sort_keys=True))
+    except OSError:
+        pass
+    return stats
+
+
+def _stats_cache_path() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "effai" / "card_stats.json"
+
+
+def _stats_cache() -> dict[str, dict[str, int]]:
+    try:
+        data = json.loads(_stats_cache_path().read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict) and all(isinstance(v.get(f), int) for f in
+                                                                           ("params", "macs"))}

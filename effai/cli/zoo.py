@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -16,6 +17,9 @@ zoo_app = typer.Typer(no_args_is_help=True, help="Model cards: what effai can bu
 
 @zoo_app.command("list")
 def zoo_list(
+    pattern: Annotated[Optional[str], typer.Argument(help="Filter names: a glob (ghostnet*) or a substring.")] = None,
+    timm_names: Annotated[bool, typer.Option("--timm", help="Also list timm's model names matching PATTERN (any of "
+                                             "them exports too).")] = False,
     bundles: Annotated[Optional[Path], typer.Option("--bundles", help="Directory of bundles (effai bundle pack --out): "
                                                     "adds each model's best measured latency per device class "
                                                     "[default: ./bundles when it exists]")] = None,
@@ -31,20 +35,30 @@ def zoo_list(
             raise UsageError(f"--bundles {bundles} is not a directory; pass the --out of `effai bundle pack`")
         bundle_dir = bundles if bundles is not None else (Path("bundles") if Path("bundles").is_dir() else None)
         latency = _bundle_latency(bundle_dir) if bundle_dir is not None else {}
-        rows = [_zoo_row(n, c, latency.get(n)) for n, c in CARDS.items()]
+        glob = pattern if pattern is None or any(ch in pattern for ch in "*?[") else f"*{pattern}*"
+        rows = [_zoo_row(n, c, latency.get(n)) for n, c in CARDS.items() if glob is None or fnmatch(n, glob)]
+        others = []
+        if timm_names:
+            import timm
+
+            others = [n for n in timm.list_models(glob or "*") if n not in CARDS.names()]
     except EffaiError as e:
         fail(e, as_json)
     if not as_json:
         table = Table(title="effai zoo")
-        for col in ("name", "task", "family", "params", "MACs", "input", "license", "weights", "best latency"):
-            table.add_column(col, overflow="fold", no_wrap=col in ("name", "params", "MACs", "input"))
+        for col in ("name", "task", "family", "params (deploy)", "MACs", "input", "license", "weights",
+                    "best latency"):
+            table.add_column(col, overflow="fold", no_wrap=col in ("name", "MACs", "input"))
         for r in rows:
             best = "; ".join(f"{cls} {b['median_ms']:.2f} ms" for cls, b in (r["best_latency"] or {}).items()) or "-"
             macs = f"{r['macs'] / 1e9:.2f} G" if r["macs"] >= 1e9 else f"{r['macs'] / 1e6:.1f} M"
             table.add_row(r["name"], r["task"], r["family"], f"{r['params'] / 1e6:.2f} M", macs, r["input"],
                           r["license"].split(" (")[0], r["weights_available"], best)
         console.out().print(table)
-    console.json_line({"ok": True, "models": rows, "bundles": str(bundle_dir) if bundle_dir is not None else None,
+        if others:
+            console.out().print(f"timm ({len(others)}): " + ", ".join(others[:200])
+                                + (f", ... ({len(others) - 200} more)" if len(others) > 200 else ""))
+    console.json_line({"ok": True, "models": rows, "timm": others, "params_form": "deploy (folded)", "bundles": str(bundle_dir) if bundle_dir is not None else None,
                        "macs_convention": "1 MAC = one multiply-add over Conv2d/Linear of the deploy form at the "
                                           "card's input size, batch 1 (docs/bundle.md)"})
 
@@ -109,7 +123,8 @@ def zoo_show(name: Annotated[str, typer.Argument(help="Zoo or timm model name.")
             "num_classes": card.num_classes, "label_set": card.label_set, "labels_preview": zoo.labels(card)[:5],
             "preprocessing": card.preprocessing(), "weights_license": card.weights_license,
             "reparameterizable": card.reparameterizable, "bundled_weights": card.bundled_weights,
-            "params": sum(p.numel() for p in loaded.model.parameters()), "description": card.description,
+            "params_training_form": sum(p.numel() for p in loaded.model.parameters()),
+            "params_deploy_form": _deploy_params(name), "description": card.description,
             "weights": loaded.weights.source, "weights_sha256": loaded.weights.sha256}
     record = card.extra.get("train_record")
     if record:
@@ -125,3 +140,13 @@ def zoo_show(name: Annotated[str, typer.Argument(help="Zoo or timm model name.")
             table.add_row(k, str(v))
         console.out().print(table)
     console.json_line({"ok": True, "model": info})
+
+
+def _deploy_params(name: str) -> int | None:
+    """Parameters after fold (what an exported artifact holds); None where the card cannot be measured."""
+    from effai.bundle.pack import card_stats
+
+    try:
+        return card_stats(name)["params"]
+    except Exception:   # a timm model whose deploy form cannot be built here: the training count still stands
+        return None
