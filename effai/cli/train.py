@@ -27,7 +27,8 @@ OWN_LOOP = {"cdfkd": ("effai.train.cdfkd", "CdfkdConfig", "train_cdfkd"),
 def train_cmd(
     recipe: Annotated[str, typer.Argument(help="ghostnetv3 | kd | supervised | ofa | cdfkd | devit")],
     data: Annotated[str, typer.Option(help="'digits', an ImageFolder directory, or a CIFAR-style .npz.")] = "digits",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (checkpoint, metrics.jsonl, model.safetensors).")] = Path("runs/train"),
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (checkpoint, metrics.jsonl, "
+                                                "model.safetensors); default runs/<recipe>[-<student>].")] = None,
     student: Annotated[Optional[str], typer.Option(help="Model to train, zoo or timm name (ghostnetv3 recipe: "
                                                    "ghostnetv3_050|100|130|160).")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher: an effai run dir / .safetensors, or a model name.")] = None,
@@ -55,6 +56,8 @@ def train_cmd(
     """Train a compact model with a recipe (KD / OFA-KD from a teacher, data-free CDFKD-MFS, DeViT), write model.safetensors."""
     from effai.train.progress import RichProgress
 
+    if out is None:   # one folder per recipe and student: runs of different recipes never refuse each other
+        out = Path("runs") / (f"{recipe}-{student.replace('/', '_')}" if student else recipe)
     given = {"data": data, "out": str(out), "student": student, "teacher": teacher, "epochs": epochs,
              "batch_size": batch_size, "lr": lr, "input_size": input_size, "seed": seed}
     progress = None if as_json else RichProgress(console.err())
