@@ -132,3 +132,23 @@ def test_exports_of_different_things_never_share_a_folder_silently(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inputs"][0]["shape"] == [1, 1, 96, 96]
     assert any(w.startswith("replaced the artifact") for w in manifest["warnings"])
+
+
+def test_benchmark_exports_checks_and_times_every_target_x_precision_in_one_table(tmp_path):
+    """`effai benchmark`: one row per target x precision; a precision a target does not take and a runtime this
+    machine lacks (Core ML off macOS) are rows saying why, not failures; timed rows carry median/p90 and the ratio
+    to the fastest."""
+    import platform
+
+    code, last, out, err = run_cli("benchmark", "ghostnetv3_050.digits", "--targets", "onnx,coreml", "--quantize",
+                                   "fp32,palette4", "--runs", "5", "--out", str(tmp_path / "bm"))
+    assert code == 0, err[-2000:]
+    rows = {(r["target"], r["precision"]): r for r in last["rows"]}
+    onnx = rows[("onnx", "fp32")]
+    assert onnx["status"] == "timed" and onnx["parity"] == "pass" and onnx["median_ms"] > 0 and onnx["x_fastest"] == 1.0
+    assert onnx["top1"] > 0.97 and onnx["mb"] > 1
+    assert rows[("onnx", "palette4")]["status"] == "skipped" and "onnx takes" in rows[("onnx", "palette4")]["reason"]
+    if platform.system() != "Darwin":
+        assert rows[("coreml", "palette4")]["status"] == "not-timed" and "macOS" in rows[("coreml", "palette4")]["reason"]
+        assert rows[("coreml", "palette4")]["mb"] < rows[("coreml", "fp32")]["mb"] / 3
+    assert "effai benchmark ghostnetv3_050.digits" in out

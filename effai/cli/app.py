@@ -10,7 +10,7 @@ import sys
 import typer
 
 from effai import console
-from effai.cli import bench, bundle, devit, export, predict, train, zoo
+from effai.cli import bench, benchmark, bundle, devit, export, predict, train, zoo
 from effai.errors import EffaiError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,6 +34,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 export.register(app)
 predict.register(app)
+benchmark.register(app)
 app.add_typer(zoo.zoo_app, name="zoo")
 app.add_typer(bundle.bundle_app, name="bundle")
 bundle.add_aliases(zoo.zoo_app)

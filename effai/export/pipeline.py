@@ -181,7 +181,8 @@ def artifact_name(loaded: zoo.LoadedModel, target: str, precision: str, shape: t
     if io_dtype != "float":
         name += f"-io-{io_dtype}"
     src = loaded.weights.source
-    if not (loaded.random_init or src.startswith("bundled:") or src.startswith("timm-hub:")):
+    bundled = bool(loaded.card.bundled_weights) and Path(src).name == loaded.card.bundled_weights
+    if not (loaded.random_init or bundled or src.startswith(("bundled:", "timm-hub:"))):
         name += f"-w{loaded.weights.sha256[:8]}"
     return name
 
