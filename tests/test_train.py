@@ -420,3 +420,26 @@ def test_a_student_that_cannot_take_the_input_size_is_a_usage_error_before_train
                                  "--out", str(tmp_path / "g"))
     assert code == 2 and "cannot take 32x32 inputs" in last["error"] and "--input-size" in last["error"], err
     assert not (tmp_path / "g" / "checkpoint.pt").exists()
+
+
+def test_a_recipe_config_file_sets_options_and_the_command_line_wins(tmp_path):
+    from effai.cli.train import config_sets
+
+    toml = tmp_path / "r.toml"
+    toml.write_text('student = "resnet10t"\ninput_size = 32\nhflip = false\nexits = ["blocks.2", "blocks.9"]\n')
+    assert config_sets(toml, set(), None) == ["student=resnet10t", "input_size=32", "hflip=false",
+                                              "exits=blocks.2,blocks.9"]
+    assert config_sets(toml, {"student"}, ["input_size=64"]) == ["hflip=false", "exits=blocks.2,blocks.9",
+                                                                  "input_size=64"]
+    yml = tmp_path / "r.yaml"
+    yml.write_text("epochs: 3\nlr: 0.01\n")
+    assert config_sets(yml, set(), None) == ["epochs=3", "lr=0.01"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("student = \n")
+    with pytest.raises(UsageError, match="does not parse"):
+        config_sets(bad, set(), None)
+    code, last, _, _ = run_cli("train", "supervised", "--config", str(yml.with_name("nope.toml")))
+    assert code == 2 and "does not exist" in last["error"]
+    toml.write_text("nonsense_key = 1\n")
+    code, last, _, _ = run_cli("train", "supervised", "--config", str(toml), "--out", str(tmp_path / "o"))
+    assert code == 2 and "nonsense_key" in last["error"]

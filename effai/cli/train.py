@@ -48,6 +48,8 @@ def train_cmd(
     seed: Annotated[Optional[int], typer.Option(help="Seed for init, split, data order and augmentation.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE for any field of the recipe's config "
                                                       "(repeatable), e.g. --set ofa_eps=1.5 --set exits=blocks.2,blocks.9.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A .toml or .yaml file of KEY: value recipe "
+                                                   "options (the --set keys); flags and --set override it.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an OUT that holds a previous run.")] = False,
     nproc: Annotated[int, typer.Option(help="Data-parallel processes on this machine (gloo on loopback on CPU, nccl on GPU); nothing listens on the network.")] = 1,
@@ -56,10 +58,27 @@ def train_cmd(
     """Train a compact model with a recipe (KD / OFA-KD from a teacher, data-free CDFKD-MFS, DeViT), write model.safetensors."""
     from effai.train.progress import RichProgress
 
+    try:
+        if config is not None:
+            set_ = config_sets(config, given={k for k, v in locals().items() if v is not None}, sets=set_)
+    except EffaiError as e:
+        fail(e, as_json)
+    out_given = out is not None
     if out is None:   # one folder per recipe and student: runs of different recipes never refuse each other
         out = Path("runs") / (f"{recipe}-{student.replace('/', '_')}" if student else recipe)
     given = {"data": data, "out": str(out), "student": student, "teacher": teacher, "epochs": epochs,
              "batch_size": batch_size, "lr": lr, "input_size": input_size, "seed": seed}
+    if config is not None:   # the file's keys apply where no flag or --set gives them
+        flags = {k for k, v in given.items() if v is not None and (k != "out" or out_given)
+                 and not (k == "data" and v == "digits")}
+        try:
+            set_ = config_sets(config, flags, set_)
+        except EffaiError as e:
+            fail(e, as_json)
+        for pair in set_:
+            key = pair.split("=", 1)[0].strip().replace("-", "_")
+            if key in given and key not in flags:
+                given[key] = None
     progress = None if as_json else RichProgress(console.err())
     try:
         if nproc < 1:
@@ -164,6 +183,49 @@ def _run_own_loop(recipe: str, given: dict[str, Any], sets: list[str] | None, re
     set_opts = parse_sets(config_cls, sets)
     cfg = config_cls(**_merge(bound_stage_epochs(config_cls, opts, set_opts), set_opts))
     return getattr(mod, entry)(cfg, force=force, progress=progress)
+
+
+def config_sets(path: Path, given: set[str], sets: list[str] | None) -> list[str]:
+    """A recipe config file (.toml, or .yaml/.yml with PyYAML) as --set KEY=VALUE strings, placed before the
+    command line's own --set and skipping keys a flag or --set gives (the command line wins)."""
+    if not path.is_file():
+        raise UsageError(f"--config {path} does not exist")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if len(text) > 1 << 20:
+        raise UsageError(f"--config {path} is over 1 MB; a recipe config is a few lines")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise UsageError("--config .yaml needs PyYAML (pip install pyyaml), or write it as .toml") from None
+            data = yaml.safe_load(text)
+        else:
+            raise UsageError(f"--config {path}: use a .toml or .yaml file")
+    except UsageError:
+        raise
+    except Exception as e:   # tomllib.TOMLDecodeError, yaml.YAMLError
+        raise UsageError(f"--config {path} does not parse ({type(e).__name__}: {str(e)[:160]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path} must hold KEY: value pairs (the --set keys of the recipe)")
+    overridden = {k.split("=", 1)[0].strip().replace("-", "_") for k in sets or []} | given
+    pairs = []
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key in overridden:
+            continue
+        if isinstance(v, bool):
+            v = str(v).lower()
+        elif isinstance(v, (list, tuple)):
+            v = ",".join(str(x) for x in v)
+        elif isinstance(v, dict) or v is None:
+            raise UsageError(f"--config {path}: {key} must be a number, string, boolean or list")
+        pairs.append(f"{key}={v}")
+    return pairs + list(sets or [])
 
 
 def bound_stage_epochs(config_cls: Any, opts: dict[str, Any], set_opts: dict[str, Any]) -> dict[str, Any]:
