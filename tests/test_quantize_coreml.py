@@ -173,8 +173,18 @@ def test_int8_without_calibration_is_a_usage_error(net, tmp_path):
 
 
 def test_unlisted_precision_is_a_usage_error(net, tmp_path):
+    """One decision (effai.export.plan) refuses it for every entry point, before anything is lowered."""
+    from effai.export.pipeline import ExportConfig, resolve
+    from effai.export.plan import plan
+    from effai.zoo import LoadedModel, RANDOM_INIT
+    from effai.zoo.card import ModelCard
+
+    p = plan("coreml", "int8-dynamic")
+    assert not p.ok and "int8-dynamic" in p.reason and "coreml takes:" in p.reason
+    loaded = LoadedModel(net, ModelCard(name="net", family="t", source="module:net", input_size=(3, SIZE, SIZE)),
+                         RANDOM_INIT)
     with pytest.raises(UsageError, match="int8-dynamic"):
-        _lower(net, "int8-dynamic", tmp_path)
+        resolve(loaded, ExportConfig(target="coreml", precision="int8-dynamic", out=tmp_path / "x"))
 
 
 class Mixed(nn.Module):
