@@ -60,3 +60,17 @@ def small_exports(tmp_path_factory):
     for target in ("executorch", "onnx", "tflite", "coreml"):
         results[target] = export(loaded, ExportConfig(target=target, input_size=SMALL, out=root / target))
     return results
+
+
+@pytest.fixture(scope="session")
+def digits_exports(tmp_path_factory):
+    """ghostnetv3_050.digits exported once at each target's default precision (its card's size, top-1 on its
+    held-out digits) to every target; shared by the export matrix's accuracy check and the int8 size comparison."""
+    from effai import zoo
+    from effai.export.pipeline import ExportConfig, export
+    from effai.export.targets import TARGETS
+
+    root = tmp_path_factory.mktemp("digits_exports")
+    loaded = zoo.create("ghostnetv3_050.digits")
+    return {t: export(loaded, ExportConfig(target=t, precision=TARGETS.get(t).precisions[0], out=root / t))
+            for t in ("executorch", "onnx", "tflite", "coreml")}

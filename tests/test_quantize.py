@@ -222,12 +222,11 @@ def test_gate_passes_without_fallback_and_records_calibration(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def digits_int8(digits, tmp_path_factory):
+def digits_int8(digits, digits_exports, tmp_path_factory):
     root = tmp_path_factory.mktemp("int8")
     out = {}
     for target in ("executorch", "tflite", "onnx", "coreml"):
-        fp = export(digits, ExportConfig(target=target, precision=TARGETS.get(target).precisions[0],
-                                         out=root / f"{target}-float", parity_photos=2, parity_noise=0))
+        fp = digits_exports[target]          # the float artifact, shared with the export matrix's accuracy check
         try:
             q = export(digits, ExportConfig(target=target, precision="int8", out=root / target))
         except EffaiError as e:  # recorded, asserted per target below
