@@ -111,7 +111,7 @@ def test_exports_of_different_things_never_share_a_folder_silently(tmp_path):
     """The default folder name carries precision, input size, batch, I/O dtype and non-default weights; an artifact
     exported from something else is replaced only with --force, and the manifest says what it replaced."""
     from effai import zoo
-    from effai.export.pipeline import artifact_name
+    from effai.export.artifact_dir import artifact_name
 
     loaded = zoo.create("ghostnetv3_050")
     names = {artifact_name(loaded, "onnx", "fp32", (1, 3, 224, 224)), artifact_name(loaded, "onnx", "fp32", (1, 3, 64, 64)),

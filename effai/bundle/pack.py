@@ -79,7 +79,7 @@ def plan(targets: Sequence[str],
 
 def destination(out: Path, name: str) -> Path:
     """<out>/<model>; UsageError when something that is not an effai bundle is already there."""
-    from effai.export.pipeline import safe_name
+    from effai.export.artifact_dir import safe_name
 
     dest = Path(out) / safe_name(name)
     if dest.exists() and not dest.is_dir():

@@ -33,7 +33,8 @@ def benchmark_cmd(
     """Export MODEL to every target x precision, check parity and top-1 in each runtime, time each artifact here,
     and print one table (MB, parity, top-1, median / p90 ms, ratio to the fastest)."""
     from effai import zoo
-    from effai.export.pipeline import ExportConfig, artifact_name, try_export
+    from effai.export.artifact_dir import artifact_name
+    from effai.export.pipeline import ExportConfig, try_export
     from effai.export.plan import plan
 
     ui = console.err()

@@ -48,7 +48,8 @@ def export_cmd(
 ) -> None:
     """Fold a model, lower it to one or more targets, prove parity, write artifact dirs with manifests."""
     from effai import zoo
-    from effai.export.pipeline import ExportConfig, ParityFailed, artifact_name, try_export
+    from effai.export.artifact_dir import artifact_name
+    from effai.export.pipeline import ExportConfig, ParityFailed, try_export
 
     ui = console.err()
     results: list[dict[str, Any]] = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -130,11 +129,6 @@ def try_export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Any = None)
                                                     f"{e} (EFFAI_DEBUG=1 shows the traceback; please report it)"))
 
 
-def safe_name(name: str) -> str:
-    """A model name usable as one path component (names can come from a checkpoint's metadata)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).lstrip(".") or "model"
-
-
 def resolve(loaded: zoo.LoadedModel, cfg: ExportConfig) -> tuple[Any, str, tuple[int, int, int, int], Path]:
     """Validate the config against the target and the model up front: (target, precision, input shape, out dir)."""
     target = TARGETS.get(cfg.target)
@@ -159,49 +153,9 @@ def resolve(loaded: zoo.LoadedModel, cfg: ExportConfig) -> tuple[Any, str, tuple
         raise UsageError(f"input shape has {shape[1]} channels but {loaded.card.name} takes {c}; "
                          f"use --input-shape {shape[0]}x{c}x{shape[2]}x{shape[3]}")
     shape = tuple(int(s) for s in shape)
-    out = Path(cfg.out) if cfg.out is not None else Path("effai_out") / artifact_name(loaded, cfg.target, precision,
+    out = Path(cfg.out) if cfg.out is not None else Path("effai_out") / artifact_dir.artifact_name(loaded, cfg.target, precision,
                                                                                      shape, cfg.io_dtype)
     return target, precision, shape, out  # type: ignore[return-value]
-
-
-def artifact_name(loaded: zoo.LoadedModel, target: str, precision: str, shape: tuple[int, ...],
-                  io_dtype: str = "float") -> str:
-    """`<model>-<target>[-<precision>][-<H>x<W>][-b<N>][-io-int8][-w<sha8>]`: what differs from the target's default
-    precision, the card's input size, batch 1, float I/O and the card's own weights is in the name, so exports of
-    different things never share a folder."""
-    from effai.export.targets import TARGETS
-
-    name = f"{safe_name(loaded.card.name)}-{target}"
-    if precision != TARGETS.get(target).precisions[0]:
-        name += f"-{precision}"
-    if tuple(shape[2:]) != tuple(loaded.card.input_size[1:]):
-        name += f"-{shape[2]}x{shape[3]}"
-    if shape[0] != 1:
-        name += f"-b{shape[0]}"
-    if io_dtype != "float":
-        name += f"-io-{io_dtype}"
-    src = loaded.weights.source
-    bundled = bool(loaded.card.bundled_weights) and Path(src).name == loaded.card.bundled_weights
-    if not (loaded.random_init or bundled or src.startswith(("bundled:", "timm-hub:"))):
-        name += f"-w{loaded.weights.sha256[:8]}"
-    return name
-
-
-def identity(loaded: zoo.LoadedModel, target: str, precision: str, shape: tuple[int, ...],
-             io_dtype: str) -> dict[str, Any]:
-    """What makes two artifacts the same export (re-exporting it over itself is a silent update)."""
-    return {"model": loaded.card.name, "weights_sha256": loaded.weights.sha256, "target": target,
-            "precision": precision, "input_shape": list(shape), "io_dtype": io_dtype}
-
-
-def manifest_identity(m: dict[str, Any]) -> dict[str, Any]:
-    """`identity` of the artifact a manifest describes."""
-    try:
-        return {"model": m["model"]["name"], "weights_sha256": m["model"]["weights_sha256"], "target": m["target"],
-                "precision": m["precision"], "input_shape": list(m["inputs"][0]["shape"]),
-                "io_dtype": (m.get("export_config") or {}).get("io_dtype", "float")}
-    except (KeyError, TypeError, IndexError):
-        return {}
 
 
 @dataclass
@@ -263,7 +217,7 @@ class Run:
 def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None = None) -> ExportResult:
     """Export one model to one target. The caller's model is not modified (the pipeline folds a copy)."""
     target, precision, shape, out = resolve(loaded, cfg)
-    replaced = _check_replace(out, identity(loaded, cfg.target, precision, shape, cfg.io_dtype), cfg.force)
+    replaced = artifact_dir.check_replace(out, artifact_dir.identity(loaded, cfg.target, precision, shape, cfg.io_dtype), cfg.force)
     run = Run(loaded, cfg, target, precision, shape, out, artifact_dir.prepare(out), progress)
     if replaced:
         run.warnings.append(replaced)
@@ -306,24 +260,6 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
         raise ParityFailed(f"{cfg.target} artifact does not match the torch model: {parity.get('reason')}; it was "
                            f"kept at {out} and marked failed in its manifest", result)
     return result
-
-
-def _check_replace(out: Path, new: dict[str, Any], force: bool) -> str | None:
-    """An artifact at `out` exported from something else (model, weights, target, precision, input shape, I/O
-    dtype) is replaced only with force, and then said so; re-exporting the same thing updates it silently."""
-    if not artifact_dir.is_artifact(out):
-        return None
-    try:
-        old = manifest_identity(manifest_io.read(out))
-    except EffaiError:
-        old = {}
-    diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
-    if not diff:
-        return None
-    if not force:
-        raise UsageError(f"{out} holds another export ({'; '.join(diff)}); pass --force to replace it, or choose "
-                         "another --out (the default name already tells such exports apart)")
-    return f"replaced the artifact at {out} ({'; '.join(diff)})"
 
 
 def prepare(run: Run) -> None:
