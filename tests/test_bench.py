@@ -359,3 +359,19 @@ def test_cli_ctrl_c_writes_a_partial_report_and_exits_130(digits_artifacts, tmp_
     assert last["interrupted"] and last["records"] == 1
     header, records = report.load(out)
     assert header["status"] == "interrupted" and len(records) == 1 and records[0].runs >= 1
+
+
+def test_an_artifact_whose_runtime_is_not_here_is_skipped_with_the_reason_not_a_failure(small_exports, tmp_path):
+    """`effai bench effai_out/*/` on Linux: the Core ML folder is a skipped record (the runtime needs macOS), the
+    others are measured, exit 0."""
+    import platform
+
+    if platform.system() == "Darwin":
+        pytest.skip("Core ML runs here")
+    dirs = [str(small_exports[t].out_dir) for t in ("onnx", "coreml")]
+    code, last, _, err = run_cli("bench", *dirs, "--threads", "1", "--runs", "3", "--warmup", "1", "--cooldown", "0",
+                                 "--energy", "none", "--out", str(tmp_path / "b.json"), "--json")
+    assert code == 0 and last["ok"], err[-2000:]
+    assert [s["artifact"] for s in last["skipped"]] == [dirs[1]] and "macOS" in last["skipped"][0]["reason"]
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert sorted(r["status"] for r in report["records"]) == ["ok", "skipped"]

@@ -132,10 +132,14 @@ def bench_cmd(
             ui.print(f"[yellow]! {n}[/]")
     records = result.records
     summary: dict[str, Any] = {"ok": not result.failed, "report": str(out), "device": result.device.get("name"),
-                               "energy": result.energy_note, "records": [_bench_row(r) for r in records]}
+                               "energy": result.energy_note, "records": [_bench_row(r) for r in records],
+                               "skipped": [{"artifact": r.artifact.get("path"), "reason": r.error}
+                                           for r in result.skipped]}
     if not as_json:
         console.out().print(report.table(records))
         ui.print(f"[dim]energy: {result.energy_note}[/]")
+        for r in result.skipped:
+            ui.print(f"[yellow]! skipped {r.artifact.get('path')}: {r.error}[/]")
         ui.print(f"[green]✓[/] report {out}")
     code = 0 if not result.failed else 1
     if result.failed:

@@ -161,8 +161,8 @@ class BenchRecord:
     energy: dict[str, Any]       # EnergyReading as a dict (available False + reason when none)
     effai_version: str
     created_at: str              # UTC ISO 8601
-    status: str = "ok"           # ok | error
-    error: str = ""              # one-line reason when status is error (the matrix goes on)
+    status: str = "ok"           # ok | error | skipped (the runtime is not on this device)
+    error: str = ""              # one-line reason when status is error or skipped (the matrix goes on)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def key(self) -> tuple[str, str, str, str, int]:

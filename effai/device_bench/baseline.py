@@ -288,6 +288,8 @@ def compare(current: list[BenchRecord], baseline: list[BenchRecord], rules: tupl
         c = cur[key]
         if key not in base:
             out.rows.append(Row(key, "new"))
+        elif c.status == "skipped":
+            out.rows.append(Row(key, "not-compared", note=f"skipped here: {c.error}"))
         elif c.status != "ok":
             out.rows.append(Row(key, "failed", note=f"this run failed: {c.error or c.status}"))
         else:

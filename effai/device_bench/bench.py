@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from effai.device_bench import artifact as artifact_mod
+from effai.device_bench.runners.common import RuntimeMissing
 from effai.device_bench.base import BenchConfig, BenchRecord, EnergyReading, Timings
 from effai.device_bench.stats import from_aggregate, summarize
 from effai.errors import EffaiError, UsageError
@@ -35,7 +36,11 @@ class BenchRun:
 
     @property
     def failed(self) -> list[BenchRecord]:
-        return [r for r in self.records if r.status != "ok"]
+        return [r for r in self.records if r.status == "error"]
+
+    @property
+    def skipped(self) -> list[BenchRecord]:
+        return [r for r in self.records if r.status == "skipped"]
 
 
 def check_config(cfg: BenchConfig) -> None:
@@ -166,6 +171,7 @@ def _measure_one(runner: Any, meter: Any, note: str, art: artifact_mod.Artifact,
     before = thermal.snapshot(runner.fs)
     timings: Timings | None = None
     error = ""
+    skipped = False
     trace = None
     idle: tuple[float, float] | None = None
     started = False
@@ -184,6 +190,8 @@ def _measure_one(runner: Any, meter: Any, note: str, art: artifact_mod.Artifact,
                 idle = (t0, time.time())
         try:
             timings = runner.run(art, threads, cfg)
+        except RuntimeMissing as e:   # not this device's runtime: a skipped record with the reason, not a failure
+            error, skipped = str(e), True
         except runner_error as e:
             timings, error = e.partial, str(e) + (" (partial samples kept)" if e.partial and e.partial.samples_ms
                                                   else "")
@@ -201,7 +209,10 @@ def _measure_one(runner: Any, meter: Any, note: str, art: artifact_mod.Artifact,
     samples = timings.samples_ms if timings else []
     throttling = thermal.verdict(before, after, list(samples))
     throttling = {**throttling, "readings": {"before": before, "after": after}}
-    return _record(art, device, threads, cfg, timings, reading, throttling, error)
+    rec = _record(art, device, threads, cfg, timings, reading, throttling, error)
+    if skipped:
+        rec.status = "skipped"
+    return rec
 
 
 def exit_code(run: BenchRun) -> int:

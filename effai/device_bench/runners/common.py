@@ -38,3 +38,8 @@ def timings_from_events(events: list[dict[str, Any]], threads: int, warmup: int)
                    threads=threads, load_ms=float(load.get("ms", 0.0)), first_ms=float(first.get("ms", 0.0)),
                    samples_ms=samples, warmup=warmup,
                    window_s=(float(start.get("t", 0.0)), float(end.get("t", start.get("t", 0.0)))), extra=extra)
+
+
+class RuntimeMissing(RunnerError):
+    """The artifact's runtime is not on this device (Core ML off macOS, a runtime not installed): the record is
+    "skipped" with the reason, not a failure of the run."""

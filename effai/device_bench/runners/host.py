@@ -14,7 +14,7 @@ from typing import Any
 from effai.device_bench import remote_runner
 from effai.device_bench.base import BenchConfig, Timings
 from effai.device_bench.hostfs import LocalFS
-from effai.device_bench.runners.common import RunnerError, timings_from_events
+from effai.device_bench.runners.common import RunnerError, RuntimeMissing, timings_from_events
 from effai.errors import EffaiError, UsageError
 
 
@@ -45,6 +45,8 @@ class HostRunner:
         except remote_runner.MeasureError as e:
             if e.kind == "bad-artifact":
                 raise UsageError(e.message) from None
+            if e.kind == "missing-runtime":
+                raise RuntimeMissing(e.message) from None
             if e.kind == "run":
                 raise RunnerError(e.message, timings_from_events(events, threads, cfg.warmup)) from None
             raise EffaiError(e.message) from None   # missing runtime (what to pip install), load failure

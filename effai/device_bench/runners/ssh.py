@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from effai.device_bench.base import BenchConfig, Timings
-from effai.device_bench.runners.common import RunnerError, timings_from_events
+from effai.device_bench.runners.common import RunnerError, RuntimeMissing, timings_from_events
 from effai.errors import EffaiError, UsageError
 
 try:  # paramiko is needed only to connect; without it this module still imports (and connect() says what to install)
@@ -401,7 +401,7 @@ class SshRunner:
         if error is not None:
             msg = str(error.get("message", "")).strip()
             if code == EXIT_MISSING_RUNTIME or error.get("kind") == "missing-runtime":
-                raise RunnerError(f"{self.host}: {msg}", None)
+                raise RuntimeMissing(f"{self.host}: {msg}", None)
             raise RunnerError(f"remote_runner on {self.host} failed ({error.get('kind')}): {msg}", timings)
         if code == 0 and any(e.get("event") == "end" for e in events):
             return timings  # type: ignore[return-value]
