@@ -160,7 +160,7 @@ def test_read_only_filesystem_is_a_usage_error(tiny, tmp_path, monkeypatch):
 def test_reexport_replaces_a_previous_artifact_atomically(tiny, tmp_path):
     out = tmp_path / "art"
     first = export(tiny, ExportConfig(target="onnx", input_size=32, out=out))
-    second = export(tiny, ExportConfig(target="onnx", input_size=48, out=out))
+    second = export(tiny, ExportConfig(target="onnx", input_size=48, out=out, force=True))
     assert second.manifest["inputs"][0]["shape"] == [1, 3, 48, 48]
     assert first.out_dir == second.out_dir and [p.name for p in tmp_path.iterdir()] == ["art"]
 
