@@ -69,7 +69,7 @@ def test_export_prints_progress_table_and_a_final_json_line(tmp_path):
     assert "effai export" in out and "pass" in out                          # the table on stdout
     assert [a["target"] for a in last["artifacts"]] == ["onnx", "tflite"]
     assert all(a["parity"] == "pass" for a in last["artifacts"]) and last["random_init"] is True
-    art = tmp_path / "arts" / "mobilenetv3_small_100-onnx"
+    art = tmp_path / "arts" / "mobilenetv3_small_100-onnx-64x64"   # the folder names the non-default size
     assert (art / "model.onnx").is_file()
     code, vlast, _, _ = run_cli("verify", str(art), "--json")
     assert code == 0 and vlast["parity"]["status"] == "pass" and vlast["hashes"] == "pass"
