@@ -42,13 +42,8 @@ class _Package(types.ModuleType):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _API and isinstance(value, types.ModuleType):
-            return
+            return              # left unset, so module __getattr__ answers with the API function
         super().__setattr__(name, value)
-
-    def __getattribute__(self, name: str) -> Any:
-        if name in _API:
-            return __getattr__(name)
-        return super().__getattribute__(name)
 
 
 sys.modules[__name__].__class__ = _Package

@@ -452,7 +452,17 @@ def _stats_cache_path() -> Path:
     return root / "effai" / "card_stats.json"
 
 
+_CACHE: dict[str, dict[str, int]] | None = None   # read once per process: `zoo list` asks for every card
+
+
 def _stats_cache() -> dict[str, dict[str, int]]:
+    global _CACHE
+    if _CACHE is None:
+        _CACHE = _read_stats_cache()
+    return _CACHE
+
+
+def _read_stats_cache() -> dict[str, dict[str, int]]:
     try:
         data = json.loads(_stats_cache_path().read_text())
     except (OSError, ValueError, RecursionError):

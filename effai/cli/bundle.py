@@ -20,6 +20,14 @@ PubkeyOpt = Annotated[Optional[Path], typer.Option("--pubkey", help="The signer'
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an earlier effai unpack/install at --into.")]
 
 
+def _done(info: dict[str, Any], as_json: bool, line: str) -> None:
+    """A bundle command's ending: its notes, one success line, the JSON object."""
+    _notes(info.get("notes", []), as_json)
+    if not as_json:
+        console.err().print(f"[green]✓[/] {escape(line)}", highlight=False)
+    console.json_line({"ok": True, **info})
+
+
 def _notes(notes: list[str], as_json: bool) -> None:
     if not as_json:
         for n in notes:
@@ -115,11 +123,7 @@ def unpack_cmd(
         info = install.unpack(bundle, into, pubkey=pubkey, force=force)
     except EffaiError as e:
         fail(e, as_json)
-    _notes(info["notes"], as_json)
-    if not as_json:
-        console.err().print(f"[green]✓[/] unpacked {info['files']} verified files to {into} (signature "
-                            f"{info['signature']})")
-    console.json_line({"ok": True, **info})
+    _done(info, as_json, f"unpacked {info['files']} verified files to {into} (signature {info['signature']})")
 
 
 def install_cmd(
@@ -139,11 +143,8 @@ def install_cmd(
         info = install.install(bundle, into, target, precision=precision, pubkey=pubkey, force=force)
     except EffaiError as e:
         fail(e, as_json)
-    _notes(info["notes"], as_json)
-    if not as_json:
-        console.err().print(f"[green]✓[/] installed {info['target']}/{info['precision']} to {into}: "
-                            f"{', '.join(info['files'])} (signature {info['signature']})")
-    console.json_line({"ok": True, **info})
+    _done(info, as_json, f"installed {info['target']}/{info['precision']} to {into}: {', '.join(info['files'])} "
+                         f"(signature {info['signature']})")
 
 
 def archive_cmd(

@@ -89,7 +89,8 @@ def inferences(timings: Timings) -> int:
 
 
 def _record(art: artifact_mod.Artifact, device: dict[str, Any], threads: int, cfg: BenchConfig,
-            timings: Timings | None, reading: EnergyReading, throttling: dict[str, Any], error: str) -> BenchRecord:
+            timings: Timings | None, reading: EnergyReading, throttling: dict[str, Any], error: str,
+            skipped: bool = False) -> BenchRecord:
     samples = list(timings.samples_ms) if timings else []
     complete = bool(timings) and not error
     extra: dict[str, Any] = {"complete": complete, "requested_runs": cfg.runs, "min_seconds": cfg.min_seconds,
@@ -110,7 +111,7 @@ def _record(art: artifact_mod.Artifact, device: dict[str, Any], threads: int, cf
         load_ms=timings.load_ms if timings else nan, first_ms=timings.first_ms if timings else nan,
         stats=stats, samples_ms=samples, throttling=throttling,
         energy=dataclasses.asdict(reading), effai_version=_version(), created_at=_now(),
-        status="error" if error else "ok", error=error, extra=extra)
+        status="skipped" if skipped else "error" if error else "ok", error=error, extra=extra)
 
 
 def run_bench(artifact_dirs: Sequence[Path | str], device_spec: str, cfg: BenchConfig, report_path: Path | str,
@@ -209,10 +210,7 @@ def _measure_one(runner: Any, meter: Any, note: str, art: artifact_mod.Artifact,
     samples = timings.samples_ms if timings else []
     throttling = thermal.verdict(before, after, list(samples))
     throttling = {**throttling, "readings": {"before": before, "after": after}}
-    rec = _record(art, device, threads, cfg, timings, reading, throttling, error)
-    if skipped:
-        rec.status = "skipped"
-    return rec
+    return _record(art, device, threads, cfg, timings, reading, throttling, error, skipped)
 
 
 def exit_code(run: BenchRun) -> int:

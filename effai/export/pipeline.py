@@ -181,10 +181,10 @@ class Run:
     program: Any = None                   # what the target lowers: the folded module, or its ExportedProgram
     eval_spec: str | None = None
     evaluation: tuple | None = None
+    card: Any = None                      # the model's card at the exported input size
 
-    @property
-    def card(self) -> Any:
-        return self.loaded.card.with_(input_size=self.shape[1:])
+    def __post_init__(self) -> None:
+        self.card = self.loaded.card.with_(input_size=self.shape[1:])
 
     @property
     def log(self) -> Path:
