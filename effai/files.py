@@ -27,6 +27,70 @@ def file_entries(root: Path, exclude: frozenset[str] | tuple[str, ...] = ()) -> 
     return out
 
 
+def inside(root: Path, rel: object) -> Path | None:
+    """root/rel when `rel` is a relative path that stays inside root (no absolute path, no '..', no symlink
+    leading out); None otherwise. Manifests and bundle indexes are untrusted: every path they name goes through here."""
+    from pathlib import PurePosixPath
+
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
+        return None
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts or rel.startswith("~"):
+        return None
+    p = Path(root) / pure
+    try:
+        real_root = Path(root).resolve(strict=True)
+        real = p.resolve()
+    except (OSError, RuntimeError):   # a symlink loop
+        return None
+    if real != real_root and real_root not in real.parents:
+        return None
+    return p
+
+
+def unlisted(root: Path, listed: set[str], exclude: frozenset[str] | tuple[str, ...] = ()) -> list[str]:
+    """Files (and symlinks) under root that `listed` does not name, apart from those in `exclude` (posix, sorted)."""
+    root = Path(root)
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if (p.is_symlink() or not p.is_dir()) and rel not in listed and rel not in exclude:
+            out.append(rel)
+    return out
+
+
+def check_entries(root: Path, entries: list[Any], listed_in: str,
+                  exclude: frozenset[str] | tuple[str, ...] = ()) -> list[str]:
+    """The one hash check behind artifact manifests and bundle indexes: every difference between the files under
+    `root` and `entries` ([{path, bytes, sha256}], untrusted), one line each, [] when intact. Lines:
+    'refused: P (...)' for a path leading outside root, 'missing: P', 'not a regular file: P',
+    'changed: P (N bytes, LISTED_IN says M)' or 'changed: P (sha256 ab..., LISTED_IN says cd...)', and
+    'not in LISTED_IN: P' for a file root holds that the entries do not name."""
+    root = Path(root)
+    problems: list[str] = []
+    listed: set[str] = set()
+    for f in entries:
+        rel = f.get("path") if isinstance(f, dict) else None
+        p = inside(root, rel)
+        if p is None or not isinstance(f, dict):
+            problems.append(f"refused: {str(rel)[:80]} (not a path inside the directory: absolute, '..' or a "
+                            "symlink leading out)")
+            continue
+        listed.add(rel)
+        if not p.exists() and not p.is_symlink():
+            problems.append(f"missing: {rel}")
+        elif p.is_symlink() or not p.is_file():
+            problems.append(f"not a regular file: {rel}")
+        elif p.stat().st_size != f.get("bytes"):
+            problems.append(f"changed: {rel} ({p.stat().st_size} bytes, {listed_in} says {f.get('bytes')})")
+        else:
+            got, want = sha256(p), str(f.get("sha256"))
+            if got != want:
+                problems.append(f"changed: {rel} (sha256 {got[:12]}..., {listed_in} says {want[:12]}...)")
+    problems += [f"not in {listed_in}: {rel}" for rel in unlisted(root, listed, exclude)]
+    return problems
+
+
 def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None:
     """Write `data` to a temp file beside `path`, fsync it, then os.replace: readers see the old file or the new
     one, never half of one. The file gets the usual permissions (0666 minus the umask), not mkstemp's 0600, or

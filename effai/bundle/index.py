@@ -162,18 +162,6 @@ def safe_relpath(rel: str) -> bool:
 
 def check(root: Path, index: dict[str, Any] | None = None) -> list[str]:
     """Every difference between the bundle on disk and its index, one line each ([] when intact): a changed file
-    (size or sha256), a listed file that is missing, a file that is not listed."""
-    root = Path(root)
+    (size or sha256), a listed file that is missing, a file that is not listed (effai.files.check_entries)."""
     index = read(root) if index is None else index
-    listed = {f["path"]: f for f in index.get("files", [])}
-    problems = []
-    on_disk = {e["path"]: e for e in file_entries(root)}
-    for rel, want in sorted(listed.items()):
-        got = on_disk.get(rel)
-        if got is None:
-            problems.append(f"missing: {rel}")
-        elif got["bytes"] != want["bytes"] or got["sha256"] != want["sha256"]:
-            problems.append(f"changed: {rel} (sha256 {got['sha256'][:12]}..., index says {want['sha256'][:12]}...)")
-    for rel in sorted(set(on_disk) - set(listed)):
-        problems.append(f"not in the index: {rel}")
-    return problems
+    return files.check_entries(Path(root), index.get("files", []), "the index", (INDEX, SIGNATURE))

@@ -6,12 +6,12 @@ Torch-free so device-side code can read and verify artifacts.
 from __future__ import annotations
 
 import json
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from effai.errors import EffaiError, UsageError
 from effai import files
-from effai.files import read_json, sha256
+from effai.files import check_entries, inside, read_json
 
 SCHEMA = "effai.manifest/1"
 MANIFEST = "manifest.json"
@@ -73,25 +73,6 @@ def read(root: Path) -> dict[str, Any]:
     return m
 
 
-def inside(root: Path, rel: object) -> Path | None:
-    """root/rel when `rel` is a relative path that stays inside root (no absolute path, no '..', no symlink
-    leading out); None otherwise. Manifests are untrusted: every path they name goes through here."""
-    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
-        return None
-    pure = PurePosixPath(rel)
-    if pure.is_absolute() or ".." in pure.parts or rel.startswith("~"):
-        return None
-    p = root / pure
-    try:
-        real_root = root.resolve(strict=True)
-        real = p.resolve()
-    except (OSError, RuntimeError):   # a symlink loop
-        return None
-    if real != real_root and real_root not in real.parents:
-        return None
-    return p
-
-
 def model_file(root: Path, manifest: dict[str, Any]) -> Path:
     """The model file the manifest names, checked to lie inside root and to be hashed by the manifest (a file, or
     a .mlpackage directory whose files are all listed). UsageError otherwise."""
@@ -116,38 +97,9 @@ def _entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def check_files(root: Path, manifest: dict[str, Any]) -> list[str]:
-    """Problems with the files the manifest lists (outside the directory, missing, size or sha256 changed) and
-    with files the directory holds that it does not list; empty when all match."""
-    root = Path(root)
-    problems = []
-    listed = set()
-    for f in _entries(manifest):
-        rel = f.get("path")
-        p = inside(root, rel)
-        if p is None:
-            problems.append(f"{str(rel)[:80]}: not a path inside the artifact directory (absolute, '..' or a symlink "
-                            "leading out); refused")
-            continue
-        listed.add(PurePosixPath(rel).as_posix())
-        if p.is_symlink() or not p.is_file():
-            problems.append(f"{rel}: missing" if not p.exists() else f"{rel}: not a regular file")
-        elif p.stat().st_size != f.get("bytes"):
-            problems.append(f"{rel}: {p.stat().st_size} bytes, manifest says {f.get('bytes')}")
-        elif sha256(p) != f.get("sha256"):
-            problems.append(f"{rel}: sha256 differs from the manifest")
-    for extra in unlisted(root, listed):
-        problems.append(f"{extra}: present in the directory but not listed in the manifest")
-    return problems
-
-
-def unlisted(root: Path, listed: set[str], exclude: tuple[str, ...] = (MANIFEST, LOG)) -> list[str]:
-    """Files (and symlinks) under root that the manifest does not list, apart from the manifest and the log."""
-    out = []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if (p.is_symlink() or not p.is_dir()) and rel not in listed and rel not in exclude:
-            out.append(rel)
-    return out
+    """Problems with the files the manifest lists and files the directory holds that it does not list, one line
+    each (effai.files.check_entries); empty when all match."""
+    return check_entries(root, _entries(manifest), "the manifest", (MANIFEST, LOG))
 
 
 def verify_files(root: Path, manifest: dict[str, Any]) -> None:
