@@ -1,0 +1,78 @@
+"""The split-inference environment (PettingZoo parallel API, Gymnasium wrapper, the latency/energy formulas) and
+MAHPPO (learns to beat random play on a tiny configuration)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from effai.collab.env import EnvConfig, JointGymEnv, SplitInferenceEnv, SplitProfile, shannon_rate, system_cost
+from effai.errors import UsageError
+from effai.rl.mahppo import MAHPPO, PPOConfig
+
+# A small profile with the shape of the measured one (benchmarks/results/split_profile_ghostnetv3_050_digits.json):
+# offloading sends the 4 KB image, splits send autoencoder codes, local sends nothing.
+PROFILE = SplitProfile(("offload", "early", "late", "local"), (0.0, 0.3, 0.9, 1.5), (1.5, 1.0, 0.4, 0.0),
+                       (4096, 384, 112, 0), (0.99, 0.97, 0.98, 0.99))
+
+
+def test_parallel_api_and_gymnasium_checks_pass():
+    from gymnasium.utils.env_checker import check_env
+    from pettingzoo.test import parallel_api_test
+
+    parallel_api_test(SplitInferenceEnv(PROFILE, EnvConfig(n_devices=3, episode_steps=5)), num_cycles=50)
+    check_env(JointGymEnv(PROFILE, EnvConfig(n_devices=2, episode_steps=5)), skip_render_check=True)
+
+
+def test_latency_and_energy_follow_the_documented_formulas():
+    cfg = EnvConfig(n_devices=2)
+    gains = np.array([1e-9, 1e-10])
+    cost = system_cost(PROFILE, cfg, gains, np.array([1, 3]), np.array([0.5, 0.5]))
+    rate = shannon_rate(cfg.bandwidth_hz, 0.5, 1e-9, cfg.noise_dbm_hz)     # only device 0 transmits: whole band
+    tx = 384 * 8 / rate
+    assert cost.latency_s[0] == pytest.approx(0.3e-3 + tx + 1.0e-3 / cfg.server_speedup)
+    assert cost.energy_j[0] == pytest.approx(cfg.device_power_w * 0.3e-3 + 0.5 * tx)
+    assert cost.latency_s[1] == pytest.approx(1.5e-3) and cost.energy_j[1] == pytest.approx(2 * 1.5e-3)
+    both = system_cost(PROFILE, cfg, np.array([1e-9, 1e-9]), np.array([1, 1]), np.array([0.5, 0.5]))
+    half = shannon_rate(cfg.bandwidth_hz / 2, 0.5, 1e-9, cfg.noise_dbm_hz)
+    assert both.tx_s[0] == pytest.approx(384 * 8 / half) and half < rate    # bandwidth shared by the senders
+    assert math.isclose(both.latency_s[0] - both.tx_s[0], 0.3e-3 + 2 * 1.0e-3 / cfg.server_speedup)  # server shared
+
+
+def test_bad_input_is_one_line_usage_errors():
+    with pytest.raises(UsageError, match="one value per option"):
+        SplitProfile(("a", "b"), (1.0,), (1.0, 2.0), (1, 0), (1.0, 1.0))
+    env = SplitInferenceEnv(PROFILE, EnvConfig(n_devices=3))
+    env.reset(seed=0)
+    with pytest.raises(UsageError, match="missing for device_2"):
+        env.step({"device_0": (0, np.zeros(1)), "device_1": (0, np.zeros(1))})
+    agent = MAHPPO.for_env(SplitInferenceEnv(PROFILE, EnvConfig(n_devices=2)))
+    with pytest.raises(UsageError, match="trained for 2 devices but the environment has 3"):
+        agent.train(env, 10)
+
+
+def _mean_reward(policy, n_devices: int, episodes: int = 10) -> float:
+    env = SplitInferenceEnv(PROFILE, EnvConfig(n_devices=n_devices, episode_steps=8))
+    total = []
+    for e in range(episodes):
+        obs, _ = env.reset(seed=500 + e)
+        while env.agents:
+            obs, r, *_ = env.step(policy(env, obs))
+            total.append(next(iter(r.values())))
+    return float(np.mean(total))
+
+
+def test_mahppo_beats_random_play_in_a_few_seconds():
+    torch.set_num_threads(1)
+    cfg = EnvConfig(n_devices=3, episode_steps=8)
+    agent = MAHPPO.for_env(SplitInferenceEnv(PROFILE, cfg), PPOConfig(seed=0))
+    logs = agent.train(SplitInferenceEnv(PROFILE, cfg), 128 * 8, seed=0)
+    rng = np.random.default_rng(0)
+    rand = _mean_reward(lambda env, obs: {a: (int(rng.integers(env.n_options)), rng.uniform(-1, 1, 1))
+                                          for a in env.possible_agents}, 3)
+    learned = _mean_reward(agent.policy(), 3)
+    assert learned > rand + 0.1, (learned, rand)
+    assert logs[-1]["reward"] > logs[0]["reward"]
