@@ -62,7 +62,7 @@ def build_profile(bench: Path, ae_report: Path, split_root: Path) -> dict:
         top1.append(rows[p]["val_top1"])
     opts.append("local"); dev.append(whole); srv.append(0.0); nbytes.append(0); top1.append(ae["val_top1_model"])
     return {"options": opts, "device_ms": dev, "server_ms": srv, "bytes": nbytes, "top1": top1,
-            "source": f"effai bench {bench.name} (host, onnxruntime, 1 thread, medians); {ae_report}"}
+            "source": f"effai bench {bench.name} (host, onnxruntime, 1 thread, medians); {ae_report.name}"}
 
 
 def evaluate(env_fn, policy, episodes: int, seed0: int = 10_000) -> dict:
