@@ -21,11 +21,12 @@ from effai.errors import EffaiError, UsageError
 
 # Recipes with a loop of their own: name -> (module, config class, entry point).
 OWN_LOOP = {"cdfkd": ("effai.train.cdfkd", "CdfkdConfig", "train_cdfkd"),
-            "devit": ("effai.train.devit", "DevitConfig", "train_devit")}
+            "devit": ("effai.train.devit", "DevitConfig", "train_devit"),
+            "sr": ("effai.train.sr", "SrConfig", "train_sr")}
 
 
 def train_cmd(
-    recipe: Annotated[str, typer.Argument(help="ghostnetv3 | kd | supervised | ofa | cdfkd | devit")],
+    recipe: Annotated[str, typer.Argument(help="ghostnetv3 | kd | supervised | ofa | cdfkd | devit | sr")],
     data: Annotated[str, typer.Option(help="'digits', an ImageFolder directory, or a CIFAR-style .npz.")] = "digits",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (checkpoint, metrics.jsonl, "
                                                 "model.safetensors); default runs/<recipe>[-<student>].")] = None,
@@ -108,7 +109,8 @@ def train_cmd(
     if not as_json and model:
         acc = f"  held-out accuracy {summary['val_acc']:.2%}" if isinstance(summary["val_acc"], float) else ""
         how = (f"effai devit export {out} --target all (every part and the fusion head), then effai devit run {out}"
-               if recipe == "devit" else f"effai export --weights {model} --target all")
+               if recipe == "devit" else f"effai sr export {out} --target all" if recipe == "sr"
+               else f"effai export --weights {model} --target all")
         console.err().print(f"[green]✓[/] wrote {model}{acc}{' (folded)' if summary.get('folded') else ''}; export "
                             f"it with: {how}")
     console.json_line(summary)
