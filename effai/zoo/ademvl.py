@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from effai.errors import UsageError
+from effai.zoo.archs import ARCHS
+from effai.zoo.build import build, resolve_card
+from effai.zoo.cdfkd_student import StageTrunk
 
 MODES = ("adem", "prefix")
 CAUSAL_LM_TYPES = ("llama", "qwen2")       # model_type of the LM classes the fusion is written for
@@ -43,12 +46,18 @@ def parameter_free_cross_attention(h: torch.Tensor, visual: torch.Tensor, emb_k:
     """ADEM-VL's fusion, no q/k/v projections:  A = SiLU(h) SiLU(V + e1)^T  (B, T, Nv);  adaptive fusion zeroes,
     per text token, the floor(drop_ratio * Nv) visual features with the lowest scores (the reference's sort and
     threshold); out = A (V + e2)  (B, T, D)."""
+    return fusion_scores(h, visual, emb_k, drop_ratio) @ (visual + emb_v)
+
+
+def fusion_scores(h: torch.Tensor, visual: torch.Tensor, emb_k: torch.Tensor, drop_ratio: float) -> torch.Tensor:
+    """A = SiLU(h) SiLU(V + e1)^T with each row's floor(drop_ratio * Nv) lowest scores set to 0 (kept: scores at or
+    above the (n_drop+1)-th smallest, as the reference's threshold; export-friendly: sort + compare, no scatter)."""
     scores = F.silu(h) @ F.silu(visual + emb_k).transpose(1, 2)
     n_drop = int(drop_ratio * scores.shape[-1])
     if n_drop > 0:
         threshold = scores.sort(dim=-1).values[..., n_drop:n_drop + 1]
         scores = scores * (scores >= threshold).to(scores.dtype)
-    return scores @ (visual + emb_v)
+    return scores
 
 
 class FusedMLP(nn.Module):
@@ -303,15 +312,17 @@ def load_causal_lm(path: str | Path) -> nn.Module:
 def build_trunk(encoder: str, feature_layer: str) -> tuple[nn.Module, int, tuple[int, int, int], tuple, tuple]:
     """The frozen vision trunk up to `feature_layer` of a zoo / timm model (its own bundled weights when the zoo
     ships them); returns (trunk, channels at the layer, input size, mean, std)."""
-    from effai import zoo
-    from effai.zoo.cdfkd_student import StageTrunk
+    from effai.zoo.weights import load_into, read_state_dict
 
     if encoder.startswith("timm-hub:") or encoder.endswith(":pretrained"):
         raise UsageError("pretrained hub encoders are not fetched at run time (no network); pass a zoo name with "
                          "bundled weights (ghostnetv3_050.digits) or a local checkpoint via the zoo")
-    loaded = zoo.create(encoder)
-    card = loaded.card
-    trunk = StageTrunk(loaded.model, [feature_layer]).eval()
+    card = resolve_card(encoder)
+    model = build(card)
+    if card.bundled_weights:
+        f = WEIGHTS_DIR / card.bundled_weights
+        load_into(model, read_state_dict(f), card.name, f)
+    trunk = StageTrunk(model, [feature_layer]).eval()
     with torch.no_grad():
         fmap = trunk(torch.zeros(1, *card.input_size))[-1]
     if fmap.ndim != 4:
@@ -320,7 +331,7 @@ def build_trunk(encoder: str, feature_layer: str) -> tuple[nn.Module, int, tuple
     return trunk, int(fmap.shape[1]), tuple(card.input_size), tuple(card.mean), tuple(card.std)  # type: ignore[return-value]
 
 
-ARCH_DEFAULTS: dict[str, Any] = {"lm": "bundled:ademvl_digits_lm", "encoder": "ghostnetv3_050.digits",
+ARCH_DEFAULTS: dict[str, Any] = {"lm": "bundled:ademvl_tiny_digits_lm", "encoder": "ghostnetv3_050.digits",
                                  "feature_layer": "blocks.6", "scales": [4, 2, 1], "mode": "adem",
                                  "drop_ratio": 0.1, "beta": 1.0, "scale": 1.0, "proj_hidden": 128}
 
@@ -346,10 +357,13 @@ def build_ademvl(lm: str | None = None, *, lm_root: Path | None = None, **kw: An
 
 
 def arch_factory(**kwargs: Any) -> nn.Module:
-    """ARCHS' `ademvl` (effai/zoo/archs.py registers it lazily): zoo cards build the model from arch_kwargs."""
+    """ARCHS' `ademvl`: zoo cards build the model from their arch_kwargs."""
     kwargs.pop("num_classes", None)
     kwargs.pop("in_chans", None)
     return build_ademvl(**kwargs)
+
+
+ARCHS.register("ademvl", arch_factory)
 
 
 def load(path: str | Path) -> AdemVL:

@@ -43,14 +43,5 @@ for _name in ("vit_pico", "vit_tiny", "vit_small"):
     ARCHS.register(_name, _token("vit", _name))
 ARCHS.register("mixer_pico", _token("mixer", "mixer_pico"))
 
-
-def _ademvl(**kwargs: Any) -> nn.Module:
-    from effai.zoo import ademvl
-
-    return ademvl.arch_factory(**kwargs)
-
-
-ARCHS.register("ademvl", _ademvl)   # ADEM-VL vision-language model (effai/zoo/ademvl.py)
-
 # Trained composites (CDFKD-MFS's multi-header student, DeViT's fusion head) register themselves from their own
 # modules (effai/zoo/cdfkd_student.py, devit_fusion.py): they build their backbones through effai.zoo.build.

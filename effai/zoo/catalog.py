@@ -70,3 +70,17 @@ for _name, _what in (("vit_pico", "ViT, dim 96, depth 6, 3 heads"), ("vit_tiny",
         std=(0.5,) * 3, interpolation="bilinear", crop_pct=1.0, num_classes=10, label_set=None,
         weights_license="none (no pretrained weights; train with effai train)",
         description=f"{_what}, patch 8, for 64x64 inputs (timm's classes at effai's small sizes)"))
+
+# ADEM-VL (effai/zoo/ademvl.py, docs/ademvl.md): a tiny Llama-class LM trained by effai on templated text + the frozen
+# ghostnetv3_050.digits trunk (to blocks.6) + a trained projector and fusion offsets; answers questions about digits
+# and scikit-image photos. Weights and the LM/tokenizer folder ship in effai/zoo/weights (effai train ademvl).
+CARDS.register("ademvl_tiny.digits", ModelCard(
+    name="ademvl_tiny.digits", family="ademvl", source="effai:ademvl", input_size=(1, 64, 64), mean=(0.5,),
+    std=(0.5,), interpolation="bilinear", crop_pct=1.0, num_classes=0, label_set=None,
+    weights_license="Apache-2.0 (trained by effai on scikit-learn digits, BSD-3, and scikit-image photos)",
+    bundled_weights="ademvl_tiny_digits.safetensors",
+    extra={"arch_kwargs": {"lm": "bundled:ademvl_tiny_digits_lm", "encoder": "ghostnetv3_050.digits",
+                           "feature_layer": "blocks.6", "scales": [4, 2, 1], "mode": "adem", "drop_ratio": 0.1,
+                           "beta": 1.0, "scale": 1.0, "proj_hidden": 128}},
+    description="ADEM-VL vision-language model (parameter-free cross-attention in a 2-layer Llama LM, Hao et al. "
+                "2024): answers 'which digit is this?' and questions about photos; effai generate / effai train ademvl"))

@@ -95,7 +95,7 @@ def train_ademvl(cfg: AdemvlConfig, *, force: bool = False, progress: Any = None
         log.step(step + 1, cfg.steps, loss.item())
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             acc = evaluate(model, fm_val, val_set)
-            row = {"step": step + 1, "loss": float(loss), "val_acc": acc["all"], "val_acc_by_kind": acc["by_kind"],
+            row = {"step": step + 1, "loss": loss.item(), "val_acc": acc["all"], "val_acc_by_kind": acc["by_kind"],
                    "lr": opt.param_groups[0]["lr"]}
             history.append(row)
             with open(out / "metrics.jsonl", "a") as fh:
