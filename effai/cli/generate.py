@@ -1,0 +1,137 @@
+"""`effai generate ARTIFACT --prompt TEXT`: stream an answer from a generation artifact in the ExecuTorch runtime;
+`effai generate-export LM_DIR --out DIR`: make one; `effai generate-bench ARTIFACT`: prefill ms, decode tokens/s.
+Details and numbers: docs/generate.md."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from effai import console
+from effai.cli.common import JsonOpt, fail
+from effai.errors import EffaiError, UsageError
+
+
+def generate_cmd(
+    artifact: Annotated[Path, typer.Argument(help="A generation artifact dir (effai generate-export).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (the artifact's template wraps it).")],
+    image: Annotated[Optional[Path], typer.Option("--image", help="Image for a vision-language artifact.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Default: the manifest's.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy (default: manifest).")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k best (0 = all).")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus probability mass.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate text with a static-KV-cache decoder in the ExecuTorch runtime, streaming tokens; prints tokens/s."""
+    from effai.generate import artifact as artifact_mod
+    from effai.generate.loop import Result, stream
+    from effai.generate.sampling import Sampling
+
+    try:
+        if image is not None and not image.is_file():
+            raise UsageError(f"image not found: {image}; pass an image file (png, jpg, ...)")
+        art = artifact_mod.read(artifact)
+        if art.manifest["kind"] == "vlm" and image is None:
+            raise UsageError(f"{artifact} is a vision-language artifact: pass --image IMG")
+        if art.manifest["kind"] == "lm" and image is not None:
+            raise UsageError(f"{artifact} is a text-only artifact (no vision program): drop --image")
+        g = {k: v for k, v in art.manifest.get("generation", {}).items() if k in Sampling.__dataclass_fields__}
+        given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                 "seed": seed}
+        s = Sampling(**{**g, **{k: v for k, v in given.items() if v is not None}})
+        tok = art.tokenizer()
+        template = art.manifest.get("generation", {}).get("prompt_template", "{prompt}")
+        ids = tok.encode(template.format(prompt=prompt)).ids
+        if len(ids) >= art.max_seq_len:
+            raise UsageError(f"the prompt is {len(ids)} tokens, the artifact's cache holds {art.max_seq_len}; "
+                             f"shorten --prompt or re-export with a larger --max-seq-len")
+        dec = art.decoder()
+        r = Result()
+        shown = ""
+        t0 = time.perf_counter()
+        out = console.out()
+        for _ in stream(dec, ids, s, art.max_seq_len, art.manifest.get("eos_token_id"), None, r):
+            text = tok.decode(r.tokens, skip_special_tokens=True)
+            if not as_json and text.startswith(shown):
+                out.print(text[len(shown):], end="", soft_wrap=True, highlight=False)
+            shown = text
+        total = time.perf_counter() - t0
+    except EffaiError as e:
+        fail(e, as_json)
+    if not as_json:
+        out.print()
+        console.err().print(f"[dim]{len(r.tokens)} tokens, prefill {r.prefill_s * 1e3:.1f} ms "
+                            f"({len(ids)} tokens), decode {r.decode_tok_s():.1f} tokens/s, {dec.runtime}, "
+                            f"stop: {r.stopped}[/]")
+    console.json_line({"ok": True, "artifact": str(artifact), "text": shown, "tokens": r.tokens,
+                       "prompt_tokens": len(ids), "prefill_ms": round(r.prefill_s * 1e3, 3),
+                       "decode_tok_s": round(r.decode_tok_s(), 2), "total_s": round(total, 4),
+                       "stopped": r.stopped, "runtime": dec.runtime, "sampling": s.to_dict()})
+
+
+def generate_export_cmd(
+    lm_dir: Annotated[Path, typer.Argument(help="A Hugging Face causal LM directory with its tokenizer.json.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The artifact dir to write.")],
+    quantize: Annotated[str, typer.Option("--quantize", "-q", help="fp32, int8-weight or int4-weight.")] = "fp32",
+    max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="KV cache positions (prompt + answer).")] = 64,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Default answer length.")] = 32,
+    prompt_template: Annotated[str, typer.Option("--prompt-template", help="Wraps the prompt.")] = "{prompt}",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export an LM as a static-KV-cache ExecuTorch decoder (XNNPACK) with its tokenizer; checks greedy parity."""
+    from effai.export.kv_decoder import PRECISIONS
+    from effai.generate.artifact import export_artifact
+    from effai.generate.sampling import Sampling
+
+    try:
+        if quantize not in PRECISIONS:
+            raise UsageError(f"--quantize {quantize!r} is not offered for decoders; choose from: "
+                             f"{', '.join(PRECISIONS)}")
+        if not lm_dir.is_dir():
+            raise UsageError(f"LM directory not found: {lm_dir}; pass a save_pretrained directory")
+        ui = console.err()
+        with ui.status(f"exporting {lm_dir} ({quantize}, cache {max_seq_len})", spinner="dots"):
+            m = export_artifact(lm_dir, out, quantize, max_seq_len, Sampling(max_new_tokens=max_new_tokens),
+                                prompt_template, force=force)
+    except EffaiError as e:
+        fail(e, as_json)
+    p = m["parity"]
+    if not as_json:
+        console.out().print(f"wrote {out}: decoder {m['decoder']['bytes'] / 1e6:.2f} MB ({quantize}), greedy token "
+                            f"agreement with torch fp32 {p['token_agreement']:.0%} over {len(p['torch_tokens'])}")
+    console.json_line({"ok": True, "artifact": str(out), "precision": quantize, "parity": p,
+                       "decoder_bytes": m["decoder"]["bytes"]})
+
+
+def generate_bench_cmd(
+    artifact: Annotated[Path, typer.Argument(help="A generation artifact dir.")],
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per run.")] = 16,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs (after one warm-up).")] = 5,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prefill ms and decode tokens/s (median, p90) of a generation artifact in the ExecuTorch runtime."""
+    from effai.generate.bench import bench_generation
+
+    try:
+        if repeats < 1 or new_tokens < 1:
+            raise UsageError("--repeats and --new-tokens must be >= 1")
+        r = bench_generation(artifact, new_tokens=new_tokens, repeats=repeats)
+    except EffaiError as e:
+        fail(e, as_json)
+    if not as_json:
+        console.out().print(f"{artifact} ({r['precision']}, {r['runtime']}): prefill {r['prefill_ms']['median']:.2f} "
+                            f"ms (p90 {r['prefill_ms']['p90']:.2f}, {r['prompt_tokens']} tokens), decode "
+                            f"{r['decode_tok_s']['median']:.1f} tokens/s (p90 {r['decode_tok_s']['p90']:.1f}), "
+                            f"{r['decoder_bytes'] / 1e6:.2f} MB")
+    console.json_line({"ok": True, **r})
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate_cmd)
+    app.command("generate-export")(generate_export_cmd)
+    app.command("generate-bench")(generate_bench_cmd)
