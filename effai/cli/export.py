@@ -21,7 +21,7 @@ def export_cmd(
                                                         "--weights from effai train or --model-def.")] = None,
     target: Annotated[str, typer.Option("--target", "-t",
                                         help="executorch | coreml | tflite | onnx, a comma list, or all.")] = "onnx",
-    precision: Annotated[Optional[str], typer.Option("--quantize", "-q", "--precision", help=QUANTIZE_HELP)] = None,
+    precision: Annotated[Optional[str], typer.Option("--quantize", "-q", "--precision", help=QUANTIZE_HELP.replace("|", " | "))] = None,
     calib: Annotated[str, typer.Option(help="Calibration data for int8: auto (the card's data, else photos), "
                                        "photos, digits, an image folder or an .npz.")] = "auto",
     calib_samples: Annotated[int, typer.Option(help="Calibration inputs to use (warned below 32).")] = 128,
@@ -33,7 +33,7 @@ def export_cmd(
     input_size: Annotated[Optional[int], typer.Option(help="Square input size H=W (default: the model card's).")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="Full input shape NxCxHxW, e.g. 1x3x256x256.")] = None,
     batch: Annotated[int, typer.Option(help="Exported (static) batch size.")] = 1,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact directory (default effai_out/<model>-<target>[-<precision>][-<HxW>][-w<weights sha>]).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact directory (default effai_out/<model>-<target> then -<precision>, -<HxW>, -w<weights sha> where they differ from the defaults).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Checkpoint: .safetensors, or .pt/.pth read with weights_only=True.")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Download timm's hub weights (needs network).")] = False,
     model_def: Annotated[Optional[str], typer.Option(help="Your own module: path/file.py:ClassOrFactory.")] = None,

@@ -26,7 +26,6 @@ def zoo_list(
     as_json: JsonOpt = False,
 ) -> None:
     """The zoo's model cards with task, size and cost (any timm model name works too)."""
-    from rich.table import Table
 
     from effai.zoo import CARDS
 
@@ -45,22 +44,56 @@ def zoo_list(
     except EffaiError as e:
         fail(e, as_json)
     if not as_json:
-        table = Table(title="effai zoo")
-        for col in ("name", "task", "family", "params (deploy)", "MACs", "input", "license", "weights",
-                    "best latency"):
-            table.add_column(col, overflow="fold", no_wrap=col in ("name", "MACs", "input"))
-        for r in rows:
-            best = "; ".join(f"{cls} {b['median_ms']:.2f} ms" for cls, b in (r["best_latency"] or {}).items()) or "-"
-            macs = f"{r['macs'] / 1e9:.2f} G" if r["macs"] >= 1e9 else f"{r['macs'] / 1e6:.1f} M"
-            table.add_row(r["name"], r["task"], r["family"], f"{r['params'] / 1e6:.2f} M", macs, r["input"],
-                          r["license"].split(" (")[0], r["weights_available"], best)
-        console.out().print(table)
+        console.out().print(_zoo_table(rows, console.out().width))
         if others:
             console.out().print(f"timm ({len(others)}): " + ", ".join(others[:200])
                                 + (f", ... ({len(others) - 200} more)" if len(others) > 200 else ""))
     console.json_line({"ok": True, "models": rows, "timm": others, "params_form": "deploy (folded)", "bundles": str(bundle_dir) if bundle_dir is not None else None,
                        "macs_convention": "1 MAC = one multiply-add over Conv2d/Linear of the deploy form at the "
                                           "card's input size, batch 1 (docs/bundle.md)"})
+
+
+# Columns by value: the least valuable are dropped first when the terminal is narrow (rich would otherwise squeeze
+# every column to one character a line). Each kept column shows whole values; names fold only below ~30 columns.
+_ZOO_PRIORITY = ("name", "params (deploy)", "input", "MACs", "weights", "family", "license", "best latency", "task")
+
+
+def _zoo_table(rows: list[dict[str, Any]], width: int) -> Any:
+    """The zoo table with the columns that fit `width` (whole values), in _ZOO_PRIORITY order; a caption says which
+    columns were dropped (all are in --json)."""
+    from rich.table import Table
+
+    cells: dict[str, list[str]] = {c: [] for c in _ZOO_PRIORITY}
+    for r in rows:
+        best = "; ".join(f"{cls} {b['median_ms']:.2f} ms" for cls, b in (r["best_latency"] or {}).items()) or "-"
+        macs = f"{r['macs'] / 1e9:.2f} G" if r["macs"] >= 1e9 else f"{r['macs'] / 1e6:.1f} M"
+        for col, value in (("name", r["name"]), ("task", r["task"]), ("family", r["family"]),
+                           ("params (deploy)", f"{r['params'] / 1e6:.2f} M"), ("MACs", macs), ("input", r["input"]),
+                           ("license", r["license"].split(" (")[0]), ("weights", r["weights_available"]),
+                           ("best latency", best)):
+            cells[col].append(value)
+    if all(v == "-" for v in cells["best latency"]):
+        del cells["best latency"]          # no bundles measured: nothing to show
+    tasks = set(cells["task"])
+    if len(tasks) <= 1:
+        del cells["task"]                  # one task for every card: said once in the caption
+    keep, used = [], 1                     # used: the table's left border
+    for col in [c for c in _ZOO_PRIORITY if c in cells]:
+        need = max([len(col), *map(len, cells[col])]) + 3   # padding 2 + separator 1
+        if col == "name" or used + need <= width:
+            keep.append(col)
+            used += need
+    dropped = [c for c in cells if c not in keep]
+    caption = "; ".join(filter(None, (f"task: {next(iter(tasks))}" if len(tasks) == 1 else "",
+                                      f"hidden at this width: {', '.join(dropped)} (see --json)" if dropped else "")))
+    table = Table(title="effai zoo", caption=caption or None)
+    order = [c for c in ("name", "task", "family", "params (deploy)", "MACs", "input", "license", "weights",
+                         "best latency") if c in keep]
+    for col in order:
+        table.add_column(col, overflow="fold", no_wrap=col != "name")
+    for i in range(len(rows)):
+        table.add_row(*(cells[c][i] for c in order))
+    return table
 
 
 def _zoo_row(name: str, c: Any, best: dict[str, Any] | None) -> dict[str, Any]:

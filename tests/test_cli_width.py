@@ -1,0 +1,50 @@
+"""Tables and help that fit an 80-column terminal (issue 20): `effai zoo list` keeps whole values in the columns it
+shows (no one-character columns), `effai export --help` shows every target's full precision list."""
+
+from __future__ import annotations
+
+import re
+
+from tests.helpers import run_cli
+
+NARROW = {"COLUMNS": "80"}
+
+
+def test_zoo_list_at_80_columns_keeps_names_and_values_whole():
+    from effai.zoo import CARDS
+
+    code, last, stdout, err = run_cli("zoo", "list", env=NARROW)
+    assert code == 0, err
+    table = [ln for ln in stdout.splitlines() if not ln.startswith("{")]
+    assert max(len(ln) for ln in table) <= 80
+    cells = [[c.strip() for c in ln.strip("│ ").split("│")] for ln in table if ln.startswith("│")]
+    assert cells, stdout
+    names = [row[0] for row in cells]
+    assert names == list(CARDS.names()), "one line per card, each name whole in the first column"
+    header = next(ln for ln in table if ln.startswith("┃"))
+    assert "params" in header and "MACs" in header and "input" in header
+    for row in cells:
+        assert all(len(c) >= 2 or c == "-" for c in row), row     # no one-character fragments
+    assert re.search(r"\d+\.\d+ M", " ".join(r[1] for r in cells))
+    assert "hidden at this width" in stdout and "--json" in stdout
+    assert {m["name"] for m in last["models"]} == set(CARDS.names())   # every column is still in --json
+
+
+def test_export_help_at_80_columns_shows_every_precision_list_whole():
+    from effai.export.targets import TARGETS
+
+    code, _, stdout, err = run_cli("export", "--help", env=NARROW)
+    assert code == 0, err
+    lines = stdout.splitlines()
+    assert max(len(ln) for ln in lines) <= 80
+    assert "…" not in stdout, "no option help is cut with an ellipsis"
+    start = next(i for i, ln in enumerate(lines) if "Precision:" in ln)
+    col = lines[start].index("Precision:")
+    text = []
+    for ln in lines[start:]:
+        if text and ln[:col].strip("│ ") and not ln[:col].strip("│ ").startswith("-q"):
+            break                                              # the next option begins
+        text.append(ln[col:].rstrip("│ "))
+    joined = " ".join(" ".join(text).split())
+    for name, target in TARGETS.items():
+        assert f"{name}: " + " | ".join(target.precisions) in joined, (name, joined)
