@@ -16,7 +16,7 @@ LAYERS = {
     "zoo": 2,
     "export": 3,
     "train": 4, "device_bench": 4,
-    "bundle": 5, "devit_runtime": 5, "generate": 5, "collab": 5, "rl": 4,
+    "bundle": 5, "devit_runtime": 5, "generate": 5, "collab": 5, "rl": 4, "superres": 5,
     "cli": 6, "api": 6, "__main__": 6, "__init__": 6,
 }
 
