@@ -22,11 +22,13 @@ from effai.errors import EffaiError, UsageError
 # Recipes with a loop of their own: name -> (module, config class, entry point).
 OWN_LOOP = {"cdfkd": ("effai.train.cdfkd", "CdfkdConfig", "train_cdfkd"),
             "devit": ("effai.train.devit", "DevitConfig", "train_devit"),
-            "sr": ("effai.train.sr", "SrConfig", "train_sr")}
+            "sr": ("effai.train.sr", "SrConfig", "train_sr"),
+            "ademvl": ("effai.train.ademvl", "AdemvlConfig", "train_ademvl"),
+            "adem-vl": ("effai.train.ademvl", "AdemvlConfig", "train_ademvl")}
 
 
 def train_cmd(
-    recipe: Annotated[str, typer.Argument(help="ghostnetv3 | kd | supervised | ofa | cdfkd | devit | sr")],
+    recipe: Annotated[str, typer.Argument(help="ghostnetv3 | kd | supervised | ofa | cdfkd | devit | sr | ademvl")],
     data: Annotated[str, typer.Option(help="'digits', an ImageFolder directory, or a CIFAR-style .npz.")] = "digits",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (checkpoint, metrics.jsonl, "
                                                 "model.safetensors); default runs/<recipe>[-<student>].")] = None,
@@ -110,6 +112,7 @@ def train_cmd(
         acc = f"  held-out accuracy {summary['val_acc']:.2%}" if isinstance(summary["val_acc"], float) else ""
         how = (f"effai devit export {out} --target all (every part and the fusion head), then effai devit run {out}"
                if recipe == "devit" else f"effai sr export {out} --target all" if recipe == "sr"
+               else f"effai.zoo.ademvl.load('{out}') (docs/ademvl.md)" if recipe in ("ademvl", "adem-vl")
                else f"effai export --weights {model} --target all")
         console.err().print(f"[green]✓[/] wrote {model}{acc}{' (folded)' if summary.get('folded') else ''}; export "
                             f"it with: {how}")
