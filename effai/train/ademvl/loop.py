@@ -30,6 +30,7 @@ CHECKPOINT = "checkpoint.pt"
 def train_ademvl(cfg: AdemvlConfig, *, force: bool = False, progress: Any = None) -> dict[str, Any]:
     out = Path(cfg.out)
     _check_out(out, cfg, force)
+    user_lm = zm.resolve_lm_dir(cfg.lm) if cfg.lm is not None else None     # bad LM folders fail before any write
     torch.manual_seed(cfg.seed)
     trunk, channels, size, mean, std = zm.build_trunk(cfg.encoder, cfg.feature_layer)
     full = vqa.load(cfg.data, size[1], size[0], image_root=cfg.image_root, photos=cfg.photos, seed=cfg.seed)
@@ -48,7 +49,7 @@ def train_ademvl(cfg: AdemvlConfig, *, force: bool = False, progress: Any = None
         if not (cfg.resume and (lm_dir / "config.json").is_file()):
             train_tiny_lm(train_set.texts(), lm_dir, cfg, log)
     else:
-        lm_dir = zm.resolve_lm_dir(cfg.lm)
+        lm_dir = user_lm
         lm_spec = str(lm_dir.resolve())
     lm_minutes = (time.perf_counter() - t0) / 60
     tok = vqa.load_tokenizer(lm_dir)
