@@ -19,6 +19,14 @@ PROFILE = SplitProfile(("offload", "early", "late", "local"), (0.0, 0.3, 0.9, 1.
                        (4096, 384, 112, 0), (0.99, 0.97, 0.98, 0.99))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_parallel_api_and_gymnasium_checks_pass():
     from gymnasium.utils.env_checker import check_env
     from pettingzoo.test import parallel_api_test
@@ -66,7 +74,6 @@ def _mean_reward(policy, n_devices: int, episodes: int = 10) -> float:
 
 
 def test_mahppo_beats_random_play_in_a_few_seconds():
-    torch.set_num_threads(1)
     cfg = EnvConfig(n_devices=3, episode_steps=8)
     agent = MAHPPO.for_env(SplitInferenceEnv(PROFILE, cfg), PPOConfig(seed=0))
     logs = agent.train(SplitInferenceEnv(PROFILE, cfg), 128 * 8, seed=0)

@@ -15,6 +15,15 @@ from effai.zoo.split import DeviceHalf, FeatureAE, ServerHalf, split_model
 from tests.helpers import run_cli
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """1 thread: on a loaded 2-core host, 2 torch threads made these tiny forwards 80x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def digits():
     loaded = zoo.create("ghostnetv3_050.digits")
@@ -73,10 +82,9 @@ def test_autoencoder_code_shapes_levels_bytes_and_straight_through_gradient():
 def ae_run(tmp_path_factory):
     from effai.train.split_ae import SplitAEConfig, train_split_ae
 
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("split_ae")
-    rep = train_split_ae(SplitAEConfig(out=str(out), points=("blocks.6",), rates=((8, 2),), epochs=1,
-                                       finetune_epochs=1))
+    rep = train_split_ae(SplitAEConfig(out=str(out), points=("blocks.6",), rates=((8, 2),), epochs=2,
+                                       finetune_epochs=1, train_limit=480))
     return out, rep
 
 
@@ -85,14 +93,19 @@ def test_trained_autoencoder_keeps_accuracy_at_a_fraction_of_the_bytes(ae_run):
     row = rep["rows"][0]
     assert row["point"] == "blocks.6" and row["code_shape"] == [7, 4, 4] and row["code_bytes"] == 28
     assert row["feature_bytes_fp32"] / row["code_bytes"] == 128
-    assert row["val_top1"] > 0.9 and rep["val_top1_model"] > 0.95    # 359 held-out digits, 10 classes
+    assert row["val_top1"] > 0.8 and rep["val_top1_model"] > 0.95    # 359 held-out digits, 10 classes; chance 0.1
 
 
-def test_onnx_split_export_composes_in_onnxruntime(ae_run, tmp_path):
+@pytest.fixture(scope="module")
+def onnx_split(ae_run, tmp_path_factory):
     from effai.collab.export import export_split
 
-    out = tmp_path / "split"
-    rec = export_split("ghostnetv3_050.digits", "blocks.6", ["onnx"], out, ae_run[0], eval_data=False)
+    out = tmp_path_factory.mktemp("split") / "split"
+    return out, export_split("ghostnetv3_050.digits", "blocks.6", ["onnx"], out, ae_run[0], eval_data=False)
+
+
+def test_onnx_split_export_composes_in_onnxruntime(onnx_split):
+    out, rec = onnx_split
     e = rec["targets"]["onnx"]
     assert e["device"]["parity"] == "pass" and e["server"]["parity"] == "pass"
     assert e["device"]["output_shape"] == [1, 7, 4, 4] and e["server"]["input_shape"] == [1, 7, 4, 4]
@@ -102,9 +115,38 @@ def test_onnx_split_export_composes_in_onnxruntime(ae_run, tmp_path):
     assert saved["bytes_per_image"] == 28 and saved["autoencoder"]["bits"] == 2
     for half in ("device", "server"):
         assert (out / "onnx" / half / "manifest.json").is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]    # no temp dir left
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]    # no temp dir left
+
+
+def test_live_split_over_the_authenticated_channel(onnx_split):
+    import threading
+
+    from effai.collab.live import pack, run, serve, unpack
+    from effai.errors import EffaiError
+
+    levels = np.random.default_rng(0).integers(0, 4, (1, 7, 4, 4)).astype(np.float32)
+    assert len(pack(levels, 2)) == 28 and np.array_equal(unpack(pack(levels, 2), 2, (1, 7, 4, 4)), levels)
+    out, _rec = onnx_split
+    token, served, ready = "t" * 32, {}, threading.Event()
+    port = {}
+
+    def server():
+        served.update(serve(out, "onnx", "127.0.0.1", 0, token, 20.0,
+                            on_ready=lambda p: (port.setdefault("p", p), ready.set())))
+
+    th = threading.Thread(target=server, daemon=True)
+    th.start()
+    assert ready.wait(20)
+    with pytest.raises(UsageError, match="refused this device's token"):
+        run(out, "onnx", "127.0.0.1", port["p"], "u" * 32, n=2, wait_s=5.0)
+    res = run(out, "onnx", "127.0.0.1", port["p"], token, n=8, wait_s=20.0)
+    th.join(20)
+    assert res["bytes_per_request"] == 28 and res["top1"] >= 0.75 and served["served"] == 8
+    with pytest.raises(EffaiError, match="cannot reach the server"):
+        run(out, "onnx", "127.0.0.1", port["p"], token, n=1, wait_s=0.5)
 
 
 def test_cli_unknown_split_point_is_a_usage_error():
-    rc, last, _out, _err = run_cli("split", "ghostnetv3_050.digits", "--at", "layer9", "--json")
+    rc, last, _out, _err = run_cli("split", "ghostnetv3_050.digits", "--at", "layer9", "--json",
+                                    env={"OMP_NUM_THREADS": "1"})
     assert rc == 2 and "choose one of: blocks.0, blocks.2" in last["error"]

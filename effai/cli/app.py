@@ -10,7 +10,7 @@ import sys
 import typer
 
 from effai import console
-from effai.cli import bench, benchmark, bundle, devit, export, predict, split, train, zoo
+from effai.cli import bench, benchmark, bundle, collab, devit, export, predict, split, train, zoo
 from effai.errors import EffaiError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
@@ -42,6 +42,7 @@ train.register(app)
 devit.register(app)
 bench.register(app)
 split.register(app)
+collab.register(app)
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ class SplitAEConfig:
     finetune_lr: float = 1e-3                  # Adam, stage 2 (cosine to 0)
     recon_weight: float = 1.0                  # L = CE(tail(x^), y) + w * ||x^ - x||^2 / Var(x)
     seed: int = 0
+    train_limit: int | None = None             # only the first N training images (quick runs, tests)
 
 
 def ae_file(point: str, reduction: int, bits: int) -> str:
@@ -110,6 +111,8 @@ def train_split_ae(cfg: SplitAEConfig, progress: Callable[[str], None] | None = 
     sm = split_model(loaded.model, loaded.card.input_size)
     points = [sm.point(p) for p in cfg.points] if cfg.points else sm.points
     xtr, ytr, xva, yva, what = _data(loaded, cfg)
+    if cfg.train_limit is not None:
+        xtr, ytr = xtr[: cfg.train_limit], ytr[: cfg.train_limit]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     base_acc = _top1(loaded.model, xva, yva)
