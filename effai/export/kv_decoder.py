@@ -81,7 +81,8 @@ def lower_decoder(exported: Any, example_inputs: tuple, precision: str, out_path
     if precision != "fp32":
         exported, quant = _weight_only(exported, example_inputs, precision)
         partitioner = weight_only.weight_only_partitioner()
-    edge = to_edge_transform_and_lower(exported, partitioner=[partitioner])
+    with torch.no_grad():   # the cache buffers are mutated in place; no tensor of a lowered program needs grad
+        edge = to_edge_transform_and_lower(exported, partitioner=[partitioner])
     delegation = delegation_summary(edge.exported_program().graph_module)
     program = edge.to_executorch()
     from effai.files import atomic_write
@@ -104,9 +105,12 @@ def _weight_only(exported: Any, example_inputs: tuple, precision: str) -> tuple[
     with torch.no_grad():
         prepared(*example_inputs)
     converted = convert_pt2e(prepared)
+    for p in converted.parameters():
+        p.requires_grad_(False)
     t = torch.export.Dim("T", min=1, max=_max_t(exported))
     dyn: list[Any] = [{1: t}, {0: t}] + [None] * (len(example_inputs) - 2)
-    requantized = torch.export.export(converted, example_inputs, dynamic_shapes=tuple(dyn), strict=False)
+    with torch.no_grad():
+        requantized = torch.export.export(converted, example_inputs, dynamic_shapes=tuple(dyn), strict=False)
     n_q = sum(1 for n in requantized.graph.nodes if "dequantize_per_channel" in str(n.target))
     return requantized, {"scheme": f"XNNPACK weight-only int{bits} of nn.Linear layers (per-channel symmetric, "
                                    "float32 activations; embedding and KV cache fp32)",
