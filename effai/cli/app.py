@@ -10,7 +10,7 @@ import sys
 import typer
 
 from effai import console
-from effai.cli import bench, benchmark, bundle, collab, devit, export, generate, predict, split, train, zoo
+from effai.cli import bench, benchmark, bundle, collab, devit, export, generate, predict, split, sr, train, zoo
 from effai.errors import EffaiError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
@@ -44,6 +44,7 @@ bench.register(app)
 split.register(app)
 collab.register(app)
 generate.register(app)
+sr.register(app)
 
 
 def main() -> None:
