@@ -49,12 +49,13 @@ def generate_cmd(
         if len(ids) >= art.max_seq_len:
             raise UsageError(f"the prompt is {len(ids)} tokens, the artifact's cache holds {art.max_seq_len}; "
                              f"shorten --prompt or re-export with a larger --max-seq-len")
+        visual = art.visual(image) if image is not None else None
         dec = art.decoder()
         r = Result()
         shown = ""
         t0 = time.perf_counter()
         out = console.out()
-        for _ in stream(dec, ids, s, art.max_seq_len, art.manifest.get("eos_token_id"), None, r):
+        for _ in stream(dec, ids, s, art.max_seq_len, art.manifest.get("eos_token_id"), visual, r):
             text = tok.decode(r.tokens, skip_special_tokens=True)
             if not as_json and text.startswith(shown):
                 out.print(text[len(shown):], end="", soft_wrap=True, highlight=False)
@@ -74,7 +75,8 @@ def generate_cmd(
 
 
 def generate_export_cmd(
-    lm_dir: Annotated[Path, typer.Argument(help="A Hugging Face causal LM directory with its tokenizer.json.")],
+    source: Annotated[str, typer.Argument(help="An LM directory (save_pretrained, with tokenizer.json), an ADEM-VL "
+                                               "run directory, or a zoo name such as ademvl_tiny.digits.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The artifact dir to write.")],
     quantize: Annotated[str, typer.Option("--quantize", "-q", help="fp32, int8-weight or int4-weight.")] = "fp32",
     max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="KV cache positions (prompt + answer).")] = 64,
@@ -85,19 +87,24 @@ def generate_export_cmd(
 ) -> None:
     """Export an LM as a static-KV-cache ExecuTorch decoder (XNNPACK) with its tokenizer; checks greedy parity."""
     from effai.export.kv_decoder import PRECISIONS
-    from effai.generate.artifact import export_artifact
+    from effai.generate.artifact import export_artifact, export_vlm_artifact
     from effai.generate.sampling import Sampling
 
     try:
         if quantize not in PRECISIONS:
             raise UsageError(f"--quantize {quantize!r} is not offered for decoders; choose from: "
                              f"{', '.join(PRECISIONS)}")
-        if not lm_dir.is_dir():
-            raise UsageError(f"LM directory not found: {lm_dir}; pass a save_pretrained directory")
         ui = console.err()
-        with ui.status(f"exporting {lm_dir} ({quantize}, cache {max_seq_len})", spinner="dots"):
-            m = export_artifact(lm_dir, out, quantize, max_seq_len, Sampling(max_new_tokens=max_new_tokens),
-                                prompt_template, force=force)
+        with ui.status(f"exporting {source} ({quantize}, cache {max_seq_len})", spinner="dots"):
+            if (Path(source) / "config.json").is_file():
+                m = export_artifact(Path(source), out, quantize, max_seq_len, Sampling(max_new_tokens=max_new_tokens),
+                                    prompt_template, force=force)
+            else:
+                model, card = _vlm(source)
+                m = export_vlm_artifact(model, card, out, quantize, max_seq_len,
+                                        Sampling(max_new_tokens=max_new_tokens),
+                                        "question: {prompt} answer:" if prompt_template == "{prompt}"
+                                        else prompt_template, force=force)
     except EffaiError as e:
         fail(e, as_json)
     p = m["parity"]
@@ -106,6 +113,33 @@ def generate_export_cmd(
                             f"agreement with torch fp32 {p['token_agreement']:.0%} over {len(p['torch_tokens'])}")
     console.json_line({"ok": True, "artifact": str(out), "precision": quantize, "parity": p,
                        "decoder_bytes": m["decoder"]["bytes"]})
+
+
+def _vlm(source: str) -> tuple:
+    """(ADEM-VL model, card) from a zoo name or a run directory; UsageError for anything else."""
+    from effai import zoo
+
+    p = Path(source)
+    if p.is_dir() and (p / "model.safetensors").is_file():
+        from effai.zoo.ademvl import load
+
+        model = load(p)
+        return model, _card_of(model)
+    if p.exists():
+        raise UsageError(f"{source} is neither an LM directory (config.json) nor an ADEM-VL run (model.safetensors)")
+    loaded = zoo.create(source)
+    if not hasattr(loaded.model, "set_visual"):
+        raise UsageError(f"{source} is not a generative model (no ADEM-VL contract); pass an LM directory or an "
+                         "ADEM-VL zoo name/run")
+    return loaded.model, loaded.card
+
+
+def _card_of(model) -> object:
+    """The preprocessing an ADEM-VL run's images get: ADEM-VL normalizes with mean 0.5, std 0.5 per channel."""
+    from types import SimpleNamespace
+
+    c = model.input_size[0]
+    return SimpleNamespace(name="ademvl-run", mean=(0.5,) * c, std=(0.5,) * c)
 
 
 def generate_bench_cmd(

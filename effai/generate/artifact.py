@@ -43,45 +43,109 @@ def load_lm(lm_dir: Path) -> tuple[Any, Any]:
 def export_artifact(lm_dir: Path, out: Path, precision: str = "fp32", max_seq_len: int = 64,
                     sampling: Sampling = Sampling(), prompt_template: str = "{prompt}",
                     parity_tokens: int = 8, force: bool = False) -> dict[str, Any]:
-    """LM directory -> artifact dir at `out`; returns the manifest. Parity: greedy tokens of the .pte in the
-    ExecuTorch runtime against the same static-cache module in torch at fp32 (the fp32 LM for quantized decoders)."""
+    """LM directory -> artifact dir at `out` (kind lm); returns the manifest."""
+    _check_out(out, force, prompt_template)
+    lm, tok = load_lm(lm_dir)
+    extra = [Path(lm_dir) / n for n in TOKENIZER_FILES if (Path(lm_dir) / n).is_file()]
+    return _export(lm, None, tok, out, precision, max_seq_len, sampling, prompt_template, parity_tokens,
+                   lambda tmp: [shutil.copyfile(f, tmp / f.name) for f in extra], {"lm_dir": Path(lm_dir).name})
+
+
+def export_vlm_artifact(model: Any, card: Any, out: Path, precision: str = "fp32", max_seq_len: int = 64,
+                        sampling: Sampling = Sampling(max_new_tokens=4),
+                        prompt_template: str = "question: {prompt} answer:", parity_tokens: int = 8,
+                        force: bool = False) -> dict[str, Any]:
+    """An ADEM-VL model (effai.zoo.ademvl contract: encode_image, set_visual, lm) -> artifact dir (kind vlm):
+    vision.pte (trunk + multiscale pool + projector, fp32 XNNPACK) and the fused decoder, which takes the visual
+    features (1, Nv, D) as its third input on every step."""
+    import torch
+
+    _check_out(out, force, prompt_template)
+    if getattr(model, "mode", "adem") != "adem":
+        raise UsageError("only ADEM-VL's fused mode exports as a decoder; the prefix baseline is not exported")
+    c, h, w = model.input_size
+    pixels = torch.zeros(1, c, h, w)
+
+    class Vision(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, x: Any) -> Any:
+            return self.m.project(self.m.trunk(x)[-1])
+
+    vision = Vision().eval()
+    with torch.no_grad():
+        visual = vision(pixels)
+    image = {"size": [c, h, w], "mean": list(card.mean), "std": list(card.std), "scale": "pixels / 255",
+             "mode": "L" if c == 1 else "RGB", "visual_shape": list(visual.shape)}
+
+    def extras(tmp: Path) -> None:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+
+        with torch.no_grad():
+            ep = torch.export.export(vision, (pixels,))
+            prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+        files.atomic_write(tmp / "vision.pte", prog.buffer)
+        from executorch.runtime import Runtime
+
+        got = Runtime.get().load_program(tmp / "vision.pte").load_method("forward").execute([pixels])[0]
+        image["parity_max_abs"] = float((got - visual).abs().max())
+        model.tokenizer.save_pretrained(str(tmp))
+        for junk in ("chat_template.jinja",):
+            (tmp / junk).unlink(missing_ok=True)
+
+    return _export(model.lm, visual, model.tokenizer, out, precision, max_seq_len, sampling, prompt_template,
+                   parity_tokens, extras, {"model": card.name}, set_visual=model.set_visual, image=image)
+
+
+def _check_out(out: Path, force: bool, prompt_template: str) -> None:
+    if Path(out).exists() and not force:
+        raise UsageError(f"{out} exists; pass --force to replace it or choose another --out")
+    if "{prompt}" not in prompt_template:
+        raise UsageError("--prompt-template must contain {prompt}")
+
+
+def _export(lm: Any, visual: Any, tok: Any, out: Path, precision: str, max_seq_len: int, sampling: Sampling,
+            prompt_template: str, parity_tokens: int, extras: Any, source: dict[str, Any],
+            set_visual: Any = None, image: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parity: greedy tokens of the .pte in the ExecuTorch runtime against the same static-cache module in torch at
+    fp32 (the fp32 LM for quantized decoders); fp32 must match exactly."""
     from effai.export import kv_decoder
     from effai.generate.decoders import ExecuTorchDecoder, TorchDecoder
     from effai.generate.loop import generate
     from effai.toolchain import versions
 
     out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"{out} exists; pass --force to replace it or choose another --out")
-    if "{prompt}" not in prompt_template:
-        raise UsageError("--prompt-template must contain {prompt}")
-    lm, tok = load_lm(lm_dir)
-    module = kv_decoder.static_cache_module(lm, max_seq_len)
-    exported, example = kv_decoder.export_decoder(module, max_seq_len)
+    module = kv_decoder.static_cache_module(lm, max_seq_len, set_visual)
+    exported, example = kv_decoder.export_decoder(module, max_seq_len,
+                                                  None if visual is None else tuple(visual.shape))
     tmp = files.staging_dir(out)
     try:
         record = kv_decoder.lower_decoder(exported, example, precision, tmp / "decoder.pte")
-        for name in TOKENIZER_FILES:
-            if (Path(lm_dir) / name).is_file():
-                shutil.copyfile(Path(lm_dir) / name, tmp / name)
+        extras(tmp)
         eos = tok.eos_token_id
         prompt = tok.encode(prompt_template.format(prompt=PARITY_PROMPT))
         greedy = Sampling(max_new_tokens=parity_tokens)
-        ref = generate(TorchDecoder(module), prompt, greedy, max_seq_len, None).tokens
-        got = generate(ExecuTorchDecoder(tmp / "decoder.pte"), prompt, greedy, max_seq_len, None).tokens
+        ref = generate(TorchDecoder(module), prompt, greedy, max_seq_len, None, visual).tokens
+        got = generate(ExecuTorchDecoder(tmp / "decoder.pte"), prompt, greedy, max_seq_len, None, visual).tokens
         same = sum(a == b for a, b in zip(ref, got))
         parity = {"prompt": PARITY_PROMPT, "torch_tokens": ref, "runtime_tokens": got,
                   "token_agreement": round(same / len(ref), 4), "identical": ref == got,
                   "reference": "torch static-cache module, fp32, greedy"}
         if precision == "fp32" and ref != got:
             raise EffaiError(f"fp32 decoder parity failed: torch greedy {ref} vs ExecuTorch {got}; see docs/generate.md")
-        manifest = {"schema": SCHEMA, "kind": "lm", "programs": {"decoder": "decoder.pte", "vision": None},
+        inputs = ["tokens (1,T) int64", "input_pos (T,) int64"] + ([] if visual is None else
+                                                                   [f"visual {tuple(visual.shape)} float32"])
+        manifest = {"schema": SCHEMA, "kind": "lm" if visual is None else "vlm",
+                    "programs": {"decoder": "decoder.pte", "vision": None if visual is None else "vision.pte"},
                     "precision": precision, "max_seq_len": max_seq_len, "vocab_size": int(lm.config.vocab_size),
-                    "eos_token_id": eos, "tokenizer": "tokenizer.json",
+                    "eos_token_id": eos, "tokenizer": "tokenizer.json", "image": image,
                     "generation": {**sampling.to_dict(), "prompt_template": prompt_template},
-                    "decoder": {"inputs": ["tokens (1,T) int64", "input_pos (T,) int64"],
-                                "outputs": ["logits (1,T,V) float32"], "dynamic_T": [1, max_seq_len - 1], **record},
-                    "source": {"lm_class": type(lm).__name__, "lm_dir": str(Path(lm_dir).name)},
+                    "decoder": {"inputs": inputs, "outputs": ["logits (1,T,V) float32"],
+                                "dynamic_T": [1, max_seq_len - 1], **record},
+                    "source": {"lm_class": type(lm).__name__, **source},
                     "parity": parity, "toolchain": versions()}
         manifest["files"] = files.file_entries(tmp, (MANIFEST,))
         files.atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -105,6 +169,24 @@ class Artifact:
         from tokenizers import Tokenizer
 
         return Tokenizer.from_file(str(self.path / "tokenizer.json"))
+
+    def visual(self, image: Path) -> Any:
+        """The image file -> visual features (1, Nv, D) by vision.pte in the ExecuTorch runtime."""
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        from effai.data.datasets import read_image
+        from executorch.runtime import Runtime
+
+        spec = self.manifest.get("image") or {}
+        c, h, w = spec["size"]
+        arr = read_image(Path(image), spec.get("mode", "RGB"), "--image")
+        arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
+        arr = arr.reshape(h, w, c).transpose(2, 0, 1)
+        arr = (arr - np.array(spec["mean"], np.float32)[:, None, None]) / np.array(spec["std"], np.float32)[:, None, None]
+        method = Runtime.get().load_program(self.path / self.manifest["programs"]["vision"]).load_method("forward")
+        return method.execute([torch.from_numpy(np.ascontiguousarray(arr[None]))])[0]
 
     def decoder(self) -> Any:
         from effai.generate.decoders import ExecuTorchDecoder
