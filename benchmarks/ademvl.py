@@ -101,8 +101,20 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--root", type=Path, default=Path("runs/bench_ademvl"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ademvl.json")
+    ap.add_argument("--latency-only", type=Path, metavar="LM_DIR", help="only the prefill sweep, with this trained "
+                    "tiny LM folder (a run's lm/); writes --out")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.latency_only:
+        latency = latency_sweep(args.latency_only, args.reps, wide=False) + \
+            latency_sweep(args.latency_only, max(5, args.reps // 3), wide=True)
+        atomic_write(args.out, json.dumps({"machine": "2-core CPU host shared with other jobs, torch threads 1",
+                                           "command": "OMP_NUM_THREADS=1 python benchmarks/ademvl.py "
+                                                      + " ".join(sys.argv[1:]),
+                                           "prefill": latency,
+                                           "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                                          indent=2) + "\n")
+        return
     per_seed = {s: train_both(s, args.steps, args.lm_steps, args.root) for s in args.seeds}
     summary = {}
     for mode in ("adem", "prefix"):
