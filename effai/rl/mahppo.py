@@ -121,7 +121,7 @@ class MAHPPO:
               on_update: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
         """Collect `rollout_steps` rounds, update, repeat until `total_steps` rounds; returns one log per update."""
         self.check_env(env)
-        cfg, n = self.cfg, self.n_agents
+        cfg = self.cfg
         obs, _ = env.reset(seed=seed)
         ep = 0
         logs: list[dict[str, float]] = []

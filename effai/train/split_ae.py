@@ -7,6 +7,7 @@ Files (`split_ae.json`, one `ae_<point>_r<R>b<Q>.safetensors` each) and the meas
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -125,7 +126,7 @@ def train_split_ae(cfg: SplitAEConfig, progress: Callable[[str], None] | None = 
             if r > c:
                 continue
             t0 = time.perf_counter()
-            tail = __import__("copy").deepcopy(tail0)
+            tail = copy.deepcopy(tail0)
             for q in tail.parameters():
                 q.requires_grad_(False)
             ae = FeatureAE(c, r, b)
