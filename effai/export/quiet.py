@@ -57,3 +57,36 @@ def tail(log: Path, lines: int = 5) -> str:
     except OSError:
         return ""
     return "\n".join(text[-lines:])
+
+
+# Python loggers of toolchains that warn on import, at WARNING, about their own internals (torch's pytree on
+# torchao's enums, pulled in by executorch.runtime): not the user's concern, kept at ERROR.
+NOISY_LOGGERS = ("torch.utils._pytree",)
+
+
+def hush_loggers() -> None:
+    """Raise the noisy toolchain loggers to ERROR (idempotent; call before importing executorch.runtime)."""
+    import logging
+
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def runtime_quiet(log: Path | None = None) -> Iterator[None]:
+    """A runtime's load or first run with its C++ chatter (ExecuTorch's cpuinfo/threadpool lines, absl notes)
+    sent to `log`, or dropped; Python exceptions still propagate."""
+    hush_loggers()
+    with captured(log):
+        yield
+
+
+def import_quietly(module: str) -> object:
+    """Import a toolchain whose import prints to stderr (coremltools: version checks and "Failed to load
+    _MLModelProxy" off macOS) with that output dropped; later imports are cached by Python and print nothing."""
+    import importlib
+
+    if module in sys.modules:
+        return sys.modules[module]
+    with runtime_quiet():
+        return importlib.import_module(module)

@@ -21,6 +21,7 @@ from effai.errors import EffaiError, UsageError
 from effai.export.coreml_mil import MilEvaluator, NeedsRuntime
 from effai.export.metadata import CLASS_LABEL, CLASS_SCORES, ModelInfo, output_text
 from effai.files import atomic_write
+from effai.export.quiet import import_quietly
 from effai.export.targets.base import (TARGETS, LayerRule, Lowered, LowerOptions, Predictor, TensorSpec, layout_for,
                                        package_versions, require)
 
@@ -47,7 +48,7 @@ class CoreMLTarget:
         return require(("coremltools", "coremltools"), extra="coreml")
 
     def lower(self, model: Any, example_inputs: tuple, options: LowerOptions, out_dir: Path) -> Lowered:
-        import coremltools as ct
+        ct: Any = import_quietly("coremltools")
         import torch
 
         precision = options.precision
@@ -95,7 +96,7 @@ class CoreMLTarget:
     def load(self, out_dir: Path, lowered: Lowered) -> Predictor | str:
         if platform.system() != "Darwin":
             return "Core ML runtime needs macOS"
-        import coremltools as ct
+        ct: Any = import_quietly("coremltools")
 
         mlmodel = ct.models.MLModel(str(out_dir / lowered.model_file), compute_units=ct.ComputeUnit.CPU_ONLY)
         in_names = [i.name for i in lowered.inputs]
@@ -174,6 +175,7 @@ def compress(mlmodel: Any, model: Any, options: LowerOptions,
              batches: list[np.ndarray] | None) -> tuple[Any, dict[str, Any]]:
     """The fp16 ML program compressed to options.precision, with options.float_layers left in float; and the
     details["quantization"] record of what was done."""
+    import_quietly("coremltools")
     import coremltools.optimize.coreml as cto
 
     precision = options.precision
@@ -218,6 +220,7 @@ def weight_configs(precision: str) -> list[Any]:
     skips weights whose input channels do not divide by it: the second, per-channel int4 pass takes those).
     OpPalettizerConfig(mode="kmeans", nbits=k, granularity="per_tensor") clusters each weight into 2^k values and
     stores k-bit indices into that lookup table."""
+    import_quietly("coremltools")
     import coremltools.optimize.coreml as cto
 
     if precision in ("int8", "int8-weight"):
@@ -243,6 +246,7 @@ def float_layer_consts(mlmodel: Any, model: Any,
     conversion rounds each weight by up to 2^-11 relative, well inside rtol 2e-3."""
     if not names:
         return {}, [], []
+    import_quietly("coremltools")
     import coremltools.optimize.coreml as cto
 
     from effai.export.layer_map import layer_weights, match
@@ -281,6 +285,7 @@ def quantize_activations(mlmodel: Any, model: Any, batches: list[np.ndarray], in
     coremltools calibrates with MLModel.predict, which needs the Core ML runtime (macOS). effai evaluates the
     program with torch instead (`activation_ranges`) and hands coremltools those ranges; on macOS, a program the
     evaluator cannot run falls back to coremltools' own calibration."""
+    import_quietly("coremltools")
     import coremltools.optimize.coreml as cto
 
     config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"),
@@ -306,7 +311,7 @@ def _calibration_ranges(ranges: dict[str, dict[str, float]]) -> Iterator[None]:
     """Within the block, coremltools' linear_quantize_activations takes `ranges` instead of measuring them: its
     `_get_activation_calibration_stats(mlmodel, sample_data, group_size)` (coremltools 9) is what calls
     MLModel.predict; everything after it (coremltools' quantize/dequantize insertion passes) runs unchanged."""
-    import coremltools
+    coremltools: Any = import_quietly("coremltools")
     from coremltools.optimize.coreml import _post_training_quantization as ptq
 
     original = getattr(ptq, "_get_activation_calibration_stats", None)
@@ -410,7 +415,7 @@ _PAYLOADS = ("quantized_data", "data", "indices")   # the stored tensor of const
 def spec_summary(path: Path) -> dict[str, Any]:
     """Inputs, outputs, op census, the dtypes of const tensors (weights), the compressed weights and the size of the
     weight blob (weights/weight.bin) of a saved .mlpackage."""
-    import coremltools as ct
+    ct: Any = import_quietly("coremltools")
 
     weights = path / "Data" / "com.apple.CoreML" / "weights"
     size = sum(f.stat().st_size for f in weights.rglob("*") if f.is_file()) if weights.is_dir() else 0
@@ -491,7 +496,7 @@ def write_coreml(root: Path, lowered: Any, info: ModelInfo) -> dict[str, Any]:
     """spec.description.metadata and feature descriptions; a classifier (coremltools' `classify` op over the
     logits, which stay an output) when the model has one (1, num_classes) float32 output. Only the package's spec
     file (model.mlmodel) is rewritten: weights and Manifest.json stay as coremltools wrote them."""
-    import coremltools as ct
+    ct: Any = import_quietly("coremltools")
 
     package = root / lowered.model_file
     spec_file = _coreml_spec_file(package)
@@ -572,7 +577,7 @@ def _coreml_classifier(spec: Any, info: ModelInfo) -> tuple[dict[str, Any] | Non
 def _classify_template(labels: list[str], shape: list[int]) -> tuple[Any, list[Any]]:
     """The `classify` op and the two output feature descriptions exactly as coremltools 9 serializes them for
     ClassifierConfig(labels): converted from a one-op ML program (scores -> identity -> classify)."""
-    import coremltools as ct
+    ct: Any = import_quietly("coremltools")
     from coremltools.converters.mil import Builder as mb
 
     @mb.program(input_specs=[mb.TensorSpec(shape=tuple(shape))], opset_version=ct.target.iOS15)

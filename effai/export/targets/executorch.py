@@ -80,9 +80,14 @@ class ExecuTorchTarget:
 
     def load(self, out_dir: Path, lowered: Lowered) -> Predictor | str:
         import torch
+
+        from effai.export.quiet import hush_loggers, runtime_quiet
+
+        hush_loggers()   # executorch.runtime imports torchao, whose enums make torch's pytree warn on stderr
         from executorch.runtime import Runtime
 
-        method = Runtime.get().load_program(out_dir / lowered.model_file).load_method("forward")
+        with runtime_quiet():   # XNNPACK's cpuinfo/threadpool lines at load_method: off the user's terminal
+            method = Runtime.get().load_program(out_dir / lowered.model_file).load_method("forward")
 
         def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
             outs = method.execute([torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])

@@ -74,6 +74,12 @@ class OnnxTarget:
                 details["warnings"] = [f"float layer(s) {', '.join(quantization['unmatched_float_layers'])} have no "
                                        "weight of their own in the ONNX graph (fused into another op): not kept "
                                        "in float"]
+            if options.precision == "int8-dynamic":
+                done, total = quantization["layers_quantized"], quantization["layers_total"]
+                if done < total:
+                    details.setdefault("warnings", []).append(
+                        f"int8-dynamic quantized {done} of {total} Conv/Linear layers (ONNX Runtime dynamic "
+                        "quantization takes MatMul/Gemm only; Conv stays float): for a CNN use -q int8")
         return Lowered(
             model_file=path.name,
             inputs=[_spec(v, "NCHW") for v in proto.graph.input],
@@ -178,7 +184,8 @@ def quantize(float_proto: Any, keep_float: dict[str, np.ndarray], calibration: n
     else:
         quantize_int8_dynamic(pre, out, exclude, large)
     q = onnx.load(str(out))
-    report = {"scheme": SCHEMES[options.precision],
+    total = len(weight_layers(onnx.load(str(pre), load_external_data=False)))
+    report = {"layers_total": total, "layers_quantized": total - len(weight_layers(q)),"scheme": SCHEMES[options.precision],
               "calibration_method": "MinMax" if options.precision == "int8" else None,
               "calibration_samples": int(calibration.shape[0]) if calibration is not None else 0,
               "nodes_quantized": count_quantized_nodes(q), "weights_int8": count_int8_weights(q),
@@ -376,6 +383,15 @@ def count_quantized_nodes(proto: Any) -> int:
     return sum(1 for n in proto.graph.node
                if n.op_type in INTEGER_OPS
                or (n.op_type not in QDQ_OPS and any(i in dq_outputs for i in n.input)))
+
+
+def weight_layers(proto: Any) -> list[str]:
+    """Float Conv/ConvTranspose/Gemm/MatMul nodes whose weight is an initializer (the model's Conv/Linear layers);
+    a quantized layer becomes an integer op (MatMulInteger, QLinearConv ...) and is no longer listed."""
+    inits = {i.name for i in proto.graph.initializer}
+    consts = {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+            and len(n.input) > 1 and (n.input[1] in inits or n.input[1] in consts)]
 
 
 def count_int8_weights(proto: Any) -> int:

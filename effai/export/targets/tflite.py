@@ -67,8 +67,11 @@ class TFLiteTarget:
         return write_tflite(root, lowered, info)
 
     def load(self, out_dir: Path, lowered: Lowered) -> Predictor | str:
-        interp = _interpreter(out_dir / lowered.model_file)
-        interp.allocate_tensors()
+        from effai.export.quiet import runtime_quiet
+
+        with runtime_quiet():   # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." off the user's terminal
+            interp = _interpreter(out_dir / lowered.model_file)
+            interp.allocate_tensors()
         ins = interp.get_input_details()
         outs = interp.get_output_details()
         runtime, version = _runtime_name()
