@@ -113,3 +113,26 @@ def test_int8_weight_decoder_runs_and_is_smaller(fp32_artifact, lm_dir, tmp_path
     assert len(m["parity"]["runtime_tokens"]) == 8 and m["parity"]["token_agreement"] >= 0.5
     fp32 = json.loads((fp32_artifact / "manifest.json").read_text())["decoder"]["bytes"]
     assert m["decoder"]["bytes"] < fp32
+
+
+@pytest.mark.slow
+def test_ademvl_artifact_vision_and_fused_decoder_match_torch(tmp_path):
+    import torch
+
+    from effai.generate.artifact import export_vlm_artifact, read
+    from effai.generate.loop import generate
+    from effai.generate.sampling import Sampling
+    from effai.zoo import create
+    from effai.zoo.ademvl import greedy
+
+    loaded = create("ademvl_tiny.digits")
+    m = export_vlm_artifact(loaded.model, loaded.card, tmp_path / "vlm", "fp32", 48)
+    assert m["kind"] == "vlm" and m["parity"]["identical"] and m["image"]["parity_max_abs"] < 1e-4
+    art = read(tmp_path / "vlm")
+    pixels = torch.zeros(1, *loaded.model.input_size)
+    visual = loaded.model.encode_image(pixels)
+    ids = art.tokenizer().encode("question: which digit is this? answer:").ids
+    got = generate(art.decoder(), ids, Sampling(max_new_tokens=4), 48, art.manifest["eos_token_id"], visual).tokens
+    ref = greedy(loaded.model, visual, torch.tensor([ids]), 4)[0]   # ADEM-VL's own eager loop (HF DynamicCache)
+    eos = art.manifest["eos_token_id"]
+    assert (got[:got.index(eos)] if eos in got else got) == ref

@@ -59,9 +59,25 @@ def export_decoder(module: Any, max_seq_len: int, visual_shape: tuple[int, ...] 
         dyn["visual"] = None
     try:
         with torch.no_grad():
-            return torch.export.export(module, args, dynamic_shapes=dyn, strict=True), args
+            return _sort_as_topk(torch.export.export(module, args, dynamic_shapes=dyn, strict=True)), args
     except Exception as e:  # noqa: BLE001 - the toolchain's many failure types become one line
         raise EffaiError(f"torch.export of the KV-cache decoder failed: {type(e).__name__}: {str(e)[:300]}") from e
+
+
+def _sort_as_topk(exported: Any) -> Any:
+    """aten.sort(x, dim, descending) = aten.topk(x, x.size(dim), dim, largest=descending, sorted=True) (the same
+    values; ADEM-VL's adaptive-fusion threshold reads only the values): the ExecuTorch 1.5.1 runtime has no
+    aten::sort.values kernel, and XNNPACK does not delegate sort, so a program with sort fails to load."""
+    import torch
+
+    aten = torch.ops.aten
+    if not any(n.target == aten.sort.default for n in exported.graph.nodes):
+        return exported
+
+    def sort(x: Any, dim: int = -1, descending: bool = False) -> Any:
+        return aten.topk.default(x, x.shape[dim], dim, descending, True)
+
+    return exported.run_decompositions({aten.sort.default: sort})
 
 
 def lower_decoder(exported: Any, example_inputs: tuple, precision: str, out_path: Path) -> dict[str, Any]:
