@@ -97,6 +97,10 @@ def _order_by_shape(shapes: list[tuple[int, ...]]) -> list[str]:
 
 def load(path: Path | str) -> SRModel:
     """A training run (model.safetensors) in torch, or an exported artifact dir in its runtime."""
+    from effai.zoo.srdiff import DEFAULTS
+
+    if str(path) in DEFAULTS:
+        return torch_model(str(path))
     p = Path(path)
     if (p / SR_JSON).is_file():
         return artifact_model(p)

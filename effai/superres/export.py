@@ -70,10 +70,16 @@ def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", f
                                                  "outputs": [o.to_dict() for o in lowered.outputs]},
                                      "details": _jsonable(lowered.details), "seconds": seconds}
             samples = _part_samples(part, model, spec, lr, cond.numpy(), noise)
-            structural = target.structural_check(d, lowered, {"precision": precision})
+            with torch.no_grad():
+                outs = modules[part](*ex)
+            structural = target.structural_check(d, lowered, {"precision": precision, "output_shapes": [
+                tuple(outs.shape)], "input_shapes": [tuple(x.shape) for x in ex]})
             pred = target.load(d, lowered)
             if isinstance(pred, str):
                 entry["parity"] = {"status": "not-run", "reason": pred}
+                if structural is not None and structural.get("status") == "fail":
+                    entry["parity"] = {"status": "fail", "reason": "structural check: "
+                                       + "; ".join(structural.get("problems", []))}
             else:
                 got, ref = [], []
                 for ins, r in samples:

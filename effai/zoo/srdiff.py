@@ -273,16 +273,20 @@ def build(spec: SRDiffSpec | dict[str, Any] | None = None) -> SRDiff:
     return SRDiff(spec or SRDiffSpec())
 
 
+# Trained defaults shipped in effai/zoo/weights/ (docs/superres.md says how they were trained).
+DEFAULTS = {"srdiff_x2": "srdiff_x2_samdiffsr.safetensors"}
+
+
 def load(path: Any) -> tuple[SRDiff, dict[str, Any]]:
-    """A trained SRDiff from `model.safetensors` (or its run dir): the spec from the file's `effai.srdiff` metadata,
-    the tensors checked against it. Returns (model in eval mode, the file's metadata as dicts)."""
+    """A trained SRDiff from `model.safetensors` (or its run dir, or a DEFAULTS name): the spec from the file's
+    `effai.srdiff` metadata, the tensors checked against it. Returns (model in eval mode, the metadata as dicts)."""
     import json
     from pathlib import Path
 
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    p = Path(path)
+    p = Path(__file__).parent / "weights" / DEFAULTS[str(path)] if str(path) in DEFAULTS else Path(path)
     if p.is_dir():
         p = p / "model.safetensors"
     if not p.is_file():
