@@ -93,6 +93,30 @@ def latency_sweep(lm_dir: Path, reps: int, wide: bool) -> list[dict]:
     return rows
 
 
+def step_time_ab(lm_dir: Path, reps: int) -> dict:
+    """Train-step time of both modes on the same batch (32 questions, real digit images), alternated ABAB so load
+    changes on a shared machine fall on both sides; median ms per mode."""
+    from effai.train.ademvl.loop import Batches, trunk_features, vl_loss
+
+    tok = vqa.load_tokenizer(lm_dir)
+    trunk, channels, size, mean, std = zm.build_trunk("ghostnetv3_050.digits", "blocks.6")
+    data = vqa.build_offline(size[1], size[0], photos=False)
+    models = {m: zm.AdemVL(trunk, zm.load_causal_lm(lm_dir), tok, feature_dim=channels, scales=(4, 2, 1), mode=m,
+                           input_size=size).train() for m in ("adem", "prefix")}
+    img, ids, labels, mask = Batches(data, tok, 32, 0).next()
+    fm = trunk_features(models["adem"], data.images[img], mean, std)
+    times: dict[str, list[float]] = {"adem": [], "prefix": []}
+    for i in range(reps + 2):
+        for mode, model in (models.items() if i % 2 == 0 else reversed(list(models.items()))):
+            params = [p for p in model.parameters() if p.requires_grad]
+            t = time.perf_counter()
+            loss = vl_loss(model, fm, ids, labels, mask)
+            torch.autograd.grad(loss, params)
+            if i >= 2:
+                times[mode].append(time.perf_counter() - t)
+    return {m: 1000 * statistics.median(v) for m, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -106,12 +130,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.latency_only:
+        steps = step_time_ab(args.latency_only, args.reps)
+        print(json.dumps({"train_step_ms_median_ab": steps}), flush=True)
         latency = latency_sweep(args.latency_only, args.reps, wide=False) + \
             latency_sweep(args.latency_only, max(5, args.reps // 3), wide=True)
         atomic_write(args.out, json.dumps({"machine": "2-core CPU host shared with other jobs, torch threads 1",
                                            "command": "OMP_NUM_THREADS=1 python benchmarks/ademvl.py "
                                                       + " ".join(sys.argv[1:]),
-                                           "prefill": latency,
+                                           "train_step_ms_median_ab": steps, "prefill": latency,
                                            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                                           indent=2) + "\n")
         return
