@@ -50,8 +50,11 @@ def verify(artifact: str | Path) -> dict[str, Any]:
 
 
 def bench(artifacts: str | Path | Sequence[str | Path], *, device: str = "host", threads: Sequence[int] = (2,),
-          runs: int = 100, warmup: int = 10, energy: str = "auto", out: str | Path | None = None) -> list[dict[str, Any]]:
-    """Time artifacts on `device` ("host", "adb:SERIAL", "ssh:USER@HOST[:PORT]") at each thread count; returns one
+          runs: int = 100, warmup: int = 10, energy: str = "auto", out: str | Path | None = None,
+          input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, Any]]:
+    """Time artifact directories, or plain .onnx/.tflite/.pte files (inputs read from the file; `input_shapes`
+    {input name: shape} for dynamic dims; no parity or accuracy check), on `device` ("host", "adb:SERIAL",
+    "ssh:USER@HOST[:PORT]") at each thread count; returns one
     record per artifact x threads (median/p90/... in ms, load and first-inference time, energy where metered).
     The report is also written to `out` (default: a temp file)."""
     import tempfile
@@ -63,7 +66,7 @@ def bench(artifacts: str | Path | Sequence[str | Path], *, device: str = "host",
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="effai-bench-")) / "report.json"
     cfg = BenchConfig(threads=tuple(int(t) for t in threads), runs=runs, warmup=warmup, energy=energy)
-    result = run_bench([Path(d) for d in dirs], device, cfg, Path(out))
+    result = run_bench([Path(d) for d in dirs], device, cfg, Path(out), input_shapes=input_shapes)
     from effai.device_bench.report import record_to_dict
 
     return [record_to_dict(r) for r in result.records]

@@ -29,7 +29,9 @@ def parse_threads(text: str) -> tuple[int, ...]:
 
 
 def bench_cmd(
-    artifacts: Annotated[list[Path], typer.Argument(help="Artifact directories written by effai export.")],
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact directories written by effai export, or plain "
+                                                    ".onnx/.tflite/.pte files (.mlpackage: macOS only); a plain "
+                                                    "file has no manifest: parity and accuracy not checked.")],
     device: Annotated[str, typer.Option("--device", "-d", help="host | adb:SERIAL | ssh:USER@HOST[:PORT]")] = "host",
     threads: Annotated[str, typer.Option(help="Thread counts to sweep, a comma list like 1,4.")] = "1",
     runs: Annotated[int, typer.Option(help="Timed iterations (at least this many with --min-seconds).")] = 100,
@@ -54,6 +56,8 @@ def bench_cmd(
     runner_binary: Annotated[Optional[Path], typer.Option(help="adb: executor_runner or benchmark_model built for "
                                                           "the phone, or a directory holding both.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Plain files: [NAME=]D,D,... "
+                                                             "for an input with dynamic dims (repeatable).")] = None,
     record: Annotated[Optional[Path], typer.Option(help="A bundle (effai bundle pack) to append these results to: its "
                                                    "perf.json and MODEL_CARD.md perf table.")] = None,
     record_key: Annotated[Optional[Path], typer.Option(help="With --record: re-sign the bundle with this private "
@@ -80,6 +84,9 @@ def bench_cmd(
 
             rules = baseline_mod.parse_fail_on(fail_on or "latency:+5%,energy:+5%")
             _, base_records = report.load(baseline)
+        from effai.device_bench.artifact import parse_input_shapes
+
+        shapes = parse_input_shapes(input_shape or [])
         if plot_png is not None and plot_png.suffix.lower() != ".png":
             raise UsageError(f"--plot {plot_png} must be a .png path")
     except EffaiError as e:
@@ -97,8 +104,10 @@ def bench_cmd(
             return
         s = rec.stats
         if rec.status == "ok":
+            note = " [dim](plain model file: no manifest, parity and accuracy not checked)[/]" if rec.artifact.get(
+                "plain_file") else ""
             ui.print(f"[green]✓[/] {rec.artifact['model']} {rec.artifact['target']}/{rec.artifact['precision']} "
-                     f"t={rec.threads}: median {s['median']:.3f} ms, p90 {s['p90']:.3f} ms ({rec.runs} runs, "
+                     f"t={rec.threads}{note}: median {s['median']:.3f} ms, p90 {s['p90']:.3f} ms ({rec.runs} runs, "
                      f"first {rec.first_ms:.2f} ms, load {rec.load_ms:.1f} ms)")
         else:
             ui.print(f"[bold red]✗[/] {rec.artifact['model']} {rec.artifact['target']} t={rec.threads}: {rec.error}")
@@ -110,12 +119,17 @@ def bench_cmd(
         from effai.device_bench import artifact as artifact_mod
 
         try:   # refuse a bad bundle, key or artifact now, not after the measurements
+            plain = [str(a) for a in artifacts if artifact_mod.is_plain_file(a)]
+            if plain:
+                raise UsageError(f"--record takes artifact directories only ({plain[0]} is a plain model file with "
+                                 "no manifest); export it with effai export and bench that directory")
             perf.precheck(record, [artifact_mod.load(a) for a in artifacts], record_key)
         except EffaiError as e:
             fail(e, as_json)
     meta = {"command": ["effai", *sys.argv[1:]]}
     try:
-        result = run_bench(artifacts, device, cfg, out, on_record, meta=meta, on_start=on_start)
+        result = run_bench(artifacts, device, cfg, out, on_record, meta=meta, on_start=on_start,
+                           input_shapes=shapes)
     except KeyboardInterrupt:
         records = measured
         if not as_json and records:

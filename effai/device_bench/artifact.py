@@ -90,3 +90,195 @@ def load(path: Path | str, check_hashes: bool = True) -> Artifact:
                     target=str(manifest["target"]), precision=str(manifest.get("precision", "unknown")),
                     model_name=str(model.get("name", root.name)) if isinstance(model, dict) else str(model),
                     manifest_sha256=hashlib.sha256(raw).hexdigest())
+
+
+# --- plain model files (no manifest) -------------------------------------------------------------------------
+
+PLAIN_NOTE = "plain model file: no manifest, parity and accuracy not checked"
+SUFFIXES = {".onnx": "onnx", ".tflite": "tflite", ".pte": "executorch", ".mlpackage": "coreml"}
+_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+                "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16", "tensor(int32)": "int32",
+                "tensor(int64)": "int64", "tensor(bool)": "bool"}
+
+
+def is_plain_file(path: Path | str) -> bool:
+    """True for a path that is a model file (or a .mlpackage directory) rather than an artifact directory."""
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        return False                       # an artifact directory, whatever its name ends with
+    return p.suffix.lower() in SUFFIXES or p.is_file()
+
+
+def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
+    """--input-shape values `[NAME=]D,D,...` -> {name or "": shape}; UsageError for anything else."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, _, dims = spec.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(","))
+        except ValueError:
+            shape = ()
+        if not shape or min(shape) < 1:
+            raise UsageError(f"--input-shape '{spec}' must be [NAME=]D,D,... with positive sizes, like 1,3,224,224")
+        shapes[name.strip()] = shape
+    return shapes
+
+
+def _fill(path: Path, name: str, dims: list[Any], shapes: dict[str, tuple[int, ...]]) -> list[int]:
+    """Static dims as they are; a dynamic one (None, a symbol, -1) from --input-shape, or a UsageError."""
+    if all(isinstance(d, int) and d > 0 for d in dims):
+        return [int(d) for d in dims]
+    given = shapes.get(name, shapes.get(""))
+    if given is None:
+        raise UsageError(f"{path}: input '{name}' has dynamic dims {[d if isinstance(d, int) and d > 0 else '?' for d in dims]}; "
+                         f"give its shape with --input-shape {name}=1,3,224,224 (the sizes to time)")
+    if len(given) != len(dims) or any(isinstance(d, int) and d > 0 and d != g for d, g in zip(dims, given)):
+        raise UsageError(f"{path}: --input-shape {','.join(map(str, given))} does not fit input '{name}' "
+                         f"{[d if isinstance(d, int) and d > 0 else '?' for d in dims]}; keep its static sizes")
+    return list(given)
+
+
+def _corrupt(path: Path, kind: str, e: BaseException) -> UsageError:
+    detail = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+    return UsageError(f"{path} cannot be read as {kind} ({detail}); pass an intact model file")
+
+
+def read_inputs(path: Path, target: str, shapes: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:
+    """Input specs (name, shape, dtype[, quantization]) read from the model file itself, in its runtime's own
+    loader: onnxruntime's session inputs, LiteRT's input details, ExecuTorch's method meta, Core ML's spec."""
+    if target == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UsageError(f"{path}: reading an .onnx file needs onnxruntime; pip install onnxruntime") from None
+        try:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise _corrupt(path, "an ONNX model", e) from None
+        specs = []
+        for i in sess.get_inputs():
+            if i.type not in _ONNX_DTYPES:
+                raise UsageError(f"{path}: input '{i.name}' is {i.type}, which bench cannot generate "
+                                 f"(it feeds {', '.join(_ONNX_DTYPES)})")
+            specs.append({"name": i.name, "shape": _fill(path, i.name, list(i.shape), shapes),
+                          "dtype": _ONNX_DTYPES[i.type]})
+        return specs
+    if target == "tflite":
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            try:
+                from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+            except ImportError:
+                raise UsageError(f"{path}: reading a .tflite file needs pip install ai-edge-litert") from None
+        try:
+            details = Interpreter(model_path=str(path)).get_input_details()
+        except Exception as e:
+            raise _corrupt(path, "a TFLite model", e) from None
+        specs = []
+        for d in details:   # the interpreter runs its allocated shape; a -1 in shape_signature is allocated as 1
+            spec: dict[str, Any] = {"name": str(d["name"]), "shape": [int(x) for x in d["shape"]],
+                                    "dtype": __import__("numpy").dtype(d["dtype"]).name}
+            scale, zp = d.get("quantization", (0.0, 0))
+            if scale:
+                spec["quantization"] = {"scale": float(scale), "zero_point": int(zp)}
+            specs.append(spec)
+        return specs
+    if target == "executorch":
+        try:
+            from executorch.runtime import Runtime
+        except ImportError:
+            raise UsageError(f"{path}: reading a .pte file needs pip install executorch") from None
+        try:
+            meta = Runtime.get().load_program(str(path)).metadata("forward")
+            metas = [meta.input_tensor_meta(i) for i in range(meta.num_inputs())]
+        except Exception as e:
+            raise _corrupt(path, "an ExecuTorch program with a forward method", e) from None
+        specs = []
+        for i, m in enumerate(metas):
+            code = m.dtype()   # c10::ScalarType: an int, or an enum whose name is the C++ one
+            code = int(code) if isinstance(code, int) or str(code).isdigit() else str(code).split(".")[-1].lower()
+            dtype = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32",
+                     7: "float64", 11: "bool", "byte": "uint8", "char": "int8", "short": "int16", "int": "int32",
+                     "long": "int64", "half": "float16", "float": "float32", "double": "float64",
+                     "bool": "bool"}.get(code)
+            if dtype is None:
+                raise UsageError(f"{path}: input {i} has ExecuTorch dtype {code}, which bench cannot generate")
+            specs.append({"name": f"input_{i}", "shape": [int(s) for s in m.sizes()], "dtype": dtype})
+        return specs
+    if target == "coreml":
+        try:
+            import coremltools as ct
+            spec_pb = ct.utils.load_spec(str(path))
+        except ImportError:
+            raise UsageError(f"{path}: reading a .mlpackage needs pip install coremltools") from None
+        except Exception as e:
+            raise _corrupt(path, "a Core ML package", e) from None
+        specs = []
+        for i in spec_pb.description.input:
+            arr = i.type.multiArrayType
+            dtype = {65568: "float32", 65552: "float16", 65600: "float64", 131104: "int32"}.get(arr.dataType,
+                                                                                               "float32")
+            specs.append({"name": i.name, "shape": _fill(path, i.name, [int(s) for s in arr.shape] or [None],
+                                                         shapes), "dtype": dtype})
+        return specs
+    raise UsageError(f"unknown target {target}")
+
+
+def load_file(path: Path | str, stage: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> Artifact:
+    """A plain model file as an Artifact: its inputs read from the file, a manifest synthesized in `stage` (a temp
+    dir) next to a link (or copy) of the file, so every runner times it with the same code as an artifact
+    directory. The record's artifact says PLAIN_NOTE; no parity or accuracy is checked."""
+    import os
+    import shutil
+
+    src = Path(path)
+    target = SUFFIXES.get(src.suffix.lower())
+    if target is None:
+        raise UsageError(f"{src}: unknown model file type '{src.suffix or '(none)'}'; bench takes artifact "
+                         f"directories or plain {', '.join(SUFFIXES)} files")
+    if not src.exists():
+        raise UsageError(f"model file not found: {src}")
+    if target == "coreml" and not src.is_dir():
+        raise UsageError(f"{src} is not a .mlpackage directory; pass the package folder Core ML writes")
+    if target != "coreml" and not src.is_file():
+        raise UsageError(f"{src} is not a regular file; pass a {src.suffix} model file")
+    from effai.export.quiet import runtime_quiet
+
+    with runtime_quiet():   # runtimes print on load (XNNPACK, coremltools' import checks): not to the terminal
+        inputs = read_inputs(src, target, shapes or {})
+    stage.mkdir(parents=True, exist_ok=True)
+    linked = stage / src.name
+    if src.is_dir():
+        shutil.copytree(src, linked, symlinks=False)
+        nbytes = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
+    else:
+        try:
+            os.link(src, linked)
+        except OSError:
+            shutil.copyfile(src, linked)
+        nbytes = src.stat().st_size
+    manifest = {"schema": "effai.manifest/1", "target": target, "model_file": src.name, "inputs": inputs,
+                "precision": "unknown", "model": {"name": src.stem}, "plain_file": True, "note": PLAIN_NOTE,
+                "files": [{"path": src.name, "bytes": nbytes}]}
+    import json
+
+    (stage / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest() if src.is_file() else ""
+    return PlainArtifact(dir=stage.resolve(), manifest=manifest, model_file=linked.resolve(), target=target,
+                         precision="unknown", model_name=src.stem, manifest_sha256="", source=src.resolve(),
+                         sha256=digest)
+
+
+@dataclass(frozen=True)
+class PlainArtifact(Artifact):
+    """A plain model file staged as an artifact (see load_file); describe() names the file, not the stage."""
+
+    source: Path = Path()
+    sha256: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "path": str(self.source), "model_file": self.source.name,
+                "plain_file": True, "note": PLAIN_NOTE, "sha256": self.sha256}

@@ -117,19 +117,39 @@ def _record(art: artifact_mod.Artifact, device: dict[str, Any], threads: int, cf
 def run_bench(artifact_dirs: Sequence[Path | str], device_spec: str, cfg: BenchConfig, report_path: Path | str,
               on_record: Callable[[BenchRecord], None] | None = None, *, meta: dict[str, Any] | None = None,
               on_start: Callable[[artifact_mod.Artifact, int], None] | None = None,
-              sleep: Callable[[float], None] = time.sleep) -> BenchRun:
+              sleep: Callable[[float], None] = time.sleep,
+              input_shapes: dict[str, tuple[int, ...]] | None = None) -> BenchRun:
     """Benchmark every artifact at every thread count of `cfg` on `device_spec`; see the module docstring.
 
     Artifacts are all loaded and hash-checked first (UsageError before any device time is spent). `on_record` is
-    called after each record is safely in the report; `on_start(artifact, threads)` before each measurement."""
+    called after each record is safely in the report; `on_start(artifact, threads)` before each measurement.
+    A plain .onnx/.tflite/.pte/.mlpackage is staged with a manifest read from the file (artifact.load_file;
+    `input_shapes` fills its dynamic dims) and timed by the same runners; the stage is removed at the end."""
+    import shutil
+    import tempfile
+
+    check_config(cfg)
+    if not artifact_dirs:
+        raise UsageError("no artifact directories given; pass one or more directories written by effai export "
+                         "or model files (.onnx, .tflite, .pte, .mlpackage)")
+    stage = Path(tempfile.mkdtemp(prefix="effai-bench-files-")) if any(
+        artifact_mod.is_plain_file(d) for d in artifact_dirs) else None
+    try:
+        arts = [artifact_mod.load_file(d, stage / str(i), input_shapes) if artifact_mod.is_plain_file(d)
+                else artifact_mod.load(d) for i, d in enumerate(artifact_dirs)]
+        return _run(arts, artifact_dirs, device_spec, cfg, report_path, on_record, meta, on_start, sleep)
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _run(arts: list[artifact_mod.Artifact], artifact_dirs: Sequence[Path | str], device_spec: str, cfg: BenchConfig,
+         report_path: Path | str, on_record: Callable[[BenchRecord], None] | None, meta: dict[str, Any] | None,
+         on_start: Callable[[artifact_mod.Artifact, int], None] | None, sleep: Callable[[float], None]) -> BenchRun:
     from effai.device_bench import meters, thermal
     from effai.device_bench.report import ReportWriter, check_writable
     from effai.device_bench.runners import RunnerError, open_runner
 
-    check_config(cfg)
-    if not artifact_dirs:
-        raise UsageError("no artifact directories given; pass one or more directories written by effai export")
-    arts = [artifact_mod.load(d) for d in artifact_dirs]
     check_writable(report_path)   # an unwritable --out is refused before any device is touched
     spec = device_spec.strip()
     runner = open_runner(spec, cfg)
@@ -138,7 +158,7 @@ def run_bench(artifact_dirs: Sequence[Path | str], device_spec: str, cfg: BenchC
         meter, note = meters.choose(cfg.energy, runner.fs)
         writer = ReportWriter(Path(report_path), {
             **(meta or {}), "device": device, "config": dataclasses.asdict(cfg), "energy": note,
-            "artifacts": [str(a.dir) for a in arts]})
+            "artifacts": [str(a.describe()["path"]) for a in arts]})
         run = BenchRun(records=writer.records, report_path=Path(report_path), status="running", device=device,
                        energy_note=note, notices=[writer.notice] if writer.notice else [])
         try:
@@ -190,7 +210,8 @@ def _measure_one(runner: Any, meter: Any, note: str, art: artifact_mod.Artifact,
                 sleep(cfg.idle_s)
                 idle = (t0, time.time())
         try:
-            timings = runner.run(art, threads, cfg)
+            with _quiet(runner):
+                timings = runner.run(art, threads, cfg)
         except RuntimeMissing as e:   # not this device's runtime: a skipped record with the reason, not a failure
             error, skipped = str(e), True
         except runner_error as e:
@@ -210,7 +231,19 @@ def _measure_one(runner: Any, meter: Any, note: str, art: artifact_mod.Artifact,
     samples = timings.samples_ms if timings else []
     throttling = thermal.verdict(before, after, list(samples))
     throttling = {**throttling, "readings": {"before": before, "after": after}}
+    if isinstance(art, artifact_mod.PlainArtifact):   # name the user's file, not its temporary stage
+        error = error.replace(str(art.model_file), str(art.source)).replace(str(art.dir), str(art.source.parent))
     return _record(art, device, threads, cfg, timings, reading, throttling, error, skipped)
+
+
+def _quiet(runner: Any) -> Any:
+    """On the host the runtimes run in this process: their C++ chatter (XNNPACK's cpuinfo and delegate lines) and
+    import warnings are dropped, not printed over bench's table. Remote runners parse their own output."""
+    import contextlib
+
+    from effai.export.quiet import runtime_quiet
+
+    return runtime_quiet() if getattr(runner, "name", "") == "host" else contextlib.nullcontext()
 
 
 def exit_code(run: BenchRun) -> int:
