@@ -160,7 +160,8 @@ def generate_bench_cmd(
     if not as_json:
         console.out().print(f"{artifact} ({r['precision']}, {r['runtime']}): prefill {r['prefill_ms']['median']:.2f} "
                             f"ms (p90 {r['prefill_ms']['p90']:.2f}, {r['prompt_tokens']} tokens), decode "
-                            f"{r['decode_tok_s']['median']:.1f} tokens/s (p90 {r['decode_tok_s']['p90']:.1f}), "
+                            f"{r['decode_tok_s']:.1f} tokens/s ({r['decode_ms_per_token']['median']:.3f} ms/token, p90 "
+                            f"{r['decode_ms_per_token']['p90']:.3f}), "
                             f"{r['decoder_bytes'] / 1e6:.2f} MB")
     console.json_line({"ok": True, **r})
 

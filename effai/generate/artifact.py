@@ -185,8 +185,14 @@ class Artifact:
         arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
         arr = arr.reshape(h, w, c).transpose(2, 0, 1)
         arr = (arr - np.array(spec["mean"], np.float32)[:, None, None]) / np.array(spec["std"], np.float32)[:, None, None]
+        return self.vision()(torch.from_numpy(np.ascontiguousarray(arr[None])))
+
+    def vision(self) -> Any:
+        """vision.pte's forward as a function: normalized pixels (1, C, H, W) -> visual features (1, Nv, D)."""
+        from executorch.runtime import Runtime
+
         method = Runtime.get().load_program(self.path / self.manifest["programs"]["vision"]).load_method("forward")
-        return method.execute([torch.from_numpy(np.ascontiguousarray(arr[None]))])[0]
+        return lambda pixels: method.execute([pixels])[0]
 
     def decoder(self) -> Any:
         from effai.generate.decoders import ExecuTorchDecoder
