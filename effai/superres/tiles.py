@@ -39,16 +39,20 @@ def super_resolve(lr: np.ndarray, scale: int, tile: int, overlap: int,
 
     `sample_tile(lr_tile (1,3,t,t), lr_up_tile (1,3,T,T), noise (1,3,T,T)) -> HR residual (1,3,T,T)`; the HR
     result is up(LR) + residual. The initial noise is drawn once for the whole HR image from `seed` and sliced per tile,
-    so overlapping tiles start from the same noise. Images smaller than a tile are edge-padded to it and cropped."""
+    so overlapping tiles start from the same noise. Images smaller than a tile are edge-padded to it and cropped
+    (up(LR) and the noise are made at the image's own size first, so padding does not change them)."""
     if not 0 <= overlap < tile:
         raise UsageError(f"--overlap {overlap} must be in [0, {tile - 1}] (LR pixels, tile {tile})")
     h, w = lr.shape[:2]
     ph, pw = max(h, tile), max(w, tile)
+    lr_up = up(lr, scale)     # of the image itself, and the noise of its own size: padding changes neither
+    noise = np.random.default_rng(seed).standard_normal((3, h * scale, w * scale)).astype(np.float32)
     if (ph, pw) != (h, w):
+        pad = ((0, (ph - h) * scale), (0, (pw - w) * scale))
         lr = np.pad(lr, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-    lr_up = up(lr, scale)
+        lr_up = np.pad(lr_up, pad + ((0, 0),), mode="edge")
+        noise = np.pad(noise, ((0, 0),) + pad, mode="wrap")
     H, W = ph * scale, pw * scale
-    noise = np.random.default_rng(seed).standard_normal((3, H, W)).astype(np.float32)
     acc = np.zeros((3, H, W), np.float32)
     wsum = np.zeros((H, W), np.float32)
     T = tile * scale
