@@ -66,19 +66,28 @@ def test_an_mlpackage_off_macos_is_a_skipped_record(cli_run):
     assert any("mlpackage" in s["artifact"] for s in last["skipped"])
 
 
-def test_unknown_extension_corrupt_file_and_record_are_usage_errors(plain_files, tmp_path):
+def test_unknown_extension_corrupt_file_and_record_are_usage_errors(tmp_path):
+    from effai.device_bench.bench import run_bench
+    from effai.device_bench.base import BenchConfig
+    from effai.errors import UsageError
+
     bad = tmp_path / "model.bin"
     bad.write_bytes(b"\0" * 64)
-    code, last, _, _ = run_cli("bench", str(bad), *FAST, "--out", str(tmp_path / "a.json"))
+    code, last, _, _ = run_cli("bench", str(bad), *FAST, "--out", str(tmp_path / "a.json"))   # the CLI: exit 2
     assert code == 2 and ".onnx, .tflite, .pte, .mlpackage" in last["error"] and "'.bin'" in last["error"]
-    for suffix in (".onnx", ".tflite", ".pte"):
-        broken = tmp_path / f"broken{suffix}"
-        broken.write_bytes(np.random.default_rng(0).bytes(2048))
-        code, last, _, _ = run_cli("bench", str(broken), *FAST, "--out", str(tmp_path / "b.json"))
-        assert code == 2, last
-        assert "cannot be read as" in last["error"] and str(broken) in last["error"]
-        assert "\n" not in last["error"]
-    code, last, _, _ = run_cli("bench", str(plain_files["onnx"]), *FAST, "--record", str(tmp_path))
+    cfg = BenchConfig(threads=(1,), runs=1, warmup=0, cooldown_s=0, idle_s=0, energy="none")
+    short = tmp_path / "short.pte"      # a real program's header, cut short: refused before ExecuTorch's loader
+    short.write_bytes(b"\x3c\0\0\0ET12eh00\x20\0\0\0" + (40000).to_bytes(8, "little") * 2)
+    for suffix in (".onnx", ".tflite", ".pte", "short"):
+        broken = short if suffix == "short" else tmp_path / f"broken{suffix}"
+        if suffix != "short":
+            broken.write_bytes(np.random.default_rng(0).bytes(2048))
+        with pytest.raises(UsageError) as e:    # in process: ExecuTorch's loader must not be reached (it aborts)
+            run_bench([broken], "host", cfg, tmp_path / "b.json")
+        msg = str(e.value)
+        assert "cannot be read as" in msg and str(broken) in msg and "\n" not in msg, msg
+        assert suffix != "short" or "truncated" in msg
+    code, last, _, _ = run_cli("bench", str(tmp_path / "broken.onnx"), *FAST, "--record", str(tmp_path))
     assert code == 2 and "plain model file" in last["error"]
 
 

@@ -191,6 +191,7 @@ def read_inputs(path: Path, target: str, shapes: dict[str, tuple[int, ...]]) -> 
             from executorch.runtime import Runtime
         except ImportError:
             raise UsageError(f"{path}: reading a .pte file needs pip install executorch") from None
+        _check_pte_header(path)   # ExecuTorch's C++ loader aborts the process on some malformed files
         try:
             meta = Runtime.get().load_program(str(path)).metadata("forward")
             metas = [meta.input_tensor_meta(i) for i in range(meta.num_inputs())]
@@ -225,6 +226,25 @@ def read_inputs(path: Path, target: str, shapes: dict[str, tuple[int, ...]]) -> 
                                                          shapes), "dtype": dtype})
         return specs
     raise UsageError(f"unknown target {target}")
+
+
+def _check_pte_header(path: Path) -> None:
+    """UsageError unless `path` starts like an ExecuTorch program: flatbuffer identifier "ET.." at byte 4 and, when
+    the extended header "eh00" follows, a file at least as long as its program and segment offsets. A file with a
+    good header and a damaged body still reaches ExecuTorch's own loader (which may abort on it)."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(32)
+    size = path.stat().st_size
+    if len(head) < 8 or head[4:6] != b"ET":
+        raise UsageError(f"{path} cannot be read as an ExecuTorch program (no 'ET' file identifier at byte 4); "
+                         "pass an intact .pte file")
+    if head[8:12] == b"eh00" and len(head) >= 32:
+        program_size, segment_base = struct.unpack_from("<QQ", head, 16)
+        if program_size > size or segment_base > size:
+            raise UsageError(f"{path} cannot be read as an ExecuTorch program (truncated: {size} bytes, its header "
+                             f"says {max(program_size, segment_base)}+); pass an intact .pte file")
 
 
 def load_file(path: Path | str, stage: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> Artifact:
