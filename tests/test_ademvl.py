@@ -139,7 +139,17 @@ def test_lm_loading_errors_and_no_hub(tmp_path):
 def test_two_step_train_smoke_and_reload(tmp_path):
     from effai.train.ademvl import AdemvlConfig, train_ademvl
 
-    cfg = AdemvlConfig(out=str(tmp_path / "run"), photos=False, lm_steps=2, steps=2, batch_size=4, eval_every=10 ** 6)
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rows = []
+    for i in range(30):                                   # a small user set: 3 real digits per class, as PNG files
+        Image.fromarray((d.images[i] * 255 / 16).astype("uint8")).save(tmp_path / f"d{i}.png")
+        rows.append(json.dumps({"image": f"d{i}.png", "question": vqa.Q_DIGIT, "answer": vqa.DIGIT_WORDS[d.target[i]]}))
+    (tmp_path / "qa.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = AdemvlConfig(data=str(tmp_path / "qa.jsonl"), out=str(tmp_path / "run"), lm_steps=2, steps=2,
+                       batch_size=4, eval_every=2)
     r = train_ademvl(cfg)
     assert Path(r["model_path"]).is_file() and (tmp_path / "run" / "lm" / "tokenizer.json").is_file()
     assert r["trainable_params"] == r["projector_params"] + r["fusion_params"] > 0
@@ -148,6 +158,14 @@ def test_two_step_train_smoke_and_reload(tmp_path):
     assert model.num_visual == 21
     with pytest.raises(UsageError, match="already holds a finished"):
         train_ademvl(cfg)
+    (tmp_path / "run" / "model.safetensors").unlink()          # an interrupted run: the checkpoint resumes it
+    with pytest.raises(UsageError, match="resume=true"):
+        train_ademvl(cfg)
+    import dataclasses
+
+    again = train_ademvl(dataclasses.replace(cfg, resume=True))
+    assert again["val_acc"] == r["val_acc"]
+    assert torch.equal(zm.load(tmp_path / "run").projector.fc1.weight, model.projector.fc1.weight)
 
 
 def test_shipped_default_answers_held_out_digits():
