@@ -184,3 +184,27 @@ def test_shipped_default_answers_held_out_digits():
     answers = model.answer(normalized(val.images[idx], card.mean, card.std), vqa.Q_DIGIT)
     acc = sum(a == t for a, t in zip(answers, truth)) / len(truth)
     assert acc >= 0.7, acc
+
+
+def test_qwen2_class_takes_the_fusion_too(parts, tmp_path):
+    import shutil
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = parts[3]
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(str(tmp_path))
+    for f in LM_DIR.glob("tokenizer*"):
+        shutil.copy(f, tmp_path)
+    trunk, channels, size, _ = parts
+    model = zm.AdemVL(trunk, zm.load_causal_lm(tmp_path), vqa.load_tokenizer(tmp_path), feature_dim=channels,
+                      scales=(2, 1), input_size=size).eval()
+    assert type(model.lm).__name__ == "Qwen2ForCausalLM" and model.num_visual == 5
+    ids = torch.tensor([tok(vqa.prompt(vqa.Q_DIGIT))["input_ids"]])
+    with torch.no_grad():
+        model.set_visual(model.encode_image(torch.randn(1, *size)))
+        fused = model.lm(input_ids=ids).logits
+        model.set_visual(None)
+        plain = model.lm(input_ids=ids).logits
+    assert fused.shape == plain.shape and not torch.allclose(fused, plain)
