@@ -287,17 +287,17 @@ def test_a_device_that_cannot_load_its_inputs_is_named_and_the_others_are_told(r
     """A device's own error after the go (here: its --data fails to load) reaches the coordinator through the
     rendezvous, naming the device, and the device that was ready is told the run was aborted; nobody times out."""
     from effai.devit_runtime import RunSpec, coordinate, load_run, serve
-    from effai.devit_runtime import runtime
+    from effai.devit_runtime import device as device_module
 
     decomp = load_run(run["dir"])
-    real = runtime.load_stream
+    real = device_module.load_stream
 
     def load_stream(*args, **kwargs):
         if threading.current_thread().name == "part 1":
             raise UsageError("--data digits: no such file or directory; give 'digits', an image folder or an .npz")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runtime, "load_stream", load_stream)
+    monkeypatch.setattr(device_module, "load_stream", load_stream)
     errors: dict[int, BaseException] = {}
     threads: list[threading.Thread] = []
 
@@ -336,7 +336,7 @@ def _fake_device(port: int, part, got: dict, protocol: bool = True, ready: bool 
     """A device that speaks the rendezvous by hand (the coordinator's random images, no gloo); what it reads goes
     into `got`."""
     from effai.devit_runtime.inputs import load_stream
-    from effai.devit_runtime.runtime import KEY, device_info, stream_digest
+    from effai.devit_runtime.messages import KEY, device_info, stream_digest
 
     try:
         store, rank = _client(port), part.index + 1
@@ -397,10 +397,11 @@ def test_when_rank_1_fails_the_ready_rank_2_is_told_why(run, monkeypatch):
     part 1 gets the real reason, not a closed socket. A non-effai exception on the device becomes its one-line
     EffaiError (so `serve --json` prints its JSON line)."""
     from effai.devit_runtime import RunSpec, channel, load_run, serve
-    from effai.devit_runtime import runtime
+    from effai.devit_runtime import device as device_module
+    from effai.devit_runtime.messages import KEY
 
     decomp = load_run(run["dir"])
-    real, port = runtime.load_stream, {}
+    real, port = device_module.load_stream, {}
 
     class SlowToReadStart(channel.RemoteStore):
         def get(self, key):
@@ -412,11 +413,11 @@ def test_when_rank_1_fails_the_ready_rank_2_is_told_why(run, monkeypatch):
 
     def load_stream(*args, **kwargs):
         if threading.current_thread().name == "part 0":
-            _client(port["p"]).wait([f"{runtime.KEY}/ready/2"])   # part 1 is ready and waiting for start
+            _client(port["p"]).wait([f"{KEY}/ready/2"])   # part 1 is ready and waiting for start
             raise RuntimeError("boom while reading inputs")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runtime, "load_stream", load_stream)
+    monkeypatch.setattr(device_module, "load_stream", load_stream)
     errors: dict[int, BaseException] = {}
 
     def device(part, p):
@@ -451,7 +452,7 @@ def test_mixed_protocol_versions_are_refused_on_both_sides(run, monkeypatch):
     import torch.distributed as dist
 
     from effai.devit_runtime import RunSpec, channel, load_run, serve
-    from effai.devit_runtime.runtime import PROTOCOL
+    from effai.devit_runtime.messages import PROTOCOL
 
     decomp = load_run(run["dir"])
     got: list[dict] = [{}, {}]
@@ -490,7 +491,7 @@ def test_a_ready_device_waits_for_start_on_the_coordinators_clock(run):
     import dataclasses
 
     from effai.devit_runtime import RunSpec, channel, load_run, serve
-    from effai.devit_runtime.runtime import KEY, PROTOCOL
+    from effai.devit_runtime.messages import KEY, PROTOCOL
 
     part = load_run(run["dir"]).parts[0]
     go = {"ok": True, "protocol": PROTOCOL, "spec": dataclasses.asdict(RunSpec(images=4, timeout_s=10)),
@@ -538,7 +539,7 @@ def test_a_device_that_reports_ready_then_never_joins_is_named(run):
     """A device that dies between ready and the process group is named from its missing `joining` key, not left
     as an anonymous gloo timeout; with a `watch` (run_local) its process's own exit notice wins."""
     from effai.devit_runtime import RunSpec, load_run
-    from effai.devit_runtime.runtime import DeviceExited
+    from effai.devit_runtime.network import DeviceExited
 
     decomp = load_run(run["dir"])
     spec = RunSpec(images=4, timeout_s=1.5)
@@ -573,7 +574,8 @@ def test_a_device_s_own_report_wins_over_its_exit_notice(run):
     """A local device writes its UsageError to the store and exits; when `watch` sees the exit first, the coordinator
     re-reads the reports and raises the device's own UsageError (exit code 2), and the ready device is told why."""
     from effai.devit_runtime import RunSpec, load_run
-    from effai.devit_runtime.runtime import KEY, DeviceExited
+    from effai.devit_runtime.messages import KEY
+    from effai.devit_runtime.network import DeviceExited
 
     decomp = load_run(run["dir"])
     seen, port = threading.Event(), {}
@@ -659,7 +661,9 @@ def test_a_run_listens_only_on_the_given_address(run, digits_npz, host, monkeypa
     import socket
 
     from effai.devit_runtime import RunSpec, coordinate, load_run, serve
-    from effai.devit_runtime import runtime
+    from effai.devit_runtime import coordinator as coordinator_module
+    from effai.devit_runtime.inputs import load_stream
+    from effai.devit_runtime.network import format_address
 
     if host == "::1":
         try:
@@ -668,20 +672,20 @@ def test_a_run_listens_only_on_the_given_address(run, digits_npz, host, monkeypa
             pytest.skip("no IPv6 loopback here")
     decomp = load_run(run["dir"])
     before, during = _listening_sockets(), {}
-    real_loop = runtime._coordinator_loop
+    real_loop = coordinator_module._coordinator_loop
 
     def loop(*args, **kwargs):   # every process has joined gloo: all listeners exist
         during["sockets"] = _listening_sockets() - before
         return real_loop(*args, **kwargs)
 
-    monkeypatch.setattr(runtime, "_coordinator_loop", loop)
+    monkeypatch.setattr(coordinator_module, "_coordinator_loop", loop)
     data = "random:5" if host == "::1" else str(digits_npz)
     errors: dict[int, BaseException] = {}
     threads: list[threading.Thread] = []
 
     def device(part, port):
         try:
-            serve(part, runtime.format_address(host, port), token=TOKEN, timeout_s=20, data=data)
+            serve(part, format_address(host, port), token=TOKEN, timeout_s=20, data=data)
         except BaseException as e:   # noqa: BLE001 - collected for the assertion
             errors[part.index] = e
 
@@ -691,14 +695,14 @@ def test_a_run_listens_only_on_the_given_address(run, digits_npz, host, monkeypa
             threads[-1].start()
 
     spec = RunSpec(data=data, images=6, batch_size=3, warmup=1, timeout_s=20)
-    result = coordinate(decomp, runtime.format_address(host, 0), spec, token=TOKEN, on_listening=listening)
+    result = coordinate(decomp, format_address(host, 0), spec, token=TOKEN, on_listening=listening)
     for t in threads:
         t.join(20)
     assert not errors, errors
     listeners = during["sockets"]
     assert len(listeners) >= 4, listeners                        # rendezvous + gloo of the coordinator and 2 devices
     assert {addr for addr, _ in listeners} == {host}, listeners
-    stream = runtime.load_stream(data, tuple(decomp.parts[0].card.input_size), list(decomp.parts[0].card.mean),
+    stream = load_stream(data, tuple(decomp.parts[0].card.input_size), list(decomp.parts[0].card.mean),
                                  list(decomp.parts[0].card.std), 6, decomp.manifest["dataset"]["val_seed"],
                                  decomp.manifest["dataset"]["val_fraction"])
     with torch.no_grad():
@@ -716,7 +720,7 @@ def test_a_peer_without_the_token_cannot_join_read_or_write(run, monkeypatch):
     import torch.distributed as dist
 
     from effai.devit_runtime import RunSpec, channel, load_run
-    from effai.devit_runtime import runtime
+    from effai.devit_runtime.messages import KEY
 
     monkeypatch.setattr(channel, "HANDSHAKE_S", 1.0)             # the TCPStore client waits out the handshake
     decomp = load_run(run["dir"])
@@ -726,8 +730,8 @@ def test_a_peer_without_the_token_cannot_join_read_or_write(run, monkeypatch):
     def intruder(p):
         try:
             s = dist.TCPStore("127.0.0.1", p, is_master=False, timeout=datetime.timedelta(seconds=1))
-            got["claim"] = s.add(f"{runtime.KEY}/claim/1", 1)
-            s.set(f"{runtime.KEY}/ready/1", json.dumps({"ok": False, "error": "\x1b[2Jinjected"}))
+            got["claim"] = s.add(f"{KEY}/claim/1", 1)
+            s.set(f"{KEY}/ready/1", json.dumps({"ok": False, "error": "\x1b[2Jinjected"}))
             got["keys"] = s.num_keys()
         except BaseException as e:   # noqa: BLE001 - collected for the assertion
             got["tcpstore"] = e
@@ -857,10 +861,11 @@ def _verdict_to(part, verdict: dict, data=None) -> tuple[BaseException | None, d
     """serve(part) against a hand-made coordinator that sends `verdict`: (the device's error, what it reported as
     ready, the load_stream calls it made)."""
     from effai.devit_runtime import channel, serve
-    from effai.devit_runtime import runtime
+    from effai.devit_runtime import device as device_module
+    from effai.devit_runtime.messages import KEY
 
     calls: list = []
-    real = runtime.load_stream
+    real = device_module.load_stream
     rv = channel.Rendezvous("127.0.0.1", 0, TOKEN)
     errors: dict[str, BaseException] = {}
 
@@ -874,21 +879,21 @@ def _verdict_to(part, verdict: dict, data=None) -> tuple[BaseException | None, d
         calls.append(args[0])
         return real(*args, **kwargs)
 
-    runtime.load_stream = recording
+    device_module.load_stream = recording
     try:
         t = threading.Thread(target=device, daemon=True)
         t.start()
-        rv.store.get(f"{runtime.KEY}/device/1", 10)
-        rv.store.set(f"{runtime.KEY}/verdict/1", json.dumps(verdict))
-        ready, key, deadline = None, f"{runtime.KEY}/ready/1", time.monotonic() + 10
+        rv.store.get(f"{KEY}/device/1", 10)
+        rv.store.set(f"{KEY}/verdict/1", json.dumps(verdict))
+        ready, key, deadline = None, f"{KEY}/ready/1", time.monotonic() + 10
         while t.is_alive() and not rv.store.check([key]) and time.monotonic() < deadline:
             time.sleep(0.02)
         if rv.store.check([key]):
             ready = json.loads(rv.store.get(key))
-            rv.store.set(f"{runtime.KEY}/start", json.dumps({"ok": False, "error": "test over"}))
+            rv.store.set(f"{KEY}/start", json.dumps({"ok": False, "error": "test over"}))
         t.join(10)
     finally:
-        runtime.load_stream = real
+        device_module.load_stream = real
         rv.close()
     return errors.get("e"), ready, calls
 
@@ -900,7 +905,7 @@ def test_a_coordinator_s_spec_is_checked_strictly_and_never_names_the_device_s_f
     import dataclasses
 
     from effai.devit_runtime import RunSpec, load_run
-    from effai.devit_runtime.runtime import PROTOCOL
+    from effai.devit_runtime.messages import PROTOCOL
 
     part = load_run(run["dir"]).parts[0]
 

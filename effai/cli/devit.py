@@ -53,7 +53,7 @@ def serve_cmd(
     """Hold one part on this device and answer the coordinator until it says stop."""
     from effai.devit_runtime.channel import TOKEN_ENV, resolve_token
     from effai.devit_runtime.parts import load_part
-    from effai.devit_runtime.runtime import serve
+    from effai.devit_runtime.device import serve
 
     try:
         _threads(threads)
@@ -105,7 +105,9 @@ def run_cmd(
     """Fuse the devices' CLS features into predictions; report latency, compute, traffic per device."""
     from effai.devit_runtime.channel import TOKEN_ENV, resolve_token
     from effai.devit_runtime.parts import load_run
-    from effai.devit_runtime.runtime import RunSpec, coordinate, format_address, parse_address
+    from effai.devit_runtime.coordinator import coordinate
+    from effai.devit_runtime.messages import RunSpec
+    from effai.devit_runtime.network import format_address, parse_address
 
     try:
         _threads(threads)

@@ -8,7 +8,10 @@ its own process/device, the fusion head on a coordinator, torch.distributed (glo
 
 from effai.devit_runtime.local import run_local
 from effai.devit_runtime.parts import Decomposition, Fusion, Part, load_fusion, load_part, load_run
-from effai.devit_runtime.runtime import DeviceLost, RunResult, RunSpec, coordinate, serve
+from effai.devit_runtime.coordinator import RunResult, coordinate
+from effai.devit_runtime.device import serve
+from effai.devit_runtime.messages import RunSpec
+from effai.devit_runtime.network import DeviceLost
 
 __all__ = ["Decomposition", "DeviceLost", "Fusion", "Part", "RunResult", "RunSpec", "coordinate", "load_fusion",
            "load_part", "load_run", "run_local", "serve"]

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from effai.devit_runtime.parts import Decomposition
 from effai.devit_runtime import channel
-from effai.devit_runtime.runtime import DeviceExited, RunResult, RunSpec, coordinate, format_address
+from effai.devit_runtime.coordinator import RunResult, coordinate
+from effai.devit_runtime.messages import RunSpec
+from effai.devit_runtime.network import DeviceExited, format_address
 
 
 def run_local(decomp: Decomposition, run_dir: str | Path, spec: RunSpec, host: str = "127.0.0.1", port: int = 0,
