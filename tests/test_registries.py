@@ -129,7 +129,7 @@ ARCH_CASES = {
     "devit_fusion": ({"in_chans": 8, "parts": 2, "d_sub": 4, "d_teacher": 8}, (2, 8)),   # fuses 2 CLS features
 }
 # Architectures too heavy to build within this file's budget, with the test that builds and runs them.
-HEAVY_ARCHS = {"ademvl": "loads a language model (~35 s on the 2-core host); built and run by the ADEM-VL tests"}
+HEAVY_ARCHS = {"ademvl": "loads a language model (~35 s on the 2-core host); built and run by tests/test_ademvl.py"}
 
 
 @pytest.mark.parametrize("name", ARCHS.names())
