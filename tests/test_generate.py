@@ -98,10 +98,16 @@ def test_cli_generates_and_refuses_bad_input(fp32_artifact, lm_dir, tmp_path):
     code, last, _, _ = run_cli("generate", str(odd), "--prompt", "x", "--json")
     assert code == 2 and "unknown artifact kind 'speech'" in last["error"] and "lm, vlm" in last["error"]
 
+    from effai.errors import UsageError
+    from effai.generate.artifact import read as read_artifact   # the same checks, in process (a CLI call costs ~10 s)
+
     (odd / "manifest.json").write_text(json.dumps(m))
     (odd / "decoder.pte").write_bytes(b"tampered")
-    code, last, _, _ = run_cli("generate", str(odd), "--prompt", "x", "--json")
-    assert code == 2 and "decoder.pte" in last["error"]
+    with pytest.raises(UsageError, match="decoder.pte"):
+        read_artifact(odd)
+    (odd / "manifest.json").write_text(json.dumps({"schema": "effai.manifest/1", "target": "onnx"}))
+    with pytest.raises(UsageError, match="single-forward model artifact"):
+        read_artifact(odd)
 
 
 @pytest.mark.slow
