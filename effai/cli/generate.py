@@ -125,6 +125,9 @@ def _vlm(source: str) -> tuple:
 
         model = load(p)
         return model, _card_of(model)
+    if not p.exists() and ("/" in source or source.startswith(".")):
+        raise UsageError(f"{source} not found; pass an LM directory (save_pretrained + tokenizer.json), an ADEM-VL run "
+                         "directory or a zoo name such as ademvl_tiny.digits")
     if p.exists():
         raise UsageError(f"{source} is neither an LM directory (config.json) nor an ADEM-VL run (model.safetensors)")
     loaded = zoo.create(source)
