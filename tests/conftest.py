@@ -8,6 +8,16 @@ import torch
 from tests.helpers import DEVIT_SIZE, SMALL, randomize_bn
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _torch_threads_restored():
+    """A module that changes torch's thread count (to time or to make a run reproducible) gives it back: outputs
+    computed later in the same process (bundle determinism, parity references) must not depend on test order."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def digits_npz(tmp_path_factory):
     """240 real digits (24 per class) as a CIFAR-style .npz: small enough for quick epochs."""
