@@ -196,9 +196,11 @@ def test_a_device_that_dies_mid_stream_ends_the_run_naming_it(run):
 
     t0 = time.monotonic()
     with pytest.raises(DeviceLost, match=r"device rank 2 \(part 1, .*pid \d+\).*aborted"):
-        run_local(load_run(run["dir"]), run["dir"], RunSpec(images=20, batch_size=2, timeout_s=15),
+        run_local(load_run(run["dir"]), run["dir"], RunSpec(images=20, batch_size=2, timeout_s=60),
                   fail_after={1: 3})
-    assert time.monotonic() - t0 < 40                                             # no hang: start-up + timeout
+    # no hang: the lost device ends the run when its stream closes, not at the timeout (which only bounds start-up
+    # of the device processes: generous, a loaded 2-core host needs ~20 s to import torch in two processes)
+    assert time.monotonic() - t0 < 55
 
 
 def test_missing_device_and_foreign_part_are_refused_before_data_flows(run, other_run):
