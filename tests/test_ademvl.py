@@ -175,6 +175,9 @@ def test_shipped_default_answers_held_out_digits():
     loaded = zoo.create("ademvl_tiny.digits")
     model, card = loaded.model, loaded.card
     assert not loaded.random_init
+    assert card.task == "visual-question-answering" and card.num_classes == 0
+    visual = model.encode_image(torch.zeros(2, *card.input_size))          # the documented (B, Nv, D), Nv = 16+4+1
+    assert visual.shape == (2, 21, model.lm.config.hidden_size) and model.num_visual == 21
     record = json.loads(__import__("safetensors").safe_open(
         str(zm.WEIGHTS_DIR / card.bundled_weights), framework="pt").metadata()["effai.train"])
     data = vqa.build_offline(64, 1, photos=False)

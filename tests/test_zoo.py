@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from effai import zoo
 from effai.errors import EffaiError, UsageError
 
-ZOO = zoo.CARDS.names()
+ZOO = [n for n in zoo.CARDS.names() if zoo.CARDS.get(n).task == "image-classification"]   # VQA cards: test_ademvl
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -231,3 +231,18 @@ def test_model_card_round_trips_through_its_checkpoint_dict():
         assert json.loads(json.dumps(d)) == d                       # JSON-ready
         back = ModelCard.from_dict(d)
         assert back.to_dict() == d and back.input_size == card.input_size and back.mean == card.mean
+        assert back.task == card.task
+    assert {CARDS.get(n).task for n in CARDS.names()} == {"image-classification", "visual-question-answering"}
+    old = {k: v for k, v in CARDS.get("vit_pico").to_dict().items() if k != "task"}   # written before the field
+    assert ModelCard.from_dict(old).task == "image-classification"
+    with pytest.raises(ValueError, match="task 'speech' is not one of"):
+        ModelCard.from_dict({**old, "task": "speech"})
+
+
+def test_pack_refuses_a_generative_card_before_loading_it(tmp_path):
+    from effai.bundle.pack import pack
+
+    with pytest.raises(UsageError, match="visual-question-answering model: bundles hold image-classification"
+                                         ".*effai generate-export ademvl_tiny.digits"):
+        pack("ademvl_tiny.digits", ["onnx"], out=tmp_path)
+    assert not any(tmp_path.iterdir())

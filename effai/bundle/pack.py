@@ -26,7 +26,7 @@ from effai.bundle import index as index_mod
 from effai.errors import EffaiError, UsageError
 from effai.files import atomic_write, read_json, replace_dir, staging_dir
 
-TASK = "image-classification"
+TASK = "image-classification"      # the task bundles hold (single-forward classifiers); ModelCard.task per card
 ARTIFACT_STATUSES = index_mod.ARTIFACT_STATUSES
 
 # Measured by packing twice (tests/test_bundle_pack.py re-checks every "identical" claim; docs/bundle.md).
@@ -116,7 +116,10 @@ def pack(model: str, targets: Sequence[str], precisions: Sequence[str] | None = 
     the export progress callback for one artifact dir; `on_artifact` hears each bundle.json artifact entry."""
     from effai import zoo
     from effai.export.pipeline import ExportConfig, try_export
+    from effai.zoo.catalog import CARDS
 
+    if model in CARDS:                                   # before minutes of loading and exporting
+        check_task(CARDS.get(model))
     pairs, skipped = plan(targets, precisions)
     sign_block = None
     if sign_key is not None:
@@ -125,6 +128,7 @@ def pack(model: str, targets: Sequence[str], precisions: Sequence[str] | None = 
         sign_mod.load_private(Path(sign_key))            # a missing or wrong key fails before minutes of exports
         sign_block = sign_mod.public_block(Path(sign_key))
     loaded = zoo.create(model, weights=weights, pretrained=pretrained)
+    check_task(loaded.card)
     dest = destination(Path(out), loaded.card.name)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +168,14 @@ def pack(model: str, targets: Sequence[str], precisions: Sequence[str] | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return PackResult(dest, index, skipped)
+
+
+def check_task(card: Any) -> None:
+    """Bundles hold single-forward classifiers; a generative card (visual-question-answering) exports elsewhere."""
+    if card.task != TASK:
+        raise UsageError(f"{card.name} is a {card.task} model: bundles hold {TASK} models only; export it with "
+                         f"`effai generate-export {card.name} --out DIR` (or `effai export {card.name} --target "
+                         "executorch`)")
 
 
 def carry_perf(old: Path, new: Path, artifacts: list[dict[str, Any]]) -> int:
@@ -237,7 +249,7 @@ def _write_bundle(root: Path, loaded: Any, artifacts: list[dict[str, Any]], skip
     index: dict[str, Any] = {
         "schema": index_mod.SCHEMA,
         "effai_version": __version__,
-        "model": {"name": card.name, "family": card.family, "task": TASK, "params": stats["params"],
+        "model": {"name": card.name, "family": card.family, "task": card.task, "params": stats["params"],
                   "macs": stats["macs"], "input_size": list(card.input_size), "num_classes": len(labels),
                   "license": card.weights_license, "weights": weights_block(loaded),
                   "description": card.description, "trained": trained_block(card)},

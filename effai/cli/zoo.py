@@ -97,10 +97,10 @@ def _zoo_table(rows: list[dict[str, Any]], width: int) -> Any:
 
 
 def _zoo_row(name: str, c: Any, best: dict[str, Any] | None) -> dict[str, Any]:
-    from effai.bundle.pack import TASK, card_stats
+    from effai.bundle.pack import card_stats
 
     stats = card_stats(name)
-    return {"name": name, "task": TASK, "family": c.family, "params": stats["params"], "macs": stats["macs"],
+    return {"name": name, "task": c.task, "family": c.family, "params": stats["params"], "macs": stats["macs"],
             "input": "x".join(map(str, c.input_size)), "input_size": list(c.input_size), "classes": c.num_classes,
             "license": c.weights_license, "reparameterizable": c.reparameterizable,
             "weights": "bundled" if c.bundled_weights else "hub (--pretrained) / --weights; random-init without",

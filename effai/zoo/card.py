@@ -7,6 +7,10 @@ from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# What a card's model does: image-classification (one forward, class scores: effai export to every target, effai
+# predict, bundles) or visual-question-answering (an image + a question -> generated text: effai generate, exported
+# with `effai export --target executorch` as a vision program + KV-cache decoder).
+TASKS = ("image-classification", "visual-question-answering")
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class ModelCard:
     crop_pct: float = 0.875                       # resize shorter side to size/crop_pct, then centre-crop
     channel_order: str = "RGB"
     num_classes: int = 1000
+    task: str = "image-classification"            # one of TASKS: what the outputs are (class scores or text)
     label_set: str | None = "imagenet-1k"         # named label list (see zoo.labels), None when unknown
     weights_license: str = "unknown"              # licence of the pretrained weights (random-init has none)
     reparameterizable: bool = False               # has training-time branches that fold() merges
@@ -41,7 +46,7 @@ class ModelCard:
         preprocesses its input; the architecture options are `arch_kwargs`."""
         return {"name": self.name, "family": self.family, "source": self.source, "input_size": list(self.input_size),
                 "mean": list(self.mean), "std": list(self.std), "num_classes": self.num_classes,
-                "interpolation": self.interpolation, "crop_pct": self.crop_pct,
+                "task": self.task, "interpolation": self.interpolation, "crop_pct": self.crop_pct,
                 "arch_kwargs": dict(self.extra.get("arch_kwargs", {}))}
 
     @classmethod
@@ -52,6 +57,7 @@ class ModelCard:
                    input_size=tuple(d["input_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),  # type: ignore[arg-type]
                    interpolation=d.get("interpolation", "bilinear"), crop_pct=float(d.get("crop_pct", 1.0)),
                    num_classes=int(d["num_classes"]), label_set=None,
+                   task=_task(d.get("task", "image-classification")),   # checkpoints before the field: classifiers
                    extra={"arch_kwargs": dict(d.get("arch_kwargs", {}))})
         return card.with_(**changes) if changes else card
 
@@ -70,3 +76,9 @@ class ModelCard:
             "crop_pct": self.crop_pct,
             "recipe": "x = (pixel/255 - mean) / std after resizing the shorter side to size/crop_pct and centre-cropping",
         }
+
+
+def _task(v: object) -> str:
+    if v not in TASKS:
+        raise ValueError(f"task {str(v)[:40]!r} is not one of {', '.join(TASKS)}")
+    return v  # type: ignore[return-value]

@@ -77,6 +77,7 @@ for _name, _what in (("vit_pico", "ViT, dim 96, depth 6, 3 heads"), ("vit_tiny",
 CARDS.register("ademvl_tiny.digits", ModelCard(
     name="ademvl_tiny.digits", family="ademvl", source="effai:ademvl", input_size=(1, 64, 64), mean=(0.5,),
     std=(0.5,), interpolation="bilinear", crop_pct=1.0, num_classes=0, label_set=None,
+    task="visual-question-answering",
     weights_license="Apache-2.0 (trained by effai on scikit-learn digits, BSD-3, and scikit-image photos)",
     bundled_weights="ademvl_tiny_digits.safetensors",
     extra={"arch_kwargs": {"lm": "bundled:ademvl_tiny_digits_lm", "encoder": "ghostnetv3_050.digits",
