@@ -18,7 +18,9 @@ from effai.errors import EffaiError, UsageError
 
 def export_cmd(
     model: Annotated[Optional[str], typer.Argument(help="Zoo or timm model name (effai zoo list); optional with "
-                                                        "--weights from effai train or --model-def.")] = None,
+                                                        "--weights from effai train or --model-def. A generative "
+                                                        "model (ADEM-VL card or run dir, LM dir) exports with "
+                                                        "--target executorch as a generation artifact.")] = None,
     target: Annotated[str, typer.Option("--target", "-t",
                                         help="executorch | coreml | tflite | onnx, a comma list, or all.")] = "onnx",
     precision: Annotated[Optional[str], typer.Option("--quantize", "-q", "--precision", help=QUANTIZE_HELP.replace("|", " | "))] = None,
@@ -45,12 +47,20 @@ def export_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace an artifact at --out that was exported from another "
                                         "model, weights, precision or input shape.")] = False,
     as_json: JsonOpt = False,
-) -> None:
+) -> dict[str, Any] | None:
     """Fold a model, lower it to one or more targets, prove parity, write artifact dirs with manifests."""
     from effai import zoo
     from effai.export.artifact_dir import artifact_name
     from effai.export.pipeline import ExportConfig, ParityFailed, try_export
 
+    if model is not None and model_def is None:
+        from effai.generate.artifact import source_kind
+
+        if source_kind(model) is not None:    # an LM dir, an ADEM-VL run or card: a generation artifact
+            given = {"--weights": weights, "--pretrained": pretrained or None, "--input-size": input_size,
+                     "--input-shape": input_shape, "--batch": batch if batch != 1 else None,
+                     "--float-layers": float_layers, "--io-dtype": io_dtype if io_dtype != "float" else None}
+            return _export_generative(model, target, precision, out, force, as_json, given)
     ui = console.err()
     results: list[dict[str, Any]] = []
     try:
@@ -110,6 +120,37 @@ def export_cmd(
     console.json_line(summary)
     if failed is not None:
         raise typer.Exit(failed.exit_code)
+    return None
+
+
+def _export_generative(source: str, target: str, precision: str | None, out: Path | None, force: bool,
+                       as_json: bool, given: dict[str, Any]) -> dict[str, Any]:
+    """`effai export <generative model> --target executorch`: the generation artifact (vision program + static-KV-cache
+    decoder + tokenizer, docs/generate.md), the same export as `effai generate-export`. Refused before loading: other
+    targets (the decoder runs only in ExecuTorch) and the single-forward options."""
+    from effai.cli.generate import run_generation_export
+    from effai.export.artifact_dir import safe_name
+    from effai.generate.artifact import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_SEQ_LEN, source_name, vision_encoder
+
+    try:
+        if target.strip().lower() != "executorch":
+            enc = vision_encoder(source)
+            trunk = (f"; its vision trunk {enc} exports to onnx, tflite, coreml and executorch alone (effai export "
+                     f"{enc} --target onnx)" if enc else "")
+            raise UsageError(f"{source} generates text: its KV-cache decoder runs only in ExecuTorch, pass --target "
+                             f"executorch (not {target}){trunk}")
+        bad = [k for k, v in given.items() if v is not None]
+        if bad:
+            raise UsageError(f"{', '.join(bad)}: single-forward options, not used by a generative model's export; "
+                             "drop them (the options are --quantize fp32|int8-weight|int4-weight, --out, --force; "
+                             "more in effai generate-export)")
+    except EffaiError as e:
+        fail(e, as_json)
+    precision = precision or "fp32"
+    dest = out or Path("effai_out") / (f"{safe_name(source_name(source))}-executorch"
+                                       + ("" if precision == "fp32" else f"-{precision}"))
+    return run_generation_export(source, dest, precision, DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_NEW_TOKENS, None, force,
+                                 as_json)
 
 
 def _row(res: Any) -> dict[str, Any]:

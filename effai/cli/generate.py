@@ -5,8 +5,9 @@ Details and numbers: docs/generate.md."""
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -81,68 +82,39 @@ def generate_export_cmd(
     quantize: Annotated[str, typer.Option("--quantize", "-q", help="fp32, int8-weight or int4-weight.")] = "fp32",
     max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="KV cache positions (prompt + answer).")] = 64,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Default answer length.")] = 32,
-    prompt_template: Annotated[str, typer.Option("--prompt-template", help="Wraps the prompt.")] = "{prompt}",
+    prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", help="Wraps the prompt [default: "
+                                                           "{prompt} for an LM, 'question: {prompt} answer:' for "
+                                                           "ADEM-VL].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export an LM as a static-KV-cache ExecuTorch decoder (XNNPACK) with its tokenizer; checks greedy parity."""
-    from effai.export.kv_decoder import PRECISIONS
-    from effai.generate.artifact import export_artifact, export_vlm_artifact
-    from effai.generate.sampling import Sampling
+    run_generation_export(source, out, quantize, max_seq_len, max_new_tokens, prompt_template, force, as_json)
+
+
+def run_generation_export(source: str, out: Path, quantize: str, max_seq_len: int, max_new_tokens: int,
+                          prompt_template: str | None, force: bool, as_json: bool) -> dict[str, Any]:
+    """`effai generate-export` and `effai export --target executorch` of a generative model: export, one summary line,
+    the JSON line (returned too, for callers in process); usage errors exit 2 before the model is loaded
+    (effai.generate.artifact.export_source)."""
+    from effai.generate.artifact import export_source
 
     try:
-        if quantize not in PRECISIONS:
-            raise UsageError(f"--quantize {quantize!r} is not offered for decoders; choose from: "
-                             f"{', '.join(PRECISIONS)}")
-        ui = console.err()
-        with ui.status(f"exporting {source} ({quantize}, cache {max_seq_len})", spinner="dots"):
-            if (Path(source) / "config.json").is_file():
-                m = export_artifact(Path(source), out, quantize, max_seq_len, Sampling(max_new_tokens=max_new_tokens),
-                                    prompt_template, force=force)
-            else:
-                model, card = _vlm(source)
-                m = export_vlm_artifact(model, card, out, quantize, max_seq_len,
-                                        Sampling(max_new_tokens=max_new_tokens),
-                                        "question: {prompt} answer:" if prompt_template == "{prompt}"
-                                        else prompt_template, force=force)
+        with console.err().status(f"exporting {source} ({quantize}, cache {max_seq_len})", spinner="dots") \
+                if not as_json else nullcontext():
+            m = export_source(source, out, quantize, max_seq_len, max_new_tokens, prompt_template, force)
     except EffaiError as e:
         fail(e, as_json)
     p = m["parity"]
+    files = [m["programs"]["decoder"]] + ([m["programs"]["vision"]] if m["programs"].get("vision") else [])
     if not as_json:
-        console.out().print(f"wrote {out}: decoder {m['decoder']['bytes'] / 1e6:.2f} MB ({quantize}), greedy token "
-                            f"agreement with torch fp32 {p['token_agreement']:.0%} over {len(p['torch_tokens'])}")
-    console.json_line({"ok": True, "artifact": str(out), "precision": quantize, "parity": p,
-                       "decoder_bytes": m["decoder"]["bytes"]})
-
-
-def _vlm(source: str) -> tuple:
-    """(ADEM-VL model, card) from a zoo name or a run directory; UsageError for anything else."""
-    from effai import zoo
-
-    p = Path(source)
-    if p.is_dir() and (p / "model.safetensors").is_file():
-        from effai.zoo.ademvl import load
-
-        model = load(p)
-        return model, _card_of(model)
-    if not p.exists() and ("/" in source or source.startswith(".")):
-        raise UsageError(f"{source} not found; pass an LM directory (save_pretrained + tokenizer.json), an ADEM-VL run "
-                         "directory or a zoo name such as ademvl_tiny.digits")
-    if p.exists():
-        raise UsageError(f"{source} is neither an LM directory (config.json) nor an ADEM-VL run (model.safetensors)")
-    loaded = zoo.create(source)
-    if not hasattr(loaded.model, "set_visual"):
-        raise UsageError(f"{source} is not a generative model (no ADEM-VL contract); pass an LM directory or an "
-                         "ADEM-VL zoo name/run")
-    return loaded.model, loaded.card
-
-
-def _card_of(model) -> object:
-    """The preprocessing an ADEM-VL run's images get: ADEM-VL normalizes with mean 0.5, std 0.5 per channel."""
-    from types import SimpleNamespace
-
-    c = model.input_size[0]
-    return SimpleNamespace(name="ademvl-run", mean=(0.5,) * c, std=(0.5,) * c)
+        console.out().print(f"wrote {out} ({m['kind']}: {' + '.join(files)} + tokenizer): decoder "
+                            f"{m['decoder']['bytes'] / 1e6:.2f} MB ({quantize}), greedy token agreement with torch "
+                            f"fp32 {p['token_agreement']:.0%} over {len(p['torch_tokens'])}")
+    summary = {"ok": True, "artifact": str(out), "kind": m["kind"], "precision": quantize, "parity": p,
+               "decoder_bytes": m["decoder"]["bytes"], "programs": m["programs"]}
+    console.json_line(summary)
+    return summary
 
 
 def generate_bench_cmd(

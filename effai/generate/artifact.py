@@ -100,6 +100,113 @@ def export_vlm_artifact(model: Any, card: Any, out: Path, precision: str = "fp32
                    parity_tokens, extras, {"model": card.name}, set_visual=model.set_visual, image=image)
 
 
+# --- what can be exported as a generation artifact, decided before anything is loaded ----------------------------
+DEFAULT_MAX_SEQ_LEN = 64
+DEFAULT_MAX_NEW_TOKENS = 32
+VLM_TEMPLATE = "question: {prompt} answer:"
+
+
+def source_kind(source: str) -> str | None:
+    """"lm" for an LM directory (config.json), "vlm" for an ADEM-VL run dir (model.safetensors with effai.ademvl
+    metadata) or a visual-question-answering zoo card; None for anything else (a classifier, a timm name, a typo).
+    Reads no weights."""
+    p = Path(source)
+    if (p / "config.json").is_file():
+        return "lm"
+    if _run_arch(p) is not None:
+        return "vlm"
+    from effai.zoo.catalog import CARDS
+
+    return "vlm" if source in CARDS and CARDS.get(source).task == "visual-question-answering" else None
+
+
+def source_name(source: str) -> str:
+    """The name an export of `source` is filed under: the zoo name, else the directory's name."""
+    return Path(source).name if Path(source).is_dir() else source
+
+
+def vision_encoder(source: str) -> str | None:
+    """The zoo name of a VLM's frozen vision trunk (it exports to every target as a classifier), None if unknown."""
+    from effai.zoo.catalog import CARDS
+
+    arch = _run_arch(Path(source)) or (CARDS.get(source).extra.get("arch_kwargs", {}) if source in CARDS else {})
+    enc = arch.get("encoder")
+    return enc if isinstance(enc, str) and enc in CARDS else None
+
+
+def _run_arch(p: Path) -> dict[str, Any] | None:
+    f = p / "model.safetensors"
+    if not f.is_file():
+        return None
+    from safetensors import safe_open
+
+    from effai.zoo.ademvl import META_KEY
+
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            arch = json.loads((fh.metadata() or {}).get(META_KEY, "null"))
+    except Exception:  # noqa: BLE001 - unreadable or not ours: not an ADEM-VL run (zoo.ademvl.load says why)
+        return None
+    return arch if isinstance(arch, dict) else None
+
+
+def export_source(source: str, out: Path, precision: str = "fp32", max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, prompt_template: str | None = None,
+                  force: bool = False) -> dict[str, Any]:
+    """An LM directory, an ADEM-VL run directory or a generative zoo name -> artifact dir at `out`; the usage errors
+    (precision, --out, template, what `source` is) come before the model is loaded. `prompt_template` None: "{prompt}"
+    for an LM, VLM_TEMPLATE for ADEM-VL. What `effai generate-export` and `effai export --target executorch` run."""
+    from effai.export.kv_decoder import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"--quantize {precision!r} is not offered for decoders; choose from: {', '.join(PRECISIONS)}")
+    if max_seq_len < 2:
+        raise UsageError(f"--max-seq-len {max_seq_len} must be >= 2 (prompt + at least one answer token)")
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} must be >= 1")
+    kind = source_kind(source)
+    template = prompt_template or ("{prompt}" if kind == "lm" else VLM_TEMPLATE)
+    sampling = Sampling(max_new_tokens=max_new_tokens)
+    if kind == "lm":
+        return export_artifact(Path(source), out, precision, max_seq_len, sampling, template, force=force)
+    p = Path(source)
+    if kind is None:
+        if not p.exists() and ("/" in source or source.startswith(".")):
+            raise UsageError(f"{source} not found; pass an LM directory (save_pretrained + tokenizer.json), an ADEM-VL "
+                             "run directory or a zoo name such as ademvl_tiny.digits")
+        if p.exists():
+            raise UsageError(f"{source} is neither an LM directory (config.json) nor an ADEM-VL run "
+                             "(model.safetensors with effai.ademvl metadata)")
+        from effai.zoo import resolve_card
+
+        card = resolve_card(source)          # an unknown name: the zoo's own error, with suggestions
+        raise UsageError(f"{source} is a {card.task} model, not a generative one; pass an LM directory or an "
+                         "ADEM-VL zoo name/run (effai zoo list shows each card's task)")
+    _check_out(out, force, template)         # before the model is loaded
+    model, card = load_vlm(source)
+    return export_vlm_artifact(model, card, out, precision, max_seq_len, sampling, template, force=force)
+
+
+def load_vlm(source: str) -> tuple[Any, Any]:
+    """(ADEM-VL model, its card or the preprocessing a run's images get) from a zoo name or a run directory."""
+    p = Path(source)
+    if p.is_dir():
+        from types import SimpleNamespace
+
+        from effai.zoo.ademvl import load
+
+        model = load(p)
+        c = model.input_size[0]          # ADEM-VL normalizes with mean 0.5, std 0.5 per channel
+        return model, SimpleNamespace(name=f"ademvl-run:{p.name}", mean=(0.5,) * c, std=(0.5,) * c)
+    from effai import zoo
+
+    loaded = zoo.create(source)
+    if not hasattr(loaded.model, "set_visual"):
+        raise UsageError(f"{source} is not a generative model (no ADEM-VL contract); pass an LM directory or an "
+                         "ADEM-VL zoo name/run")
+    return loaded.model, loaded.card
+
+
 def _check_out(out: Path, force: bool, prompt_template: str) -> None:
     if Path(out).exists() and not force:
         raise UsageError(f"{out} exists; pass --force to replace it or choose another --out")
@@ -121,6 +228,10 @@ def _export(lm: Any, visual: Any, tok: Any, out: Path, precision: str, max_seq_l
     module = kv_decoder.static_cache_module(lm, max_seq_len, set_visual)
     exported, example = kv_decoder.export_decoder(module, max_seq_len,
                                                   None if visual is None else tuple(visual.shape))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create {out.parent} ({e.strerror}); choose a writable --out") from None
     tmp = files.staging_dir(out)
     try:
         record = kv_decoder.lower_decoder(exported, example, precision, tmp / "decoder.pte")
@@ -177,7 +288,6 @@ class Artifact:
         from PIL import Image
 
         from effai.data.datasets import read_image
-        from executorch.runtime import Runtime
 
         spec = self.manifest.get("image") or {}
         c, h, w = spec["size"]
