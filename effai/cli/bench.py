@@ -66,7 +66,16 @@ def bench_cmd(
                                                        "signatures are refused.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Latency (and energy where a meter is readable) of artifacts on this host, a phone (adb) or a board (ssh)."""
+    """Latency (and energy where a meter is readable) of artifacts on this host, a phone (adb) or a board (ssh).
+    A generation artifact (effai export of ADEM-VL / an LM): time to first token, prefill, decode tokens/s, memory."""
+    from effai.cli.generate import bench_dispatch
+
+    if bench_dispatch(artifacts, runs, warmup, {"--device": device != "host", "--threads": threads != "1",
+                                                "--min-seconds": min_seconds, "--baseline": baseline,
+                                                "--fail-on": fail_on, "--plot": plot_png, "--record": record,
+                                                "--record-key": record_key, "--input-shape": input_shape,
+                                                "--runner-binary": runner_binary}, as_json):
+        return
     from effai.device_bench import report
     from effai.device_bench.base import BenchConfig
     from effai.device_bench.bench import run_bench
@@ -133,7 +142,7 @@ def bench_cmd(
     except KeyboardInterrupt:
         records = measured
         if not as_json and records:
-            console.out().print(report.table(records))
+            console.out().print(report.table(records, width=console.out().width))
         ui.print(f"[red]interrupted[/]; the {len(records)} record(s) measured so far are in {out} "
                  "(status interrupted)")
         console.json_line({"ok": False, "interrupted": True, "report": str(out), "records": len(records),
@@ -150,7 +159,7 @@ def bench_cmd(
                                "skipped": [{"artifact": r.artifact.get("path"), "reason": r.error}
                                            for r in result.skipped]}
     if not as_json:
-        console.out().print(report.table(records))
+        console.out().print(report.table(records, width=console.out().width))
         ui.print(f"[dim]energy: {result.energy_note}[/]")
         for r in result.skipped:
             ui.print(f"[yellow]! skipped {r.artifact.get('path')}: {r.error}[/]")

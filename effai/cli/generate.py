@@ -123,22 +123,82 @@ def generate_bench_cmd(
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs (after one warm-up).")] = 5,
     as_json: JsonOpt = False,
 ) -> None:
-    """Prefill ms and decode tokens/s (median, p90) of a generation artifact in the ExecuTorch runtime."""
-    from effai.generate.bench import bench_generation
+    """Time to first token, prefill ms, decode tokens/s (median, p90), sizes and peak memory of a generation
+    artifact in the ExecuTorch runtime (also `effai bench ARTIFACT`)."""
+    run_generation_bench([artifact], new_tokens, repeats, 1, as_json)
 
+
+def run_generation_bench(artifacts: list[Path], new_tokens: int, repeats: int, warmup: int,
+                         as_json: bool) -> list[dict[str, Any]]:
+    """`effai generate-bench` and `effai bench` of generation artifacts: measure each (effai.generate.bench), print
+    the table and the JSON line {"ok", "generation": [rows], "memory_method"}; returns the rows."""
+    from effai.generate.bench import MEMORY_METHOD, bench_generation
+
+    rows = []
     try:
-        if repeats < 1 or new_tokens < 1:
-            raise UsageError("--repeats and --new-tokens must be >= 1")
-        r = bench_generation(artifact, new_tokens=new_tokens, repeats=repeats)
+        if repeats < 1 or new_tokens < 1 or warmup < 0:
+            raise UsageError("--repeats/--runs and --new-tokens must be >= 1, --warmup >= 0")
+        for a in artifacts:
+            rows.append(bench_generation(a, new_tokens=new_tokens, repeats=repeats, warmup=warmup))
     except EffaiError as e:
         fail(e, as_json)
     if not as_json:
-        console.out().print(f"{artifact} ({r['precision']}, {r['runtime']}): prefill {r['prefill_ms']['median']:.2f} "
-                            f"ms (p90 {r['prefill_ms']['p90']:.2f}, {r['prompt_tokens']} tokens), decode "
-                            f"{r['decode_tok_s']:.1f} tokens/s ({r['decode_ms_per_token']['median']:.3f} ms/token, p90 "
-                            f"{r['decode_ms_per_token']['p90']:.3f}), "
-                            f"{r['decoder_bytes'] / 1e6:.2f} MB")
-    console.json_line({"ok": True, **r})
+        for r in rows:
+            console.out().print(_bench_table(r))
+        console.err().print(f"[dim]median (p90) over {repeats} run(s) of {rows[0]['new_tokens']} greedy tokens after "
+                            f"{warmup} warm-up; tokens/s p90: the rate at the p90 ms/token (slow tail); peak memory: "
+                            f"{MEMORY_METHOD}[/]")
+    console.json_line({"ok": True, "generation": rows, "memory_method": MEMORY_METHOD})
+    return rows
+
+
+def bench_dispatch(artifacts: list[Path], runs: int, warmup: int, not_used: dict[str, Any], as_json: bool) -> bool:
+    """`effai bench` on generation artifacts (effai.generate/1 manifests): run_generation_bench with --runs timed
+    generations after --warmup; False when none is one (the single-forward bench runs). A mix, another device or an
+    option of the single-forward bench is refused before anything runs."""
+    from effai.generate.artifact import is_artifact
+
+    gen = [a for a in artifacts if is_artifact(a)]
+    if not gen:
+        return False
+    try:
+        if len(gen) != len(artifacts):
+            other = next(a for a in artifacts if a not in gen)
+            raise UsageError(f"{other} is not a generation artifact but {gen[0]} is; bench them in separate "
+                             "effai bench calls")
+        bad = [k for k, v in not_used.items() if v]
+        if bad:
+            raise UsageError(f"{', '.join(bad)}: not available for generation artifacts (measured on this host in the "
+                             "ExecuTorch runtime); drop them (options: --runs, --warmup, --json)")
+    except EffaiError as e:
+        fail(e, as_json)
+    run_generation_bench(gen, 16, runs, warmup, as_json)
+    return True
+
+
+def _bench_table(r: dict[str, Any]) -> Any:
+    """One artifact's numbers as metric | median | p90 rows (fits 80 columns whatever the artifact's path)."""
+    from rich.table import Table
+
+    table = Table(title=f"effai bench: {r['artifact']} ({r['kind']}, {r['precision']}, {r['runtime']}, this host)")
+    for col in ("metric", "median", "p90"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+
+    def row(name: str, x: dict[str, float] | None, fmt: str = "{:.3f}") -> None:
+        if x is not None:
+            table.add_row(name, fmt.format(x["median"]), fmt.format(x["p90"]))
+
+    row("time to first token (ms)" + (" incl. vision" if r["vision_ms"] else ""), r["ttft_ms"])
+    row(f"prefill (ms, {r['prompt_tokens']} tokens)", r["prefill_ms"])
+    row("vision program (ms)", r["vision_ms"])
+    row("decode (ms/token)", r["decode_ms_per_token"])
+    row("decode (tokens/s)", r["decode_tok_s"], "{:.1f}")
+    vision = f" + vision {r['vision_bytes'] / 1e6:.2f}" if r["vision_bytes"] else ""
+    table.add_row(f"files (MB): decoder {r['decoder_bytes'] / 1e6:.2f}{vision}", f"{r['artifact_bytes'] / 1e6:.2f}",
+                  "-")
+    table.add_row(f"peak memory (MB RSS): +{r['rss_rise_bytes'] / 1e6:.0f} for the artifact",
+                  f"{r['peak_rss_bytes'] / 1e6:.0f}", "-")
+    return table
 
 
 def register(app: typer.Typer) -> None:

@@ -180,7 +180,7 @@ def export_source(source: str, out: Path, precision: str = "fp32", max_seq_len: 
         from effai.zoo import resolve_card
 
         card = resolve_card(source)          # an unknown name: the zoo's own error, with suggestions
-        raise UsageError(f"{source} is a {card.task} model, not a generative one; pass an LM directory or an "
+        raise UsageError(f"{source} is not a generative model (task {card.task}); pass an LM directory or an "
                          "ADEM-VL zoo name/run (effai zoo list shows each card's task)")
     _check_out(out, force, template)         # before the model is loaded
     model, card = load_vlm(source)
@@ -308,6 +308,14 @@ class Artifact:
         from effai.generate.decoders import ExecuTorchDecoder
 
         return ExecuTorchDecoder(self.path / self.manifest["programs"]["decoder"])
+
+
+def is_artifact(path: Path) -> bool:
+    """Does `path` look like a generation artifact (its manifest names this schema)? read() checks it in full."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("schema") == SCHEMA
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read(path: Path) -> Artifact:
