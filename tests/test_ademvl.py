@@ -156,6 +156,10 @@ def test_two_step_train_smoke_and_reload(tmp_path):
     assert 0.0 <= r["val_acc"] <= 1.0
     model = zm.load(tmp_path / "run")
     assert model.num_visual == 21
+    from effai.generate.artifact import source_kind, vision_encoder   # `effai export <run>`: the generation export
+
+    run = str(tmp_path / "run")
+    assert source_kind(run) == "vlm" and vision_encoder(run) == "ghostnetv3_050.digits"
     with pytest.raises(UsageError, match="already holds a finished"):
         train_ademvl(cfg)
     (tmp_path / "run" / "model.safetensors").unlink()          # an interrupted run: the checkpoint resumes it

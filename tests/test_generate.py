@@ -15,7 +15,7 @@ from tests.helpers import run_cli
 pytest.importorskip("executorch")
 pytest.importorskip("transformers")
 
-MAX_LEN = 32
+MAX_LEN = 64     # effai export's default cache length (effai.generate.artifact.DEFAULT_MAX_SEQ_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +26,45 @@ def lm_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fp32_artifact(lm_dir, tmp_path_factory):
+def fp32_export(lm_dir, tmp_path_factory):
+    """(artifact dir, the JSON summary) of `effai export LM_DIR --target executorch` run in process (the route to the
+    generation export that generate-export shares; its default cache, MAX_LEN)."""
     import torch
 
-    from effai.generate.artifact import export_artifact
+    from effai.cli.export import export_cmd
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("art") / "tiny-fp32"
-    export_artifact(lm_dir, out, "fp32", MAX_LEN, parity_tokens=8)
-    return out
+    try:
+        summary = export_cmd(model=str(lm_dir), target="executorch", out=out, as_json=True)
+        yield out, summary
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact(fp32_export):
+    return fp32_export[0]
+
+
+def _in_process(capfd, fn, **kw):
+    """(exit code, last JSON line, stdout) of a CLI command function called in process (a subprocess costs ~10 s)."""
+    import typer
+
+    from effai import console
+
+    capfd.readouterr()
+    console.reset()                     # the JSON line goes to this test's captured stdout
+    code = 0
+    try:
+        fn(**kw)
+    except typer.Exit as e:
+        code = e.exit_code
+    finally:
+        console.reset()
+    out = capfd.readouterr().out
+    return code, json.loads(out.strip().splitlines()[-1]), out
 
 
 def _torch_decoder(lm_dir):
@@ -88,8 +118,8 @@ def test_cli_generates_and_refuses_bad_input(fp32_artifact, lm_dir, tmp_path):
 
     code, last, _, err = run_cli("generate", str(fp32_artifact), "--prompt", "x", "--image", str(tmp_path / "no.png"))
     assert code == 2 and "image not found" in last["error"]
-    code, last, _, _ = run_cli("generate", str(fp32_artifact), "--prompt", " ".join(["cat"] * 40), "--json")
-    assert code == 2 and "cache holds 32" in last["error"]
+    code, last, _, _ = run_cli("generate", str(fp32_artifact), "--prompt", " ".join(["cat"] * 70), "--json")
+    assert code == 2 and f"cache holds {MAX_LEN}" in last["error"]
 
     odd = tmp_path / "odd"
     shutil.copytree(fp32_artifact, odd)
@@ -110,6 +140,65 @@ def test_cli_generates_and_refuses_bad_input(fp32_artifact, lm_dir, tmp_path):
         read_artifact(odd)
 
 
+def test_export_routes_generative_models_and_refuses_the_rest(fp32_export, tmp_path, monkeypatch, capfd):
+    from effai.cli.export import export_cmd
+    from effai.cli.generate import generate_export_cmd
+    from effai.generate.artifact import DEFAULT_MAX_SEQ_LEN, read
+
+    out, summary = fp32_export          # effai export LM_DIR --target executorch: generate-export's JSON shape
+    m = read(out).manifest
+    assert MAX_LEN == DEFAULT_MAX_SEQ_LEN == m["max_seq_len"]
+    assert set(summary) == {"ok", "artifact", "kind", "precision", "parity", "decoder_bytes", "programs"}
+    assert summary["ok"] and summary["kind"] == "lm" and summary["precision"] == "fp32"
+    assert summary["parity"] == m["parity"] and summary["parity"]["identical"]
+    assert summary["programs"] == {"decoder": "decoder.pte", "vision": None}
+    assert summary["decoder_bytes"] == (out / "decoder.pte").stat().st_size
+
+    # every refusal below comes before the model is loaded (each call returns in well under a second)
+    code, last, _ = _in_process(capfd, export_cmd, model="ademvl_tiny.digits", target="onnx", as_json=True)
+    assert code == 2 and "runs only in ExecuTorch, pass --target executorch (not onnx)" in last["error"]
+    assert "ghostnetv3_050.digits exports to onnx, tflite, coreml" in last["error"]
+    code, last, _ = _in_process(capfd, export_cmd, model="ademvl_tiny.digits", target="executorch", batch=2,
+                             as_json=True)
+    assert code == 2 and last["error"].startswith("--batch: single-forward options")
+    code, last, _ = _in_process(capfd, export_cmd, model="ademvl_tiny.digits", target="executorch", precision="int8",
+                             as_json=True)
+    assert code == 2 and "choose from: fp32, int8-weight, int4-weight" in last["error"]
+    monkeypatch.chdir(tmp_path)         # the default --out: effai_out/<model>-executorch[-<precision>]
+    (tmp_path / "effai_out" / "ademvl_tiny.digits-executorch-int8-weight").mkdir(parents=True)
+    code, last, _ = _in_process(capfd, export_cmd, model="ademvl_tiny.digits", target="executorch",
+                             precision="int8-weight", as_json=True)
+    assert code == 2 and "effai_out/ademvl_tiny.digits-executorch-int8-weight exists; pass --force" in last["error"]
+    code, last, _ = _in_process(capfd, generate_export_cmd, source="vit_pico", out=tmp_path / "x", as_json=True)
+    assert code == 2 and "not a generative model (task image-classification)" in last["error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["effai_out"]
+
+
+def test_bench_reports_ttft_prefill_decode_size_and_memory(fp32_artifact, tmp_path, capfd):
+    from effai.cli.bench import bench_cmd
+    from effai.generate.artifact import read
+
+    code, last, _ = _in_process(capfd, bench_cmd, artifacts=[fp32_artifact], runs=3, warmup=1, as_json=True)
+    assert code == 0 and last["ok"] and "ru_maxrss" in last["memory_method"]
+    (r,) = last["generation"]
+    m = read(fp32_artifact).manifest
+    assert r["kind"] == "lm" and r["vision_ms"] is None and r["repeats"] == 3 and r["new_tokens"] == 16
+    assert r["ttft_ms"]["median"] >= r["prefill_ms"]["median"] > 0       # TTFT = prefill + the first pick, per run
+    for k in ("ttft_ms", "prefill_ms", "decode_ms_per_token"):
+        assert r[k]["p90"] >= r[k]["median"] > 0
+    assert r["decode_tok_s"]["median"] == pytest.approx(1e3 / r["decode_ms_per_token"]["median"], rel=1e-2)
+    assert r["decode_tok_s"]["p90"] <= r["decode_tok_s"]["median"]    # the slow tail
+    assert r["decoder_bytes"] == m["decoder"]["bytes"] and r["artifact_bytes"] == sum(f["bytes"] for f in m["files"])
+    assert r["peak_rss_bytes"] > r["rss_rise_bytes"] >= 0 and r["peak_rss_bytes"] > 50e6   # torch alone is larger
+
+    code, last, out = _in_process(capfd, bench_cmd, artifacts=[fp32_artifact], runs=1, warmup=0)
+    assert code == 0 and "time to first token (ms)" in out and "decode (tokens/s)" in out and "peak memory" in out
+    code2, last, _ = _in_process(capfd, bench_cmd, artifacts=[fp32_artifact, tmp_path], as_json=True)
+    assert code2 == 2 and "is not a generation artifact" in last["error"]
+    code2, last, _ = _in_process(capfd, bench_cmd, artifacts=[fp32_artifact], device="adb:x", as_json=True)
+    assert code2 == 2 and last["error"].startswith("--device: not available for generation artifacts")
+
+
 @pytest.mark.slow
 def test_int8_weight_decoder_runs_and_is_smaller(fp32_artifact, lm_dir, tmp_path):
     from effai.generate.artifact import export_artifact
@@ -125,20 +214,28 @@ def test_int8_weight_decoder_runs_and_is_smaller(fp32_artifact, lm_dir, tmp_path
 def test_ademvl_artifact_vision_and_fused_decoder_match_torch(tmp_path):
     import torch
 
-    from effai.generate.artifact import export_vlm_artifact, read
+    from effai.cli.export import export_cmd
+    from effai.generate.artifact import read
+    from effai.generate.bench import bench_generation
     from effai.generate.loop import generate
     from effai.generate.sampling import Sampling
     from effai.zoo import create
     from effai.zoo.ademvl import greedy
 
     loaded = create("ademvl_tiny.digits")
-    m = export_vlm_artifact(loaded.model, loaded.card, tmp_path / "vlm", "fp32", 48)
-    assert m["kind"] == "vlm" and m["parity"]["identical"] and m["image"]["parity_max_abs"] < 1e-4
+    summary = export_cmd(model="ademvl_tiny.digits", target="executorch", out=tmp_path / "vlm", as_json=True)
+    assert summary["kind"] == "vlm" and summary["programs"] == {"decoder": "decoder.pte", "vision": "vision.pte"}
     art = read(tmp_path / "vlm")
+    m = art.manifest
+    assert m["kind"] == "vlm" and m["parity"]["identical"] and m["image"]["parity_max_abs"] < 1e-4
     pixels = torch.zeros(1, *loaded.model.input_size)
     visual = loaded.model.encode_image(pixels)
     ids = art.tokenizer().encode("question: which digit is this? answer:").ids
-    got = generate(art.decoder(), ids, Sampling(max_new_tokens=4), 48, art.manifest["eos_token_id"], visual).tokens
+    got = generate(art.decoder(), ids, Sampling(max_new_tokens=4), art.max_seq_len, art.manifest["eos_token_id"],
+                   visual).tokens
     ref = greedy(loaded.model, visual, torch.tensor([ids]), 4)[0]   # ADEM-VL's own eager loop (HF DynamicCache)
     eos = art.manifest["eos_token_id"]
     assert (got[:got.index(eos)] if eos in got else got) == ref
+    r = bench_generation(tmp_path / "vlm", repeats=2, warmup=0)    # TTFT includes the vision program, per run
+    assert r["ttft_ms"]["median"] >= r["vision_ms"]["median"] > 0
+    assert r["vision_bytes"] == (tmp_path / "vlm" / "vision.pte").stat().st_size
