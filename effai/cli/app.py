@@ -10,7 +10,7 @@ import sys
 import typer
 
 from effai import console
-from effai.cli import bench, benchmark, bundle, collab, devit, export, generate, predict, split, sr, train, zoo
+from effai.cli import bench, benchmark, bundle, collab, delvm, devit, export, generate, predict, split, sr, train, zoo
 from effai.errors import EffaiError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
@@ -45,6 +45,7 @@ split.register(app)
 collab.register(app)
 generate.register(app)
 sr.register(app)
+delvm.register(app)
 
 
 def main() -> None:

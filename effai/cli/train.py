@@ -24,7 +24,8 @@ OWN_LOOP = {"cdfkd": ("effai.train.cdfkd", "CdfkdConfig", "train_cdfkd"),
             "devit": ("effai.train.devit", "DevitConfig", "train_devit"),
             "sr": ("effai.train.sr", "SrConfig", "train_sr"),
             "ademvl": ("effai.train.ademvl", "AdemvlConfig", "train_ademvl"),
-            "adem-vl": ("effai.train.ademvl", "AdemvlConfig", "train_ademvl")}
+            "adem-vl": ("effai.train.ademvl", "AdemvlConfig", "train_ademvl"),
+            "delvm": ("effai.train.delvm", "DelvmConfig", "train_delvm")}
 
 
 def train_cmd(
