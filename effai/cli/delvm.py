@@ -62,7 +62,7 @@ def export_delvm(run: Path, out: Path, precision: str = "fp32", targets: tuple[s
                                     ("vq_decoder", vq.decoder, (1, c.dim, c.grid, c.grid))):
             for target in targets:
                 res = api.export(module.eval(), target, input_shape=shape, out=tmp / f"{name}-{target}",
-                                 name=f"delvm_{name}", mean=(0.0,) * shape[1], std=(1.0,) * shape[1], eval="off",
+                                 name=f"delvm_{name}", mean=(0.0,) * shape[1], std=(1.0,) * shape[1], eval="none",
                                  force=True)
                 parts[f"{name}-{target}"] = {"parity": _short(getattr(res, "parity", None))}
         np.save(tmp / "codebook.npy", vq.codebook.detach().numpy().astype(np.float32))

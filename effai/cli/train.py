@@ -114,6 +114,7 @@ def train_cmd(
         how = (f"effai devit export {out} --target all (every part and the fusion head), then effai devit run {out}"
                if recipe == "devit" else f"effai sr export {out} --target all" if recipe == "sr"
                else f"effai.zoo.ademvl.load('{out}') (docs/ademvl.md)" if recipe in ("ademvl", "adem-vl")
+               else f"effai delvm export {out} --out ART (docs/delvm.md)" if recipe == "delvm"
                else f"effai export --weights {model} --target all")
         console.err().print(f"[green]✓[/] wrote {model}{acc}{' (folded)' if summary.get('folded') else ''}; export "
                             f"it with: {how}")

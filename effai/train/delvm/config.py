@@ -20,7 +20,7 @@ class DelvmConfig:
     tail_count: int = 24           # distinct tail-task images (<= 5% of the training pairs)
     tail_mode: str = "augment"     # augment | repeat | none
     eval_images: int = 16          # held-out images per task for the evaluation
-    codebook: int = 256
+    codebook: int = 64
     code_dim: int = 32
     vq_hidden: int = 32
     vq_steps: int = 800
@@ -29,13 +29,13 @@ class DelvmConfig:
     lm_hidden: int = 64
     lm_layers: int = 2
     lm_heads: int = 4
-    steps: int = 400               # LM steps
+    steps: int = 800               # LM steps
     batch_size: int = 16
     lr: float = 3e-3
     kd: bool = False               # train a teacher LM first, then the LM with CE + kd_weight * logit KD
     teacher_hidden: int = 128
     teacher_layers: int = 3
-    teacher_steps: int = 600
+    teacher_steps: int = 1600
     teacher: str | None = None     # a trained teacher LM dir (skips training it)
     kd_loss: str = "kd"            # a name in effai.train.losses.LOSSES
     kd_weight: float = 1.0

@@ -164,6 +164,9 @@ def tokenizer(codebook: int) -> Any:
 
 def save_lm(lm: Any, lm_dir: Path) -> Path:
     """save_pretrained (safetensors) + the tokenizer, through a staging dir (a killed run leaves no half LM)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     tmp = staging_dir(lm_dir)
     try:
         lm.save_pretrained(str(tmp), safe_serialization=True)
