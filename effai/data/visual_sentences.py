@@ -14,6 +14,7 @@ Images are float32 greyscale in [0, 1], H = W = `size`. Spec: docs/delvm.md.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,8 +65,6 @@ def source_images(split: str, n: int, size: int, seed: int) -> np.ndarray:
     from skimage.transform import resize
     from sklearn.datasets import load_digits
 
-    from effai.data.photos import photo
-
     if split not in ("train", "eval"):
         raise UsageError(f"split '{split}': choose train or eval")
     rng = np.random.default_rng(seed + (0 if split == "train" else 7919))
@@ -74,8 +73,7 @@ def source_images(split: str, n: int, size: int, seed: int) -> np.ndarray:
         np.arange(len(digits))[int(0.8 * len(digits)):]
     n_d = n // 2
     out = [resize(digits[i], (size, size), order=1, anti_aliasing=False) for i in rng.choice(pool, n_d)]
-    photos = [photo(p).astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0
-              for p in (TRAIN_PHOTOS if split == "train" else EVAL_PHOTOS)]
+    photos = [_grey_photo(p) for p in (TRAIN_PHOTOS if split == "train" else EVAL_PHOTOS)]
     for _ in range(n - n_d):
         img = photos[rng.integers(len(photos))]
         h, w = img.shape
@@ -84,6 +82,15 @@ def source_images(split: str, n: int, size: int, seed: int) -> np.ndarray:
         out.append(resize(img[top:top + side, left:left + side], (size, size), order=1, anti_aliasing=True))
     arr = np.clip(np.stack(out), 0, 1).astype(np.float32)
     return arr[rng.permutation(len(arr))]
+
+
+@functools.lru_cache(maxsize=16)
+def _grey_photo(name: str) -> np.ndarray:
+    from effai.data.photos import photo
+
+    img = photo(name).astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0
+    img.setflags(write=False)
+    return img
 
 
 @dataclass
