@@ -25,7 +25,19 @@ VQ_TARGETS = ("executorch", "onnx", "tflite", "coreml")
 delvm_app = typer.Typer(no_args_is_help=True, help="DeLVM: in-context image-to-image generation with visual tokens.")
 
 
-def export_delvm(run: Path, out: Path, precision: str = "fp32", targets: tuple[str, ...] = VQ_TARGETS,
+BUNDLED = "delvm_tiny"   # the shipped default: effai/zoo/weights/delvm_tiny_vq.safetensors + delvm_tiny_lm/
+
+
+def run_paths(run: Path | str) -> tuple[Path, Path]:
+    """(vq.safetensors, LM dir) of a run dir, or of the shipped default when run is 'delvm_tiny'."""
+    if str(run) == BUNDLED:
+        from effai.zoo.vq import WEIGHTS_DIR
+
+        return WEIGHTS_DIR / "delvm_tiny_vq.safetensors", WEIGHTS_DIR / "delvm_tiny_lm"
+    return Path(run) / "vq.safetensors", Path(run) / "lm"
+
+
+def export_delvm(run: Path | str, out: Path, precision: str = "fp32", targets: tuple[str, ...] = VQ_TARGETS,
                  force: bool = False) -> dict[str, Any]:
     """A run dir (vq.safetensors + lm/) -> artifact dir at `out`, built in a staging dir and renamed into place."""
     import torch
@@ -36,10 +48,11 @@ def export_delvm(run: Path, out: Path, precision: str = "fp32", targets: tuple[s
     from effai.generate.artifact import export_artifact
     from effai.zoo import vq as zvq
 
-    run, out = Path(run), Path(out)
-    vq_file = run / "vq.safetensors"
-    if not vq_file.is_file() or not (run / "lm" / "config.json").is_file():
-        raise UsageError(f"{run} is not a DeLVM run (needs vq.safetensors and lm/); train one with effai train delvm")
+    vq_file, lm_dir = run_paths(run)
+    out = Path(out)
+    if not vq_file.is_file() or not (lm_dir / "config.json").is_file():
+        raise UsageError(f"{run} is not a DeLVM run (needs vq.safetensors and lm/); train one with effai train delvm "
+                         f"or pass {BUNDLED} (the shipped default)")
     bad = [t for t in targets if t not in VQ_TARGETS]
     if bad or not targets:
         raise UsageError(f"unknown target '{bad[0] if bad else ''}'; choose from: {', '.join(VQ_TARGETS)}")
@@ -48,7 +61,7 @@ def export_delvm(run: Path, out: Path, precision: str = "fp32", targets: tuple[s
     vq = zvq.load(vq_file)
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(str(run / "lm"), local_files_only=True).vocab_size
+    vocab = AutoConfig.from_pretrained(str(lm_dir), local_files_only=True).vocab_size
     if vocab != vs.N_SPECIAL + vq.config.codebook:
         raise UsageError(f"{run}: the LM's vocabulary ({vocab}) does not match the tokenizer's codebook "
                          f"({vq.config.codebook} + {vs.N_SPECIAL} specials); retrain the LM on this tokenizer")
@@ -56,7 +69,7 @@ def export_delvm(run: Path, out: Path, precision: str = "fp32", targets: tuple[s
     max_seq_len = 4 * c.tokens + 4 + 4
     tmp = staging_dir(out)
     try:
-        lm_manifest = export_artifact(run / "lm", tmp / "lm", precision=precision, max_seq_len=max_seq_len)
+        lm_manifest = export_artifact(lm_dir, tmp / "lm", precision=precision, max_seq_len=max_seq_len)
         parts = {}
         for name, module, shape in (("vq_encoder", vq.encoder, (1, c.channels, c.size, c.size)),
                                     ("vq_decoder", vq.decoder, (1, c.dim, c.grid, c.grid))):
@@ -202,7 +215,7 @@ def generate_cmd(
 
 @delvm_app.command("export")
 def export_cmd(
-    run: Annotated[Path, typer.Argument(help="A DeLVM run dir (effai train delvm).")],
+    run: Annotated[str, typer.Argument(help="A DeLVM run dir (effai train delvm), or delvm_tiny (shipped).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The artifact dir to write.")],
     precision: Annotated[str, typer.Option(help="The LM decoder's precision: fp32 | int8 | int4 (weight-only).")] = "fp32",
     targets: Annotated[str, typer.Option(help="Comma list of tokenizer targets.")] = ",".join(VQ_TARGETS),

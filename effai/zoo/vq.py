@@ -32,6 +32,7 @@ from torch import nn
 from effai.errors import UsageError
 
 META_KEY = "effai.vq"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
 @dataclass(frozen=True)
