@@ -111,3 +111,58 @@ def test_dynamic_onnx_dims_need_input_shape_and_the_api_takes_files(tmp_path):
                        out=tmp_path / "c.json")
     assert recs[0]["status"] == "ok", recs[0]["error"]
     assert recs[0]["artifact"]["inputs"][0]["shape"] == [2, 3, 8, 8] and recs[0]["artifact"]["plain_file"]
+
+
+def _relu_tflite(path, signature):
+    """A one-op LiteRT model (RELU) whose input has `signature` as its shape_signature (-1 = resizable)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as fb
+
+    def tensor(name, buf):
+        t = fb.TensorT()
+        t.shape, t.shapeSignature = [d if d > 0 else 1 for d in signature], list(signature)
+        t.type, t.buffer, t.name = fb.TensorType.FLOAT32, buf, name.encode()
+        return t
+
+    code = fb.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = fb.BuiltinOperator.RELU
+    code.version = 1
+    op = fb.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0], [1]
+    graph = fb.SubGraphT()
+    graph.tensors, graph.inputs, graph.outputs, graph.operators = [tensor("x", 1), tensor("y", 2)], [0], [1], [op]
+    model = fb.ModelT()
+    model.version, model.operatorCodes, model.subgraphs = 3, [code], [graph]
+    model.buffers = [fb.BufferT(), fb.BufferT(), fb.BufferT()]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(builder.Output())
+    return path
+
+
+def test_input_shape_resizes_a_tflite_where_its_signature_allows_and_is_refused_where_the_file_fixes_it(
+        tmp_path, plain_files):
+    from effai.device_bench.base import BenchConfig
+    from effai.device_bench.bench import run_bench
+    from effai.errors import UsageError
+
+    cfg = BenchConfig(threads=(1,), runs=2, warmup=0, cooldown_s=0, idle_s=0, energy="none")
+    dyn = _relu_tflite(tmp_path / "dyn.tflite", [-1, 3, 8, 8])
+    run = run_bench([dyn], "host", cfg, tmp_path / "a.json", input_shapes={"x": (4, 3, 8, 8)})
+    rec = run.records[0]
+    assert rec.status == "ok", rec.error
+    assert rec.artifact["inputs"][0]["shape"] == [4, 3, 8, 8] and rec.artifact["inputs"][0]["resized"] is True
+    assert rec.runtime == "litert" and rec.stats["median"] > 0
+    refused = {   # (file, --input-shape) -> what the one-line error must say
+        (dyn, (4, 3, 8, 9)): "only its ? dims can change",
+        (dyn, ("z", (1, 3, 8, 8))): "does not have; its inputs: x",
+        (_relu_tflite(tmp_path / "static.tflite", [1, 3, 8, 8]), (2, 3, 8, 8)): "the file fixes every dim",
+        (plain_files["executorch"], (1, 1, 32, 32)): "ExecuTorch program has its input sizes fixed in the file",
+        (plain_files["coreml"], (1, 1, 32, 32)): "Core ML package has its input sizes fixed in the file",
+    }
+    for (path, shape), said in refused.items():
+        name, shape = shape if isinstance(shape[0], str) else ("", shape)
+        with pytest.raises(UsageError) as e:
+            run_bench([path], "host", cfg, tmp_path / "b.json", input_shapes={name: shape})
+        msg = str(e.value)
+        assert said in msg and str(path) in msg and "\n" not in msg, msg

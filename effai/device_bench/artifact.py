@@ -138,6 +138,45 @@ def _fill(path: Path, name: str, dims: list[Any], shapes: dict[str, tuple[int, .
     return list(given)
 
 
+def _unknown_names(path: Path, shapes: dict[str, tuple[int, ...]], names: list[str]) -> None:
+    """UsageError for an --input-shape NAME= that is none of the file's inputs (it would be ignored silently)."""
+    unknown = [n for n in shapes if n and n not in names]
+    if unknown:
+        raise UsageError(f"{path}: --input-shape names input '{unknown[0]}', which the file does not have; its "
+                         f"inputs: {', '.join(names)}")
+
+
+def _tflite_resize(path: Path, interp: Any, detail: dict[str, Any], given: list[int]) -> list[int]:
+    """Resize one LiteRT input to `given` (Interpreter.resize_tensor_input, strict: only the dims the model's
+    shape_signature marks -1 may change); UsageError when the file fixes the dims asked to change."""
+    name = str(detail["name"])
+    sig = [int(x) for x in detail.get("shape_signature", [])] or [int(x) for x in detail["shape"]]
+    shown = [d if d > 0 else "?" for d in sig]
+    if len(given) != len(sig) or any(d > 0 and d != g for d, g in zip(sig, given)):
+        fixed = "the file fixes every dim" if all(d > 0 for d in sig) else "only its ? dims can change"
+        raise UsageError(f"{path}: --input-shape {','.join(map(str, given))} does not fit input '{name}' {shown} "
+                         f"({fixed}); re-export the model at that size, or omit --input-shape")
+    try:
+        interp.resize_tensor_input(detail["index"], given, strict=True)
+    except Exception as e:
+        detail_text = " ".join(str(e).split())[:200]
+        raise UsageError(f"{path}: LiteRT cannot resize input '{name}' to {given} ({detail_text}); re-export the "
+                         "model at that size") from None
+    return list(given)
+
+
+def _fixed_shapes(path: Path, kind: str, specs: list[dict[str, Any]], shapes: dict[str, tuple[int, ...]]) -> None:
+    """UsageError when --input-shape asks a format whose input sizes are fixed in the file (ExecuTorch, Core ML as
+    effai exports them) for other sizes than the file's."""
+    _unknown_names(path, shapes, [s["name"] for s in specs])
+    for s in specs:
+        given = shapes.get(s["name"], shapes.get(""))
+        if given is not None and list(given) != list(s["shape"]):
+            raise UsageError(f"{path}: {kind} has its input sizes fixed in the file ('{s['name']}' is "
+                             f"{','.join(map(str, s['shape']))}); --input-shape cannot change them: re-export the "
+                             "model at that size, or omit --input-shape")
+
+
 def _corrupt(path: Path, kind: str, e: BaseException) -> UsageError:
     detail = " ".join(f"{type(e).__name__}: {e}".split())[:200]
     return UsageError(f"{path} cannot be read as {kind} ({detail}); pass an intact model file")
@@ -157,6 +196,7 @@ def read_inputs(path: Path, target: str, shapes: dict[str, tuple[int, ...]]) -> 
             sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise _corrupt(path, "an ONNX model", e) from None
+        _unknown_names(path, shapes, [i.name for i in sess.get_inputs()])
         specs = []
         for i in sess.get_inputs():
             if i.type not in _ONNX_DTYPES:
@@ -174,17 +214,31 @@ def read_inputs(path: Path, target: str, shapes: dict[str, tuple[int, ...]]) -> 
             except ImportError:
                 raise UsageError(f"{path}: reading a .tflite file needs pip install ai-edge-litert") from None
         try:
-            details = Interpreter(model_path=str(path)).get_input_details()
+            interp = Interpreter(model_path=str(path))
+            details = interp.get_input_details()
         except Exception as e:
             raise _corrupt(path, "a TFLite model", e) from None
+        _unknown_names(path, shapes, [str(d["name"]) for d in details])
         specs = []
         for d in details:   # the interpreter runs its allocated shape; a -1 in shape_signature is allocated as 1
             spec: dict[str, Any] = {"name": str(d["name"]), "shape": [int(x) for x in d["shape"]],
                                     "dtype": __import__("numpy").dtype(d["dtype"]).name}
+            given = shapes.get(spec["name"], shapes.get(""))
+            if given is not None and list(given) != spec["shape"]:
+                spec["shape"] = _tflite_resize(path, interp, d, list(given))
+                spec["resized"] = True     # runners resize this input before allocating (LiteRT's own resize)
             scale, zp = d.get("quantization", (0.0, 0))
             if scale:
                 spec["quantization"] = {"scale": float(scale), "zero_point": int(zp)}
             specs.append(spec)
+        if any(s.get("resized") for s in specs):
+            try:
+                interp.allocate_tensors()
+            except Exception as e:
+                detail = " ".join(str(e).split())[:200]
+                raise UsageError(f"{path}: LiteRT cannot run the model at --input-shape "
+                                 f"{' '.join(','.join(map(str, s['shape'])) for s in specs)} ({detail}); "
+                                 "re-export it at that size") from None
         return specs
     if target == "executorch":
         try:
@@ -208,6 +262,7 @@ def read_inputs(path: Path, target: str, shapes: dict[str, tuple[int, ...]]) -> 
             if dtype is None:
                 raise UsageError(f"{path}: input {i} has ExecuTorch dtype {code}, which bench cannot generate")
             specs.append({"name": f"input_{i}", "shape": [int(s) for s in m.sizes()], "dtype": dtype})
+        _fixed_shapes(path, "an ExecuTorch program", specs, shapes)
         return specs
     if target == "coreml":
         try:
@@ -222,8 +277,10 @@ def read_inputs(path: Path, target: str, shapes: dict[str, tuple[int, ...]]) -> 
             arr = i.type.multiArrayType
             dtype = {65568: "float32", 65552: "float16", 65600: "float64", 131104: "int32"}.get(arr.dataType,
                                                                                                "float32")
-            specs.append({"name": i.name, "shape": _fill(path, i.name, [int(s) for s in arr.shape] or [None],
-                                                         shapes), "dtype": dtype})
+            dims = [int(s) for s in arr.shape]
+            specs.append({"name": i.name, "shape": dims or _fill(path, i.name, [None], shapes),
+                          "dtype": dtype})
+        _fixed_shapes(path, "a Core ML package", specs, shapes)
         return specs
     raise UsageError(f"unknown target {target}")
 

@@ -171,6 +171,12 @@ def load_tflite(path: str, inputs: List[np.ndarray], threads: int) -> Tuple[Call
     if len(details) != len(inputs):
         raise MeasureError("bad-artifact", "%s has %d inputs but the manifest declares %d; re-export the artifact"
                            % (path, len(details), len(inputs)))
+    resize = [(d, x) for d, x in zip(details, inputs) if tuple(d["shape"]) != x.shape and _resizable(d, x.shape)]
+    if resize:   # --input-shape on a plain file: the dims the model marks -1 take the asked sizes
+        for d, x in resize:
+            interp.resize_tensor_input(d["index"], list(x.shape), strict=True)
+        interp.allocate_tensors()
+        details = interp.get_input_details()
     for d, x in zip(details, inputs):
         if tuple(d["shape"]) != x.shape or np.dtype(d["dtype"]) != x.dtype:
             raise MeasureError("bad-artifact", "%s input %s is %s %s, the manifest says %s %s; re-export the "
@@ -178,6 +184,12 @@ def load_tflite(path: str, inputs: List[np.ndarray], threads: int) -> Tuple[Call
                                              list(x.shape), x.dtype.name))
         interp.set_tensor(d["index"], x)
     return interp.invoke, runtime, _version(dist)
+
+
+def _resizable(detail: Any, shape: Tuple[int, ...]) -> bool:
+    """True when a LiteRT input may take `shape`: same rank, and only the dims its shape_signature marks -1 differ."""
+    sig = [int(d) for d in detail.get("shape_signature", [])]
+    return len(sig) == len(shape) and all(d == -1 or d == s for d, s in zip(sig, shape))
 
 
 def load_onnx(path: str, inputs: List[np.ndarray], threads: int,

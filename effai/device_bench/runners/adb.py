@@ -246,6 +246,10 @@ class AdbRunner:
             prefix = ["taskset", mask.mask] if mask else []
             extra["pinning"] = mask.describe() if mask else "not pinned (taskset or cpu topology not readable)"
             if tool == "benchmark_model":
+                resized = [i for i in artifact.manifest.get("inputs", []) if i.get("resized")]
+                if resized:   # --input-shape on a plain .tflite: benchmark_model resizes those inputs itself
+                    extra["input_layer"] = ",".join(i["name"] for i in resized)
+                    extra["input_layer_shape"] = ":".join(",".join(map(str, i["shape"])) for i in resized)
                 return self.run_benchmark_model(prefix + [tool_remote], model_remote, threads, cfg, extra)
             return self.run_executor_runner(prefix + [tool_remote], model_remote, threads, cfg, extra)
         finally:
@@ -319,6 +323,8 @@ class AdbRunner:
         flags = [f"--graph={model}", f"--num_threads={threads}", f"--warmup_runs={max(1, cfg.warmup)}",
                  "--warmup_min_secs=0", f"--num_runs={cfg.runs}", f"--min_secs={min_s:g}",
                  f"--max_secs={max(150.0, 2 * min_s):g}", "--use_xnnpack=true"]
+        if extra.get("input_layer"):
+            flags += [f"--input_layer={extra['input_layer']}", f"--input_layer_shape={extra['input_layer_shape']}"]
         code, text, t_end = self.stream(cmd + flags)
 
         def build(res: ToolResult) -> Timings | None:
