@@ -73,6 +73,8 @@ def export_cmd(
         targets = parse_targets(target, skipped)
         if precision is not None:
             check_precision(precision, targets)
+        if calib not in ("auto", "photos", "digits") and not Path(calib).exists():   # before the model loads
+            raise UsageError(f"--calib {calib}: no such file or directory; give auto, photos, digits, DIR, FILE.npz")
         if skipped and not as_json:
             for n, why in skipped.items():
                 ui.print(f"[yellow]! skipping {n}: {why}[/]")
