@@ -194,3 +194,21 @@ def test_export_and_generate_parity(run, tmp_path):
     assert stats["codes"] == greedy_image(lm, prompt, vq.config.tokens)[0].tolist()
     ref = zvq.from_pixels(vq.decode(torch.tensor([stats["codes"]])))[0, 0].numpy()
     assert img.shape == (16, 16) and np.abs(img - ref).max() < 1e-4
+
+
+def test_shipped_default_solves_invert_in_context(one_thread):
+    """The shipped tiny DeLVM (effai/zoo/weights) generates the inverse of held-out query images far better than
+    copying the query (the trivial in-context answer)."""
+    from effai.cli.delvm import run_paths
+    from effai.train.delvm.loop import encoder_fn, eval_sentences, greedy_image, load_lm
+
+    vq_file, lm_dir = run_paths("delvm_tiny")
+    vq = zvq.load(vq_file)
+    lm = load_lm(lm_dir, vs.N_SPECIAL + vq.config.codebook)
+    bank = vs.build_bank(vs.source_images("eval", 9, vq.config.size, 0), encoder_fn(vq), 2, 1, augment=False)
+    rows, target = eval_sentences(bank, "invert")
+    n = vq.config.tokens
+    gen = zvq.from_pixels(vq.decode(greedy_image(lm, torch.from_numpy(rows[:, :-n]), n)))[:, 0]
+    truth = torch.from_numpy(target)
+    copy = torch.from_numpy(bank.images["invert"][1:len(rows) + 1, 0])
+    assert float(zvq.psnr(gen, truth).mean()) > float(zvq.psnr(copy, truth).mean()) + 5
