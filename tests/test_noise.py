@@ -55,3 +55,16 @@ def test_export_predict_verify_bench_keep_toolchain_noise_off_stderr(dynamic_onn
     code, _, _, err = run_cli("bench", str(ets), str(tfl), "--runs", "2", "--warmup", "0",
                               "--cooldown", "0", "--idle", "0", "--energy", "none", "--out", str(tmp_path / "b.json"))
     assert code == 0 and not NOISE.search(err), err
+
+
+def test_zoo_list_and_show_keep_toolchain_noise_off_stderr(tmp_path):
+    """ademvl_tiny.digits builds through transformers, which imports torchao: torch's pytree warns on its enums
+    (W1205 ... _pytree.py) when nothing hushes it. A cold stats cache makes `zoo list` build the card."""
+    cold = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    code, last, stdout, err = run_cli("zoo", "list", "ademvl", env=cold)
+    assert code == 0 and not NOISE.search(err), err
+    assert [m["name"] for m in last["models"]] == ["ademvl_tiny.digits"] and last["models"][0]["params"] > 0
+    assert (tmp_path / "cache" / "effai" / "card_stats.json").is_file()    # it really was built, not read
+    code, last, stdout, err = run_cli("zoo", "show", "ademvl_tiny.digits", env=cold)
+    assert code == 0 and not NOISE.search(err), err
+    assert last["model"]["params_deploy_form"] > 0

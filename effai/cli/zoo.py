@@ -27,6 +27,7 @@ def zoo_list(
 ) -> None:
     """The zoo's model cards with task, size and cost (any timm model name works too)."""
 
+    from effai.export.quiet import runtime_quiet
     from effai.zoo import CARDS
 
     try:
@@ -35,7 +36,8 @@ def zoo_list(
         bundle_dir = bundles if bundles is not None else (Path("bundles") if Path("bundles").is_dir() else None)
         latency = _bundle_latency(bundle_dir) if bundle_dir is not None else {}
         glob = pattern if pattern is None or any(ch in pattern for ch in "*?[") else f"*{pattern}*"
-        rows = [_zoo_row(n, c, latency.get(n)) for n, c in CARDS.items() if glob is None or fnmatch(n, glob)]
+        with runtime_quiet():   # building a card the stats cache lacks imports toolchains that warn (torch's pytree)
+            rows = [_zoo_row(n, c, latency.get(n)) for n, c in CARDS.items() if glob is None or fnmatch(n, glob)]
         others = []
         if timm_names:
             import timm
@@ -146,9 +148,12 @@ def _best_latency_rows(root: Path) -> dict[str, dict[str, Any]]:
 def zoo_show(name: Annotated[str, typer.Argument(help="Zoo or timm model name.")], as_json: JsonOpt = False) -> None:
     """One model card in full, with its parameter count."""
     from effai import zoo
+    from effai.export.quiet import runtime_quiet
 
     try:
-        loaded = zoo.create(name)
+        with runtime_quiet():   # toolchain warnings (torch's pytree, timm) while building: off the user's stderr
+            loaded = zoo.create(name)
+            params_deploy = _deploy_params(name)
     except EffaiError as e:
         fail(e, as_json)
     card = loaded.card
@@ -157,7 +162,7 @@ def zoo_show(name: Annotated[str, typer.Argument(help="Zoo or timm model name.")
             "preprocessing": card.preprocessing(), "weights_license": card.weights_license,
             "reparameterizable": card.reparameterizable, "bundled_weights": card.bundled_weights,
             "params_training_form": sum(p.numel() for p in loaded.model.parameters()),
-            "params_deploy_form": _deploy_params(name), "description": card.description,
+            "params_deploy_form": params_deploy, "description": card.description,
             "weights": loaded.weights.source, "weights_sha256": loaded.weights.sha256}
     record = card.extra.get("train_record")
     if record:
