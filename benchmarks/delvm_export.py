@@ -32,7 +32,7 @@ from effai.zoo import vq as zvq  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="delvm_tiny")
-    ap.add_argument("--precisions", default="fp32,int8")
+    ap.add_argument("--precisions", default="fp32,int8-weight,int4-weight")
     ap.add_argument("--targets", default="executorch")
     ap.add_argument("--eval-images", type=int, default=9)
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "delvm_export.json"))

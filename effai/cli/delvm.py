@@ -217,7 +217,7 @@ def generate_cmd(
 def export_cmd(
     run: Annotated[str, typer.Argument(help="A DeLVM run dir (effai train delvm), or delvm_tiny (shipped).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The artifact dir to write.")],
-    precision: Annotated[str, typer.Option(help="The LM decoder's precision: fp32 | int8 | int4 (weight-only).")] = "fp32",
+    precision: Annotated[str, typer.Option(help="The LM decoder's precision: fp32 | int8-weight | int4-weight.")] = "fp32",
     targets: Annotated[str, typer.Option(help="Comma list of tokenizer targets.")] = ",".join(VQ_TARGETS),
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     as_json: JsonOpt = False,
