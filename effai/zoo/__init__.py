@@ -48,7 +48,7 @@ def create(name: str | None = None, *, weights: str | Path | None = None, pretra
     """Build a model in eval mode with its card and a record of where its weights came from."""
     if name is None and model_def is None and weights is not None:
         if not Path(weights).is_file():
-            raise UsageError(f"--weights {weights}: no such file; pass a checkpoint (effai train writes "
+            raise UsageError(f"{weights}: no such file; pass a checkpoint (a finished effai train run writes "
                              "<run>/model.safetensors)")
         card = card_from_checkpoint(Path(weights))
         if card is None:
