@@ -48,3 +48,35 @@ def test_export_help_at_80_columns_shows_every_precision_list_whole():
     joined = " ".join(" ".join(text).split())
     for name, target in TARGETS.items():
         assert f"{name}: " + " | ".join(target.precisions) in joined, (name, joined)
+
+
+def test_bench_table_at_80_columns_hides_low_priority_columns_and_says_so(digits_exports, tmp_path):
+    from rich.console import Console
+
+    from effai.device_bench import report
+
+    out = tmp_path / "bench.json"
+    dirs = [str(digits_exports[t].out_dir) for t in ("tflite", "onnx")]     # runtimes that load without torch
+    code, last, stdout, err = run_cli("bench", *dirs, "--threads", "1,2", "--runs", "2", "--warmup", "0",
+                                      "--cooldown", "0", "--idle", "0", "--energy", "none", "--out", str(out),
+                                      env=NARROW)
+    assert code == 0, err
+    table = [ln for ln in stdout.splitlines() if not ln.startswith("{")]
+    assert max(len(ln) for ln in table) <= 80, "\n".join(table)
+    rows = [[c.strip() for c in ln.strip("│ ").split("│")] for ln in table if ln.startswith("│")]
+    assert len(rows) == 4, stdout                       # one line per artifact x threads: no cell folded
+    for t in ("tflite", "onnx"):
+        assert sum(r[0] == f"ghostnetv3_050.digits {t} fp32" for r in rows) == 2, rows   # artifact names whole
+    header = next(ln for ln in table if ln.startswith("┃"))
+    assert "median ms" in header and "thr" in header
+    caption = " ".join(" ".join(table[table.index(next(ln for ln in table if ln.startswith("└"))) + 1:]).split())
+    m = re.search(r"hidden at this width: ([a-z0-9 ,]+) \(all in the JSON report\)", caption)
+    assert m, caption
+    hidden = m.group(1).split(", ")
+    assert hidden and all(h not in header for h in hidden), (hidden, header)
+    assert all(r["median_ms"] > 0 and r["p90_ms"] for r in last["records"])     # --json keeps every field
+    _, records = report.load(out)                       # wide: every column shown, nothing hidden
+    wide = Console(width=200, record=True, file=open(__import__("os").devnull, "w"))
+    wide.print(report.table(records, width=200))
+    text = wide.export_text()
+    assert "hidden at this width" not in text and all(h in text for h in hidden), text

@@ -57,7 +57,9 @@ def bench_cmd(
                                                           "the phone, or a directory holding both.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
     input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Plain files: [NAME=]D,D,... "
-                                                             "for an input with dynamic dims (repeatable).")] = None,
+                                                             "for an input with dynamic dims (repeatable): ONNX "
+                                                             "fills them, LiteRT resizes the dims a .tflite marks "
+                                                             "-1; .pte and .mlpackage sizes are fixed in the file.")] = None,
     record: Annotated[Optional[Path], typer.Option(help="A bundle (effai bundle pack) to append these results to: its "
                                                    "perf.json and MODEL_CARD.md perf table.")] = None,
     record_key: Annotated[Optional[Path], typer.Option(help="With --record: re-sign the bundle with this private "

@@ -285,10 +285,20 @@ def status_text(rec: BenchRecord) -> str:
     return shorten(f"{rec.status}: {rec.error}" if rec.error else rec.status, 40)
 
 
-def table(records: list[BenchRecord], title: str | None = "effai bench") -> Any:
+# Columns by value: at a narrow terminal the least valuable are hidden first (rich would otherwise fold every cell
+# into a few characters a line); the caption names what was hidden (every field is in the JSON report).
+_PRIORITY = ("artifact", "median ms", "thr", "device", "status", "p90", "energy", "first", "load", "p99", "runtime",
+             "runs", "throttling")
+_COLUMNS = (("artifact", "left"), ("device", "left"), ("thr", "right"), ("runtime", "left"), ("runs", "right"),
+            ("median ms", "right"), ("p90", "right"), ("p99", "right"), ("first", "right"), ("load", "right"),
+            ("energy", "left"), ("throttling", "left"), ("status", "left"))
+
+
+def table(records: list[BenchRecord], title: str | None = "effai bench", width: int | None = None) -> Any:
     """A rich Table, one row per record: artifact, threads, runtime, runs, median/p90/p99/first/load (ms), energy,
     throttling verdict (with drift), status. Columns that would say the same thing on every row move to the caption
-    (one device; energy unavailable everywhere for one reason; every status ok), so the table fits a terminal."""
+    (one device; energy unavailable everywhere for one reason; every status ok). With `width` (the terminal's), the
+    columns that do not fit whole are hidden in _PRIORITY order, least valuable first, and the caption says which."""
     from rich.table import Table
 
     devices = {str(r.device.get("name", "?")) for r in records}
@@ -300,16 +310,10 @@ def table(records: list[BenchRecord], title: str | None = "effai bench") -> Any:
         caption.append(f"device {next(iter(devices))}")
     if not any_energy and records:
         caption.append("energy unavailable (reason below)" if len(energies) == 1 else "energy unavailable")
-    t = Table(title=title, caption="; ".join(caption) or None, show_lines=False)
-    columns = [("artifact", "left"), ("device", "left"), ("thr", "right"), ("runtime", "left"), ("runs", "right"),
-               ("median ms", "right"), ("p90", "right"), ("p99", "right"), ("first", "right"), ("load", "right"),
-               ("energy", "left"), ("throttling", "left"), ("status", "left")]
     drop = {"device"} if len(devices) == 1 else set()
     drop |= set() if any_energy else {"energy"}
     drop |= set() if any_failed else {"status"}
-    for name, justify in columns:
-        if name not in drop:
-            t.add_column(name, justify=justify, overflow="fold")
+    rows = []
     for rec in records:
         s = rec.stats or {}
         th = rec.throttling or {}
@@ -317,11 +321,28 @@ def table(records: list[BenchRecord], title: str | None = "effai bench") -> Any:
         drift = th.get("drift")
         if isinstance(drift, (int, float)) and math.isfinite(drift):
             verdict += f" (drift {drift:.2f})"
-        cells = {"artifact": artifact_label(rec), "device": str(rec.device.get("name", "?")),
-                 "thr": str(rec.threads), "runtime": f"{rec.runtime} {rec.runtime_version}".strip(),
-                 "runs": str(rec.runs),
-                 "median ms": fmt_ms(s.get("median")), "p90": fmt_ms(s.get("p90")), "p99": fmt_ms(s.get("p99")),
-                 "first": fmt_ms(rec.first_ms), "load": fmt_ms(rec.load_ms), "energy": energy_text(rec.energy),
-                 "throttling": verdict, "status": status_text(rec)}
-        t.add_row(*(cells[name] for name, _ in columns if name not in drop))
+        rows.append({"artifact": artifact_label(rec), "device": str(rec.device.get("name", "?")),
+                     "thr": str(rec.threads), "runtime": f"{rec.runtime} {rec.runtime_version}".strip(),
+                     "runs": str(rec.runs),
+                     "median ms": fmt_ms(s.get("median")), "p90": fmt_ms(s.get("p90")), "p99": fmt_ms(s.get("p99")),
+                     "first": fmt_ms(rec.first_ms), "load": fmt_ms(rec.load_ms), "energy": energy_text(rec.energy),
+                     "throttling": verdict, "status": status_text(rec)})
+    shown = [name for name, _ in _COLUMNS if name not in drop]
+    if width is not None:
+        keep, used = set(), 1                      # used: the table's left border
+        for name in [c for c in _PRIORITY if c in shown]:
+            need = max([len(name), *(len(r[name]) for r in rows)]) + 3     # padding 2 + separator 1
+            if name == "artifact" or used + need <= width:
+                keep.add(name)
+                used += need
+        hidden = [c for c in shown if c not in keep]
+        if hidden:
+            caption.append(f"hidden at this width: {', '.join(hidden)} (all in the JSON report)")
+        shown = [c for c in shown if c in keep]
+    t = Table(title=title, caption="; ".join(caption) or None, show_lines=False)
+    for name, justify in _COLUMNS:
+        if name in shown:
+            t.add_column(name, justify=justify, overflow="fold")
+    for cells in rows:
+        t.add_row(*(cells[name] for name in shown))
     return t
