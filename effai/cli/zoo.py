@@ -157,8 +157,9 @@ def zoo_show(name: Annotated[str, typer.Argument(help="Zoo or timm model name.")
     except EffaiError as e:
         fail(e, as_json)
     card = loaded.card
-    info = {"name": card.name, "family": card.family, "source": card.source, "input_size": list(card.input_size),
-            "num_classes": card.num_classes, "label_set": card.label_set, "labels_preview": zoo.labels(card)[:5],
+    info = {"name": card.name, "task": card.task, "family": card.family, "source": card.source,
+            "input_size": list(card.input_size), "num_classes": card.num_classes, "label_set": card.label_set,
+            "labels_preview": zoo.labels(card)[:5],
             "preprocessing": card.preprocessing(), "weights_license": card.weights_license,
             "reparameterizable": card.reparameterizable, "bundled_weights": card.bundled_weights,
             "params_training_form": sum(p.numel() for p in loaded.model.parameters()),
