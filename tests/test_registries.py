@@ -129,7 +129,8 @@ ARCH_CASES = {
     "devit_fusion": ({"in_chans": 8, "parts": 2, "d_sub": 4, "d_teacher": 8}, (2, 8)),   # fuses 2 CLS features
 }
 # Architectures too heavy to build within this file's budget, with the test that builds and runs them.
-HEAVY_ARCHS = {"ademvl": "loads a language model (~35 s on the 2-core host); built and run by tests/test_ademvl.py"}
+HEAVY_ARCHS = {"ademvl": "loads a language model (~35 s on the 2-core host); built and run by tests/test_ademvl.py",
+               "delvm": "an image generator (VQ tokenizer + LM), not logits; built and run by tests/test_delvm.py"}
 
 
 @pytest.mark.parametrize("name", ARCHS.names())

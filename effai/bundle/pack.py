@@ -171,7 +171,11 @@ def pack(model: str, targets: Sequence[str], precisions: Sequence[str] | None = 
 
 
 def check_task(card: Any) -> None:
-    """Bundles hold single-forward classifiers; a generative card (visual-question-answering) exports elsewhere."""
+    """Bundles hold single-forward classifiers; a generative card (visual-question-answering,
+    image-to-image-in-context) exports elsewhere."""
+    if card.task == "image-to-image-in-context":
+        raise UsageError(f"{card.name} is an {card.task} model: bundles hold {TASK} models only; export it with "
+                         f"`effai delvm export {card.name} --out DIR`")
     if card.task != TASK:
         raise UsageError(f"{card.name} is a {card.task} model: bundles hold {TASK} models only; export it with "
                          f"`effai generate-export {card.name} --out DIR` (or `effai export {card.name} --target "

@@ -9,8 +9,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # What a card's model does: image-classification (one forward, class scores: effai export to every target, effai
 # predict, bundles) or visual-question-answering (an image + a question -> generated text: effai generate, exported
-# with `effai export --target executorch` as a vision program + KV-cache decoder).
-TASKS = ("image-classification", "visual-question-answering")
+# with `effai export --target executorch` as a vision program + KV-cache decoder) or image-to-image-in-context (an
+# example pair + a query image -> the generated output image, DeLVM: effai delvm export, effai generate
+# --prompt-images).
+TASKS = ("image-classification", "visual-question-answering", "image-to-image-in-context")
 
 
 @dataclass(frozen=True)

@@ -85,3 +85,17 @@ CARDS.register("ademvl_tiny.digits", ModelCard(
                            "beta": 1.0, "scale": 1.0, "proj_hidden": 128}},
     description="ADEM-VL vision-language model (parameter-free cross-attention in a 2-layer Llama LM, Hao et al. "
                 "2024): answers 'which digit is this?' and questions about photos; effai generate / effai train ademvl"))
+
+# DeLVM (effai/zoo/vq.py, docs/delvm.md): a VQ-VAE tokenizer (16x16 greyscale -> 16 codes of 64) and a 2-layer Llama LM
+# over visual sentences, trained by effai (effai train delvm, the KD student of seed 0); solves invert / edges /
+# denoise / threshold in context from one example pair. The tokenizer's file and the LM folder ship in
+# effai/zoo/weights; deployment: effai delvm export delvm_tiny.
+CARDS.register("delvm_tiny", ModelCard(
+    name="delvm_tiny", family="delvm", source="effai:delvm", input_size=(1, 16, 16), mean=(0.5,), std=(0.5,),
+    interpolation="bilinear", crop_pct=1.0, num_classes=0, label_set=None, task="image-to-image-in-context",
+    weights_license="Apache-2.0 (trained by effai on scikit-learn digits, BSD-3, and scikit-image photos)",
+    bundled_weights="delvm_tiny_vq.safetensors",
+    extra={"arch_kwargs": {"lm": "bundled:delvm_tiny_lm", "size": 16, "hidden": 32, "dim": 32, "codebook": 64}},
+    description="DeLVM in-context image-to-image generation (VQ tokenizer + visual-token Llama LM, Guo et al. 2024, "
+                "arXiv:2402.04841): an example pair and a query image -> the query's output; effai delvm export / "
+                "effai generate --prompt-images"))

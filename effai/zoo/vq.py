@@ -29,7 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effai.data.visual_sentences import BOS, N_SPECIAL, SEP
 from effai.errors import UsageError
+from effai.zoo.ademvl import load_causal_lm, resolve_lm_dir
+from effai.zoo.archs import ARCHS
 
 META_KEY = "effai.vq"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -205,3 +208,78 @@ def load(path: Path) -> VQVAE:
     model = VQVAE(VQConfig(**spec["config"]))
     model.load_state_dict(load_file(str(path)))
     return model.eval()
+
+
+# --- the zoo's DeLVM model (card delvm_tiny, ARCHS "delvm") ----------------------------------------------------------
+
+ARCH_DEFAULTS: dict[str, Any] = {"lm": "bundled:delvm_tiny_lm", "channels": 1, "size": 16, "hidden": 32, "dim": 32,
+                                 "codebook": 64}
+
+
+class DelvmModel(nn.Module):
+    """DeLVM as one module: the VQ tokenizer (`vq`) and the visual-token causal LM (`lm`, a Llama-class
+    `transformers` model over '<unk> <s> </s> <sep>' + K visual tokens; effai/data/visual_sentences.py).
+
+    forward(x, example_in=None, example_out=None) -> the generated output image of query x, in context:
+        prompt = <s> E(example_in) <sep> E(example_out) <sep> E(x) <sep>      (E: encoder + nearest code)
+        k_t    = argmax_{k < K} p_LM(visual token k | prompt, k_<t),  t = 1 .. T (T = (size/4)^2, KV cache)
+        y      = G(codebook[k_1..k_T])                                  (G: the VQ decoder), clamped to [-1, 1]
+    Images (B, C, size, size) in [-1, 1] (the card's mean = std = 0.5 normalisation of [0, 1] pixels). Without an
+    example pair the query is its own example (the identity task), so one image in costs what a generation costs
+    (the zoo's params and MACs count it).
+
+    The module's state dict is the tokenizer's (the card's bundled file, `vq.save` format without metadata); the LM's
+    weights live in its own Hugging Face folder (`arch_kwargs["lm"]`), loaded when the model is built, as effai
+    delvm export reads them. Deployment: `effai delvm export delvm_tiny` (docs/delvm.md)."""
+
+    def __init__(self, vq: VQVAE, lm: nn.Module) -> None:
+        super().__init__()
+        vocab = int(lm.config.vocab_size)
+        if vocab != N_SPECIAL + vq.config.codebook:
+            raise UsageError(f"the LM's vocabulary ({vocab}) does not match the tokenizer's codebook "
+                             f"({vq.config.codebook} + {N_SPECIAL} specials); pair the LM with its tokenizer")
+        self.vq, self.lm = vq, lm
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:   # type: ignore[override]
+        return self.vq.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:   # type: ignore[override]
+        return self.vq.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, example_in: torch.Tensor | None = None,
+                example_out: torch.Tensor | None = None) -> torch.Tensor:
+        if (example_in is None) != (example_out is None):
+            raise UsageError("give both example_in and example_out (an example pair of the task), or neither")
+        if example_in is None:
+            example_in = example_out = x
+        b = x.shape[0]
+        codes = [self.vq.encode(t.expand(b, *t.shape[1:]) if t.shape[0] == 1 else t)
+                 for t in (example_in, example_out, x)]
+        sep = torch.full((b, 1), SEP, dtype=torch.long, device=x.device)
+        prompt = torch.cat([torch.full((b, 1), BOS, dtype=torch.long, device=x.device),
+                            codes[0] + N_SPECIAL, sep, codes[1] + N_SPECIAL, sep, codes[2] + N_SPECIAL, sep], 1)
+        out = self.lm(input_ids=prompt, use_cache=True)
+        key = "cache" if "cache" in out else "past_key_values"   # transformers >= 5.2x names it `cache`
+        picked = []
+        for i in range(self.vq.config.tokens):
+            nxt = out.logits[:, -1, N_SPECIAL:].argmax(-1)
+            picked.append(nxt)
+            if i + 1 < self.vq.config.tokens:
+                out = self.lm(input_ids=(nxt + N_SPECIAL)[:, None], use_cache=True, **{key: out[key]})
+        return self.vq.decode(torch.stack(picked, 1))
+
+
+def arch_factory(lm: str = ARCH_DEFAULTS["lm"], num_classes: int = 0, in_chans: int = 1, **kw: Any) -> DelvmModel:
+    """ARCHS' `delvm`: the tokenizer (random init; the card's bundled file fills it) and the LM from its folder
+    ('bundled:<dir>' inside effai/zoo/weights, or a local save_pretrained folder)."""
+    unknown = sorted(set(kw) - set(ARCH_DEFAULTS))
+    if unknown:
+        raise UsageError(f"unknown DeLVM options {unknown}; valid: {', '.join(sorted(ARCH_DEFAULTS))}")
+    if num_classes:
+        raise UsageError(f"DeLVM generates images, it has no classes (num_classes {num_classes}); pass 0")
+    opts = {**{k: v for k, v in ARCH_DEFAULTS.items() if k != "lm"}, **kw, "channels": in_chans}
+    return DelvmModel(VQVAE(VQConfig(**opts)), load_causal_lm(resolve_lm_dir(str(lm))))
+
+
+ARCHS.register("delvm", arch_factory)
