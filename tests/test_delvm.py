@@ -175,16 +175,26 @@ def test_cli_refusals(run, tmp_path, capfd):
     assert code == 2 and "does not match" in j["error"] and not (tmp_path / "art").exists()
 
 
+@pytest.fixture(scope="module")
+def artifact(run, tmp_path_factory):
+    """The tiny run exported once (LM decoder + tokenizer nets in ExecuTorch): (path, delvm.json spec)."""
+    from effai.cli.delvm import export_delvm
+
+    out, _ = run
+    path = tmp_path_factory.mktemp("delvm-art") / "art"
+    return path, export_delvm(out, path, targets=("executorch",))
+
+
 @pytest.mark.slow
-def test_export_and_generate_parity(run, tmp_path):
+def test_export_and_generate_parity(run, artifact):
     """The artifact's greedy tokens (ExecuTorch decoder, tokenizer nets in ExecuTorch) equal torch's on one prompt."""
-    from effai.cli.delvm import DelvmArtifact, export_delvm
+    from effai.cli.delvm import DelvmArtifact
     from effai.train.delvm.loop import greedy_image, load_lm
 
     out, _ = run
-    spec = export_delvm(out, tmp_path / "art", targets=("executorch",))
+    path, spec = artifact
     assert spec["lm_parity"]["identical"]
-    art = DelvmArtifact(tmp_path / "art")
+    art = DelvmArtifact(path)
     x = vs.source_images("eval", 2, 16, 0)
     a, b = vs.apply_task("invert", x)
     img, stats = art.generate(a[0], b[0], a[1])
@@ -212,3 +222,109 @@ def test_shipped_default_solves_invert_in_context(one_thread):
     truth = torch.from_numpy(target)
     copy = torch.from_numpy(bank.images["invert"][1:len(rows) + 1, 0])
     assert float(zvq.psnr(gen, truth).mean()) > float(zvq.psnr(copy, truth).mean()) + 5
+
+
+# --- the zoo card, and effai export / generate / bench / bundle pack on DeLVM ---------------------------------------
+
+def test_zoo_card_builds_the_in_context_generator(one_thread):
+    """zoo.create('delvm_tiny'): the shipped tokenizer (the card's bundled file) + LM; its forward is the greedy
+    in-context generation of the training code's evaluation, decoded by the VQ decoder."""
+    from effai import zoo
+    from effai.cli.delvm import run_paths
+    from effai.train.delvm.loop import greedy_image, load_lm
+
+    loaded = zoo.create("delvm_tiny")
+    assert loaded.card.task == "image-to-image-in-context" and not loaded.random_init and not loaded.notes
+    model = loaded.model
+    vq_file, lm_dir = run_paths("delvm_tiny")
+    vq = zvq.load(vq_file)
+    assert set(model.state_dict()) == set(vq.state_dict())      # the state dict is the tokenizer's (bundled file)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in vq.state_dict().items())
+    assert sum(p.numel() for p in model.parameters()) > sum(p.numel() for p in vq.parameters())   # + the LM
+    x = vs.source_images("eval", 3, 16, 0)
+    a, b = vs.apply_task("invert", x)
+    px = lambda im: zvq.to_pixels(torch.from_numpy(im)[:, None])   # noqa: E731
+    got = model(px(a[1:]), px(a[:1]), px(b[:1]))
+    enc = lambda im: vq.encode(px(im)).numpy()   # noqa: E731
+    prompts = torch.tensor([vs.sentence(enc(a[:1])[0], enc(b[:1])[0], q) for q in enc(a[1:])])
+    ref = vq.decode(greedy_image(load_lm(lm_dir), prompts, vq.config.tokens))
+    assert got.shape == (2, 1, 16, 16) and torch.allclose(got, ref, atol=1e-5)
+    assert float(zvq.psnr(zvq.from_pixels(got)[:, 0], torch.from_numpy(b[1:])).mean()) > 12   # inverts in context
+    with pytest.raises(UsageError, match="example_in and example_out"):
+        model(px(a[1:]), px(a[:1]))
+
+
+def test_export_and_pack_point_to_delvm_export(run, tmp_path, capfd):
+    from effai.bundle.pack import pack
+    from effai.cli.export import export_cmd
+
+    for source in ("delvm_tiny", str(run[0])):     # the card and a run dir
+        code, j = _cli(capfd, export_cmd, model=source, target="onnx", out=tmp_path / "x", as_json=True)
+        assert code == 2 and f"effai delvm export {source} --out DIR" in j["error"] and "\n" not in j["error"]
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(UsageError, match="image-to-image-in-context model: bundles hold .*effai delvm export delvm_tiny"):
+        pack("delvm_tiny", ["onnx"], out=tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_generate_and_bench_route_by_artifact_kind(tmp_path, capfd):
+    """--prompt-images only for a DeLVM artifact (a delvm.json of the schema), required there; bench refuses a mix."""
+    from effai.cli.delvm import SCHEMA
+    from effai.cli.generate import bench_dispatch, generate_cmd
+
+    fake = tmp_path / "art"
+    fake.mkdir()
+    (fake / "delvm.json").write_text(json.dumps({"schema": SCHEMA}))
+    text = tmp_path / "lm-art"
+    text.mkdir()
+    kw = dict(image=None, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None, as_json=True)
+    code, j = _cli(capfd, generate_cmd, artifact=fake, prompt=None, prompt_images=None, out_image=None, **kw)
+    assert code == 2 and "DeLVM artifact" in j["error"] and "--prompt-images a_in.png,a_out.png,b_in.png" in j["error"]
+    code, j = _cli(capfd, generate_cmd, artifact=fake, prompt="hi", prompt_images="a,b,c", out_image=None, **kw)
+    assert code == 2 and j["error"].startswith("--prompt: text-generation options")
+    code, j = _cli(capfd, generate_cmd, artifact=fake, prompt=None, prompt_images="a.png,b.png",
+                   out_image=tmp_path / "o.png", **kw)
+    assert code == 2 and "takes 3 images" in j["error"] and not (tmp_path / "o.png").exists()
+    code, j = _cli(capfd, generate_cmd, artifact=text, prompt=None, prompt_images="a,b,c", out_image=None, **kw)
+    assert code == 2 and "--prompt-images is for DeLVM artifacts" in j["error"]
+    code, j = _cli(capfd, generate_cmd, artifact=text, prompt=None, prompt_images=None, out_image=None, **kw)
+    assert code == 2 and "missing --prompt" in j["error"]
+    code, j = _cli(capfd, bench_dispatch, artifacts=[fake, text], runs=2, warmup=0, not_used={}, as_json=True)
+    assert code == 2 and "is not a DeLVM artifact" in j["error"]
+    code, j = _cli(capfd, bench_dispatch, artifacts=[fake], runs=2, warmup=0, not_used={"--device": True},
+                   as_json=True)
+    assert code == 2 and "--device" in j["error"]
+    assert not bench_dispatch([text], 2, 0, {}, True)    # neither kind: the single-forward bench runs
+
+
+@pytest.mark.slow
+def test_effai_generate_and_bench_on_a_delvm_artifact(artifact, tmp_path, capfd):
+    """`effai generate ART --prompt-images` writes the artifact's generation as a PNG; `effai bench ART` reports
+    image tokens/s and ms per generated image (median, p90) and the size."""
+    from PIL import Image
+
+    from effai.cli.delvm import DelvmArtifact, write_png
+    from effai.cli.generate import bench_dispatch, generate_cmd
+
+    path, _ = artifact
+    x = vs.source_images("eval", 2, 16, 0)
+    a, b = vs.apply_task("invert", x)
+    files = [tmp_path / n for n in ("a_in.png", "a_out.png", "b_in.png")]
+    for f, im in zip(files, (a[0], b[0], a[1])):
+        write_png(im, f)
+    kw = dict(prompt=None, image=None, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None,
+              as_json=True)
+    code, j = _cli(capfd, generate_cmd, artifact=path, prompt_images=",".join(map(str, files)),
+                   out_image=tmp_path / "b_out.png", **kw)
+    assert code == 0 and j["image_tokens"] == 16 and j["image_tokens_per_s"] > 0
+    art = DelvmArtifact(path)
+    want, _ = art.generate(*(art.read_image(f) for f in files))
+    got = np.asarray(Image.open(tmp_path / "b_out.png"), dtype=np.float32) / 255
+    assert np.abs(got - want).max() <= 0.5 / 255 + 1e-6
+    code, j = _cli(capfd, bench_dispatch, artifacts=[path], runs=3, warmup=1, not_used={}, as_json=True)
+    (r,) = j["delvm"]
+    assert code == 0 and r["image_tokens"] == 16 and r["repeats"] == 3
+    assert 0 < r["ms_per_image"]["median"] <= r["ms_per_image"]["p90"]
+    assert r["image_tokens_per_s"]["p90"] <= r["image_tokens_per_s"]["median"]
+    assert r["lm_ms_per_image"]["median"] < r["ms_per_image"]["median"] + 1e-9
+    assert 0 < r["decoder_bytes"] < r["artifact_bytes"]

@@ -69,7 +69,8 @@ def bench_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Latency (and energy where a meter is readable) of artifacts on this host, a phone (adb) or a board (ssh).
-    A generation artifact (effai export of ADEM-VL / an LM): time to first token, prefill, decode tokens/s, memory."""
+    A generation artifact (effai export of ADEM-VL / an LM): time to first token, prefill, decode tokens/s, memory;
+    a DeLVM artifact (effai delvm export): ms per generated image and image tokens/s."""
     from effai.cli.generate import bench_dispatch
 
     if bench_dispatch(artifacts, runs, warmup, {"--device": device != "host", "--threads": threads != "1",

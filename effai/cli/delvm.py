@@ -37,6 +37,32 @@ def run_paths(run: Path | str) -> tuple[Path, Path]:
     return Path(run) / "vq.safetensors", Path(run) / "lm"
 
 
+def is_artifact(path: Path | str) -> bool:
+    """Does `path` look like a DeLVM artifact dir (a delvm.json naming this schema)? DelvmArtifact checks it in full."""
+    try:
+        return json.loads((Path(path) / "delvm.json").read_text()).get("schema") == SCHEMA
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def is_source(source: str) -> bool:
+    """A DeLVM model to export: a zoo card of task image-to-image-in-context, or a run dir (vq.safetensors + lm/)."""
+    from effai.zoo.catalog import CARDS
+
+    if source in CARDS:
+        return CARDS.get(source).task == "image-to-image-in-context"
+    p = Path(source)
+    return (p / "vq.safetensors").is_file() and (p / "lm" / "config.json").is_file()
+
+
+def export_refusal(source: str) -> UsageError:
+    """`effai export` of a DeLVM model: its parts (tokenizer nets on each target + a KV-cache decoder) export with
+    `effai delvm export`, which the single-forward pipeline does not replace."""
+    return UsageError(f"{source} is an image-to-image-in-context model (VQ tokenizer + visual-token LM): export it "
+                      f"with `effai delvm export {source} --out DIR` (--targets executorch,onnx,tflite,coreml for "
+                      "the tokenizer, --precision fp32|int8-weight|int4-weight for the LM)")
+
+
 def export_delvm(run: Path | str, out: Path, precision: str = "fp32", targets: tuple[str, ...] = VQ_TARGETS,
                  force: bool = False) -> dict[str, Any]:
     """A run dir (vq.safetensors + lm/) -> artifact dir at `out`, built in a staging dir and renamed into place."""
@@ -184,21 +210,19 @@ def write_png(img: np.ndarray, out: Path) -> None:
     atomic_write(Path(out), buf.getvalue())
 
 
-@delvm_app.command("generate")
-def generate_cmd(
-    artifact: Annotated[Path, typer.Argument(help="A DeLVM artifact dir (effai delvm export).")],
-    prompt_images: Annotated[str, typer.Option("--prompt-images", help="a_in.png,a_out.png,b_in.png: an example "
-                                               "pair and the query input (greyscale, the artifact's size).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where the generated b_out.png goes.")] = Path("b_out.png"),
-    target: Annotated[str, typer.Option(help="Runtime of the VQ encoder/decoder: executorch | onnx | tflite.")] = "executorch",
-    as_json: JsonOpt = False,
-) -> None:
-    """Generate the query's output image in context (example pair + query input), in the ExecuTorch runtime."""
+def parse_prompt_images(text: str) -> list[Path]:
+    files = [Path(p.strip()) for p in text.split(",") if p.strip()]
+    if len(files) != 3:
+        raise UsageError(f"--prompt-images takes 3 images (a_in,a_out,b_in), got {len(files)}; an example pair "
+                         "and one query input")
+    return files
+
+
+def run_generate(artifact: Path, prompt_images: str, out: Path, target: str, as_json: bool) -> dict[str, Any]:
+    """`effai delvm generate` and `effai generate` of a DeLVM artifact: generate, write the PNG (atomically, only
+    after every input was read), print it and the JSON line; returns the JSON line's dict."""
     try:
-        files = [Path(p.strip()) for p in prompt_images.split(",") if p.strip()]
-        if len(files) != 3:
-            raise UsageError(f"--prompt-images takes 3 images (a_in,a_out,b_in), got {len(files)}; an example pair "
-                             "and one query input")
+        files = parse_prompt_images(prompt_images)
         art = DelvmArtifact(artifact, target)
         imgs = [art.read_image(f) for f in files]
         img, stats = art.generate(*imgs)
@@ -210,7 +234,81 @@ def generate_cmd(
                             f"{stats['image_tokens_per_s']} tokens/s, {stats['time_per_image_s'] * 1e3:.0f} ms per "
                             "image)")
         console.out().print(str(out.resolve()))
-    console.json_line({"ok": True, "out": str(out), **{k: v for k, v in stats.items() if k != "codes"}})
+    res = {"ok": True, "out": str(out), **{k: v for k, v in stats.items() if k != "codes"}}
+    console.json_line(res)
+    return res
+
+
+def bench_delvm(path: Path, repeats: int = 20, warmup: int = 1) -> dict[str, Any]:
+    """Generation timing of a DeLVM artifact on this host (encoder/decoder and LM decoder in ExecuTorch): per image,
+    tokenize the 3 prompt images + T greedy LM steps + detokenize; image tokens/s = T / LM seconds. Fixed seeded
+    images (timing does not depend on the pixels), median and p90 over `repeats` after `warmup`."""
+    art = DelvmArtifact(path)
+    s = int(art.spec["size"])
+    rng = np.random.default_rng(0)
+    imgs = [rng.random((s, s)).astype(np.float32) for _ in range(3)]
+    per_image, tok_s, lm_ms = [], [], []
+    for i in range(warmup + repeats):
+        _, st = art.generate(*imgs)
+        if i >= warmup:
+            per_image.append(st["time_per_image_s"] * 1e3)
+            lm_ms.append(st["lm_s"] * 1e3)
+            tok_s.append(st["image_tokens"] / st["lm_s"])
+
+    def stats(xs: list[float], slow_high: bool = True) -> dict[str, float]:
+        return {"median": round(float(np.median(xs)), 3 if slow_high else 1),
+                "p90": round(float(np.percentile(xs, 90 if slow_high else 10)), 3 if slow_high else 1)}
+
+    return {"artifact": str(path), "kind": "delvm", "precision": art.spec["precision"], "runtime": "executorch",
+            "image_tokens": int(art.spec["tokens_per_image"]), "repeats": repeats, "warmup": warmup,
+            "ms_per_image": stats(per_image), "lm_ms_per_image": stats(lm_ms),
+            "image_tokens_per_s": stats(tok_s, slow_high=False),
+            "decoder_bytes": (art.lm.path / art.lm.manifest["programs"]["decoder"]).stat().st_size,
+            "artifact_bytes": sum(int(e["bytes"]) for e in art.spec["files"]) + (art.path / "delvm.json").stat().st_size}
+
+
+def run_bench(artifacts: list[Path], repeats: int, warmup: int, as_json: bool) -> list[dict[str, Any]]:
+    """`effai bench` of DeLVM artifacts: bench_delvm each, a table per artifact, the JSON line {"ok", "delvm"}."""
+    rows = []
+    try:
+        if repeats < 1 or warmup < 0:
+            raise UsageError("--runs must be >= 1 and --warmup >= 0")
+        rows = [bench_delvm(a, repeats, warmup) for a in artifacts]
+    except EffaiError as e:
+        fail(e, as_json)
+    if not as_json:
+        from rich.table import Table
+
+        for r in rows:
+            t = Table(title=f"effai bench: {r['artifact']} (DeLVM, LM {r['precision']}, ExecuTorch)")
+            for col in ("metric", "median", "p90"):
+                t.add_column(col, justify="left" if col == "metric" else "right")
+            t.add_row("time per generated image (ms)", f"{r['ms_per_image']['median']:.2f}",
+                      f"{r['ms_per_image']['p90']:.2f}")
+            t.add_row(f"LM decode (ms, {r['image_tokens']} tokens)", f"{r['lm_ms_per_image']['median']:.2f}",
+                      f"{r['lm_ms_per_image']['p90']:.2f}")
+            t.add_row("image tokens/s", f"{r['image_tokens_per_s']['median']:.0f}",
+                      f"{r['image_tokens_per_s']['p90']:.0f}")
+            t.add_row(f"files (MB): decoder {r['decoder_bytes'] / 1e6:.2f}", f"{r['artifact_bytes'] / 1e6:.2f}", "-")
+            console.out().print(t)
+        console.err().print(f"[dim]median (p90) over {repeats} generated image(s) after {warmup} warm-up; per image: "
+                            "tokenize 3 prompt images + greedy LM decode + detokenize; tokens/s p90: the slow tail[/]")
+    console.json_line({"ok": True, "delvm": rows})
+    return rows
+
+
+@delvm_app.command("generate")
+def generate_cmd(
+    artifact: Annotated[Path, typer.Argument(help="A DeLVM artifact dir (effai delvm export).")],
+    prompt_images: Annotated[str, typer.Option("--prompt-images", help="a_in.png,a_out.png,b_in.png: an example "
+                                               "pair and the query input (greyscale, the artifact's size).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the generated b_out.png goes.")] = Path("b_out.png"),
+    target: Annotated[str, typer.Option(help="Runtime of the VQ encoder/decoder: executorch | onnx | tflite.")] = "executorch",
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate the query's output image in context (example pair + query input), in the ExecuTorch runtime
+    (also `effai generate ARTIFACT --prompt-images ...`)."""
+    run_generate(artifact, prompt_images, out, target, as_json)
 
 
 @delvm_app.command("export")

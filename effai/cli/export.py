@@ -54,8 +54,11 @@ def export_cmd(
     from effai.export.pipeline import ExportConfig, ParityFailed, try_export
 
     if model is not None and model_def is None:
+        from effai.cli import delvm
         from effai.generate.artifact import source_kind
 
+        if delvm.is_source(model):            # a DeLVM card or run: tokenizer nets + KV-cache decoder, its own export
+            fail(delvm.export_refusal(model), as_json)
         if source_kind(model) is not None:    # an LM dir, an ADEM-VL run or card: a generation artifact
             given = {"--weights": weights, "--pretrained": pretrained or None, "--input-size": input_size,
                      "--input-shape": input_shape, "--batch": batch if batch != 1 else None,

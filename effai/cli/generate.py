@@ -1,4 +1,5 @@
-"""`effai generate ARTIFACT --prompt TEXT`: stream an answer from a generation artifact in the ExecuTorch runtime;
+"""`effai generate ARTIFACT --prompt TEXT`: stream an answer from a generation artifact in the ExecuTorch runtime
+(`--prompt-images a,b,c` on a DeLVM artifact: the generated image, effai/cli/delvm.py);
 `effai generate-export LM_DIR --out DIR`: make one; `effai generate-bench ARTIFACT`: prefill ms, decode tokens/s.
 Details and numbers: docs/generate.md."""
 
@@ -17,9 +18,15 @@ from effai.errors import EffaiError, UsageError
 
 
 def generate_cmd(
-    artifact: Annotated[Path, typer.Argument(help="A generation artifact dir (effai generate-export).")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (the artifact's template wraps it).")],
+    artifact: Annotated[Path, typer.Argument(help="A generation artifact dir (effai generate-export), or a DeLVM "
+                                                  "artifact dir (effai delvm export).")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt (the artifact's template wraps "
+                                                  "it); text artifacts.")] = None,
     image: Annotated[Optional[Path], typer.Option("--image", help="Image for a vision-language artifact.")] = None,
+    prompt_images: Annotated[Optional[str], typer.Option("--prompt-images", help="DeLVM artifacts: a_in.png,a_out.png,"
+                                                         "b_in.png (an example pair and the query input).")] = None,
+    out_image: Annotated[Optional[Path], typer.Option("--out", "-o", help="DeLVM artifacts: where the generated "
+                                                      "image goes [default: b_out.png].")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Default: the manifest's.")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy (default: manifest).")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k best (0 = all).")] = None,
@@ -27,11 +34,34 @@ def generate_cmd(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Generate text with a static-KV-cache decoder in the ExecuTorch runtime, streaming tokens; prints tokens/s."""
+    """Generate text with a static-KV-cache decoder in the ExecuTorch runtime, streaming tokens; prints tokens/s.
+    A DeLVM artifact generates an image in context from --prompt-images (effai delvm generate)."""
+    from effai.cli import delvm
     from effai.generate import artifact as artifact_mod
     from effai.generate.loop import Result, stream
     from effai.generate.sampling import Sampling
 
+    try:
+        if delvm.is_artifact(artifact):
+            if prompt_images is None:
+                raise UsageError(f"{artifact} is a DeLVM artifact (image in, image out): pass --prompt-images "
+                                 "a_in.png,a_out.png,b_in.png [--out b_out.png]")
+            bad = [k for k, v in {"--prompt": prompt, "--image": image, "--max-new-tokens": max_new_tokens,
+                                  "--temperature": temperature, "--top-k": top_k, "--top-p": top_p,
+                                  "--seed": seed}.items() if v is not None]
+            if bad:
+                raise UsageError(f"{', '.join(bad)}: text-generation options, not used by a DeLVM artifact; drop "
+                                 "them (options: --prompt-images, --out, --json)")
+        elif prompt_images is not None or out_image is not None:
+            raise UsageError(f"{'--prompt-images' if prompt_images is not None else '--out'} is for DeLVM artifacts "
+                             f"(effai delvm export); {artifact} is not one: pass --prompt TEXT")
+        elif prompt is None:
+            raise UsageError("missing --prompt TEXT (or --prompt-images a,b,c for a DeLVM artifact)")
+    except EffaiError as e:
+        fail(e, as_json)
+    if delvm.is_artifact(artifact):
+        delvm.run_generate(artifact, prompt_images, out_image or Path("b_out.png"), "executorch", as_json)  # type: ignore[arg-type]
+        return
     try:
         if image is not None and not image.is_file():
             raise UsageError(f"image not found: {image}; pass an image file (png, jpg, ...)")
@@ -156,23 +186,32 @@ def bench_dispatch(artifacts: list[Path], runs: int, warmup: int, not_used: dict
     """`effai bench` on generation artifacts (effai.generate/1 manifests): run_generation_bench with --runs timed
     generations after --warmup; False when none is one (the single-forward bench runs). A mix, another device or an
     option of the single-forward bench is refused before anything runs."""
+    from effai.cli import delvm
     from effai.generate.artifact import is_artifact
 
     gen = [a for a in artifacts if is_artifact(a)]
-    if not gen:
+    images = [a for a in artifacts if delvm.is_artifact(a)]    # DeLVM: image tokens/s, ms per generated image
+    if not gen and not images:
         return False
     try:
+        if gen and images:
+            raise UsageError(f"{images[0]} is a DeLVM artifact and {gen[0]} a text generation artifact; bench them "
+                             "in separate effai bench calls")
+        gen = gen or images
         if len(gen) != len(artifacts):
             other = next(a for a in artifacts if a not in gen)
-            raise UsageError(f"{other} is not a generation artifact but {gen[0]} is; bench them in separate "
-                             "effai bench calls")
+            raise UsageError(f"{other} is not a {'DeLVM' if images else 'generation'} artifact but {gen[0]} is; "
+                             "bench them in separate effai bench calls")
         bad = [k for k, v in not_used.items() if v]
         if bad:
             raise UsageError(f"{', '.join(bad)}: not available for generation artifacts (measured on this host in the "
                              "ExecuTorch runtime); drop them (options: --runs, --warmup, --json)")
     except EffaiError as e:
         fail(e, as_json)
-    run_generation_bench(gen, 16, runs, warmup, as_json)
+    if images:
+        delvm.run_bench(images, runs, warmup, as_json)
+    else:
+        run_generation_bench(gen, 16, runs, warmup, as_json)
     return True
 
 
