@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -57,19 +60,43 @@ def devit_teacher(tmp_path_factory, digits_npz):
     return root
 
 
+def _exported_once(tmp_path_factory, name, build):
+    """`build(root)` exports into root/<target> and returns {target: ExportResult}. Run serially it just runs; under
+    pytest-xdist (tests split by file over workers) the first worker that needs it exports into a folder every worker
+    sees (the run's base temp dir) and the others wait on its lock and read the artifacts back from their manifests,
+    so a 4-target export is paid once per run, not once per worker."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    from effai.export.pipeline import ExportResult
+
+    shared = tmp_path_factory.getbasetemp().parent / name
+    with FileLock(f"{shared}.lock"):
+        done = shared / "exported.json"
+        if done.is_file():
+            return {t: ExportResult(shared / t, json.loads((shared / t / "manifest.json").read_text()))
+                    for t in json.loads(done.read_text())}
+        shared.mkdir(exist_ok=True)
+        results = build(shared)
+        done.write_text(json.dumps(sorted(results)))
+        return results
+
+
 @pytest.fixture(scope="session")
 def small_exports(tmp_path_factory):
     """ghostnetv3_050 at 64x64 exported once to every target; many tests read these artifacts."""
     from effai import zoo
     from effai.export.pipeline import ExportConfig, export
 
-    root = tmp_path_factory.mktemp("exports")
-    loaded = zoo.create("ghostnetv3_050")
-    randomize_bn(loaded.model)
-    results = {}
-    for target in ("executorch", "onnx", "tflite", "coreml"):
-        results[target] = export(loaded, ExportConfig(target=target, input_size=SMALL, out=root / target))
-    return results
+    def build(root):
+        loaded = zoo.create("ghostnetv3_050")
+        randomize_bn(loaded.model)
+        return {t: export(loaded, ExportConfig(target=t, input_size=SMALL, out=root / t))
+                for t in ("executorch", "onnx", "tflite", "coreml")}
+
+    return _exported_once(tmp_path_factory, "exports", build)
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +107,9 @@ def digits_exports(tmp_path_factory):
     from effai.export.pipeline import ExportConfig, export
     from effai.export.targets import TARGETS
 
-    root = tmp_path_factory.mktemp("digits_exports")
-    loaded = zoo.create("ghostnetv3_050.digits")
-    return {t: export(loaded, ExportConfig(target=t, precision=TARGETS.get(t).precisions[0], out=root / t))
-            for t in ("executorch", "onnx", "tflite", "coreml")}
+    def build(root):
+        loaded = zoo.create("ghostnetv3_050.digits")
+        return {t: export(loaded, ExportConfig(target=t, precision=TARGETS.get(t).precisions[0], out=root / t))
+                for t in ("executorch", "onnx", "tflite", "coreml")}
+
+    return _exported_once(tmp_path_factory, "digits_exports", build)

@@ -41,7 +41,7 @@ def is_artifact(path: Path | str) -> bool:
     """Does `path` look like a DeLVM artifact dir (a delvm.json naming this schema)? DelvmArtifact checks it in full."""
     try:
         return json.loads((Path(path) / "delvm.json").read_text()).get("schema") == SCHEMA
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):   # the full reader says what is wrong
         return False
 
 

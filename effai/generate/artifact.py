@@ -314,7 +314,7 @@ def is_artifact(path: Path) -> bool:
     """Does `path` look like a generation artifact (its manifest names this schema)? read() checks it in full."""
     try:
         return json.loads((Path(path) / MANIFEST).read_text()).get("schema") == SCHEMA
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):   # the full reader says what is wrong
         return False
 
 
