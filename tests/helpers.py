@@ -62,3 +62,22 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 
 DEVIT_SIZE = 16   # DeViT tests: 16x16 digits, patch 4: 16 patches + CLS for teacher and parts alike
+
+
+def call_cli(capfd, fn, **kw) -> tuple[int, dict, str]:
+    """(exit code, last JSON line, stdout) of a CLI command function called in process (a subprocess costs ~10 s)."""
+    import typer
+
+    from effai import console
+
+    capfd.readouterr()
+    console.reset()                     # the JSON line goes to this test's captured stdout
+    code = 0
+    try:
+        fn(**kw)
+    except typer.Exit as e:
+        code = e.exit_code
+    finally:
+        console.reset()
+    out = capfd.readouterr().out
+    return code, json.loads(out.strip().splitlines()[-1]), out

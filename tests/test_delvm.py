@@ -12,6 +12,7 @@ import torch
 from effai.data import visual_sentences as vs
 from effai.errors import UsageError
 from effai.zoo import vq as zvq
+from tests.helpers import call_cli
 
 
 @pytest.fixture(scope="module")
@@ -137,21 +138,7 @@ def test_kd_changes_the_gradient(one_thread):
 
 
 def _cli(capfd, fn, **kw):
-    """(exit code, last JSON line) of a CLI command function called in process."""
-    import typer
-
-    from effai import console
-
-    capfd.readouterr()
-    console.reset()
-    code = 0
-    try:
-        fn(**kw)
-    except typer.Exit as e:
-        code = e.exit_code
-    finally:
-        console.reset()
-    return code, json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    return call_cli(capfd, fn, **kw)[:2]
 
 
 def test_cli_refusals(run, tmp_path, capfd):

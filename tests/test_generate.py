@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import call_cli, run_cli
 
 pytest.importorskip("executorch")
 pytest.importorskip("transformers")
@@ -46,25 +46,6 @@ def fp32_export(lm_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fp32_artifact(fp32_export):
     return fp32_export[0]
-
-
-def _in_process(capfd, fn, **kw):
-    """(exit code, last JSON line, stdout) of a CLI command function called in process (a subprocess costs ~10 s)."""
-    import typer
-
-    from effai import console
-
-    capfd.readouterr()
-    console.reset()                     # the JSON line goes to this test's captured stdout
-    code = 0
-    try:
-        fn(**kw)
-    except typer.Exit as e:
-        code = e.exit_code
-    finally:
-        console.reset()
-    out = capfd.readouterr().out
-    return code, json.loads(out.strip().splitlines()[-1]), out
 
 
 def _torch_decoder(lm_dir):
@@ -155,21 +136,21 @@ def test_export_routes_generative_models_and_refuses_the_rest(fp32_export, tmp_p
     assert summary["decoder_bytes"] == (out / "decoder.pte").stat().st_size
 
     # every refusal below comes before the model is loaded (each call returns in well under a second)
-    code, last, _ = _in_process(capfd, export_cmd, model="ademvl_tiny.digits", target="onnx", as_json=True)
+    code, last, _ = call_cli(capfd, export_cmd, model="ademvl_tiny.digits", target="onnx", as_json=True)
     assert code == 2 and "runs only in ExecuTorch, pass --target executorch (not onnx)" in last["error"]
     assert "ghostnetv3_050.digits exports to onnx, tflite, coreml" in last["error"]
-    code, last, _ = _in_process(capfd, export_cmd, model="ademvl_tiny.digits", target="executorch", batch=2,
+    code, last, _ = call_cli(capfd, export_cmd, model="ademvl_tiny.digits", target="executorch", batch=2,
                              as_json=True)
     assert code == 2 and last["error"].startswith("--batch: single-forward options")
-    code, last, _ = _in_process(capfd, export_cmd, model="ademvl_tiny.digits", target="executorch", precision="int8",
+    code, last, _ = call_cli(capfd, export_cmd, model="ademvl_tiny.digits", target="executorch", precision="int8",
                              as_json=True)
     assert code == 2 and "choose from: fp32, int8-weight, int4-weight" in last["error"]
     monkeypatch.chdir(tmp_path)         # the default --out: effai_out/<model>-executorch[-<precision>]
     (tmp_path / "effai_out" / "ademvl_tiny.digits-executorch-int8-weight").mkdir(parents=True)
-    code, last, _ = _in_process(capfd, export_cmd, model="ademvl_tiny.digits", target="executorch",
+    code, last, _ = call_cli(capfd, export_cmd, model="ademvl_tiny.digits", target="executorch",
                              precision="int8-weight", as_json=True)
     assert code == 2 and "effai_out/ademvl_tiny.digits-executorch-int8-weight exists; pass --force" in last["error"]
-    code, last, _ = _in_process(capfd, generate_export_cmd, source="vit_pico", out=tmp_path / "x", as_json=True)
+    code, last, _ = call_cli(capfd, generate_export_cmd, source="vit_pico", out=tmp_path / "x", as_json=True)
     assert code == 2 and "not a generative model (task image-classification)" in last["error"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["effai_out"]
 
@@ -178,7 +159,7 @@ def test_bench_reports_ttft_prefill_decode_size_and_memory(fp32_artifact, tmp_pa
     from effai.cli.bench import bench_cmd
     from effai.generate.artifact import read
 
-    code, last, _ = _in_process(capfd, bench_cmd, artifacts=[fp32_artifact], runs=3, warmup=1, as_json=True)
+    code, last, _ = call_cli(capfd, bench_cmd, artifacts=[fp32_artifact], runs=3, warmup=1, as_json=True)
     assert code == 0 and last["ok"] and "ru_maxrss" in last["memory_method"]
     (r,) = last["generation"]
     m = read(fp32_artifact).manifest
@@ -191,11 +172,11 @@ def test_bench_reports_ttft_prefill_decode_size_and_memory(fp32_artifact, tmp_pa
     assert r["decoder_bytes"] == m["decoder"]["bytes"] and r["artifact_bytes"] == sum(f["bytes"] for f in m["files"])
     assert r["peak_rss_bytes"] > r["rss_rise_bytes"] >= 0 and r["peak_rss_bytes"] > 50e6   # torch alone is larger
 
-    code, last, out = _in_process(capfd, bench_cmd, artifacts=[fp32_artifact], runs=1, warmup=0)
+    code, last, out = call_cli(capfd, bench_cmd, artifacts=[fp32_artifact], runs=1, warmup=0)
     assert code == 0 and "time to first token (ms)" in out and "decode (tokens/s)" in out and "peak memory" in out
-    code2, last, _ = _in_process(capfd, bench_cmd, artifacts=[fp32_artifact, tmp_path], as_json=True)
+    code2, last, _ = call_cli(capfd, bench_cmd, artifacts=[fp32_artifact, tmp_path], as_json=True)
     assert code2 == 2 and "is not a generation artifact" in last["error"]
-    code2, last, _ = _in_process(capfd, bench_cmd, artifacts=[fp32_artifact], device="adb:x", as_json=True)
+    code2, last, _ = call_cli(capfd, bench_cmd, artifacts=[fp32_artifact], device="adb:x", as_json=True)
     assert code2 == 2 and last["error"].startswith("--device: not available for generation artifacts")
 
 

@@ -28,6 +28,7 @@ def one_thread():
 
 
 def test_parallel_api_and_gymnasium_checks_pass():
+    """PettingZoo's and Gymnasium's own conformance checks: each raises on the first violation of its API."""
     from gymnasium.utils.env_checker import check_env
     from pettingzoo.test import parallel_api_test
 

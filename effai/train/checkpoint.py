@@ -26,6 +26,20 @@ def writable_run_dir(out: Path) -> None:
         raise UsageError(f"cannot write to --out {out}: {e.strerror}; choose a writable directory") from e
 
 
+def refuse_existing_run(out: Path, *, finished: Path, started: tuple[Path, ...], resume: bool, force: bool,
+                        finished_as: str = "a finished training run", started_as: str = "a training run",
+                        resume_flag: str = "--set resume=true") -> None:
+    """Before a run writes into `out`: a finished run there (`finished` exists) is kept unless --force; a started
+    one (any of `started` exists) is kept unless resuming or --force. UsageError naming the way on."""
+    if force:
+        return
+    if finished.exists():
+        raise UsageError(f"{out} already holds {finished_as}; pass --force to start over, or choose another --out")
+    if any(p.exists() for p in started) and not resume:
+        raise UsageError(f"{out} already holds {started_as}; pass {resume_flag} to continue it, --force to start "
+                         "over, or choose another --out")
+
+
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
     """torch.save to a temp file, then rename: a crash or a full disk leaves the previous checkpoint, no temp file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

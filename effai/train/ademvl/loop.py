@@ -260,14 +260,8 @@ class _Log:
 
 
 def _check_out(out: Path, cfg: AdemvlConfig, force: bool) -> None:
-    if force:
-        return
-    if (out / "model.safetensors").is_file():
-        raise UsageError(f"{out} already holds a finished ADEM-VL run; pass --force to start over, or choose another "
-                         "--out")
-    if ((out / CHECKPOINT).is_file() or (out / "lm").is_dir()) and not cfg.resume:
-        raise UsageError(f"{out} already holds a training run; pass --set resume=true to continue it, --force to "
-                         "start over, or choose another --out")
+    ckpt.refuse_existing_run(out, finished=out / "model.safetensors", started=(out / CHECKPOINT, out / "lm"),
+                             resume=cfg.resume, force=force, finished_as="a finished ADEM-VL run")
 
 
 def _prepare_out(out: Path, force: bool) -> None:

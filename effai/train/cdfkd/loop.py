@@ -304,14 +304,8 @@ def _save_student(student: MultiHeaderStudent, card: Any, labels: list[str], rec
 
 
 def _check_out(out: Path, cfg: CdfkdConfig, force: bool) -> None:
-    if force:
-        return
-    if (out / "model.safetensors").is_file():
-        raise UsageError(f"{out} already holds a finished training run; pass --force to start over, or choose "
-                         "another --out")
-    if (out / "checkpoint.pt").is_file() and not cfg.resume:
-        raise UsageError(f"{out} already holds a training run; pass --set resume=true to continue it, --force to "
-                         "start over, or choose another --out")
+    ckpt.refuse_existing_run(out, finished=out / "model.safetensors", started=(out / "checkpoint.pt",),
+                             resume=cfg.resume, force=force)
 
 
 def _prepare_out(out: Path, force: bool) -> None:

@@ -285,12 +285,6 @@ class _Log:
 
 
 def _check_out(out: Path, cfg: DelvmConfig, force: bool) -> None:
-    if force:
-        return
-    if (out / "train_record.json").is_file():
-        raise UsageError(f"{out} already holds a finished DeLVM run; pass --force to start over, or choose another "
-                         "--out")
-    if ((out / "vq.safetensors").is_file() or (out / "teacher").is_dir()) and not cfg.resume:
-        raise UsageError(f"{out} already holds a DeLVM run; pass --set resume=true to continue it, --force to start "
-                         "over, or choose another --out")
+    ckpt.refuse_existing_run(out, finished=out / "train_record.json", started=(out / "vq.safetensors", out / "teacher"),
+                             resume=cfg.resume, force=force, finished_as="a finished DeLVM run", started_as="a DeLVM run")
 

@@ -145,14 +145,8 @@ def _val_loss(model: srdiff.SRDiff, v: dict[str, torch.Tensor]) -> float:
 
 
 def _check_out(out: Path, cfg: SrConfig, force: bool) -> None:
-    if force:
-        return
-    if (out / "model.safetensors").is_file():
-        raise UsageError(f"{out} already holds a finished training run; pass --force to start over, or choose "
-                         "another --out")
-    if (out / "checkpoint.pt").is_file() and not cfg.resume:
-        raise UsageError(f"{out} already holds a training run; pass --resume to continue it, --force to start over, "
-                         "or choose another --out")
+    ckpt.refuse_existing_run(out, finished=out / "model.safetensors", started=(out / "checkpoint.pt",),
+                             resume=cfg.resume, force=force, resume_flag="--resume")
 
 
 def _check_same_run(saved: dict[str, Any], cfg: SrConfig, path: Path) -> None:
