@@ -298,3 +298,15 @@ def npz_headers(path: Path, what: str, names: tuple[str, ...] | None = None) -> 
                          f"of {limit / 2**30:,.1f} GiB (the smaller of {MAX_NPZ_BYTES >> 30} GiB and half the free "
                          "memory); the file is damaged, or split it into smaller sets")
     return out
+
+
+def names_schema(path: Path, schema: str) -> bool:
+    """Is `path` a JSON object naming `schema` (a cheap "is this one of ours?" probe)? Read as read_json reads (size
+    bound, nesting guard); anything unreadable is "no", and the kind's full reader says what is wrong with it."""
+    from effai.errors import UsageError
+
+    try:
+        data = read_json(path)
+    except UsageError:
+        return False
+    return isinstance(data, dict) and data.get("schema") == schema

@@ -39,10 +39,9 @@ def run_paths(run: Path | str) -> tuple[Path, Path]:
 
 def is_artifact(path: Path | str) -> bool:
     """Does `path` look like a DeLVM artifact dir (a delvm.json naming this schema)? DelvmArtifact checks it in full."""
-    try:
-        return json.loads((Path(path) / "delvm.json").read_text()).get("schema") == SCHEMA
-    except (OSError, ValueError, AttributeError, RecursionError):   # the full reader says what is wrong
-        return False
+    from effai.files import names_schema
+
+    return names_schema(Path(path) / "delvm.json", SCHEMA)
 
 
 def is_source(source: str) -> bool:

@@ -312,10 +312,7 @@ class Artifact:
 
 def is_artifact(path: Path) -> bool:
     """Does `path` look like a generation artifact (its manifest names this schema)? read() checks it in full."""
-    try:
-        return json.loads((Path(path) / MANIFEST).read_text()).get("schema") == SCHEMA
-    except (OSError, ValueError, AttributeError, RecursionError):   # the full reader says what is wrong
-        return False
+    return files.names_schema(Path(path) / MANIFEST, SCHEMA)
 
 
 def read(path: Path) -> Artifact:
