@@ -443,3 +443,20 @@ def test_a_recipe_config_file_sets_options_and_the_command_line_wins(tmp_path):
     toml.write_text("nonsense_key = 1\n")
     code, last, _, _ = run_cli("train", "supervised", "--config", str(toml), "--out", str(tmp_path / "o"))
     assert code == 2 and "nonsense_key" in last["error"]
+
+
+def test_run_dir_helpers_refuse_a_changed_resume_and_clear_only_on_force(tmp_path):
+    """The loops' shared run-dir helpers: a resume with other settings names them; --force clears the old run's files
+    and folders, a plain run leaves them."""
+    from effai.train import checkpoint as ckpt
+    ckpt.check_same_run({"lr": 0.1, "resume": False}, {"lr": 0.1, "resume": True}, tmp_path / "c.pt")
+    with pytest.raises(UsageError, match=r"other settings \(lr, seed\)"):
+        ckpt.check_same_run({"lr": 0.1, "seed": 0}, {"lr": 0.2, "seed": 1, "resume": True}, tmp_path / "c.pt")
+    ckpt.check_same_run({"iterations": 5}, {"iterations": 9}, tmp_path / "c.pt", ignore=("iterations",))
+    out = tmp_path / "run"
+    (out / "lm").mkdir(parents=True)
+    (out / "checkpoint.pt").write_bytes(b"x")
+    ckpt.prepare_run_dir(out, False, dirs=("lm",))
+    assert (out / "checkpoint.pt").exists() and (out / "lm").is_dir()
+    ckpt.prepare_run_dir(out, True, dirs=("lm",))
+    assert not (out / "checkpoint.pt").exists() and not (out / "lm").exists() and out.is_dir()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,30 @@ def refuse_existing_run(out: Path, *, finished: Path, started: tuple[Path, ...],
     if any(p.exists() for p in started) and not resume:
         raise UsageError(f"{out} already holds {started_as}; pass {resume_flag} to continue it, --force to start "
                          "over, or choose another --out")
+
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "train_record.json")
+
+
+def prepare_run_dir(out: Path, force: bool, names: tuple[str, ...] = RUN_FILES, dirs: tuple[str, ...] = ()) -> None:
+    """Make `out` a writable run dir; a --force run also removes what an earlier run left there (`names`, `dirs`).
+    Called once the inputs are checked, so a bad option never costs the old run."""
+    writable_run_dir(out)
+    if not force:
+        return
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+    for name in dirs:
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path,
+                   ignore: tuple[str, ...] = ("resume",)) -> None:
+    """A resumed run must have the settings of the run that wrote `path` (keys in `ignore` may differ)."""
+    differ = sorted(k for k in now if k not in ignore and saved.get(k) != now[k])
+    if differ:
+        raise UsageError(f"{path} was written by a run with other settings ({', '.join(differ)}); resume with the "
+                         "same options, or pass --force to start over")
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:

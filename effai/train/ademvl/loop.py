@@ -39,7 +39,7 @@ def train_ademvl(cfg: AdemvlConfig, *, force: bool = False, progress: Any = None
     if len(train_set) == 0 or len(val_set) == 0:
         raise UsageError(f"--data {cfg.data}: {len(train_set)} training and {len(val_set)} held-out questions; "
                          "give at least a few images per answer")
-    _prepare_out(out, force)
+    ckpt.prepare_run_dir(out, force, (CHECKPOINT, "metrics.jsonl", "model.safetensors", "train_record.json"), ("lm",))
     log = _Log(progress)
 
     # --- stage 1: the LM ---------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def train_ademvl(cfg: AdemvlConfig, *, force: bool = False, progress: Any = None
     last = out / CHECKPOINT
     if cfg.resume and last.is_file():
         state = ckpt.load(last)
-        _check_same_run(state.get("config", {}), cfg, last)
+        ckpt.check_same_run(state.get("config", {}), cfg.to_dict(), last)
         model.load_state_dict({**model.state_dict(), **state["trainable"]})
         opt.load_state_dict(state["opt"])
         start, history = int(state["step"]), list(state["history"])
@@ -264,17 +264,3 @@ def _check_out(out: Path, cfg: AdemvlConfig, force: bool) -> None:
                              resume=cfg.resume, force=force, finished_as="a finished ADEM-VL run")
 
 
-def _prepare_out(out: Path, force: bool) -> None:
-    ckpt.writable_run_dir(out)
-    if force:
-        for name in (CHECKPOINT, "metrics.jsonl", "model.safetensors", "train_record.json"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "lm", ignore_errors=True)
-
-
-def _check_same_run(saved: dict[str, Any], cfg: AdemvlConfig, path: Path) -> None:
-    now = cfg.to_dict()
-    differ = sorted(k for k in now if k != "resume" and saved.get(k) != now[k])
-    if differ:
-        raise UsageError(f"{path} was written by a run with other settings ({', '.join(differ)}); resume with the "
-                         "same options, or pass --force to start over")

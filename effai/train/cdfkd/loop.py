@@ -77,7 +77,7 @@ def train_cdfkd(cfg: CdfkdConfig, *, force: bool = False, progress: Any = None) 
         warnings.warn(notes[-1], stacklevel=2)
     train_set, val_set = data_mod.split(full, val_fraction, split_seed)
     mean, std = torch.tensor(card.mean).view(1, -1, 1, 1), torch.tensor(card.std).view(1, -1, 1, 1)
-    _prepare_out(out, force)     # inputs are valid: only now a --force run clears the old one
+    ckpt.prepare_run_dir(out, force)     # inputs are valid: only now a --force run clears the old one
     teacher_acc = [evaluate(t.model, val_set, torch.tensor(t.card.mean).view(1, -1, 1, 1),
                             torch.tensor(t.card.std).view(1, -1, 1, 1), device) for t in teachers]
 
@@ -99,7 +99,7 @@ def train_cdfkd(cfg: CdfkdConfig, *, force: bool = False, progress: Any = None) 
     start, history = 0, []
     if cfg.resume and last.is_file():
         state = ckpt.load(last)
-        _check_same_run(state.get("config", {}), cfg, last)
+        ckpt.check_same_run(state.get("config", {}), cfg.to_dict(), last)
         student.load_state_dict(state["student"])
         generator.load_state_dict(state["generator"])
         opt_s.load_state_dict(state["opt_s"])
@@ -308,19 +308,6 @@ def _check_out(out: Path, cfg: CdfkdConfig, force: bool) -> None:
                              resume=cfg.resume, force=force)
 
 
-def _prepare_out(out: Path, force: bool) -> None:
-    ckpt.writable_run_dir(out)
-    if force:
-        for name in ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "train_record.json"):
-            (out / name).unlink(missing_ok=True)
-
-
-def _check_same_run(saved: dict[str, Any], cfg: CdfkdConfig, path: Path) -> None:
-    now = cfg.to_dict()
-    differ = sorted(k for k in now if k != "resume" and saved.get(k) != now[k])
-    if differ:
-        raise UsageError(f"{path} was written by a run with other settings ({', '.join(differ)}); resume with the "
-                         "same options, or pass --force to start over")
 
 
 class CdfkdProgress:

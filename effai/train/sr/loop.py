@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from effai.data import sr as data
-from effai.errors import UsageError
 from effai.files import atomic_write
 from effai.train import checkpoint as ckpt
 from effai.train.sr.config import SrConfig
@@ -46,7 +45,8 @@ def train_sr(cfg: SrConfig, *, force: bool = False, progress: Any = None) -> dic
     start, history = 0, []
     if cfg.resume and last.is_file():
         state = ckpt.load(last)
-        _check_same_run(state.get("config", {}), cfg, last)
+        ckpt.check_same_run(state.get("config", {}), cfg.to_dict(), last,
+                            ignore=("resume", "iterations", "eval_every", "threads"))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start, history = int(state["iteration"]), list(state["history"])
@@ -149,13 +149,6 @@ def _check_out(out: Path, cfg: SrConfig, force: bool) -> None:
                              resume=cfg.resume, force=force, resume_flag="--resume")
 
 
-def _check_same_run(saved: dict[str, Any], cfg: SrConfig, path: Path) -> None:
-    now = cfg.to_dict()
-    differ = sorted(k for k in now
-                    if k not in ("resume", "iterations", "eval_every", "threads") and saved.get(k) != now[k])
-    if differ:
-        raise UsageError(f"{path} was written by a run with other settings ({', '.join(differ)}); resume with the "
-                         "same options, or pass --force to start over")
 
 
 class _Progress:
