@@ -66,11 +66,21 @@ def bench_cmd(
                                                        "key (else its now-stale signature is deleted: the "
                                                        "bundle becomes unsigned). Invalid or removed "
                                                        "signatures are refused.")] = None,
+    sr_size: Annotated[Optional[str], typer.Option(help="SR artifacts (effai sr export): LR image size WxH "
+                                                   "(default: one trained tile).")] = None,
+    sr_steps: Annotated[int, typer.Option(help="SR artifacts: DDIM sampler steps per tile.")] = 8,
     as_json: JsonOpt = False,
 ) -> None:
     """Latency (and energy where a meter is readable) of artifacts on this host, a phone (adb) or a board (ssh).
     A generation artifact (effai export of ADEM-VL / an LM): time to first token, prefill, decode tokens/s, memory;
-    a DeLVM artifact (effai delvm export): ms per generated image and image tokens/s."""
+    a DeLVM artifact (effai delvm export): ms per generated image and image tokens/s; an SR artifact (effai sr
+    export): ms per image at --sr-size and --sr-steps."""
+    from effai.superres.bench import bench_dispatch as sr_bench   # SR: ms per image at --sr-size, --sr-steps
+
+    if sr_bench(artifacts, sr_size, sr_steps, runs, warmup,
+                {"--device": device != "host", "--threads": threads != "1", "--min-seconds": min_seconds,
+                 "--baseline": baseline, "--plot": plot_png, "--record": record}, as_json):
+        return
     from effai.cli.generate import bench_dispatch
 
     if bench_dispatch(artifacts, runs, warmup, {"--device": device != "host", "--threads": threads != "1",
