@@ -69,6 +69,11 @@ def bench_cmd(
     sr_size: Annotated[Optional[str], typer.Option(help="SR artifacts (effai sr export): LR image size WxH "
                                                    "(default: one trained tile).")] = None,
     sr_steps: Annotated[int, typer.Option(help="SR artifacts: DDIM sampler steps per tile.")] = 8,
+    profile: Annotated[bool, typer.Option("--profile", help="Also profile each artifact per operator (host only): "
+                                          "ExecuTorch ETDump/XNNPACK events, LiteRT operator isolation, "
+                                          "onnxruntime's trace; time, share, GFLOP/s vs the host's measured "
+                                          "matmul peak, saved in the report and plotted (docs/profiling.md).")] = False,
+    profile_runs: Annotated[int, typer.Option(help="--profile: profiled runs per artifact (median).")] = 20,
     as_json: JsonOpt = False,
 ) -> None:
     """Latency (and energy where a meter is readable) of artifacts on this host, a phone (adb) or a board (ssh).
@@ -87,7 +92,7 @@ def bench_cmd(
                                                 "--min-seconds": min_seconds, "--baseline": baseline,
                                                 "--fail-on": fail_on, "--plot": plot_png, "--record": record,
                                                 "--record-key": record_key, "--input-shape": input_shape,
-                                                "--runner-binary": runner_binary}, as_json):
+                                                "--runner-binary": runner_binary, "--profile": profile}, as_json):
         return
     from effai.device_bench import report
     from effai.device_bench.base import BenchConfig
@@ -111,6 +116,8 @@ def bench_cmd(
         shapes = parse_input_shapes(input_shape or [])
         if plot_png is not None and plot_png.suffix.lower() != ".png":
             raise UsageError(f"--plot {plot_png} must be a .png path")
+        if profile:
+            precheck_profile(artifacts, device, profile_runs)
     except EffaiError as e:
         fail(e, as_json)
 
@@ -190,6 +197,11 @@ def bench_cmd(
         except (OSError, ValueError) as e:
             summary["plot_error"] = f"cannot write the plot {plot_png}: {e}"
             ui.print(f"[yellow]! {summary['plot_error']}[/]")
+    if profile:
+        try:
+            summary["profiles"] = run_profiles(artifacts, records, out, cfg, profile_runs, shapes, as_json)
+        except EffaiError as e:
+            fail(e, as_json, {"report": str(out)})
     if rules is not None:
         from effai.device_bench import baseline as baseline_mod
 
@@ -220,6 +232,109 @@ def bench_cmd(
     console.json_line(summary)
     if code:
         raise typer.Exit(code)
+
+
+def precheck_profile(artifacts: list[Path], device: str, runs: int) -> None:
+    """UsageError before any timing when --profile cannot run: not the host, bad --profile-runs, or an artifact
+    whose format has no profiler here (Core ML on Linux)."""
+    from effai.device_bench import artifact as artifact_mod
+    from effai.device_bench.profile import check
+
+    if device.strip() != "host":
+        raise UsageError(f"--profile runs on this host only (got --device {device}); drop --device or --profile")
+    if runs < 1:
+        raise UsageError(f"--profile-runs {runs} must be >= 1")
+    for a in artifacts:
+        if artifact_mod.is_plain_file(a):
+            target = artifact_mod.SUFFIXES.get(Path(a).suffix.lower(), "")
+            if not target:
+                raise UsageError(f"{a}: unknown model file type '{Path(a).suffix or '(none)'}'; --profile takes "
+                                 "artifact directories or .pte/.tflite/.onnx files")
+        else:
+            target = artifact_mod.load(a, check_hashes=False).target
+        check(target, str(a))
+
+
+def run_profiles(artifacts: list[Path], records: list[Any], out: Path, cfg: Any, runs: int,
+                 shapes: dict[str, tuple[int, ...]], as_json: bool) -> list[dict[str, Any]]:
+    """Profile every ok record's artifact at its thread count, print the tables, store each profile in its record
+    of the report (extra.profile) and plot them next to the report (<out stem>.profile.png)."""
+    import json
+    import shutil
+    import tempfile
+
+    from effai.device_bench import artifact as artifact_mod
+    from effai.device_bench import report
+    from effai.device_bench.profile import flops_from, peak, profile_artifact, render
+    from effai.export.quiet import runtime_quiet
+
+    ui = console.err()
+    stage = Path(tempfile.mkdtemp(prefix="effai-profile-"))
+    done: list[tuple[Any, Any]] = []
+    try:
+        arts = [artifact_mod.load_file(a, stage / str(i), shapes) if artifact_mod.is_plain_file(a)
+                else artifact_mod.load(a) for i, a in enumerate(artifacts)]
+        by_path = {str(a.describe()["path"]): a for a in arts}
+        peaks: dict[int, dict[str, Any]] = {}
+        # a .pte's XNNPACK events carry no shapes: its FLOPs come from a .tflite of the same model in this run
+        model_flops = {a.model_name: flops_from(a.model_file) for a in arts if a.target == "tflite"}
+        for rec in records:
+            art = by_path.get(str(rec.artifact.get("path")))
+            if rec.status != "ok" or art is None:
+                continue
+            if rec.threads not in peaks:
+                if not as_json:
+                    ui.print(f"[dim]… host matmul peak at {rec.threads} thread(s) (cached after the first run)[/]")
+                with runtime_quiet():
+                    peaks[rec.threads] = peak.peak_gflops(rec.threads)
+            if not as_json:
+                ui.print(f"[dim]… profiling {art.model_name} {art.target}/{art.precision} threads={rec.threads}[/]")
+            prof = profile_artifact(art, rec.threads, runs, cfg.warmup, cfg.seed, measured_ms=rec.stats.get("median"),
+                                    peak=peaks[rec.threads])
+            if prof.flops is None and model_flops.get(art.model_name):
+                from dataclasses import replace
+
+                from effai.device_bench.profile.base import roofline
+
+                prof = replace(prof, flops=model_flops[art.model_name],
+                               notes=prof.notes + ("model FLOPs counted from the .tflite of the same model in this "
+                                                   "run",))
+                prof = replace(prof, roofline=roofline(prof, rec.stats.get("median"), peaks[rec.threads]))
+            done.append((rec, prof))
+            if not as_json:
+                label = f"{art.model_name} {art.target}/{art.precision}"
+                console.out().print(render.table(prof, label, width=console.out().width))
+                ui.print(render.roofline_line(prof))
+                for n in prof.notes:
+                    ui.print(f"[dim]  {n}[/]")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if not done:
+        return []
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    mine = doc["records"][len(doc["records"]) - len(records):]
+    for rec, prof in done:
+        i = records.index(rec)
+        mine[i].setdefault("extra", {})["profile"] = prof.to_dict()
+    report.atomic_write_text(out, json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    png = out.with_name(out.stem + ".profile.png")
+    result = []
+    try:
+        render.plot([(f"{r.artifact.get('model')} {r.artifact.get('target')}/{r.artifact.get('precision')} "
+                      f"t={r.threads}", p) for r, p in done], png)
+        if not as_json:
+            ui.print(f"[green]✓[/] profile plot {png}")
+    except (OSError, ValueError) as e:
+        ui.print(f"[yellow]! cannot write the profile plot {png}: {e}[/]")
+        png = None
+    for rec, prof in done:
+        result.append({"model": rec.artifact.get("model"), "target": rec.artifact.get("target"),
+                       "precision": rec.artifact.get("precision"), "threads": rec.threads,
+                       "runtime": prof.runtime, "total_ms": prof.total_ms, "operators": len(prof.rows),
+                       "mapped": prof.mapped, "roofline": prof.roofline, "plot": str(png) if png else None,
+                       "top": [{"name": r.name, "kind": r.kind, "module": r.module, "ms": r.time_ms,
+                                "share": r.share, "gflops": r.gflops} for r in prof.top(5)]})
+    return result
 
 
 def _bench_row(rec: Any) -> dict[str, Any]:
