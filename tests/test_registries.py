@@ -130,7 +130,8 @@ ARCH_CASES = {
 }
 # Architectures too heavy to build within this file's budget, with the test that builds and runs them.
 HEAVY_ARCHS = {"ademvl": "loads a language model (~35 s on the 2-core host); built and run by tests/test_ademvl.py",
-               "delvm": "an image generator (VQ tokenizer + LM), not logits; built and run by tests/test_delvm.py"}
+               "delvm": "an image generator (VQ tokenizer + LM), not logits; built and run by tests/test_delvm.py",
+               "srdiff": "a super-resolver (LR -> HR image), not logits; built and run by tests/test_superres.py"}
 
 
 @pytest.mark.parametrize("name", ARCHS.names())

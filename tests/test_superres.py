@@ -1,5 +1,6 @@
 """SRDiff / SAM-DiffSR: SPE invariants, SR data and mask errors, a 2-step training run that resumes, the DDIM
-sampler's determinism, tiling seams, ONNX parity of the exported step, and `effai sr` usage errors."""
+sampler's determinism, tiling seams, ONNX parity of the exported step, the PSNR gate of a quantized export,
+`effai bench` of an SR artifact, the srdiff_x2 zoo card, and `effai sr` usage errors."""
 
 from __future__ import annotations
 
@@ -160,15 +161,84 @@ def test_tiles_cover_and_blend_like_one_pass():
 
 # ------------------------------------------------------------------------------------------------------- export
 
-def test_onnx_step_and_encoder_parity(run, tmp_path):
+@pytest.fixture(scope="module")
+def onnx_art(run, tmp_path_factory):
     from effai.superres.export import export_sr
 
-    rep = export_sr(run[0], "onnx", tmp_path / "art")
+    out = tmp_path_factory.mktemp("art") / "onnx"
+    return out, export_sr(run[0], "onnx", out)
+
+
+def test_onnx_step_and_encoder_parity(onnx_art):
+    out, rep = onnx_art
     assert rep["parts"]["step"]["parity"]["status"] == "pass"
     assert rep["parts"]["encoder"]["parity"]["status"] == "pass"
     assert rep["sampler_parity"]["max_pixel_diff"] <= 1
-    art = engine.load(tmp_path / "art")
+    assert "psnr_gate" not in rep                       # fp32: the sampler parity is the check
+    art = engine.load(out)
     assert art.runtime.startswith("onnx")
+
+
+def test_quantized_export_runs_the_psnr_gate(run, tmp_path):
+    from effai.superres.export import export_sr
+
+    with pytest.raises(UsageError, match="three inputs"):           # static int8: refused before any work
+        export_sr(run[0], "onnx", tmp_path / "q8", "int8")
+    with pytest.raises(UsageError, match="max-psnr-drop"):
+        export_sr(run[0], "onnx", tmp_path / "q8", "int8-dynamic", max_psnr_drop=-1)
+    assert not (tmp_path / "q8").exists()
+    rep = export_sr(run[0], "onnx", tmp_path / "q", "int8-dynamic", max_psnr_drop=100.0)
+    g = rep["psnr_gate"]
+    assert g["status"] == "pass" and g["crops"] == 4 and g["reference"] == "torch"
+    assert g["drop_db"] == pytest.approx(g["reference_psnr_db"] - g["artifact_psnr_db"], abs=1e-3)
+    assert json.loads((tmp_path / "q" / engine.SR_JSON).read_text())["psnr_gate"] == g
+
+
+def test_psnr_gate_fails_a_degraded_denoiser():
+    """The shipped srdiff_x2 vs the same model with its step zeroed (as a broken quantization would): the gate
+    fails it, and passes the model against itself with a zero drop."""
+    from effai.superres.gate import psnr_gate
+
+    ref = engine.load("srdiff_x2")
+    broken = engine.SRModel(ref.encode, lambda x, t, c: np.zeros_like(x), ref.spec, ref.abar, "broken")
+    bad = psnr_gate(ref, broken, 0.5, steps=2)
+    assert bad["status"] == "fail" and bad["drop_db"] > 0.5 and "PSNR fell" in bad["reason"]
+    same = psnr_gate(ref, ref, 0.0, steps=2)
+    assert same["status"] == "pass" and same["drop_db"] == 0
+
+
+def test_bench_an_sr_artifact(onnx_art, capfd):
+    from effai.cli.bench import bench_cmd
+    from tests.helpers import call_cli
+
+    out, _ = onnx_art
+    code, last, stdout = call_cli(capfd, bench_cmd, artifacts=[out], runs=2, warmup=0, sr_size="20x12", sr_steps=2,
+                                  as_json=True)
+    assert code == 0, last
+    r = last["sr"][0]
+    assert r["kind"] == "sr" and r["target"] == "onnx" and r["steps"] == 2 and r["hr_size"] == [40, 24]
+    assert r["tiles"] == 4 * 2 and r["repeats"] == 2                 # 20x12 LR, tile 8, overlap 4: stride 4
+    assert 0 < r["ms_per_step"]["median"] < r["ms_per_image"]["median"] and r["hr_megapixels_per_s"] > 0
+    code, last, _ = call_cli(capfd, bench_cmd, artifacts=[out], threads="2", as_json=True)
+    assert code == 2 and "--threads" in last["error"]
+    code, last, _ = call_cli(capfd, bench_cmd, artifacts=[out], sr_size="0x5", as_json=True)
+    assert code == 2 and "--sr-size" in last["error"]
+
+
+def test_zoo_card_srdiff_x2():
+    from effai import zoo
+
+    card = zoo.CARDS.get("srdiff_x2")
+    assert card.task == "image-super-resolution" and card.num_classes == 0
+    loaded = zoo.create("srdiff_x2")
+    assert not loaded.random_init
+    lr = torch.from_numpy(data.to_unit(data.photo("chelsea")[100:116, 200:216]).transpose(2, 0, 1)[None].copy())
+    with torch.no_grad():
+        hr = loaded.model(lr)
+        again = loaded.model(lr)
+    assert hr.shape == (1, 3, 32, 32) and torch.equal(hr, again) and float(hr.abs().max()) <= 1
+    ref, _ = srdiff.load("srdiff_x2")                                # the same tensors as `effai sr srdiff_x2`
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), loaded.model.state_dict().values()))
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI

@@ -233,7 +233,7 @@ def test_model_card_round_trips_through_its_checkpoint_dict():
         assert back.to_dict() == d and back.input_size == card.input_size and back.mean == card.mean
         assert back.task == card.task
     assert {CARDS.get(n).task for n in CARDS.names()} == {"image-classification", "visual-question-answering",
-                                                          "image-to-image-in-context"}
+                                                          "image-to-image-in-context", "image-super-resolution"}
     old = {k: v for k, v in CARDS.get("vit_pico").to_dict().items() if k != "task"}   # written before the field
     assert ModelCard.from_dict(old).task == "image-classification"
     with pytest.raises(ValueError, match="task 'speech' is not one of"):

@@ -25,14 +25,18 @@ def sr_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the initial noise (the output is a function of it).")] = 0,
     overlap: Annotated[int, typer.Option(help="Tile overlap in LR pixels (blended).")] = 4,
     target: Annotated[str, typer.Option(help="export: onnx | executorch | tflite | coreml | all.")] = "onnx",
-    quantize: Annotated[str, typer.Option(help="export: precision (fp32 default).")] = "fp32",
+    quantize: Annotated[str, typer.Option(help="export: precision of encoder and step (fp32 default; fp16, "
+                                          "int8-dynamic, int8-weight where the target has them).")] = "fp32",
+    max_psnr_drop: Annotated[Optional[float], typer.Option(help="export below fp32: refuse the artifact when its "
+                                                           "PSNR on held-out photos falls more than this many dB "
+                                                           "below fp32's (default 0.5).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Super-resolve an image with SRDiff / SAM-DiffSR (tiled DDIM), or export a trained SR run."""
     try:
         if artifact == "export":
-            result = _export(input, target, quantize, out, force, as_json)
+            result = _export(input, target, quantize, out, force, as_json, max_psnr_drop)
         else:
             result = _upscale(Path(artifact), input, scale, out, steps, seed, overlap, force, as_json)
     except EffaiError as e:
@@ -92,7 +96,8 @@ def _upscale(artifact: Path, image: Path, scale: Optional[int], out: Optional[Pa
             "seconds": seconds, "runtime": model.runtime}
 
 
-def _export(run: Path, target: str, precision: str, out: Optional[Path], force: bool, as_json: bool) -> dict:
+def _export(run: Path, target: str, precision: str, out: Optional[Path], force: bool, as_json: bool,
+            max_psnr_drop: Optional[float] = None) -> dict:
     from effai.cli.common import parse_targets
     from effai.superres.export import export_sr
     from effai.zoo import srdiff
@@ -103,23 +108,28 @@ def _export(run: Path, target: str, precision: str, out: Optional[Path], force: 
     scale = (meta.get("srdiff") or {}).get("scale", "?")
     rows = []
     for t in targets:
-        dest = out if (out is not None and len(targets) == 1) else (out or Path("effai_out")) / f"srdiff-x{scale}-{t}"
+        suffix = "" if precision == "fp32" else f"-{precision}"
+        dest = (out if (out is not None and len(targets) == 1)
+                else (out or Path("effai_out")) / f"srdiff-x{scale}-{t}{suffix}")
         log = Path(f"{dest}.export.log")
         dest.parent.mkdir(parents=True, exist_ok=True)
         status = None if as_json else console.err().status(f"{t}: lowering encoder and step")
         if status:
             status.start()
         try:
-            rep = export_sr(run, t, dest, precision, force, log)
+            rep = export_sr(run, t, dest, precision, force, log, max_psnr_drop=max_psnr_drop)
         finally:
             if status:
                 status.stop()
         parity = {k: v["parity"]["status"] for k, v in rep["parts"].items()}
-        rows.append({"target": t, "dir": str(dest), "parity": parity, "sampler_parity": rep.get("sampler_parity")})
+        rows.append({"target": t, "precision": precision, "dir": str(dest), "parity": parity,
+                     "sampler_parity": rep.get("sampler_parity"), "psnr_gate": rep.get("psnr_gate")})
         if not as_json:
-            sp = rep.get("sampler_parity") or {}
+            sp, g = rep.get("sampler_parity") or {}, rep.get("psnr_gate")
+            gate = (f"; PSNR gate {g['status']}: {g['reference_psnr_db']:.2f} -> {g['artifact_psnr_db']:.2f} dB "
+                    f"(drop {g['drop_db']:.3f} <= {g['max_drop_db']})") if g else ""
             console.err().print(f"[green]✓[/] {t}: {dest}  parity encoder {parity['encoder']}, step {parity['step']}"
-                                f"; sampler vs torch: max pixel diff {sp.get('max_pixel_diff', 'n/a')}")
+                                f"; sampler vs torch: max pixel diff {sp.get('max_pixel_diff', 'n/a')}{gate}")
     return {"exported": rows, "skipped": skipped}
 
 

@@ -145,7 +145,8 @@ def bench_dispatch(artifacts: list[Path], size: str | None, steps: int, runs: in
         bad = [k for k, v in not_used.items() if v]
         if bad:
             raise UsageError(f"{', '.join(bad)}: not available for SR artifacts (measured on this host in the "
-                             "artifact's runtime); drop them (options: --sr-size, --sr-steps, --runs, --warmup, --json)")
+                             "artifact's runtime); drop them (options: --sr-size, --sr-steps, --runs, --warmup, "
+                             "--json)")
         wh = parse_size(size)
         rows = [bench_sr(a, wh, steps, runs, warmup) for a in srs]
     except EffaiError as e:

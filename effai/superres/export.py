@@ -18,11 +18,15 @@ PARITY_STEPS = 4
 
 
 def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", force: bool = False,
-              log: Path | None = None, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """One artifact dir `out` (encoder/, step/, sr.json) for one target; written in a temp dir, then renamed."""
+              log: Path | None = None, on_stage: Callable[[str], None] | None = None,
+              max_psnr_drop: float | None = None) -> dict[str, Any]:
+    """One artifact dir `out` (encoder/, step/, sr.json) for one target; written in a temp dir, then renamed.
+    Below fp32 (both parts at `precision`), the PSNR gate (effai/superres/gate.py) runs on held-out photos: a drop
+    over `max_psnr_drop` dB (default gate.DEFAULT_MAX_DROP_DB) vs the fp32 model fails the export, nothing written."""
     import torch
 
     from effai.export.parity import TOLERANCES, compare
+    from effai.export.precisions import PRECISIONS
     from effai.export.quiet import captured
     from effai.export.targets import TARGETS
     from effai.export.targets.base import LowerOptions
@@ -34,6 +38,15 @@ def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", f
     if precision not in target.precisions:
         raise UsageError(f"--quantize {precision} is not offered by {target_name}; choose from: "
                          f"{', '.join(target.precisions)}")
+    if PRECISIONS.get(precision).needs_calibration:
+        raise UsageError(f"--quantize {precision} needs single-input calibration data and the denoiser step has "
+                         "three inputs (x_t, t, cond); for SR use int8-dynamic, int8-weight or fp16 where the "
+                         "target has them")
+    from effai.superres.gate import DEFAULT_MAX_DROP_DB
+
+    max_drop = DEFAULT_MAX_DROP_DB if max_psnr_drop is None else float(max_psnr_drop)
+    if not max_drop >= 0:
+        raise UsageError(f"--max-psnr-drop {max_psnr_drop} must be a number of dB >= 0")
     ok, why = target.available()
     if not ok:
         raise UsageError(f"target {target_name} is not installed here: {why}")
@@ -97,11 +110,21 @@ def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", f
         atomic_write(tmp / engine.SR_JSON, json.dumps(report, indent=2) + "\n")
         if all(p["parity"]["status"] == "pass" for p in report["parts"].values()):
             report["sampler_parity"] = _sampler_parity(run, tmp, spec)
+            if precision != "fp32":
+                if on_stage:
+                    on_stage("psnr gate")
+                from effai.superres.gate import psnr_gate
+
+                report["psnr_gate"] = psnr_gate(engine.torch_model(run), engine.artifact_model(tmp), max_drop)
             atomic_write(tmp / engine.SR_JSON, json.dumps(report, indent=2) + "\n")
         failed = [k for k, p in report["parts"].items() if p["parity"]["status"] == "fail"]
         if failed:
             raise EffaiError(f"{target_name}: parity failed for {', '.join(failed)} "
                              f"({report['parts'][failed[0]]['parity'].get('reason')}); nothing was written")
+        gate = report.get("psnr_gate") or {}
+        if gate.get("status") == "fail":
+            raise EffaiError(f"{target_name} {precision}: PSNR gate failed: {gate['reason']}; nothing was written "
+                             "(pass --max-psnr-drop DB to accept a larger drop, or choose another --quantize)")
         replace_dir(tmp, out)
     except BaseException:
         import shutil

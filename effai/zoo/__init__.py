@@ -15,7 +15,7 @@ from torch import nn
 from effai.errors import EffaiError, UsageError
 from effai.zoo.card import ModelCard
 from effai.zoo.build import build, resolve_card
-from effai.zoo import ademvl, cdfkd_student, devit_fusion, vq  # noqa: F401  (they register their architectures)
+from effai.zoo import ademvl, cdfkd_student, devit_fusion, srdiff, vq  # noqa: F401  (they register their architectures)
 from effai.zoo.catalog import CARDS
 from effai.zoo.labels import label_set
 from effai.zoo.user_module import load_model_def

@@ -11,8 +11,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # predict, bundles) or visual-question-answering (an image + a question -> generated text: effai generate, exported
 # with `effai export --target executorch` as a vision program + KV-cache decoder) or image-to-image-in-context (an
 # example pair + a query image -> the generated output image, DeLVM: effai delvm export, effai generate
-# --prompt-images).
-TASKS = ("image-classification", "visual-question-answering", "image-to-image-in-context")
+# --prompt-images) or image-super-resolution (an LR image -> the HR image, SRDiff / SAM-DiffSR: effai sr, effai sr
+# export).
+TASKS = ("image-classification", "visual-question-answering", "image-to-image-in-context", "image-super-resolution")
 
 
 @dataclass(frozen=True)

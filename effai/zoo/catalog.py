@@ -99,3 +99,17 @@ CARDS.register("delvm_tiny", ModelCard(
     description="DeLVM in-context image-to-image generation (VQ tokenizer + visual-token Llama LM, Guo et al. 2024, "
                 "arXiv:2402.04841): an example pair and a query image -> the query's output; effai delvm export / "
                 "effai generate --prompt-images"))
+
+# SRDiff / SAM-DiffSR (effai/zoo/srdiff.py, docs/superres.md): x2 super-resolution of 16x16 LR tiles (32x32 HR),
+# trained by effai (effai train sr, SAM-DiffSR with SLIC masks, seed 0) on scikit-image photos; the weights ship in
+# effai/zoo/weights. Use: effai sr srdiff_x2 in.png -o out.png (tiled, any size); effai sr export srdiff_x2.
+CARDS.register("srdiff_x2", ModelCard(
+    name="srdiff_x2", family="srdiff", source="effai:srdiff", input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3,
+    interpolation="bicubic", crop_pct=1.0, num_classes=0, label_set=None, task="image-super-resolution",
+    weights_license="Apache-2.0 (trained by effai on scikit-image photos)",
+    bundled_weights="srdiff_x2_samdiffsr.safetensors",
+    extra={"arch_kwargs": {"scale": 2, "enc_channels": 16, "enc_blocks": 2, "growth": 8, "unet_channels": 16,
+                           "timesteps": 100, "schedule": "cosine"}},
+    description="SAM-DiffSR x2 super-resolution (SRDiff's conditional diffusion UNet + RRDB LR encoder, Li et al. "
+                "2022; structural position encoding of SLIC masks in training, Wang et al. 2024): 8-step DDIM; "
+                "effai sr / effai sr export"))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effai.errors import UsageError
+from effai.zoo.archs import ARCHS
 
 SCHEDULES = ("cosine", "linear")
 SPE_KINDS = ("rope", "sincos")
@@ -317,3 +318,53 @@ def load(path: Any) -> tuple[SRDiff, dict[str, Any]]:
             except ValueError:
                 pass
     return model.eval(), extra
+
+
+# --- the zoo's card srdiff_x2 (ARCHS "srdiff", task image-super-resolution) -------------------------------------------
+
+ARCH_STEPS = 8      # `effai sr`'s default DDIM steps, for the card's forward (params/MACs of one LR tile)
+
+
+class SRDiffSampler(SRDiff):
+    """SRDiff as one zoo module: forward(lr (B,3,h,w) in [-1, 1]) -> HR (B,3,h*s,w*s) in [-1, 1] of one trained tile:
+    HR = up(LR) + x0 / 2 after `steps` deterministic DDIM steps (effai/superres/sampler.py) from seeded noise, with
+    torch's bicubic as up(). Its state dict is SRDiff's (the bundled file loads into it as is). It counts params and
+    MACs for `effai zoo`; real use is `effai sr` (tiled, PIL bicubic) and `effai sr export` (encoder + step)."""
+
+    def __init__(self, spec: SRDiffSpec, steps: int = ARCH_STEPS) -> None:
+        super().__init__(spec)
+        self.steps = steps
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        from effai.superres.sampler import timesteps
+
+        s = self.spec.scale
+        up = F.interpolate(lr, scale_factor=s, mode="bicubic", align_corners=False)
+        cond = self.encoder(lr)
+        gen = torch.Generator(device=lr.device).manual_seed(0) if lr.device.type == "cpu" else None
+        x = torch.randn(up.shape, generator=gen, dtype=lr.dtype, device=lr.device)
+        x0 = x
+        ts = timesteps(self.spec.timesteps, self.steps)
+        for i, t in enumerate(ts):
+            eps = self.denoiser(x, torch.full((lr.shape[0],), float(t), device=lr.device), cond)
+            ab = self.abar[t]
+            x0 = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
+            ab_next = self.abar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=lr.device)
+            x = ab_next.sqrt() * x0 + (1 - ab_next).sqrt() * eps
+        return (up + x0 / RES_RESCALE).clamp(-1, 1)
+
+
+def arch_factory(num_classes: int = 0, in_chans: int = 3, img_size: int = 16, steps: int = ARCH_STEPS,
+                 **spec: Any) -> SRDiffSampler:
+    """ARCHS' `srdiff`: the card's arch_kwargs are an SRDiffSpec (lr_size from the card's input size)."""
+    unknown = sorted(set(spec) - set(SRDiffSpec.__dataclass_fields__))
+    if unknown:
+        raise UsageError(f"unknown SRDiff options {unknown}; valid: {', '.join(SRDiffSpec.__dataclass_fields__)}")
+    if num_classes or in_chans != 3:
+        raise UsageError(f"SRDiff maps RGB images to RGB images (num_classes {num_classes}, in_chans {in_chans}); "
+                         "pass 0 classes and 3 channels")
+    return SRDiffSampler(SRDiffSpec(**{**spec, "lr_size": img_size}), steps)
+
+
+arch_factory.takes_img_size = True  # type: ignore[attr-defined]
+ARCHS.register("srdiff", arch_factory)
