@@ -84,3 +84,59 @@ def test_mahppo_beats_random_play_in_a_few_seconds():
     learned = _mean_reward(agent.policy(), 3)
     assert learned > rand + 0.1, (learned, rand)
     assert logs[-1]["reward"] > logs[0]["reward"]
+
+
+def test_saved_policy_loads_acts_the_same_and_refuses_another_environment(tmp_path):
+    cfg = EnvConfig(n_devices=2, episode_steps=4)
+    agent = MAHPPO.for_env(SplitInferenceEnv(PROFILE, cfg), PPOConfig(seed=3, hidden=16))
+    agent.train(SplitInferenceEnv(PROFILE, cfg), 128, seed=3)
+    path = tmp_path / "p.safetensors"
+    agent.save(path)
+    back = MAHPPO.load(path, SplitInferenceEnv(PROFILE, cfg))
+    assert back.cfg == agent.cfg and back.env_info["options"] == list(PROFILE.options)
+    obs = np.random.default_rng(0).uniform(-2, 2, (2, 3)).astype(np.float32)
+    k0, u0, _ = agent.act(obs, deterministic=True)
+    k1, u1, _ = back.act(obs, deterministic=True)
+    assert np.array_equal(k0, k1) and np.allclose(u0, u1)
+    with pytest.raises(UsageError, match="trained for 2 devices but the environment has 3"):
+        MAHPPO.load(path, SplitInferenceEnv(PROFILE, EnvConfig(n_devices=3)))
+    other = SplitProfile(("offload", "mid", "late", "local"), PROFILE.device_ms, PROFILE.server_ms, PROFILE.bytes,
+                         PROFILE.top1)
+    with pytest.raises(UsageError, match="another options"):
+        MAHPPO.load(path, SplitInferenceEnv(other, cfg))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x80\x04not a safetensors file")          # a pickle opcode: must not be unpickled
+    with pytest.raises(UsageError, match="not a safetensors policy"):
+        MAHPPO.load(junk)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(UsageError, match="not an effai.mahppo/1 policy"):
+        MAHPPO.load(tmp_path / "w.safetensors")
+    with pytest.raises(UsageError, match="no policy file"):
+        MAHPPO.load(tmp_path / "missing.safetensors")
+
+
+def test_gain_from_rate_inverts_the_shannon_rate():
+    from effai.collab.env import gain_from_rate
+
+    r = shannon_rate(2.5e5, 0.3, 3e-10, -174.0)
+    assert gain_from_rate(r, 0.3, 2.5e5, -174.0) == pytest.approx(3e-10, rel=1e-9)
+
+
+def test_cli_train_policy_from_a_profile_saves_a_loadable_policy(tmp_path):
+    import json
+
+    from tests.helpers import run_cli
+
+    prof = tmp_path / "profile.json"
+    prof.write_text(json.dumps({"options": list(PROFILE.options), "device_ms": list(PROFILE.device_ms),
+                                "server_ms": list(PROFILE.server_ms), "bytes": list(PROFILE.bytes),
+                                "top1": list(PROFILE.top1)}))
+    out = tmp_path / "pol.safetensors"
+    rc, last, _o, _e = run_cli("collab", "train-policy", "--profile", str(prof), "--out", str(out), "--devices", "2",
+                               "--steps", "256", "--json", env={"OMP_NUM_THREADS": "1"})
+    assert rc == 0 and last["ok"] and last["options"] == list(PROFILE.options), last
+    assert MAHPPO.load(out).n_agents == 2
+    rc, last, _o, _e = run_cli("collab", "train-policy", "--out", str(out), "--json")
+    assert rc == 2 and "SPLIT_DIRS" in last["error"]

@@ -83,14 +83,14 @@ def ae_run(tmp_path_factory):
     from effai.train.split_ae import SplitAEConfig, train_split_ae
 
     out = tmp_path_factory.mktemp("split_ae")
-    rep = train_split_ae(SplitAEConfig(out=str(out), points=("blocks.6",), rates=((8, 2),), epochs=2,
+    rep = train_split_ae(SplitAEConfig(out=str(out), points=("blocks.6", "blocks.9"), rates=((8, 2),), epochs=2,
                                        finetune_epochs=1, train_limit=480))
     return out, rep
 
 
 def test_trained_autoencoder_keeps_accuracy_at_a_fraction_of_the_bytes(ae_run):
     _out, rep = ae_run
-    row = rep["rows"][0]
+    row = next(r for r in rep["rows"] if r["point"] == "blocks.6")
     assert row["point"] == "blocks.6" and row["code_shape"] == [7, 4, 4] and row["code_bytes"] == 28
     assert row["feature_bytes_fp32"] / row["code_bytes"] == 128
     assert row["val_top1"] > 0.8 and rep["val_top1_model"] > 0.95    # 359 held-out digits, 10 classes; chance 0.1
@@ -141,7 +141,7 @@ def test_live_split_over_the_authenticated_channel(onnx_split):
         run(out, "onnx", "127.0.0.1", port["p"], "u" * 32, n=2, wait_s=5.0)
     res = run(out, "onnx", "127.0.0.1", port["p"], token, n=8, wait_s=20.0)
     th.join(20)
-    assert res["bytes_per_request"] == 28 and res["top1"] >= 0.75 and served["served"] == 8
+    assert res["bytes_per_request"] == 1 + len("blocks.6") + 28 and res["top1"] >= 0.75 and served["served"] == 8
     with pytest.raises(EffaiError, match="cannot reach the server"):
         run(out, "onnx", "127.0.0.1", port["p"], token, n=1, wait_s=0.5)
 
@@ -150,3 +150,78 @@ def test_cli_unknown_split_point_is_a_usage_error():
     rc, last, _out, _err = run_cli("split", "ghostnetv3_050.digits", "--at", "layer9", "--json",
                                     env={"OMP_NUM_THREADS": "1"})
     assert rc == 2 and "choose one of: blocks.0, blocks.2" in last["error"]
+
+
+@pytest.fixture(scope="module")
+def onnx_split9(ae_run, tmp_path_factory):
+    from effai.collab.export import export_split
+
+    out = tmp_path_factory.mktemp("split9") / "split"
+    export_split("ghostnetv3_050.digits", "blocks.9", ["onnx"], out, ae_run[0], eval_data=False)
+    return out
+
+
+def _serve_in_thread(dirs, token):
+    import threading
+
+    res, ready, port = {}, threading.Event(), {}
+
+    def server():
+        from effai.collab.live import serve
+
+        try:
+            res.update(serve(dirs, "onnx", "127.0.0.1", 0, token, 20.0,
+                             on_ready=lambda p: (port.setdefault("p", p), ready.set())))
+        except Exception as e:     # noqa: BLE001 - handed to the test
+            res["error"] = e
+            ready.set()
+
+    th = threading.Thread(target=server, daemon=True)
+    th.start()
+    assert ready.wait(30)
+    return th, res, port["p"]
+
+
+def test_live_run_driven_by_a_saved_policy_over_several_hosted_splits(onnx_split, onnx_split9, tmp_path):
+    """The server hosts blocks.6 and blocks.9; the device's policy picks per request; every frame names its split
+    and the server runs that split's half; the choices are the policy's on the logged observations."""
+    from effai.collab.live import PolicyChooser, run
+    from effai.collab.policy import train_policy
+
+    out6, _rec = onnx_split
+    prof = {"options": ["blocks.6", "blocks.9", "local"], "device_ms": [0.6, 1.3, 1.5], "server_ms": [0.6, 0.1, 0.0],
+            "bytes": [28, 60, 0], "top1": [0.97, 0.98, 0.99]}
+    pol = tmp_path / "policy.safetensors"
+    train_policy(prof, pol, devices=2, steps=128, seed=0)
+    token = "t" * 32
+    th, served, port = _serve_in_thread([out6, onnx_split9], token)
+    res = run([out6, onnx_split9], "onnx", "127.0.0.1", port, token, n=8, wait_s=20.0, policy=pol)
+    th.join(20)
+    assert "error" not in served, served
+    picks = [c["split"] for c in res["choices"]]
+    assert len(picks) == 8 and set(picks) <= {"blocks.6", "blocks.9"}        # local masked: no --local given
+    assert served["served"] == 8 and served["served_per_split"] == {p: picks.count(p) for p in ("blocks.6", "blocks.9")}
+    chooser = PolicyChooser(pol, {"blocks.6", "blocks.9"})
+    for c in res["choices"]:
+        assert chooser.choose(np.array(c["obs"], np.float32))[0] == c["split"]
+    assert res["top1"] >= 0.75 and 0.01 <= min(c["power_w"] for c in res["choices"])
+
+
+def test_a_frame_naming_a_split_the_server_does_not_host_is_a_clean_error(onnx_split):
+    from effai.collab.live import ERR_FRAME, pack, request_frame
+    from effai.devit_runtime.channel import connect
+    from effai.errors import EffaiError
+
+    token = "t" * 32
+    th, served, port = _serve_in_thread([onnx_split[0]], token)
+    store = connect("127.0.0.1", port, token, 10.0)
+    try:
+        assert list(json.loads(store.get("meta"))["splits"]) == ["blocks.6"]
+        store.set("req/0", request_frame("blocks.9", pack(np.zeros((1, 60, 2, 2), np.float32), 2)))
+        store.wait(["resp/0"])
+        resp = store.get("resp/0")
+    finally:
+        store.close()
+    th.join(20)
+    assert resp[:1] == ERR_FRAME and b"asked for split blocks.9, but this server hosts blocks.6" in resp
+    assert isinstance(served["error"], EffaiError) and "\n" not in str(served["error"])

@@ -112,6 +112,8 @@ class SplitInferenceEnv(_parallel_base()):  # type: ignore[misc]
     every agent receives the team reward. `state()` is every gain (for a centralised critic)."""
 
     metadata = {"name": "effai_split_inference_v0", "render_modes": []}
+    OBS_LAYOUT = "own_gain_db_scaled,others_mean_gain_db_scaled,round_fraction"   # see gain_obs(); a saved policy
+                                                                                 # records it
 
     def __init__(self, profile: SplitProfile, cfg: EnvConfig = EnvConfig()) -> None:
         if cfg.n_devices < 1:
@@ -154,7 +156,7 @@ class SplitInferenceEnv(_parallel_base()):  # type: ignore[misc]
         self.gains = self.dist ** (-self.cfg.path_loss_exp) * h2
 
     def _obs(self) -> dict[str, np.ndarray]:
-        g = (self._gain_db() + 95.0) / 10.0        # -95 dB (~300 m at alpha 3.8) -> 0; 10 dB per unit
+        g = gain_obs(self._gain_db())
         out = {}
         for i, a in enumerate(self.possible_agents):
             others = np.delete(g, i).mean() if len(g) > 1 else 0.0
@@ -162,7 +164,7 @@ class SplitInferenceEnv(_parallel_base()):  # type: ignore[misc]
         return out
 
     def state(self) -> np.ndarray:
-        g = (self._gain_db() + 95.0) / 10.0
+        g = gain_obs(self._gain_db())
         return np.clip(np.concatenate([g, [self.t / self.cfg.episode_steps]]), -10, 10).astype(np.float32)
 
     def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
@@ -265,3 +267,16 @@ def local_cost(profile: SplitProfile, cfg: EnvConfig) -> tuple[float, float]:
 def shannon_rate(bandwidth_hz: float, power_w: float, gain: float, noise_dbm_hz: float) -> float:
     """R = B log2(1 + p g / (N0 B)), bits/s (a helper for docs and tests)."""
     return bandwidth_hz * math.log2(1 + power_w * gain / (10 ** ((noise_dbm_hz - 30) / 10) * bandwidth_hz))
+
+
+def gain_obs(gain_db: np.ndarray | float) -> np.ndarray:
+    """The observation's gain feature: -95 dB (~300 m at alpha 3.8) -> 0, 10 dB per unit."""
+    return (np.asarray(gain_db, dtype=float) + 95.0) / 10.0
+
+
+def gain_from_rate(rate_bps: float, power_w: float, bandwidth_hz: float, noise_dbm_hz: float) -> float:
+    """Inverse of `shannon_rate`: the channel gain g at which a link of `bandwidth_hz` sending at `power_w` carries
+    `rate_bps` (what the live run derives from a measured throughput to build the policy's observation)."""
+    noise_w = 10 ** ((noise_dbm_hz - 30) / 10) * bandwidth_hz
+    x = min(rate_bps / bandwidth_hz, 1000.0)
+    return float((2.0 ** x - 1.0) * noise_w / max(power_w, 1e-12))

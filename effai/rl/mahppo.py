@@ -5,7 +5,9 @@ centralised critic, for any PettingZoo ParallelEnv whose action spaces are Tuple
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -14,6 +16,8 @@ from torch import nn
 from torch.distributions import Categorical, Normal
 
 from effai.errors import UsageError
+
+FORMAT = "effai.mahppo/1"    # safetensors metadata "format" of a saved policy
 
 
 @dataclass(frozen=True)
@@ -77,19 +81,47 @@ class MAHPPO:
         self.opt_actor = torch.optim.Adam(self.actors.parameters(), lr=cfg.lr_actor)
         self.opt_critic = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr_critic)
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.obs_dim, self.state_dim = obs_dim, state_dim
+        self.env_info: dict[str, Any] = {}   # what the policy was trained on: env name, options, obs layout
+
+    @staticmethod
+    def describe_env(env: Any) -> dict[str, Any]:
+        """The environment facts a saved policy must match: name, option names, observation layout."""
+        from dataclasses import is_dataclass
+
+        profile, cfg = getattr(env, "profile", None), getattr(env, "cfg", None)
+        return {"env": str(getattr(env, "metadata", {}).get("name", type(env).__name__)),
+                "options": list(profile.options) if profile is not None else [],
+                "obs_layout": str(getattr(env, "OBS_LAYOUT", "")),
+                "config": asdict(cfg) if is_dataclass(cfg) else {},
+                "profile": asdict(profile) if is_dataclass(profile) else {}}
 
     @classmethod
     def for_env(cls, env: Any, cfg: PPOConfig = PPOConfig()) -> MAHPPO:
         a0 = env.possible_agents[0]
         space = env.action_space(a0)
-        return cls(int(np.prod(env.observation_space(a0).shape)), int(np.prod(env.state().shape)),
-                   len(env.possible_agents), int(space[0].n), int(np.prod(space[1].shape)), cfg)
+        agent = cls(int(np.prod(env.observation_space(a0).shape)), int(np.prod(env.state().shape)),
+                    len(env.possible_agents), int(space[0].n), int(np.prod(space[1].shape)), cfg)
+        agent.env_info = cls.describe_env(env)
+        return agent
 
     def check_env(self, env: Any) -> None:
         n = len(env.possible_agents)
         if n != self.n_agents:
             raise UsageError(f"the policy was trained for {self.n_agents} devices but the environment has {n}; "
                              "train a policy for this number of devices")
+        if not self.env_info:
+            return
+        got = self.describe_env(env)
+        a0 = env.possible_agents[0]
+        obs_dim = int(np.prod(env.observation_space(a0).shape))
+        for key, mine, theirs in (("environment", self.env_info.get("env"), got["env"]),
+                                  ("options", self.env_info.get("options"), got["options"]),
+                                  ("observation layout", self.env_info.get("obs_layout"), got["obs_layout"]),
+                                  ("observation size", self.obs_dim, obs_dim)):
+            if mine != theirs:
+                raise UsageError(f"the policy was trained for another {key} ({mine} vs this environment's {theirs});"
+                                 " train a policy for this environment (effai collab train-policy)")
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -198,9 +230,50 @@ class MAHPPO:
         return {"policy_loss": pl, "value_loss": vl}
 
     def save(self, path: Any) -> None:
-        """safetensors with the agent count in the metadata (a different count is refused on load)."""
-        from safetensors.torch import save_file
+        """safetensors (weights only) with the config, agent count, sizes and the environment's name, options and
+        observation layout in its metadata; written to a temp path, then renamed."""
+        from safetensors.torch import save
 
-        tensors = {f"actors.{k}": v.contiguous() for k, v in self.actors.state_dict().items()}
-        tensors.update({f"critic.{k}": v.contiguous() for k, v in self.critic.state_dict().items()})
-        save_file(tensors, str(path), metadata={"n_agents": str(self.n_agents), "n_discrete": str(self.n_discrete)})
+        from effai.files import atomic_write
+
+        tensors = {f"actors.{k}": v.detach().contiguous() for k, v in self.actors.state_dict().items()}
+        tensors.update({f"critic.{k}": v.detach().contiguous() for k, v in self.critic.state_dict().items()})
+        meta = {"format": FORMAT, "n_agents": str(self.n_agents), "n_discrete": str(self.n_discrete),
+                "n_continuous": str(self.n_continuous), "obs_dim": str(self.obs_dim),
+                "state_dim": str(self.state_dim), "config": json.dumps(asdict(self.cfg)),
+                "env": json.dumps(self.env_info)}
+        atomic_write(Path(path), save(tensors, metadata=meta))
+
+    @classmethod
+    def load(cls, path: Any, env: Any = None) -> MAHPPO:
+        """A policy saved by `save` (safetensors: tensors and string metadata only, nothing is unpickled); with
+        `env`, refused unless it was trained for that environment (devices, options, observation layout)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"no policy file {path}; train one with effai collab train-policy")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UsageError(f"{path} is not a safetensors policy ({str(e).splitlines()[0][:120]}); train one with "
+                             "effai collab train-policy") from None
+        if meta.get("format") != FORMAT:
+            raise UsageError(f"{path} is not an {FORMAT} policy (metadata format {meta.get('format')!r}); train one "
+                             "with effai collab train-policy")
+        try:
+            known = {f.name for f in fields(PPOConfig)}
+            cfg = PPOConfig(**{k: v for k, v in json.loads(meta["config"]).items() if k in known})
+            agent = cls(int(meta["obs_dim"]), int(meta["state_dim"]), int(meta["n_agents"]), int(meta["n_discrete"]),
+                        int(meta["n_continuous"]), cfg)
+            agent.env_info = json.loads(meta["env"])
+            agent.actors.load_state_dict({k[len("actors."):]: v for k, v in tensors.items() if k.startswith("actors.")})
+            agent.critic.load_state_dict({k[len("critic."):]: v for k, v in tensors.items() if k.startswith("critic.")})
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UsageError(f"{path}: the policy's metadata or weights do not fit together ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120]}); re-train it") from None
+        if env is not None:
+            agent.check_env(env)
+        return agent
