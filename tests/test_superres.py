@@ -232,11 +232,18 @@ def test_zoo_card_srdiff_x2():
     assert card.task == "image-super-resolution" and card.num_classes == 0
     loaded = zoo.create("srdiff_x2")
     assert not loaded.random_init
-    lr = torch.from_numpy(data.to_unit(data.photo("chelsea")[100:116, 200:216]).transpose(2, 0, 1)[None].copy())
+    lr_u8 = data.photo("chelsea")[100:116, 200:216]
+    lr = torch.from_numpy(data.to_unit(lr_u8).transpose(2, 0, 1)[None].copy())
     with torch.no_grad():
         hr = loaded.model(lr)
         again = loaded.model(lr)
     assert hr.shape == (1, 3, 32, 32) and torch.equal(hr, again) and float(hr.abs().max()) <= 1
+    from effai.superres.gate import psnr             # = `effai sr` on a one-tile image up to torch vs PIL bicubic
+
+    sr = engine.upscale(engine.load("srdiff_x2"), lr_u8, 2)
+    assert psnr(data.from_unit(hr[0].numpy().transpose(1, 2, 0)), sr) > 40
+    with pytest.raises(UsageError, match="one 16x16 LR tile"):
+        loaded.model(lr[..., :8, :8])
     ref, _ = srdiff.load("srdiff_x2")                                # the same tensors as `effai sr srdiff_x2`
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), loaded.model.state_dict().values()))
 

@@ -327,13 +327,17 @@ ARCH_STEPS = 8      # `effai sr`'s default DDIM steps, for the card's forward (p
 
 class SRDiffSampler(SRDiff):
     """SRDiff as one zoo module: forward(lr (B,3,h,w) in [-1, 1]) -> HR (B,3,h*s,w*s) in [-1, 1] of one trained tile:
-    HR = up(LR) + x0 / 2 after `steps` deterministic DDIM steps (effai/superres/sampler.py) from seeded noise, with
-    torch's bicubic as up(). Its state dict is SRDiff's (the bundled file loads into it as is). It counts params and
-    MACs for `effai zoo`; real use is `effai sr` (tiled, PIL bicubic) and `effai sr export` (encoder + step)."""
+    HR = up(LR) + x0 / 2 after `steps` deterministic DDIM steps (effai/superres/sampler.py) from the initial noise
+    `effai sr` draws for a one-tile image (numpy default_rng(0), a fixed buffer, so the forward traces and exports
+    as one graph), with torch's bicubic as up(). Its state dict is SRDiff's (the bundled file loads into it as is).
+    It counts params and MACs for `effai zoo`, and `effai export srdiff_x2` lowers it as a one-tile model; real use
+    is `effai sr` (tiled, any size, PIL bicubic) and `effai sr export` (encoder + step, the loop in the runtime)."""
 
     def __init__(self, spec: SRDiffSpec, steps: int = ARCH_STEPS) -> None:
         super().__init__(spec)
         self.steps = steps
+        noise = np.random.default_rng(0).standard_normal((3, spec.hr_size, spec.hr_size)).astype(np.float32)
+        self.register_buffer("noise", torch.from_numpy(noise)[None], persistent=False)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         from effai.superres.sampler import timesteps
@@ -341,8 +345,10 @@ class SRDiffSampler(SRDiff):
         s = self.spec.scale
         up = F.interpolate(lr, scale_factor=s, mode="bicubic", align_corners=False)
         cond = self.encoder(lr)
-        gen = torch.Generator(device=lr.device).manual_seed(0) if lr.device.type == "cpu" else None
-        x = torch.randn(up.shape, generator=gen, dtype=lr.dtype, device=lr.device)
+        if tuple(up.shape[-2:]) != tuple(self.noise.shape[-2:]):
+            raise UsageError(f"SRDiffSampler takes one {self.spec.lr_size}x{self.spec.lr_size} LR tile, got "
+                             f"{tuple(lr.shape[-2:])}; for any size use `effai sr` (tiled)")
+        x = self.noise.to(device=lr.device, dtype=lr.dtype).expand(lr.shape[0], -1, -1, -1)
         x0 = x
         ts = timesteps(self.spec.timesteps, self.steps)
         for i, t in enumerate(ts):
