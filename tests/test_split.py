@@ -225,3 +225,26 @@ def test_a_frame_naming_a_split_the_server_does_not_host_is_a_clean_error(onnx_s
     th.join(20)
     assert resp[:1] == ERR_FRAME and b"asked for split blocks.9, but this server hosts blocks.6" in resp
     assert isinstance(served["error"], EffaiError) and "\n" not in str(served["error"])
+
+
+def test_int8_device_half_is_quantized_and_its_top1_drop_is_measured_and_gated(ae_run, tmp_path):
+    from effai.collab.export import _gate_drop, export_split
+
+    out = tmp_path / "split_int8"
+    rec = export_split("ghostnetv3_050.digits", "blocks.6", ["onnx"], out, ae_run[0], device_precision="int8",
+                       max_drop=5.0)
+    e = rec["targets"]["onnx"]
+    dev_manifest = json.loads((out / "onnx" / "device" / "manifest.json").read_text())
+    assert e["device"]["precision"] == "int8" and e["server"]["precision"] == "fp32"
+    assert dev_manifest["precision"] == "int8" and dev_manifest["quantization"]["nodes_quantized"] > 0
+    ev = e["composed"]["eval"]
+    assert ev["samples"] == 359 and ev["drop_points"] == pytest.approx(100 * (ev["top1_torch_split_fp32"] - ev["top1"]),
+                                                                        abs=1e-3)
+    assert e["composed"]["status"] == ("pass" if ev["drop_points"] <= 5.0 else "fail"), json.dumps(e)
+    assert e["composed"]["gate"] == "held-out top-1 drop" and "cosine" in e["composed"]["vs_torch_split"]
+    assert rec["calibration"].startswith("128 of")                    # training images, not the held-out ones
+    composed = {"status": "pass", "eval": {"top1": 0.90}}
+    _gate_drop(composed, {"device_precision": "int8", "eval_top1_torch_split": 0.95}, 1.0)
+    assert composed["status"] == "fail" and "5.00 top-1 points" in composed["reason"]
+    with pytest.raises(UsageError, match="target onnx has fp32, int8, int8-dynamic"):
+        export_split("ghostnetv3_050.digits", "blocks.6", ["onnx"], tmp_path / "x", ae_run[0], device_precision="fp16")

@@ -22,6 +22,11 @@ def split_cmd(
                                                "encoder, the server half starts with its decoder.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Checkpoint for MODEL.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output dir (default effai_out/split-<model>-<point>).")] = None,
+    device_precision: Annotated[str, typer.Option("--device-precision", help="Precision of the device half only "
+                                                  "(int8, int8-dynamic, fp16 where the target has it); the server "
+                                                  "half stays fp32.")] = "fp32",
+    max_drop: Annotated[float, typer.Option("--max-drop", help="With a quantized device half: fail when the composed "
+                                            "pipeline loses more held-out top-1 points than this.")] = 1.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Cut a CNN into a device half and a server half, export both, check the composed pipeline in each runtime."""
@@ -45,7 +50,8 @@ def split_cmd(
 
         dest = out or Path("effai_out") / f"split-{model.replace('/', '_')}-{at.replace('.', '_')}"
         ui = console.err() if as_json else console.out()
-        rec = export_split(model, at, names, dest, ae, weights, progress=lambda s: ui.print(f"[dim]{s}[/]"))
+        rec = export_split(model, at, names, dest, ae, weights, progress=lambda s: ui.print(f"[dim]{s}[/]"),
+                           device_precision=device_precision, max_drop=max_drop)
     except EffaiError as e:
         fail(e, as_json)
     bad = [t for t, e in rec["targets"].items()
@@ -54,6 +60,11 @@ def split_cmd(
         for t, e in rec["targets"].items():
             c = e["composed"]
             acc = f", top-1 {c['eval']['top1']:.2%} on {c['eval']['samples']}" if "eval" in c else ""
+            if "drop_points" in c.get("eval", {}):
+                acc += (f" ({e['device']['precision']} device half: top-1 drop {c['eval']['drop_points']:.2f} points vs "
+                        "the fp32 split)")
+            if c.get("reason"):
+                acc += f": {c['reason']}"
             console.out().print(f"{t:<11} device {e['device']['parity']}, server {e['server']['parity']}, composed "
                                 f"{c['status']}{acc}")
         console.out().print(f"{rec['bytes_per_image']} bytes per image cross the cut -> {dest}")
