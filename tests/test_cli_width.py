@@ -80,3 +80,47 @@ def test_bench_table_at_80_columns_hides_low_priority_columns_and_says_so(digits
     wide.print(report.table(records, width=200))
     text = wide.export_text()
     assert "hidden at this width" not in text and all(h in text for h in hidden), text
+
+
+def test_export_table_at_80_columns_keeps_every_cell_whole_and_lists_the_files(digits_exports):
+    """`effai export --target all`'s results table: one line per artifact at 80 columns (nothing folds); the files
+    move under the table when their column does not fit, and a parity not run says why there."""
+    import os
+
+    from rich.console import Console
+
+    from effai.cli.export import _row, export_table
+
+    rows = [_row(res) for res in digits_exports.values()]
+    rows.append({"target": "coreml", "error": "coremltools failed", "exit_code": 1})   # a target that failed
+
+    def render(width: int) -> tuple[list[str], list[str]]:
+        con = Console(width=width, record=True, file=open(os.devnull, "w"))
+        table, notes = export_table(rows, width)
+        con.print(table)
+        for line in notes:
+            con.print(line, highlight=False)
+        return con.export_text().splitlines(), notes
+
+    lines, notes = render(80)
+    assert max(len(ln) for ln in lines) <= 80, "\n".join(lines)
+    cells = [[c.strip() for c in ln.strip("│ ").split("│")] for ln in lines if ln.startswith("│")]
+    assert len(cells) == len(rows), "\n".join(lines)           # one line per artifact: no cell folded
+    header = next(ln for ln in lines if ln.startswith("┃"))
+    for col in ("target", "precision", "MB", "parity", "top-1"):
+        assert col in header, header
+    assert "file" not in header
+    for r, row in zip(rows, cells):
+        assert row[0] == r["target"]
+        if "file" in r:
+            assert row[1] == r["precision"] and row[2] == f"{r['mb']:.2f}" and row[3].startswith(r["parity"])
+            assert f"{r['target']} {r['precision']}: {r['file']}" in notes     # every file listed, whole
+        else:
+            assert row[3] == "error"
+    for r in rows:
+        if r.get("parity") == "not-run":         # e.g. Core ML on Linux: the reason is under the table
+            assert any(n.startswith(f"{r['target']} {r['precision']}: parity not run: ") for n in notes), notes
+    wide, wide_notes = render(250)
+    header = next(ln for ln in wide if ln.startswith("┃"))
+    assert "file" in header and not any(": " + r.get("file", "?") in n for r in rows for n in wide_notes)
+    assert all(r["file"] in "\n".join(wide) for r in rows if "file" in r)

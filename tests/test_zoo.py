@@ -247,3 +247,88 @@ def test_pack_refuses_a_generative_card_before_loading_it(tmp_path):
                                          ".*effai generate-export ademvl_tiny.digits"):
         pack("ademvl_tiny.digits", ["onnx"], out=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------- card stats (zoo list / zoo show) and cache
+
+
+@pytest.fixture
+def stats_cache(tmp_path, monkeypatch):
+    """effai.export.stats with its user cache in tmp_path and nothing remembered from other tests."""
+    from effai.export import stats
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    stats.clear_memo()
+    yield stats
+    stats.clear_memo()
+
+
+# mixer_pico: built and counted on meta; ghostnetv3_050.digits: its folds merge on the CPU, counted on meta;
+# delvm_tiny: its forward reads values (codebook bounds), counted on real tensors; mobilenetv3_small_100: timm
+@pytest.mark.parametrize("name", ["mixer_pico", "ghostnetv3_050.digits", "delvm_tiny", "mobilenetv3_small_100"])
+def test_card_stats_on_meta_equal_the_count_on_real_tensors(stats_cache, name):
+    card = zoo.CARDS.get(name)
+    real = stats_cache.model_stats(zoo.build(card), tuple(card.input_size), meta=False)
+    assert stats_cache.card_stats(name) == real and real["params"] > 0 and real["macs"] > 0
+
+
+def test_card_stats_cache_is_read_back_and_keyed_by_code(stats_cache, monkeypatch):
+    import json
+
+    first = stats_cache.card_stats("mixer_pico")
+    path = stats_cache.cache_path()
+    data = json.loads(path.read_text())
+    assert data["schema"] == stats_cache.SCHEMA and data["effai"] and data["code"] and len(data["cards"]) == 1
+    key = next(iter(data["cards"]))
+    data["cards"][key] = {"params": 7, "macs": 11}          # a value only the cache can supply
+    path.write_text(json.dumps(data))
+    stats_cache.clear_memo()
+
+    def no_build(card):
+        raise AssertionError(f"{card.name} was measured although the cache holds it")
+
+    monkeypatch.setattr(stats_cache, "_measure", no_build)
+    assert stats_cache.card_stats("mixer_pico") == {"params": 7, "macs": 11}
+    data["code"] = "0" * 16                                  # written by other code: ignored, measured again
+    path.write_text(json.dumps(data))
+    stats_cache.clear_memo()
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(path.parents[1]))
+    assert stats_cache.card_stats("mixer_pico") == first
+    assert json.loads(path.read_text())["code"] == stats_cache._header()["code"]
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[1, 2]", b"[" * 100_000,
+                                     b'{"schema": "effai.card_stats/1", "cards": {"x": {"params": "1", "macs": -1}}}'])
+def test_card_stats_cache_that_is_corrupt_is_ignored_and_repaired(stats_cache, content):
+    import json
+
+    path = stats_cache.cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    assert stats_cache.read_cache() == {}
+    stats = stats_cache.card_stats("mixer_pico")
+    assert stats["params"] > 0
+    repaired = json.loads(path.read_text())
+    assert repaired["schema"] == stats_cache.SCHEMA and list(repaired["cards"].values()) == [stats]
+    assert not [p for p in path.parent.iterdir() if p.name != path.name]      # no temp files left beside it
+
+
+def test_card_stats_without_a_writable_cache_still_count(stats_cache, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))   # a file where the cache dir would go
+    assert stats_cache.card_stats("mixer_pico")["params"] > 0
+
+
+def test_zoo_list_reads_its_stats_from_the_cache(stats_cache, capfd, monkeypatch):
+    """A warm `effai zoo list` builds no model: every row's params and MACs come from the cache."""
+    from effai.cli.zoo import zoo_list
+    from tests.helpers import call_cli
+
+    for name in ("mixer_pico", "vit_pico"):
+        stats_cache.card_stats(name)
+    stats_cache.clear_memo()
+    monkeypatch.setattr(stats_cache, "_measure", lambda card: pytest.fail(f"{card.name} was built"))
+    code, last, _ = call_cli(capfd, zoo_list, pattern="pico", timm_names=False, bundles=None, as_json=True)
+    assert code == 0 and [m["name"] for m in last["models"]] == ["mixer_pico", "vit_pico"]
+    assert all(m["params"] > 0 and m["macs"] > 0 for m in last["models"])

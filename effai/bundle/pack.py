@@ -8,8 +8,6 @@ Built in a temp dir beside `<out>/<model>`, renamed into place; the files are a 
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import os
 import shutil
@@ -24,6 +22,7 @@ from effai.version import __version__
 from effai.bundle import model_card_md as card_mod
 from effai.bundle import index as index_mod
 from effai.errors import EffaiError, UsageError
+from effai.export.stats import model_stats
 from effai.files import atomic_write, read_json, replace_dir, staging_dir
 
 TASK = "image-classification"      # the task bundles hold (single-forward classifiers); ModelCard.task per card
@@ -402,88 +401,3 @@ def determinism(root: Path, artifacts: list[dict[str, Any]]) -> dict[str, Any]:
                     "bundle (SOURCE_DATE_EPOCH sets manifest created_at when wanted) and does not copy export.log. "
                     "Different toolchain versions or CPUs may produce different model bytes; parity and accuracy "
                     "are re-checked on every export."}
-
-
-# ------------------------------------------------------------------------------------------------ model stats
-
-
-def model_stats(model: Any, input_size: tuple[int, int, int]) -> dict[str, int]:
-    """{"params", "macs"} of the deploy form (a folded copy; the caller's model is untouched), batch 1 at
-    input_size. MACs: card.MAC_CONVENTION (forward hooks over Conv2d and Linear, groups respected)."""
-    import torch
-    from torch import nn
-
-    from effai.export.fold import FoldReport, count_params, fuse_batchnorms, reparameterize
-
-    m = copy.deepcopy(model).eval()
-    x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
-    report = FoldReport()
-    reparameterize(m, report)     # fold()'s two passes without its output check and export rewrites (which touch no
-    fuse_batchnorms(m, (x,), report)   # Conv/Linear): the same params and MACs, two forward passes fewer
-    macs = 0
-
-    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-        nonlocal macs
-        if isinstance(mod, nn.Conv2d):
-            kh, kw = mod.kernel_size
-            macs += out.numel() * (mod.in_channels // mod.groups) * kh * kw
-        else:
-            macs += out.numel() * mod.in_features
-
-    handles = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            m(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return {"params": count_params(m), "macs": int(macs)}
-
-
-@functools.lru_cache(maxsize=None)
-def card_stats(name: str) -> dict[str, int]:
-    """model_stats of a zoo card at its own input size (random-init build: weights do not change the counts);
-    cached per process."""
-    from effai import zoo
-    from effai.version import __version__
-
-    card = zoo.resolve_card(name)
-    key = json.dumps([__version__, name, card.source, list(card.input_size), card.num_classes,
-                      card.extra.get("arch_kwargs", {})], sort_keys=True)
-    cache = _stats_cache()
-    if key in cache:
-        return cache[key]
-    stats = model_stats(zoo.build(card).eval(), tuple(card.input_size))
-    cache[key] = stats
-    try:   # a cache for `effai zoo list` (building and folding every card takes seconds); never required
-        path = _stats_cache_path()
-        atomic_write(path, json.dumps(cache, sort_keys=True))
-    except OSError:
-        pass
-    return stats
-
-
-def _stats_cache_path() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "effai" / "card_stats.json"
-
-
-_CACHE: dict[str, dict[str, int]] | None = None   # read once per process: `zoo list` asks for every card
-
-
-def _stats_cache() -> dict[str, dict[str, int]]:
-    global _CACHE
-    if _CACHE is None:
-        _CACHE = _read_stats_cache()
-    return _CACHE
-
-
-def _read_stats_cache() -> dict[str, dict[str, int]]:
-    try:
-        data = json.loads(_stats_cache_path().read_text())
-    except (OSError, ValueError, RecursionError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: v for k, v in data.items() if isinstance(v, dict) and all(isinstance(v.get(f), int) for f in
-                                                                           ("params", "macs"))}

@@ -76,8 +76,13 @@ def export_cmd(
         targets = parse_targets(target, skipped)
         if precision is not None:
             check_precision(precision, targets)
-        if calib not in ("auto", "photos", "digits") and not Path(calib).exists():   # before the model loads
-            raise UsageError(f"--calib {calib}: no such file or directory; give auto, photos, digits, DIR, FILE.npz")
+        if calib not in ("auto", "photos", "digits"):   # before the model loads
+            if not Path(calib).exists():
+                raise UsageError(f"--calib {calib}: no such file or directory; give auto, photos, digits, DIR, "
+                                 "FILE.npz")
+            if not Path(calib).is_dir() and Path(calib).suffix.lower() != ".npz":
+                raise UsageError(f"--calib {calib} is neither an image folder nor an .npz file; give auto, photos, "
+                                 "digits, DIR, FILE.npz")
         if skipped and not as_json:
             for n, why in skipped.items():
                 ui.print(f"[yellow]! skipping {n}: {why}[/]")
@@ -177,29 +182,58 @@ def _acc_summary(a: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _export_table(rows: list[dict[str, Any]]) -> None:
+    out = console.out()
+    table, notes = export_table(rows, out.width)
+    out.print(table)
+    for line in notes:          # plain lines: rich wraps them at the terminal's width, on spaces
+        out.print(line, highlight=False)
+
+
+_PARITY_COLORS = {"pass": "green", "fail": "red", "not-run": "yellow"}
+
+
+def export_table(rows: list[dict[str, Any]], width: int) -> tuple[Any, list[str]]:
+    """The results table for a terminal `width` wide, and the lines to print under it: each artifact's file goes
+    in a last column when the whole table fits, else in a list under it; a parity not run says why under it. Every
+    cell is whole (no column folds)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="effai export")
     show_acc = any(r.get("accuracy") for r in rows)
-    for col in ("target", "precision", "file", "MB", "parity", *(("top-1",) if show_acc else ()), "seconds"):
-        table.add_column(col, justify="right" if col in ("MB", "seconds") else "left",
-                         overflow="fold", no_wrap=col in ("target", "precision", "MB", "seconds"))
-    colors = {"pass": "green", "fail": "red", "not-run": "yellow"}
+    cols = ["target", "precision", "MB", "parity", *(["top-1"] if show_acc else []), "s"]
+    cells: list[dict[str, str]] = []
+    notes: list[str] = []
     for r in rows:
         if "file" not in r:
-            table.add_row(r["target"], "-", "-", "-", "[red]error[/]", *(("-",) if show_acc else ()), "-")
+            cells.append({"target": r["target"], "precision": "-", "MB": "-", "parity": "error", "top-1": "-",
+                          "s": "-", "file": "-"})
             continue
         par = r["parity"]
-        if par == "pass" and r.get("max_abs_err") is not None:
-            par = f"pass ({r['max_abs_err']:.1e})"
+        if par in ("pass", "fail") and r.get("max_abs_err") is not None:
+            par = f"{par} ({r['max_abs_err']:.1e})"
         elif par == "not-run":
-            par = f"not-run: {r.get('parity_reason')}"
+            notes.append(f"{r['target']} {r['precision']}: parity not run: {r.get('parity_reason')}")
         acc = r.get("accuracy")
-        top1 = (() if not show_acc else ("-",) if not acc else
-                (f"{acc['artifact_top1']:.2%}" if acc["artifact_top1"] is not None else f"torch {acc['torch_top1']:.2%}",))
-        table.add_row(r["target"], r["precision"], r["file"], f"{r['mb']:.2f}", f"[{colors.get(r['parity'], 'white')}]{par}[/]",
-                      *top1, f"{r['seconds']:.1f}")
-    console.out().print(table)
+        top1 = ("-" if not acc else f"{acc['artifact_top1']:.2%}" if acc["artifact_top1"] is not None
+                else f"torch {acc['torch_top1']:.2%}")
+        cells.append({"target": r["target"], "precision": r["precision"], "MB": f"{r['mb']:.2f}", "parity": par,
+                      "top-1": top1, "s": f"{r['seconds']:.1f}", "file": r["file"]})
+
+    def need(col: str) -> int:
+        return max([len(col), *(len(c[col]) for c in cells)]) + 3      # padding 2 + separator 1
+
+    if 1 + sum(need(c) for c in [*cols, "file"]) <= width:
+        cols.append("file")
+    else:
+        notes[:0] = [f"{c['target']} {c['precision']}: {c['file']}" for c in cells if c["file"] != "-"]
+    table = Table(title="effai export")
+    for col in cols:
+        table.add_column(col, justify="right" if col in ("MB", "s") else "left", no_wrap=True, overflow="fold")
+    for r, c in zip(rows, cells):
+        status = "error" if "file" not in r else r["parity"]
+        color = "red" if status == "error" else _PARITY_COLORS.get(status, "white")
+        table.add_row(*(f"[{color}]{escape(c[col])}[/]" if col == "parity" else escape(c[col]) for col in cols))
+    return table, notes
 
 
 def verify_cmd(artifact: Annotated[Path, typer.Argument(help="An artifact directory written by effai export.")],

@@ -99,7 +99,7 @@ def _zoo_table(rows: list[dict[str, Any]], width: int) -> Any:
 
 
 def _zoo_row(name: str, c: Any, best: dict[str, Any] | None) -> dict[str, Any]:
-    from effai.bundle.pack import card_stats
+    from effai.export.stats import card_stats
 
     stats = card_stats(name)
     return {"name": name, "task": c.task, "family": c.family, "params": stats["params"], "macs": stats["macs"],
@@ -183,7 +183,7 @@ def zoo_show(name: Annotated[str, typer.Argument(help="Zoo or timm model name.")
 
 def _deploy_params(name: str) -> int | None:
     """Parameters after fold (what an exported artifact holds); None where the card cannot be measured."""
-    from effai.bundle.pack import card_stats
+    from effai.export.stats import card_stats
 
     try:
         return card_stats(name)["params"]

@@ -36,6 +36,9 @@ RANDOM_INIT = WeightsInfo(source="random-init", sha256="random-init")
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a flat {name: tensor} from a .safetensors or torch checkpoint, refusing anything but tensors."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"weights {path} is a directory, not a checkpoint file; pass the .safetensors or .pt/.pth "
+                         "file in it (a finished effai train run writes <run>/model.safetensors)")
     if not path.is_file():
         raise UsageError(f"weights file not found: {path}; pass an existing .safetensors or .pt/.pth file")
     if path.suffix == ".safetensors":
