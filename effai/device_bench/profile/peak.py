@@ -1,11 +1,13 @@
-"""The host's measured fp32 compute peak: a square matmul timed with torch at N threads, cached per CPU and threads.
+"""The host's measured fp32 compute peak: square matmuls timed with numpy's BLAS at N threads, cached per CPU and
+thread count.
 
-    peak_gflops(2)   # -> {"gflops": 318.2, "threads": 2, "n": 1024, "cached": False, ...}
+    peak_gflops(2)   # -> {"gflops": 222.5, "threads": 2, "n": 512, "cached": False, ...}
 
-The figure is what this machine's best-tuned GEMM (torch's MKL/oneDNN/OpenBLAS sgemm) reaches, not a datasheet
-number: a model's fraction of it says how far the runtime is from what the cores can do in practice. The cache is
-$XDG_CACHE_HOME/effai/peak.json (or ~/.cache), keyed by CPU model, thread count and torch version; `refresh=True`
-re-measures. torch.set_num_threads is restored after the measurement.
+The figure is what this machine's tuned sgemm (numpy's OpenBLAS) reaches, not a datasheet number: a model's fraction
+of it says how far the runtime is from what the cores can do in practice. numpy's OpenBLAS, not torch: torch's MKL
+sgemm reached a fifth of it on the AMD EPYC these figures come from. The best of several sizes and many repeats,
+because a shared host's load preempts long calls. The cache is $XDG_CACHE_HOME/effai/peak.json (or ~/.cache), keyed
+by CPU model, thread count and numpy version; `refresh=True` re-measures.
 """
 
 from __future__ import annotations
@@ -13,15 +15,41 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from pathlib import Path
 from typing import Any
 
+from effai.errors import EffaiError
 from effai.files import atomic_write
 
-MATMUL_N = 1024          # 2.1 GFLOP per product: long enough to swamp call overhead, small enough to stay in cache
-REPEATS = 12
-_SCHEMA = "effai.peak/1"
+SIZES = (256, 512, 1024)  # the best of several sizes: a small product fits in cache and finishes within a time slice
+REPEATS = 30
+MATMUL_N = max(SIZES)
+_SCHEMA = "effai.peak/2"
+
+# Run in a child Python: OpenBLAS reads its thread count once, at load, from OPENBLAS_NUM_THREADS.
+_CHILD = """
+import json, sys, time
+import numpy as np
+sizes, repeats = [int(x) for x in sys.argv[1].split(",")], int(sys.argv[2])
+rng = np.random.default_rng(0)
+best = {}
+for n in sizes:
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty((n, n), np.float32)
+    for _ in range(3):
+        np.matmul(a, b, out=out)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=out)
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    best[n] = [2.0 * n ** 3 / ts[0] / 1e9, 2.0 * n ** 3 / ts[len(ts) // 2] / 1e9]
+cfg = np.show_config(mode="dicts") if "mode" in np.show_config.__code__.co_varnames else {}
+blas = ((cfg or {}).get("Build Dependencies", {}).get("blas", {}) or {}).get("name", "?")
+print(json.dumps({"best": best, "blas": blas, "numpy": np.__version__}))
+"""
 
 
 def cache_path() -> Path:
@@ -39,41 +67,50 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure(threads: int, n: int = MATMUL_N, repeats: int = REPEATS) -> dict[str, Any]:
-    """Best-of-`repeats` GFLOP/s of an n x n x n fp32 matmul at `threads` threads (torch), with its median."""
-    import torch
+def _child(threads: int, sizes: tuple[int, ...], repeats: int) -> dict[str, Any]:
+    import subprocess
+    import sys
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
+    env = {**os.environ, **{k: str(int(threads)) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                           "MKL_NUM_THREADS")}}
     try:
-        g = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=g)
-        b = torch.randn(n, n, generator=g)
-        out = torch.empty(n, n)
-        for _ in range(3):
-            torch.mm(a, b, out=out)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            torch.mm(a, b, out=out)
-            times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(before)
-    flops = 2.0 * n ** 3
-    times.sort()
-    return {"gflops": flops / times[0] / 1e9, "median_gflops": flops / times[len(times) // 2] / 1e9,
-            "threads": int(threads), "n": n, "repeats": repeats, "method": f"torch.mm fp32 {n}x{n}x{n}, best of "
-            f"{repeats}", "cpu": cpu_model(), "torch": torch.__version__}
+        proc = subprocess.run([sys.executable, "-c", _CHILD, ",".join(map(str, sizes)), str(int(repeats))], env=env,
+                              capture_output=True, text=True, timeout=300)
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        raise EffaiError(f"the matmul peak microbenchmark failed ({type(e).__name__}: {e}); check that numpy runs "
+                         f"in {sys.executable}") from None
+    per_size = {int(n): {"gflops": v[0], "median_gflops": v[1]} for n, v in res["best"].items()}
+    n_best = max(per_size, key=lambda n: per_size[n]["gflops"])
+    return {"gflops": per_size[n_best]["gflops"], "n": n_best, "per_size": per_size, "blas": res.get("blas", "?"),
+            "numpy": res.get("numpy")}
+
+
+def measure(threads: int, sizes: tuple[int, ...] = SIZES, repeats: int = REPEATS) -> dict[str, Any]:
+    """The fp32 peak of `threads` cores: the larger of numpy's matmul measured at `threads` BLAS threads and
+    `threads` x its one-thread figure (best of `repeats` per size, best over the sizes; each in a child Python so
+    the BLAS thread count applies). On a shared host a multi-threaded GEMM waits for every thread to be scheduled,
+    while one thread needs one free core: threads x the one-thread peak is what the cores can do, and it is never
+    below what was measured with all threads."""
+    single = _child(1, sizes, repeats)
+    multi = _child(threads, sizes, repeats) if int(threads) > 1 else single
+    scaled = single["gflops"] * int(threads)
+    gflops = max(multi["gflops"], scaled)
+    how = (f"{threads} x the one-thread figure" if scaled >= multi["gflops"] else f"measured at {threads} threads")
+    return {"gflops": gflops, "single_thread_gflops": single["gflops"], "measured_threads_gflops": multi["gflops"],
+            "threads": int(threads), "repeats": repeats, "single": single, "multi": multi,
+            "method": f"numpy fp32 matmul ({single['blas']}), best of {repeats} over sizes "
+                      f"{','.join(map(str, sizes))}; {how}", "cpu": cpu_model(), "numpy": single.get("numpy")}
 
 
 def _key(threads: int) -> str:
     try:
         from importlib import metadata
 
-        tv = metadata.version("torch")
+        nv = metadata.version("numpy")
     except Exception:
-        tv = "?"
-    return f"{cpu_model()}|threads={int(threads)}|torch={tv}|n={MATMUL_N}"
+        nv = "?"
+    return f"{cpu_model()}|threads={int(threads)}|numpy={nv}|sizes={','.join(map(str, SIZES))}"
 
 
 def peak_gflops(threads: int, refresh: bool = False) -> dict[str, Any]:
