@@ -5,8 +5,11 @@ portable kernel: its op name) and, from XNNPACK's own profiler, one event per XN
 ("Convolution (NHWC, F32) IGEMM #3"). Each row is the event's median over the profiled runs.
 
 The rows add up to Method::execute: the XNNPACK operators, the portable kernels, and two remainder rows, "XNNPACK
-delegate (outside its operators)" (DELEGATE_CALL minus its operators: input/output copies, setup) and "ExecuTorch
-runtime (between instructions)". Module names: a .pte keeps no debug handles to module paths unless an ETRecord was
+delegate (outside its operators)" and "ExecuTorch runtime (between instructions)". XNNPACK's operator timings are
+consecutive differences from the invoke's start to each operator's end, so they tile xnn_invoke_runtime exactly;
+the delegate remainder (DELEGATE_CALL minus them) is what the backend does around the invoke on every call:
+xnn_reshape_external_value + xnn_reshape_runtime (XNNExecutor::prepare_args), xnn_setup_runtime_v2, and the
+output resize (docs/profiling.md). Module names: a .pte keeps no debug handles to module paths unless an ETRecord was
 written at export (effai does not write one), so ExecuTorch rows carry the XNNPACK operator names only.
 FLOPs: the XNNPACK events carry no shapes, so per-row GFLOP/s is not computed; the model's FLOPs come from the
 artifact's sibling export when given (roofline only).
