@@ -108,7 +108,8 @@ def main() -> None:
             so, se = srv.communicate(timeout=60)
         res.pop("choices", None)
         res["mode"] = mode
-        res["server"] = json.loads(so.decode().strip().splitlines()[-1]) if so.strip() else {"stderr": se.decode()[-300:]}
+        res["server"] = (json.loads(so.decode().strip().splitlines()[-1]) if so.strip()
+                         else {"stderr": se.decode()[-300:]})
         live.append(res)
         print(f"{mode:<9} e2e {res['e2e_ms_median']:.3f} ms vs all-local {res['local_ms_median']:.3f} ms "
               f"({res['local_ms_median'] / res['e2e_ms_median']:.2f}x), top-1 {res['top1']:.2%}, "

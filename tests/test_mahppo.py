@@ -124,19 +124,29 @@ def test_gain_from_rate_inverts_the_shannon_rate():
     assert gain_from_rate(r, 0.3, 2.5e5, -174.0) == pytest.approx(3e-10, rel=1e-9)
 
 
-def test_cli_train_policy_from_a_profile_saves_a_loadable_policy(tmp_path):
+def test_cli_train_policy_from_a_profile_saves_a_loadable_policy(tmp_path, capfd):
+    """The command's function in-process (a subprocess would spend most of its time importing)."""
     import json
 
-    from tests.helpers import run_cli
+    import typer
+
+    from effai import console
+    from effai.cli.collab import train_policy_cmd
 
     prof = tmp_path / "profile.json"
     prof.write_text(json.dumps({"options": list(PROFILE.options), "device_ms": list(PROFILE.device_ms),
                                 "server_ms": list(PROFILE.server_ms), "bytes": list(PROFILE.bytes),
                                 "top1": list(PROFILE.top1)}))
     out = tmp_path / "pol.safetensors"
-    rc, last, _o, _e = run_cli("collab", "train-policy", "--profile", str(prof), "--out", str(out), "--devices", "2",
-                               "--steps", "256", "--json", env={"OMP_NUM_THREADS": "1"})
-    assert rc == 0 and last["ok"] and last["options"] == list(PROFILE.options), last
-    assert MAHPPO.load(out).n_agents == 2
-    rc, last, _o, _e = run_cli("collab", "train-policy", "--out", str(out), "--json")
-    assert rc == 2 and "SPLIT_DIRS" in last["error"]
+    console.reset()       # the consoles write to a dup of fd 1, which capfd captures
+    try:
+        train_policy_cmd(None, out, None, prof, "onnx", 2, 128, 10.0, 0, True)
+        last = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+        assert last["ok"] and last["options"] == list(PROFILE.options) and last["steps"] == 128
+        assert MAHPPO.load(out).n_agents == 2 and torch.get_num_threads() == 1     # the fixture's setting restored
+        with pytest.raises(typer.Exit) as exc:
+            train_policy_cmd(None, out, None, None, "onnx", 2, 128, 10.0, 0, True)
+        assert exc.value.exit_code == 2
+        assert "SPLIT_DIRS" in json.loads(capfd.readouterr().out.strip().splitlines()[-1])["error"]
+    finally:
+        console.reset()

@@ -61,8 +61,8 @@ def split_cmd(
             c = e["composed"]
             acc = f", top-1 {c['eval']['top1']:.2%} on {c['eval']['samples']}" if "eval" in c else ""
             if "drop_points" in c.get("eval", {}):
-                acc += (f" ({e['device']['precision']} device half: top-1 drop {c['eval']['drop_points']:.2f} points vs "
-                        "the fp32 split)")
+                acc += (f" ({e['device']['precision']} device half: top-1 drop {c['eval']['drop_points']:.2f} "
+                        "points vs the fp32 split)")
             if c.get("reason"):
                 acc += f": {c['reason']}"
             console.out().print(f"{t:<11} device {e['device']['parity']}, server {e['server']['parity']}, composed "

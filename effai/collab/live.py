@@ -179,7 +179,7 @@ def serve(split_dirs: list[Path] | Path, target: str, host: str, port: int, toke
 class PolicyChooser:
     """Runs a saved MAHPPO policy on one device of a live run. Its observation is built like the environment's
     (`SplitInferenceEnv.OBS_LAYOUT`): the own channel gain is derived from the throughput measured on the last
-    request (`gain_from_rate`: the Shannon rate inverted at the power used, over the environment's bandwidth shared
+    request that crossed the link (before the first, the fetch of the server's description; `gain_from_rate`: the Shannon rate inverted at the power used, over the environment's bandwidth shared
     by its devices); the others' mean gain, which one device cannot see, is taken equal to its own; the round
     fraction counts requests modulo the episode length. Options the live run cannot execute (a split the server or
     this device lacks; local without --local) are masked out of the categorical head."""
@@ -282,7 +282,10 @@ def run(split_dirs: list[Path] | Path, target: str, host: str, port: int, token:
     e2e, dev_ms, correct, nbytes = [], [], 0, []
     choices: list[dict[str, Any]] = []
     try:
-        meta = json.loads(store.get("meta"))
+        t_meta = time.perf_counter()
+        meta_bytes = store.get("meta")
+        meta_rate = 8 * len(meta_bytes) / max(time.perf_counter() - t_meta, 1e-6)   # the first throughput estimate
+        meta = json.loads(meta_bytes)
         hosted = meta.get("splits") or {}
         if meta.get("model") != rec0["model"] or meta.get("weights_sha256") != rec0.get("weights_sha256"):
             raise UsageError(f"the server runs {meta.get('model')}, this device {rec0['model']} (or other weights): "
@@ -298,7 +301,8 @@ def run(split_dirs: list[Path] | Path, target: str, host: str, port: int, token:
         if policy is not None:
             available = {p for p in devices if p in hosted} | ({"local"} if whole is not None else set())
             chooser = PolicyChooser(Path(policy), available, agent)
-        rate, power = None, chooser.power_w(0.0) if chooser else 0.0
+        rate: float | None = meta_rate
+        power = chooser.power_w(0.0) if chooser else 0.0
         sent = 0
         for i in range(x.shape[0]):
             point, power_i, obs = next(iter(devices)), None, None
