@@ -81,6 +81,13 @@ class SqueezeExcite(nn.Module):
         return x * self.gate(s)
 
 
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    """float64 on the CPU for the fold's arithmetic; a meta tensor stays meta (shapes only: `effai zoo list` counts
+    the deploy form without data)."""
+    t = t.detach().double()
+    return t if t.is_meta else t.cpu()
+
+
 def _merge_branches(branches: Iterable[nn.Module], kernel_size: int, template: nn.Conv2d) -> nn.Conv2d:
     """Sum of BN-folded branches (ConvBn, or a bare BatchNorm2d = identity-BN) as one biased conv shaped like
     `template` with a kxk kernel. Computed in float64 on the CPU, then cast back, so the fold adds no rounding of
@@ -90,7 +97,7 @@ def _merge_branches(branches: Iterable[nn.Module], kernel_size: int, template: n
     out_chs, in_per_group = template.out_channels, template.in_channels // template.groups
     for br in branches:
         if isinstance(br, ConvBn):
-            w, bn = br.conv.weight.detach().double().cpu(), br.bn1
+            w, bn = _f64(br.conv.weight), br.bn1
         elif isinstance(br, nn.BatchNorm2d):       # identity-BN: 1x1 one-hot per channel, centred once padded
             if out_chs != template.in_channels:
                 raise ValueError("identity-BN branch needs out_channels == in_channels")
@@ -100,9 +107,9 @@ def _merge_branches(branches: Iterable[nn.Module], kernel_size: int, template: n
             raise TypeError(f"cannot fold branch {type(br).__name__}")
         pad = (kernel_size - w.shape[-1]) // 2     # 1x1 -> kxk: zeros around the centre
         w = F.pad(w, [pad, pad, pad, pad])
-        mean, var = bn.running_mean.double().cpu(), bn.running_var.double().cpu()
-        gamma = bn.weight.detach().double().cpu() if bn.weight is not None else torch.ones_like(var)
-        beta = bn.bias.detach().double().cpu() if bn.bias is not None else torch.zeros_like(mean)
+        mean, var = _f64(bn.running_mean), _f64(bn.running_var)
+        gamma = _f64(bn.weight) if bn.weight is not None else torch.ones_like(var)
+        beta = _f64(bn.bias) if bn.bias is not None else torch.zeros_like(mean)
         t = gamma / torch.sqrt(var + bn.eps)
         w, b = w * t.reshape(-1, 1, 1, 1), beta - mean * t
         w_sum = w if w_sum is None else w_sum + w
