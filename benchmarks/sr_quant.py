@@ -18,7 +18,7 @@ import numpy as np
 
 COMBOS = [("onnx", "fp32"), ("onnx", "int8-dynamic"),
           ("tflite", "fp32"), ("tflite", "fp16"), ("tflite", "int8-dynamic"), ("tflite", "int8-weight"),
-          ("executorch", "fp32"), ("executorch", "int8-dynamic"), ("executorch", "int8-weight")]
+          ("executorch", "fp32"), ("executorch", "int8"), ("executorch", "int8-dynamic"), ("executorch", "int8-weight")]
 
 
 def main() -> None:

@@ -182,7 +182,7 @@ def test_onnx_step_and_encoder_parity(onnx_art):
 def test_quantized_export_runs_the_psnr_gate(run, tmp_path):
     from effai.superres.export import export_sr
 
-    with pytest.raises(UsageError, match="three inputs"):           # static int8: refused before any work
+    with pytest.raises(UsageError, match="three inputs.*--target executorch"):   # static int8 off executorch
         export_sr(run[0], "onnx", tmp_path / "q8", "int8")
     with pytest.raises(UsageError, match="max-psnr-drop"):
         export_sr(run[0], "onnx", tmp_path / "q8", "int8-dynamic", max_psnr_drop=-1)
@@ -192,6 +192,16 @@ def test_quantized_export_runs_the_psnr_gate(run, tmp_path):
     assert g["status"] == "pass" and g["crops"] == 4 and g["reference"] == "torch"
     assert g["drop_db"] == pytest.approx(g["reference_psnr_db"] - g["artifact_psnr_db"], abs=1e-3)
     assert json.loads((tmp_path / "q" / engine.SR_JSON).read_text())["psnr_gate"] == g
+
+
+def test_static_int8_calibration_follows_the_sampler_on_training_photos(run):
+    from effai.superres import quant
+
+    model, _ = srdiff.load(run[0])
+    lrs, samples = quant.calibration(model, crops_per_photo=1, steps=2)
+    assert lrs.shape == (len(data.TRAIN_PHOTOS), 3, 8, 8) and len(samples) == 2 * len(data.TRAIN_PHOTOS)
+    assert [float(t[0]) for _, t, _ in samples[:2]] == [float(t) for t in sampler.timesteps(20, 2)]
+    assert samples[0][0].shape == (1, 3, 16, 16) and samples[0][2].shape[0] == 1
 
 
 def test_psnr_gate_fails_a_degraded_denoiser():

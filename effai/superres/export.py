@@ -38,10 +38,14 @@ def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", f
     if precision not in target.precisions:
         raise UsageError(f"--quantize {precision} is not offered by {target_name}; choose from: "
                          f"{', '.join(target.precisions)}")
-    if PRECISIONS.get(precision).needs_calibration:
-        raise UsageError(f"--quantize {precision} needs single-input calibration data and the denoiser step has "
-                         "three inputs (x_t, t, cond); for SR use int8-dynamic, int8-weight or fp16 where the "
-                         "target has them")
+    from effai.superres import quant
+
+    static = PRECISIONS.get(precision).needs_calibration
+    if static and target_name not in quant.STATIC_INT8_TARGETS:
+        raise UsageError(f"--quantize {precision} of the SR step needs calibration of its three inputs (x_t, t, cond), "
+                         f"which effai does for {', '.join(quant.STATIC_INT8_TARGETS)} only; choose --target "
+                         f"{quant.STATIC_INT8_TARGETS[0]}, or int8-dynamic, int8-weight or fp16 where {target_name} "
+                         "has them")
     from effai.superres.gate import DEFAULT_MAX_DROP_DB
 
     max_drop = DEFAULT_MAX_DROP_DB if max_psnr_drop is None else float(max_psnr_drop)
@@ -62,6 +66,7 @@ def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", f
                 "step": (torch.from_numpy(noise), torch.tensor([float(spec.timesteps // 2)]), cond)}
     modules = {"encoder": model.encoder.eval(), "step": step_mod}
     names = {"encoder": (("lr",), ("cond",)), "step": (("x_t", "t", "cond"), ("eps",))}
+    calib_lr, calib_steps = quant.calibration(model) if static else (None, [])
     tmp = staging_dir(out)
     report: dict[str, Any] = {"target": target_name, "precision": precision, "spec": spec.to_dict(),
                               "source": str(run), "method": (meta.get("train") or {}).get("method"), "parts": {}}
@@ -74,9 +79,14 @@ def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", f
             ex = examples[part]
             t0 = time.perf_counter()
             with captured(log):
-                prog = trace(modules[part], ex) if target.needs_exported_program else modules[part]
-                lowered = target.lower(prog, ex, LowerOptions(precision=precision, input_names=names[part][0],
-                                                              output_names=names[part][1]), d)
+                if static and part == "step":     # three inputs: calibrated here (effai/superres/quant.py)
+                    lowered = quant.lower_step_executorch_int8(modules[part], ex, calib_steps, names[part][0],
+                                                               names[part][1], d)
+                else:
+                    prog = trace(modules[part], ex) if target.needs_exported_program else modules[part]
+                    lowered = target.lower(prog, ex, LowerOptions(precision=precision, input_names=names[part][0],
+                                                                  output_names=names[part][1],
+                                                                  calibration=calib_lr), d)
             seconds = time.perf_counter() - t0
             entry: dict[str, Any] = {"lowered": {"model_file": lowered.model_file,
                                                  "inputs": [i.to_dict() for i in lowered.inputs],
