@@ -233,6 +233,8 @@ def test_bench_an_sr_artifact(onnx_art, capfd):
     assert code == 2 and "--threads" in last["error"]
     code, last, _ = call_cli(capfd, bench_cmd, artifacts=[out], sr_size="0x5", as_json=True)
     assert code == 2 and "--sr-size" in last["error"]
+    code, last, _ = call_cli(capfd, bench_cmd, artifacts=[out.parent], sr_steps=4, as_json=True)
+    assert code == 2 and "SR artifacts (effai sr export) only" in last["error"]
 
 
 def test_zoo_card_srdiff_x2():

@@ -84,7 +84,9 @@ def bench_cmd(
 
     if sr_bench(artifacts, sr_size, sr_steps, runs, warmup,
                 {"--device": device != "host", "--threads": threads != "1", "--min-seconds": min_seconds,
-                 "--baseline": baseline, "--plot": plot_png, "--record": record}, as_json):
+                 "--baseline": baseline, "--fail-on": fail_on, "--plot": plot_png, "--record": record,
+                 "--record-key": record_key, "--input-shape": input_shape, "--runner-binary": runner_binary,
+                 "--profile": profile}, as_json):
         return
     from effai.cli.generate import bench_dispatch
 

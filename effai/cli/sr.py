@@ -26,7 +26,8 @@ def sr_cmd(
     overlap: Annotated[int, typer.Option(help="Tile overlap in LR pixels (blended).")] = 4,
     target: Annotated[str, typer.Option(help="export: onnx | executorch | tflite | coreml | all.")] = "onnx",
     quantize: Annotated[str, typer.Option(help="export: precision of encoder and step (fp32 default; fp16, "
-                                          "int8-dynamic, int8-weight where the target has them).")] = "fp32",
+                                          "int8-dynamic, int8-weight where the target has them; static int8 on "
+                                          "executorch).")] = "fp32",
     max_psnr_drop: Annotated[Optional[float], typer.Option(help="export below fp32: refuse the artifact when its "
                                                            "PSNR on held-out photos falls more than this many dB "
                                                            "below fp32's (default 0.5).")] = None,

@@ -135,6 +135,9 @@ def bench_dispatch(artifacts: list[Path], size: str | None, steps: int, runs: in
 
     srs = [a for a in artifacts if is_artifact(a)]
     if not srs:
+        if size is not None or steps != 8:
+            fail(UsageError(f"--sr-size/--sr-steps apply to SR artifacts (effai sr export) only, and {artifacts[0]} "
+                            "is not one; drop them"), as_json)
         return False
     rows = []
     try:
