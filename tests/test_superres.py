@@ -237,7 +237,7 @@ def test_bench_an_sr_artifact(onnx_art, capfd):
     assert code == 2 and "SR artifacts (effai sr export) only" in last["error"]
 
 
-def test_zoo_card_srdiff_x2():
+def test_zoo_card_srdiff_x2(tmp_path):
     from effai import zoo
 
     card = zoo.CARDS.get("srdiff_x2")
@@ -256,6 +256,11 @@ def test_zoo_card_srdiff_x2():
     assert psnr(data.from_unit(hr[0].numpy().transpose(1, 2, 0)), sr) > 40
     with pytest.raises(UsageError, match="one 16x16 LR tile"):
         loaded.model(lr[..., :8, :8])
+    from effai.bundle.pack import pack
+
+    with pytest.raises(UsageError, match="effai sr export srdiff_x2"):    # bundles hold classifiers
+        pack("srdiff_x2", ["onnx"], out=tmp_path)
+    assert not any(tmp_path.iterdir())
     ref, _ = srdiff.load("srdiff_x2")                                # the same tensors as `effai sr srdiff_x2`
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), loaded.model.state_dict().values()))
 

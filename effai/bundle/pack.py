@@ -175,6 +175,9 @@ def check_task(card: Any) -> None:
     if card.task == "image-to-image-in-context":
         raise UsageError(f"{card.name} is an {card.task} model: bundles hold {TASK} models only; export it with "
                          f"`effai delvm export {card.name} --out DIR`")
+    if card.task == "image-super-resolution":
+        raise UsageError(f"{card.name} is an {card.task} model: bundles hold {TASK} models only; export it with "
+                         f"`effai sr export {card.name} --target T -o DIR`")
     if card.task != TASK:
         raise UsageError(f"{card.name} is a {card.task} model: bundles hold {TASK} models only; export it with "
                          f"`effai generate-export {card.name} --out DIR` (or `effai export {card.name} --target "
