@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-COMBOS = [("onnx", "fp32"), ("onnx", "int8-dynamic"),
+COMBOS = [("onnx", "fp32"), ("onnx", "int8"), ("onnx", "int8-dynamic"),
           ("tflite", "fp32"), ("tflite", "fp16"), ("tflite", "int8-dynamic"), ("tflite", "int8-weight"),
           ("executorch", "fp32"), ("executorch", "int8"), ("executorch", "int8-dynamic"), ("executorch", "int8-weight")]
 

@@ -182,12 +182,13 @@ def test_onnx_step_and_encoder_parity(onnx_art):
 def test_quantized_export_runs_the_psnr_gate(run, tmp_path):
     from effai.superres.export import export_sr
 
-    with pytest.raises(UsageError, match="three inputs.*--target executorch"):   # static int8 off executorch
-        export_sr(run[0], "onnx", tmp_path / "q8", "int8")
+    with pytest.raises(UsageError, match="three inputs.*--target executorch or onnx"):   # static int8 on tflite
+        export_sr(run[0], "tflite", tmp_path / "q8", "int8")
     with pytest.raises(UsageError, match="max-psnr-drop"):
         export_sr(run[0], "onnx", tmp_path / "q8", "int8-dynamic", max_psnr_drop=-1)
     assert not (tmp_path / "q8").exists()
-    rep = export_sr(run[0], "onnx", tmp_path / "q", "int8-dynamic", max_psnr_drop=100.0)
+    rep = export_sr(run[0], "onnx", tmp_path / "q", "int8", max_psnr_drop=100.0)     # static: 3-input calibration
+    assert rep["parts"]["step"]["details"]["quantization"]["nodes_quantized"] > 0
     g = rep["psnr_gate"]
     assert g["status"] == "pass" and g["crops"] == 4 and g["reference"] == "torch"
     assert g["drop_db"] == pytest.approx(g["reference_psnr_db"] - g["artifact_psnr_db"], abs=1e-3)

@@ -27,7 +27,7 @@ def sr_cmd(
     target: Annotated[str, typer.Option(help="export: onnx | executorch | tflite | coreml | all.")] = "onnx",
     quantize: Annotated[str, typer.Option(help="export: precision of encoder and step (fp32 default; fp16, "
                                           "int8-dynamic, int8-weight where the target has them; static int8 on "
-                                          "executorch).")] = "fp32",
+                                          "executorch and onnx).")] = "fp32",
     max_psnr_drop: Annotated[Optional[float], typer.Option(help="export below fp32: refuse the artifact when its "
                                                            "PSNR on held-out photos falls more than this many dB "
                                                            "below fp32's (default 0.5).")] = None,

@@ -43,8 +43,8 @@ def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", f
     static = PRECISIONS.get(precision).needs_calibration
     if static and target_name not in quant.STATIC_INT8_TARGETS:
         raise UsageError(f"--quantize {precision} of the SR step needs calibration of its three inputs (x_t, t, cond), "
-                         f"which effai does for {', '.join(quant.STATIC_INT8_TARGETS)} only; choose --target "
-                         f"{quant.STATIC_INT8_TARGETS[0]}, or int8-dynamic, int8-weight or fp16 where {target_name} "
+                         f"which effai does for {' and '.join(quant.STATIC_INT8_TARGETS)} only; choose --target "
+                         f"{' or '.join(quant.STATIC_INT8_TARGETS)}, or int8-dynamic, int8-weight or fp16 where {target_name} "
                          "has them")
     from effai.superres.gate import DEFAULT_MAX_DROP_DB
 
@@ -79,9 +79,14 @@ def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", f
             ex = examples[part]
             t0 = time.perf_counter()
             with captured(log):
-                if static and part == "step":     # three inputs: calibrated here (effai/superres/quant.py)
+                if static and part == "step" and target_name == "executorch":   # 3 inputs: effai/superres/quant.py
                     lowered = quant.lower_step_executorch_int8(modules[part], ex, calib_steps, names[part][0],
                                                                names[part][1], d)
+                elif static and part == "step":    # onnx: the fp32 graph, then static int8 on the 3-input samples
+                    prog = trace(modules[part], ex) if target.needs_exported_program else modules[part]
+                    lowered = target.lower(prog, ex, LowerOptions(input_names=names[part][0],
+                                                                  output_names=names[part][1]), d)
+                    lowered = quant.quantize_step_onnx_int8(d, lowered, calib_steps)
                 else:
                     prog = trace(modules[part], ex) if target.needs_exported_program else modules[part]
                     lowered = target.lower(prog, ex, LowerOptions(precision=precision, input_names=names[part][0],

@@ -1,8 +1,8 @@
-"""Static int8 of the SR denoiser step on ExecuTorch (XNNPACK PT2E): the step has three inputs (x_t, t, cond), which
-the targets' own static calibration (one input) cannot feed, so the step is calibrated here on real sampler
-trajectories: crops of the TRAINING photos (never the held-out ones the PSNR gate measures), their encoder
-features, and every (x_t, t) the 8-step DDIM sampler visits from seeded noise. The encoder (one input) is calibrated
-by the target itself on the same LR crops."""
+"""Static int8 of the SR denoiser step on ExecuTorch (XNNPACK PT2E) and ONNX Runtime (QDQ). The step has three inputs
+(x_t, t, cond), which the targets' own static calibration (one input) cannot feed, so the step is calibrated here on
+real sampler trajectories: crops of the TRAINING photos (never the held-out ones the PSNR gate measures), their
+encoder features, and every (x_t, t) the 8-step DDIM sampler visits from seeded noise. The encoder (one input) is
+calibrated by the target itself on the same LR crops."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 
 CALIB_CROPS_PER_PHOTO = 2
 CALIB_STEPS = 8
-STATIC_INT8_TARGETS = ("executorch",)
+STATIC_INT8_TARGETS = ("executorch", "onnx")
 
 
 def calibration(model: Any, crops_per_photo: int = CALIB_CROPS_PER_PHOTO, steps: int = CALIB_STEPS,
@@ -90,3 +90,56 @@ def lower_step_executorch_int8(module: Any, example: tuple, samples: list[tuple[
                                                "calibrated on DDIM trajectories of training-photo crops)",
                                      "layers_quantized": q_nodes, "calibration_samples": len(samples)},
                     "seconds_quantize": time.perf_counter() - t0})
+
+
+class _StepBatches:
+    """onnxruntime CalibrationDataReader over the (x_t, t, cond) samples; `keys[i]` says which of x, t, cond the
+    graph's input `names[i]` is."""
+
+    def __init__(self, names: list[str], keys: list[str], samples: list[tuple[np.ndarray, ...]]) -> None:
+        self.names, self.keys, self.samples, self.i = names, keys, samples, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.samples):
+            return None
+        s = dict(zip(("x", "t", "cond"), self.samples[self.i]))
+        self.i += 1
+        return {n: np.ascontiguousarray(s[k], np.float32) for n, k in zip(self.names, self.keys)}
+
+
+def quantize_step_onnx_int8(out_dir: Path, lowered: Any, samples: list[tuple[np.ndarray, ...]]) -> Any:
+    """The fp32 step ONNX file in `out_dir` rewritten as static int8 (QDQ) with the settings, and for the reasons,
+    of effai/export/targets/onnx.py `quantize_int8` (uint8 asymmetric activations, int8 symmetric per-channel
+    7-bit weights, MinMax), calibrated on the three-input samples; returns the updated Lowered."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
+                                          quantize_static)
+
+    from effai.export.targets.onnx import count_quantized_nodes, static_op_types
+    from effai.superres.engine import _order_by_shape
+
+    t0 = time.perf_counter()
+    path = out_dir / lowered.model_file
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = [i.name for i in graph.input]
+    shapes = [tuple(d.dim_value for d in i.type.tensor_type.shape.dim) for i in graph.input]
+    reader = _StepBatches(names, _order_by_shape(shapes), samples)
+    with tempfile.TemporaryDirectory(prefix="effai-sr-int8-") as work:
+        pre, out = Path(work) / "pre.onnx", Path(work) / "quant.onnx"
+        quant_pre_process(str(path), str(pre))
+        quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=static_op_types(), calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        q = onnx.load(str(out))
+        out.replace(path)
+    details = dict(lowered.details)
+    details["precision"] = "int8"
+    details["quantization"] = {"scheme": "onnxruntime static int8 QDQ (uint8 activations, int8 per-channel 7-bit "
+                                         "weights, MinMax on DDIM trajectories of training-photo crops)",
+                               "nodes_quantized": count_quantized_nodes(q), "calibration_samples": len(samples),
+                               "seconds_quantize": time.perf_counter() - t0}
+    lowered.details = details
+    return lowered
