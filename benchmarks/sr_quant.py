@@ -47,6 +47,10 @@ def main() -> None:
             meta = export_sr(args.model, target, d, prec, force=True, max_psnr_drop=100.0)   # record, do not gate
             print(f"exported {d} in {time.perf_counter() - t0:.0f} s", flush=True)
         gate = meta.get("psnr_gate")
+        if gate is not None and "fidelity_psnr_db" not in gate:   # exported before the fidelity figure existed
+            from effai.superres.gate import psnr_gate
+
+            gate = psnr_gate(engine.torch_model(args.model), engine.artifact_model(d), 100.0)
         rows[d.name] = {"target": target, "precision": prec, "dir": str(d),
                         "sampler_parity": meta.get("sampler_parity"), "psnr_gate": gate,
                         "psnr_drop_db": gate["drop_db"] if gate else 0.0,
@@ -74,10 +78,11 @@ def main() -> None:
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'artifact':28s} {'PSNR drop dB':>12s} {'ms/image':>9s} {'x fp32':>7s} {'size x':>7s}")
+    print(f"{'artifact':28s} {'PSNR drop dB':>12s} {'vs fp32 dB':>10s} {'ms/image':>9s} {'x fp32':>7s} {'size x':>7s}")
     for k, r in rows.items():
-        print(f"{k:28s} {r['psnr_drop_db']:12.4f} {r['ms_per_image']:9.1f} {r['speedup_vs_fp32']:7.2f} "
-              f"{r['size_ratio_vs_fp32']:7.2f}")
+        fid = (r["psnr_gate"] or {}).get("fidelity_psnr_db")
+        print(f"{k:28s} {r['psnr_drop_db']:12.4f} {fid if fid is not None else 'identical':>10} "
+              f"{r['ms_per_image']:9.1f} {r['speedup_vs_fp32']:7.2f} {r['size_ratio_vs_fp32']:7.2f}")
     print(f"fp32 PSNR (torch = fp32 artifacts): {ref} dB; wrote {args.out}")
 
 

@@ -192,6 +192,7 @@ def test_quantized_export_runs_the_psnr_gate(run, tmp_path):
     g = rep["psnr_gate"]
     assert g["status"] == "pass" and g["crops"] == 4 and g["reference"] == "torch"
     assert g["drop_db"] == pytest.approx(g["reference_psnr_db"] - g["artifact_psnr_db"], abs=1e-3)
+    assert g["fidelity_psnr_db"] > 0 and g["min_fidelity_db"] is None
     assert json.loads((tmp_path / "q" / engine.SR_JSON).read_text())["psnr_gate"] == g
 
 
@@ -214,8 +215,11 @@ def test_psnr_gate_fails_a_degraded_denoiser():
     broken = engine.SRModel(ref.encode, lambda x, t, c: np.zeros_like(x), ref.spec, ref.abar, "broken")
     bad = psnr_gate(ref, broken, 0.5, steps=2)
     assert bad["status"] == "fail" and bad["drop_db"] > 0.5 and "PSNR fell" in bad["reason"]
-    same = psnr_gate(ref, ref, 0.0, steps=2)
-    assert same["status"] == "pass" and same["drop_db"] == 0
+    assert bad["fidelity_psnr_db"] < 30
+    far = psnr_gate(ref, broken, 100.0, steps=2, min_fidelity_db=40.0)      # quality allowed, fidelity not
+    assert far["status"] == "fail" and "from the fp32 model's" in far["reason"]
+    same = psnr_gate(ref, ref, 0.0, steps=2, min_fidelity_db=40.0)
+    assert same["status"] == "pass" and same["drop_db"] == 0 and same["fidelity_psnr_db"] is None   # identical
 
 
 def test_bench_an_sr_artifact(onnx_art, capfd):

@@ -31,13 +31,16 @@ def sr_cmd(
     max_psnr_drop: Annotated[Optional[float], typer.Option(help="export below fp32: refuse the artifact when its "
                                                            "PSNR on held-out photos falls more than this many dB "
                                                            "below fp32's (default 0.5).")] = None,
+    min_fidelity: Annotated[Optional[float], typer.Option(help="export below fp32: also refuse it when its outputs "
+                                                          "are fewer than this many dB PSNR from fp32's (default: "
+                                                          "reported, not gated).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Super-resolve an image with SRDiff / SAM-DiffSR (tiled DDIM), or export a trained SR run."""
     try:
         if artifact == "export":
-            result = _export(input, target, quantize, out, force, as_json, max_psnr_drop)
+            result = _export(input, target, quantize, out, force, as_json, max_psnr_drop, min_fidelity)
         else:
             result = _upscale(Path(artifact), input, scale, out, steps, seed, overlap, force, as_json)
     except EffaiError as e:
@@ -98,7 +101,7 @@ def _upscale(artifact: Path, image: Path, scale: Optional[int], out: Optional[Pa
 
 
 def _export(run: Path, target: str, precision: str, out: Optional[Path], force: bool, as_json: bool,
-            max_psnr_drop: Optional[float] = None) -> dict:
+            max_psnr_drop: Optional[float] = None, min_fidelity: Optional[float] = None) -> dict:
     from effai.cli.common import parse_targets
     from effai.superres.export import export_sr
     from effai.zoo import srdiff
@@ -118,7 +121,8 @@ def _export(run: Path, target: str, precision: str, out: Optional[Path], force: 
         if status:
             status.start()
         try:
-            rep = export_sr(run, t, dest, precision, force, log, max_psnr_drop=max_psnr_drop)
+            rep = export_sr(run, t, dest, precision, force, log, max_psnr_drop=max_psnr_drop,
+                            min_fidelity_db=min_fidelity)
         finally:
             if status:
                 status.stop()
@@ -128,7 +132,8 @@ def _export(run: Path, target: str, precision: str, out: Optional[Path], force: 
         if not as_json:
             sp, g = rep.get("sampler_parity") or {}, rep.get("psnr_gate")
             gate = (f"; PSNR gate {g['status']}: {g['reference_psnr_db']:.2f} -> {g['artifact_psnr_db']:.2f} dB "
-                    f"(drop {g['drop_db']:.3f} <= {g['max_drop_db']})") if g else ""
+                    f"(drop {g['drop_db']:.3f} <= {g['max_drop_db']}); outputs {g['fidelity_psnr_db']} dB PSNR from "
+                    "fp32's") if g else ""
             console.err().print(f"[green]✓[/] {t}: {dest}  parity encoder {parity['encoder']}, step {parity['step']}"
                                 f"; sampler vs torch: max pixel diff {sp.get('max_pixel_diff', 'n/a')}{gate}")
     return {"exported": rows, "skipped": skipped}

@@ -19,10 +19,11 @@ PARITY_STEPS = 4
 
 def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", force: bool = False,
               log: Path | None = None, on_stage: Callable[[str], None] | None = None,
-              max_psnr_drop: float | None = None) -> dict[str, Any]:
+              max_psnr_drop: float | None = None, min_fidelity_db: float | None = None) -> dict[str, Any]:
     """One artifact dir `out` (encoder/, step/, sr.json) for one target; written in a temp dir, then renamed.
     Below fp32 (both parts at `precision`), the PSNR gate (effai/superres/gate.py) runs on held-out photos: a drop
-    over `max_psnr_drop` dB (default gate.DEFAULT_MAX_DROP_DB) vs the fp32 model fails the export, nothing written."""
+    over `max_psnr_drop` dB (default gate.DEFAULT_MAX_DROP_DB) vs the fp32 model fails the export, nothing written;
+    so do outputs further than `min_fidelity_db` dB PSNR from the fp32 model's, when given."""
     import torch
 
     from effai.export.parity import TOLERANCES, compare
@@ -42,15 +43,17 @@ def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", f
 
     static = PRECISIONS.get(precision).needs_calibration
     if static and target_name not in quant.STATIC_INT8_TARGETS:
-        raise UsageError(f"--quantize {precision} of the SR step needs calibration of its three inputs (x_t, t, cond), "
-                         f"which effai does for {' and '.join(quant.STATIC_INT8_TARGETS)} only; choose --target "
-                         f"{' or '.join(quant.STATIC_INT8_TARGETS)}, or int8-dynamic, int8-weight or fp16 where {target_name} "
-                         "has them")
+        raise UsageError(f"--quantize {precision} of the SR step needs calibration of its three inputs (x_t, t, "
+                         f"cond), which effai does for {' and '.join(quant.STATIC_INT8_TARGETS)} only; choose "
+                         f"--target {' or '.join(quant.STATIC_INT8_TARGETS)}, or int8-dynamic, int8-weight or fp16 "
+                         f"where {target_name} has them")
     from effai.superres.gate import DEFAULT_MAX_DROP_DB
 
     max_drop = DEFAULT_MAX_DROP_DB if max_psnr_drop is None else float(max_psnr_drop)
     if not max_drop >= 0:
         raise UsageError(f"--max-psnr-drop {max_psnr_drop} must be a number of dB >= 0")
+    if min_fidelity_db is not None and not min_fidelity_db > 0:
+        raise UsageError(f"--min-fidelity {min_fidelity_db} must be a PSNR in dB > 0")
     ok, why = target.available()
     if not ok:
         raise UsageError(f"target {target_name} is not installed here: {why}")
@@ -130,7 +133,8 @@ def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", f
                     on_stage("psnr gate")
                 from effai.superres.gate import psnr_gate
 
-                report["psnr_gate"] = psnr_gate(engine.torch_model(run), engine.artifact_model(tmp), max_drop)
+                report["psnr_gate"] = psnr_gate(engine.torch_model(run), engine.artifact_model(tmp), max_drop,
+                                                 min_fidelity_db=min_fidelity_db)
             atomic_write(tmp / engine.SR_JSON, json.dumps(report, indent=2) + "\n")
         failed = [k for k, p in report["parts"].items() if p["parity"]["status"] == "fail"]
         if failed:
@@ -139,7 +143,8 @@ def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", f
         gate = report.get("psnr_gate") or {}
         if gate.get("status") == "fail":
             raise EffaiError(f"{target_name} {precision}: PSNR gate failed: {gate['reason']}; nothing was written "
-                             "(pass --max-psnr-drop DB to accept a larger drop, or choose another --quantize)")
+                             "(pass a larger --max-psnr-drop / smaller --min-fidelity to accept it, or choose another "
+                             "--quantize)")
         replace_dir(tmp, out)
     except BaseException:
         import shutil
