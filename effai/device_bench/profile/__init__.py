@@ -84,6 +84,10 @@ def profile_artifact(art: Any, threads: int = 1, runs: int = 20, warmup: int = 5
     check(art.target, str(getattr(art, "source", None) or art.dir))
     with runtime_quiet():
         prof = finish(PROFILERS.get(art.target)(art, int(threads), int(warmup), int(runs), int(seed)))
+    if measured_ms and prof.total_ms > 1.3 * measured_ms:
+        prof = replace(prof, notes=prof.notes + (
+            f"the rows sum to {prof.total_ms:.3f} ms against a bench median of {measured_ms:.3f} ms: the profiler's own "
+            "cost per operator (or a busy host) inflates them; read the shares, and the roofline's bench time",))
     return replace(prof, roofline=roofline(prof, measured_ms, peak))
 
 

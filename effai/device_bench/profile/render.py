@@ -68,7 +68,7 @@ def plot(profiles: list[tuple[str, Profile]], path: Path | str, top: int = 15) -
     for i, (label, prof) in enumerate(profiles):
         ax1 = fig.add_subplot(n, 2, 2 * i + 1)
         rows = prof.top(top)[::-1]
-        ax1.barh([f"{(r.module or r.name)[:42]}" for r in rows], [r.time_ms for r in rows], color="#4477aa")
+        ax1.barh([(f"{r.module} {r.kind}" if r.module else r.name)[:48] for r in rows], [r.time_ms for r in rows], color="#4477aa")
         ax1.set_xlabel("ms per inference")
         ax1.set_title(f"{label[:60]}: top operators", fontsize=9)
         ax1.tick_params(axis="y", labelsize=7)
