@@ -80,7 +80,7 @@ def bench_cmd(
     A generation artifact (effai export of ADEM-VL / an LM): time to first token, prefill, decode tokens/s, memory;
     a DeLVM artifact (effai delvm export): ms per generated image and image tokens/s; an SR artifact (effai sr
     export): ms per image at --sr-size and --sr-steps."""
-    from effai.superres.bench import bench_dispatch as sr_bench   # SR: ms per image at --sr-size, --sr-steps
+    from effai.cli.sr import bench_dispatch as sr_bench   # SR: ms per image at --sr-size, --sr-steps
 
     if sr_bench(artifacts, sr_size, sr_steps, runs, warmup,
                 {"--device": device != "host", "--threads": threads != "1", "--min-seconds": min_seconds,

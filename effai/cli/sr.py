@@ -1,11 +1,12 @@
 """`effai sr ARTIFACT input.png --scale 2 -o out.png`: diffusion super-resolution (SRDiff / SAM-DiffSR) with a
-trained run (torch) or an exported artifact (its runtime), tiled; `effai sr export RUN --target T`: export it."""
+trained run (torch) or an exported artifact (its runtime), tiled; `effai sr export RUN --target T`: export it;
+`bench_dispatch`: what `effai bench` runs on SR artifacts (effai/superres/bench.py measures)."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -137,6 +138,59 @@ def _export(run: Path, target: str, precision: str, out: Optional[Path], force: 
             console.err().print(f"[green]✓[/] {t}: {dest}  parity encoder {parity['encoder']}, step {parity['step']}"
                                 f"; sampler vs torch: max pixel diff {sp.get('max_pixel_diff', 'n/a')}{gate}")
     return {"exported": rows, "skipped": skipped}
+
+
+def bench_dispatch(artifacts: list[Path], size: str | None, steps: int, runs: int, warmup: int,
+                   not_used: dict[str, Any], as_json: bool) -> bool:
+    """`effai bench` routing: False when no artifact is an SR artifact (the other benches run); else bench each,
+    print a table per artifact and the JSON line {"ok", "sr": [...]}. A mix with other artifacts, another device or
+    an option of the single-forward bench is refused before anything runs."""
+    from effai.superres.bench import bench_sr, is_artifact, parse_size
+
+    srs = [a for a in artifacts if is_artifact(a)]
+    if not srs:
+        if size is not None or steps != 8:
+            fail(UsageError(f"--sr-size/--sr-steps apply to SR artifacts (effai sr export) only, and {artifacts[0]} "
+                            "is not one; drop them"), as_json)
+        return False
+    rows = []
+    try:
+        other = [a for a in artifacts if a not in srs]
+        if other:
+            raise UsageError(f"{other[0]} is not an SR artifact but {srs[0]} is; bench them in separate effai bench "
+                             "calls")
+        bad = [k for k, v in not_used.items() if v]
+        if bad:
+            raise UsageError(f"{', '.join(bad)}: not available for SR artifacts (measured on this host in the "
+                             "artifact's runtime); drop them (options: --sr-size, --sr-steps, --runs, --warmup, "
+                             "--json)")
+        wh = parse_size(size)
+        rows = [bench_sr(a, wh, steps, runs, warmup) for a in srs]
+    except EffaiError as e:
+        fail(e, as_json)
+    if not as_json:
+        from rich.table import Table
+
+        for r in rows:
+            t = Table(title=f"effai bench: {r['artifact']} (SR x{r['scale']}, {r['precision']}, {r['runtime']}, "
+                            "this host)")
+            for col in ("metric", "median", "p90"):
+                t.add_column(col, justify="left" if col == "metric" else "right")
+            (w, h), (W, H) = r["lr_size"], r["hr_size"]
+            t.add_row(f"time per image (ms): {w}x{h} -> {W}x{H}, {r['tiles']} tile(s) x {r['steps']} steps",
+                      f"{r['ms_per_image']['median']:.2f}", f"{r['ms_per_image']['p90']:.2f}")
+            t.add_row("denoiser step (ms per call)", f"{r['ms_per_step']['median']:.3f}",
+                      f"{r['ms_per_step']['p90']:.3f}")
+            t.add_row("LR encoder (ms per tile)", f"{r['ms_per_encode']['median']:.3f}",
+                      f"{r['ms_per_encode']['p90']:.3f}")
+            t.add_row("HR megapixels/s", f"{r['hr_megapixels_per_s']:.4f}", "-")
+            t.add_row(f"first image / load (ms): {r['first_ms']:.1f} / {r['load_ms']:.1f}", "-", "-")
+            t.add_row("files (MB)", f"{r['artifact_bytes'] / 1e6:.2f}", "-")
+            console.out().print(t)
+        console.err().print(f"[dim]median (p90) over {runs} image(s) after {warmup} warm-up; per image: the tiled "
+                            "DDIM sampler of effai sr around the exported step[/]")
+    console.json_line({"ok": True, "sr": rows})
+    return True
 
 
 def register(app: typer.Typer) -> None:

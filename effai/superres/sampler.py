@@ -6,17 +6,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from effai.errors import UsageError
+from effai.zoo.srdiff import MAX_STEPS, MIN_STEPS, ddim_timesteps as timesteps  # noqa: F401  (the schedule's layer)
 
-MIN_STEPS, MAX_STEPS = 1, 50
 StepFn = Callable[[np.ndarray, int, np.ndarray], np.ndarray]   # (x_t (1,3,H,W), t, cond) -> eps
-
-
-def timesteps(T: int, steps: int) -> list[int]:
-    """`steps` timesteps from T-1 down to 0, evenly spaced (rounded, distinct)."""
-    if not MIN_STEPS <= steps <= min(MAX_STEPS, T):
-        raise UsageError(f"--steps {steps} must be between {MIN_STEPS} and {min(MAX_STEPS, T)}")
-    return [int(t) for t in np.unique(np.linspace(0, T - 1, steps).round().astype(int))[::-1]]
 
 
 def ddim(step: StepFn, cond: np.ndarray, x_T: np.ndarray, abar: np.ndarray, steps: int,

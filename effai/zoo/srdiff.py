@@ -70,6 +70,16 @@ def betas(schedule: str, timesteps: int) -> np.ndarray:
     raise UsageError(f"unknown schedule '{schedule}'; choose from: {', '.join(SCHEDULES)}")
 
 
+MIN_STEPS, MAX_STEPS = 1, 50     # DDIM sampler steps (effai/superres/sampler.py)
+
+
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """`steps` timesteps from T-1 down to 0, evenly spaced (rounded, distinct): the DDIM sampler's visits."""
+    if not MIN_STEPS <= steps <= min(MAX_STEPS, T):
+        raise UsageError(f"--steps {steps} must be between {MIN_STEPS} and {min(MAX_STEPS, T)}")
+    return [int(t) for t in np.unique(np.linspace(0, T - 1, steps).round().astype(int))[::-1]]
+
+
 def alphas_cumprod(spec: SRDiffSpec) -> np.ndarray:
     """abar_t = prod_{s<=t} (1 - beta_s), t = 0..T-1 (float64)."""
     return np.cumprod(1.0 - betas(spec.schedule, spec.timesteps))
@@ -340,8 +350,6 @@ class SRDiffSampler(SRDiff):
         self.register_buffer("noise", torch.from_numpy(noise)[None], persistent=False)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
-        from effai.superres.sampler import timesteps
-
         s = self.spec.scale
         up = F.interpolate(lr, scale_factor=s, mode="bicubic", align_corners=False)
         cond = self.encoder(lr)
@@ -350,7 +358,7 @@ class SRDiffSampler(SRDiff):
                              f"{tuple(lr.shape[-2:])}; for any size use `effai sr` (tiled)")
         x = self.noise.to(device=lr.device, dtype=lr.dtype).expand(lr.shape[0], -1, -1, -1)
         x0 = x
-        ts = timesteps(self.spec.timesteps, self.steps)
+        ts = ddim_timesteps(self.spec.timesteps, self.steps)
         for i, t in enumerate(ts):
             eps = self.denoiser(x, torch.full((lr.shape[0],), float(t), device=lr.device), cond)
             ab = self.abar[t]
