@@ -184,6 +184,10 @@ def test_quantized_export_runs_the_psnr_gate(run, tmp_path):
 
     with pytest.raises(UsageError, match="three inputs.*--target executorch or onnx"):   # static int8 on tflite
         export_sr(run[0], "tflite", tmp_path / "q8", "int8")
+    from effai.cli.sr import _export
+
+    with pytest.raises(UsageError, match="no target given takes it"):        # several targets, none takes int8
+        _export(run[0], "tflite,coreml", "int8", tmp_path / "q8", False, True)
     with pytest.raises(UsageError, match="max-psnr-drop"):
         export_sr(run[0], "onnx", tmp_path / "q8", "int8-dynamic", max_psnr_drop=-1)
     assert not (tmp_path / "q8").exists()

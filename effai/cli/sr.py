@@ -104,11 +104,16 @@ def _upscale(artifact: Path, image: Path, scale: Optional[int], out: Optional[Pa
 def _export(run: Path, target: str, precision: str, out: Optional[Path], force: bool, as_json: bool,
             max_psnr_drop: Optional[float] = None, min_fidelity: Optional[float] = None) -> dict:
     from effai.cli.common import parse_targets
-    from effai.superres.export import export_sr
+    from effai.superres.export import export_sr, precision_refusal
     from effai.zoo import srdiff
 
     skipped: dict[str, str] = {}
     targets = parse_targets(target, skipped)
+    if len(targets) > 1:     # several targets: the ones without this precision are skipped, said why
+        skipped.update({t: why for t in targets if (why := precision_refusal(t, precision))})
+        targets = [t for t in targets if t not in skipped]
+        if not targets:
+            raise UsageError(f"--quantize {precision}: no target given takes it ({next(iter(skipped.values()))})")
     _, meta = srdiff.load(run)          # a bad run fails before any lowering
     scale = (meta.get("srdiff") or {}).get("scale", "?")
     rows = []
@@ -137,6 +142,9 @@ def _export(run: Path, target: str, precision: str, out: Optional[Path], force: 
                     "fp32's") if g else ""
             console.err().print(f"[green]✓[/] {t}: {dest}  parity encoder {parity['encoder']}, step {parity['step']}"
                                 f"; sampler vs torch: max pixel diff {sp.get('max_pixel_diff', 'n/a')}{gate}")
+    if not as_json:
+        for t, why in skipped.items():
+            console.err().print(f"[yellow]! skipped {t}: {why}[/]")
     return {"exported": rows, "skipped": skipped}
 
 

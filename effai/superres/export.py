@@ -35,18 +35,13 @@ def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", f
     from effai.superres import engine
     from effai.zoo import srdiff
 
-    target = TARGETS.get(target_name)
-    if precision not in target.precisions:
-        raise UsageError(f"--quantize {precision} is not offered by {target_name}; choose from: "
-                         f"{', '.join(target.precisions)}")
     from effai.superres import quant
 
+    target = TARGETS.get(target_name)
+    refusal = precision_refusal(target_name, precision)
+    if refusal:
+        raise UsageError(refusal)
     static = PRECISIONS.get(precision).needs_calibration
-    if static and target_name not in quant.STATIC_INT8_TARGETS:
-        raise UsageError(f"--quantize {precision} of the SR step needs calibration of its three inputs (x_t, t, "
-                         f"cond), which effai does for {' and '.join(quant.STATIC_INT8_TARGETS)} only; choose "
-                         f"--target {' or '.join(quant.STATIC_INT8_TARGETS)}, or int8-dynamic, int8-weight or fp16 "
-                         f"where {target_name} has them")
     from effai.superres.gate import DEFAULT_MAX_DROP_DB
 
     max_drop = DEFAULT_MAX_DROP_DB if max_psnr_drop is None else float(max_psnr_drop)
@@ -152,6 +147,23 @@ def export_sr(run: Path, target_name: str, out: Path, precision: str = "fp32", f
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def precision_refusal(target_name: str, precision: str) -> str | None:
+    """Why `effai sr export` cannot give `target_name` at `precision` (one line), or None when it can."""
+    from effai.export.precisions import PRECISIONS
+    from effai.export.targets import TARGETS
+    from effai.superres.quant import STATIC_INT8_TARGETS
+
+    target = TARGETS.get(target_name)
+    if precision not in target.precisions:
+        return f"--quantize {precision} is not offered by {target_name}; choose from: {', '.join(target.precisions)}"
+    if PRECISIONS.get(precision).needs_calibration and target_name not in STATIC_INT8_TARGETS:
+        return (f"--quantize {precision} of the SR step needs calibration of its three inputs (x_t, t, cond), which "
+                f"effai does for {' and '.join(STATIC_INT8_TARGETS)} only; choose --target "
+                f"{' or '.join(STATIC_INT8_TARGETS)}, or int8-dynamic, int8-weight or fp16 where {target_name} "
+                "has them")
+    return None
 
 
 def _parity_inputs(spec: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
