@@ -123,6 +123,13 @@ def test_training_resumes_and_writes_a_loadable_model(run):
     assert [r["iteration"] for r in rows] == [1, 2, 3]
     model, meta = srdiff.load(out)
     assert meta["srdiff"]["lr_size"] == 8 and meta["train"]["method"] == "sam-diffsr"
+    from effai import zoo                   # the whole card rides along: the zoo rebuilds the run as srdiff_x2
+    card = zoo.card_from_checkpoint(out / "model.safetensors")
+    assert card.task == "image-super-resolution" and card.input_size == (3, 8, 8)
+    assert card.extra["arch_kwargs"]["unet_channels"] == TINY["unet_channels"]
+    loaded = zoo.create(weights=out / "model.safetensors")
+    lr = torch.rand(1, 3, 8, 8) * 2 - 1
+    assert loaded.model(lr).shape == (1, 3, 16, 16)
 
 
 # ------------------------------------------------------------------------------------------------------ sampler

@@ -95,7 +95,9 @@ SAFE_ARCH_KWARGS = ("deploy", "num_branches", "scale_branch", "identity_bn", "dr
                     # DeViT parts and fusion head (effai/train/devit)
                     "parts", "d_sub", "d_teacher", "split_hash", "part_classes",
                     # structurally pruned ViTs (DeViT's optional stage): heads and MLP neurons per block
-                    "block_heads", "block_mlp")
+                    "block_heads", "block_mlp",
+                    # SRDiff / SAM-DiffSR (effai/zoo/srdiff.py SRDiffSpec; lr_size is the card's input size)
+                    "scale", "enc_channels", "enc_blocks", "growth", "unet_channels", "timesteps", "schedule")
 
 
 MAX_WIDTH = 65536        # no width, class count or input side in a plausible checkpoint is larger

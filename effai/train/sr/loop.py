@@ -85,11 +85,22 @@ def train_sr(cfg: SrConfig, *, force: bool = False, progress: Any = None) -> dic
               "data": {"source": cfg.data, "images": src.names, "masks": masks,
                        "held_out": list(data.HELDOUT_PHOTOS) if cfg.data == "photos" else []},
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    card = {"name": f"srdiff_x{cfg.scale}", "task": "super-resolution", "method": cfg.method}
+    card = _card(spec)
     model_path = ckpt.write_model(out / "model.safetensors", model.eval(), card, record, srdiff=spec.to_dict())
     atomic_write(out / "train_record.json", json.dumps({**record, "history": history}, indent=2) + "\n")
     return {"model_path": str(model_path), "val_acc": None, "val_loss": record["val_loss"], "out": str(out),
             "method": cfg.method, "iterations": cfg.iterations, "minutes": minutes, "history": history}
+
+
+def _card(spec: srdiff.SRDiffSpec) -> dict[str, Any]:
+    """The whole card (`effai.card`) of a trained run, so `effai zoo` / `effai export --weights` rebuild it as the
+    zoo's srdiff_x2 is built (ARCHS "srdiff"; the LR tile side is the input size)."""
+    from effai import zoo
+
+    arch = {k: v for k, v in spec.to_dict().items() if k != "lr_size"}
+    base = zoo.CARDS.get("srdiff_x2")
+    return base.with_(name=f"srdiff_x{spec.scale}", input_size=(3, spec.lr_size, spec.lr_size),
+                      extra={"arch_kwargs": arch}).to_dict()
 
 
 def _encode(labels: np.ndarray, cfg: SrConfig) -> np.ndarray:
