@@ -121,9 +121,9 @@ def _time(timed: list[tuple[dict[str, Any], Path]], threads: int, runs: int, out
     if report.exists():
         report.unlink()            # this run's numbers only (bench appends to an earlier report)
     result = run_bench([d for _, d in timed], "host", cfg, report)
-    by_dir = {str(Path(r.artifact.get("path", ""))): r for r in result.records}
+    by_dir = {str(Path(r.artifact.get("path", "")).resolve()): r for r in result.records}   # records: absolute
     for row, d in timed:
-        rec = by_dir.get(str(d))
+        rec = by_dir.get(str(Path(d).resolve()))
         if rec is None or rec.status != "ok":
             row.update(status="time-failed", reason=(rec.error if rec is not None else "not measured"))
             continue
