@@ -227,12 +227,14 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
         prec = PRECISIONS.get(precision)
         rule = target.quantizes.get(precision, ALL_LAYERS)
         check_float_layers(run, rule)
-        if prec.needs_calibration or (prec.quantized and cfg.fallback):
+        if prec.needs_calibration:
             calib_stage(run)
         trace_stage(run)
         lowered, parity, accuracy = attempt(run, tuple(cfg.float_layers))
         fallback = None
         if prec.quantized and cfg.fallback and gate_failed(parity, accuracy):
+            if run.calib is None:          # weight-only / dynamic precisions load inputs only to rank layers
+                calib_stage(run)
             (lowered, parity, accuracy), fallback, note = fallback_stage.run(
                 lambda layers, label="": attempt(run, layers, label), (lowered, parity, accuracy), model=run.model,
                 calib_x=run.calib.x, precision=precision, rule=rule, float_layers=tuple(cfg.float_layers),
@@ -240,6 +242,7 @@ def export(loaded: zoo.LoadedModel, cfg: ExportConfig, progress: Progress | None
             if note:
                 run.warnings.append(note)
         run.warnings.extend(lowered.details.get("warnings", []))
+        run.warnings.extend(_coverage_warning(run, lowered))
         labels = _labels(run)
         native = metadata_stage(run, lowered, labels)
         manifest = manifest_stage(run, lowered, parity, accuracy, native, labels, _quantization(run, prec, lowered,
@@ -431,6 +434,21 @@ def _quantization(run: Run, prec: Any, lowered: Any, fallback: Any) -> dict[str,
     return {"precision": run.precision, "description": prec.description, **lowered.details.get("quantization", {}),
             "calibration": calib.to_dict() if calib is not None and prec.needs_calibration else None,
             "fallback": fallback}
+
+
+def _coverage_warning(run: Run, lowered: Any) -> list[str]:
+    """int8-dynamic takes Linear layers only on most runtimes: on a CNN it quantizes next to nothing. Say how many
+    of the model's weight layers it took (the target's own count), and what to use instead."""
+    done = lowered.details.get("quantization", {}).get("layers_quantized")
+    if run.precision != "int8-dynamic" or not isinstance(done, int):
+        return []
+    convs = sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in run.model.modules())
+    total = convs + sum(isinstance(m, torch.nn.Linear) for m in run.model.modules())
+    if convs == 0 or total == 0 or done >= total:
+        return []
+    return [f"int8-dynamic quantized {done} of {total} weight layers: {run.cfg.target} quantizes Linear layers "
+            f"dynamically and leaves the {convs} convolutions fp32; use -q int8 (static, calibrated) or "
+            "-q int8-weight to shrink a CNN"]
 
 
 def _status(parity: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
