@@ -493,6 +493,8 @@ def test_executorch_int8_dynamic_ghostnet_loads_in_the_runtime(digits, tmp_path)
                                       parity_photos=2, parity_noise=0))
     assert res.manifest["status"] == "pass" and res.manifest["accuracy"]["drop_points"] <= 1.0
     assert res.manifest["target_details"]["delegation"]["partitions"] == 1
+    said = [w for w in res.manifest["warnings"] if w.startswith("int8-dynamic quantized")]   # the convs stay fp32
+    assert len(said) == 1 and "Conv/Linear layers (executorch" in said[0] and "-q int8" in said[0], said
 
 
 @pytest.mark.slow

@@ -440,15 +440,16 @@ def _coverage_warning(run: Run, lowered: Any) -> list[str]:
     """int8-dynamic takes Linear layers only on most runtimes: on a CNN it quantizes next to nothing. Say how many
     of the model's weight layers it took (the target's own count), and what to use instead."""
     done = lowered.details.get("quantization", {}).get("layers_quantized")
-    if run.precision != "int8-dynamic" or not isinstance(done, int):
+    said = any(w.startswith("int8-dynamic quantized") for w in lowered.details.get("warnings", []))
+    if run.precision != "int8-dynamic" or not isinstance(done, int) or said:     # onnx counts its own graph
         return []
     convs = sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in run.model.modules())
     total = convs + sum(isinstance(m, torch.nn.Linear) for m in run.model.modules())
     if convs == 0 or total == 0 or done >= total:
         return []
-    return [f"int8-dynamic quantized {done} of {total} weight layers: {run.cfg.target} quantizes Linear layers "
-            f"dynamically and leaves the {convs} convolutions fp32; use -q int8 (static, calibrated) or "
-            "-q int8-weight to shrink a CNN"]
+    return [f"int8-dynamic quantized {done} of {total} Conv/Linear layers ({run.cfg.target} quantizes Linear layers "
+            f"dynamically and leaves the {convs} convolutions fp32): for a CNN use -q int8 (static, calibrated) or "
+            "-q int8-weight"]
 
 
 def _status(parity: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
