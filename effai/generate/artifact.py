@@ -88,9 +88,9 @@ def export_vlm_artifact(model: Any, card: Any, out: Path, precision: str = "fp32
             ep = torch.export.export(vision, (pixels,))
             prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
         files.atomic_write(tmp / "vision.pte", prog.buffer)
-        from executorch.runtime import Runtime
+        from effai.generate.decoders import load_forward
 
-        got = Runtime.get().load_program(tmp / "vision.pte").load_method("forward").execute([pixels])[0]
+        got = load_forward(tmp / "vision.pte").execute([pixels])[0]
         image["parity_max_abs"] = float((got - visual).abs().max())
         model.tokenizer.save_pretrained(str(tmp))
         for junk in ("chat_template.jinja",):
@@ -299,9 +299,9 @@ class Artifact:
 
     def vision(self) -> Any:
         """vision.pte's forward as a function: normalized pixels (1, C, H, W) -> visual features (1, Nv, D)."""
-        from executorch.runtime import Runtime
+        from effai.generate.decoders import load_forward
 
-        method = Runtime.get().load_program(self.path / self.manifest["programs"]["vision"]).load_method("forward")
+        method = load_forward(self.path / self.manifest["programs"]["vision"])
         return lambda pixels: method.execute([pixels])[0]
 
     def decoder(self) -> Any:

@@ -40,9 +40,12 @@ def peak_rss_bytes() -> int:
 def bench_generation(path: Path, prompt: str = artifact_mod.PARITY_PROMPT, new_tokens: int = 16, repeats: int = 5,
                      warmup: int = 1) -> dict[str, Any]:
     import torch  # noqa: F401 - the runtimes are loaded before the baseline, so the rise is the artifact's own
-    from executorch.runtime import Runtime
+    from effai.export.quiet import runtime_quiet
 
-    Runtime.get()
+    with runtime_quiet():      # the runtime's import and threadpool lines are not the bench's output
+        from executorch.runtime import Runtime
+
+        Runtime.get()
     rss_before = peak_rss_bytes()
     art = artifact_mod.read(path)
     ids = art.tokenizer().encode(art.manifest["generation"].get("prompt_template", "{prompt}")

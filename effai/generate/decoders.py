@@ -9,15 +9,24 @@ from typing import Any
 import numpy as np
 
 
+def load_forward(pte: Path) -> Any:
+    """A .pte's `forward` method in the ExecuTorch runtime; the threadpool's cpuinfo lines that loading prints on
+    stderr are dropped (they are not errors), so a streamed answer is all a user sees."""
+    from effai.export.quiet import runtime_quiet
+
+    with runtime_quiet():      # also hushes torch's pytree warning that importing the runtime (torchao) logs
+        from executorch.runtime import Runtime
+
+        return Runtime.get().load_program(Path(pte)).load_method("forward")
+
+
 class ExecuTorchDecoder:
     """The .pte's `forward` method; its KV cache persists between calls (mutable buffers), later positions are
     overwritten and masked, so a new prompt just starts again at position 0."""
     runtime = "executorch-xnnpack"
 
     def __init__(self, pte: Path) -> None:
-        from executorch.runtime import Runtime
-
-        self.method = Runtime.get().load_program(Path(pte)).load_method("forward")
+        self.method = load_forward(pte)
 
     def step(self, tokens: list[int], start: int, visual: Any = None) -> np.ndarray:
         import torch
