@@ -11,6 +11,20 @@ import torch
 from tests.helpers import DEVIT_SIZE, SMALL, randomize_bn
 
 
+# Files by their measured cost (seconds on the 2-core CI host), the dearest first. Under pytest-xdist a file is one unit
+# of work (--dist loadfile) handed out in collection order (--no-loadscope-reorder), so starting the long files first
+# keeps one worker from picking up a 10-minute file just as the other runs out of work. Unlisted files follow in their
+# usual order; a wrong or stale entry only costs balance, never correctness.
+HEAVY_FIRST = ("test_quantize_digits.py", "test_export_matrix.py", "test_quantize_fallback.py", "test_devit.py",
+               "test_export.py", "test_cli.py", "test_bundle_pack.py", "test_fold.py", "test_quantize.py",
+               "test_train.py", "test_hostile_files.py", "test_bench_adb.py", "test_generate.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))      # stable: order inside a file is kept
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _torch_threads_restored():
     """A module that changes torch's thread count (to time or to make a run reproducible) gives it back: outputs

@@ -1,5 +1,6 @@
-"""effai export --quantize: precision validation, calibration data, sensitivity, the accuracy gate and fallback, and
-int8 on the digits model on every target (the issue's done-when numbers)."""
+"""effai export --quantize: precision validation, calibration data, sensitivity, the accuracy gate and fallback on a
+tiny model, float layers per target. The digits model's int8 on every target: test_quantize_digits.py; the fallback
+and int8-dynamic on the real model: test_quantize_fallback.py."""
 
 from __future__ import annotations
 
@@ -220,73 +221,6 @@ def test_gate_passes_without_fallback_and_records_calibration(tmp_path):
     assert any("only 16 calibration samples" in w for w in res.manifest["warnings"])
 
 
-# --- int8 on the digits model, every target (slow: one export per target) --------------------------------------
-
-
-@pytest.fixture(scope="module")
-def digits_int8(digits, digits_exports, tmp_path_factory):
-    root = tmp_path_factory.mktemp("int8")
-    out = {}
-    for target in ("executorch", "tflite", "onnx", "coreml"):
-        fp = digits_exports[target]          # the float artifact, shared with the export matrix's accuracy check
-        try:
-            q = export(digits, ExportConfig(target=target, precision="int8", out=root / target))
-        except EffaiError as e:  # recorded, asserted per target below
-            q = e
-        out[target] = (fp, q)
-    return out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("target", ["executorch", "tflite", "onnx"])
-def test_digits_int8_loses_at_most_one_point_and_is_much_smaller(digits_int8, target):
-    fp, q = digits_int8[target]
-    assert not isinstance(q, Exception), q
-    a = q.manifest["accuracy"]
-    assert a["status"] == "pass" and a["drop_points"] <= 1.0 and a["artifact"]["top1"] > 0.97, a
-    size = [sum(f["bytes"] for f in r.manifest["files"] if f["path"].startswith(r.manifest["model_file"]))
-            for r in (fp, q)]
-    # weights alone shrink ~4x; narrow layers' per-channel scales, int32 biases, Q/DQ nodes and (TFLite) tensor
-    # names are a larger share of a small model's file: measured 2.7-3.1x here
-    assert size[0] / size[1] > 2.5, (target, size)
-    qm = q.manifest["quantization"]
-    assert qm["calibration"]["source"].startswith("digits training split") and qm["precision"] == "int8"
-
-
-@pytest.mark.slow
-def test_digits_int8_executorch_is_one_partition_with_nothing_outside(digits_int8):
-    _, q = digits_int8["executorch"]
-    d = q.manifest["target_details"]["delegation"]
-    assert d["partitions"] == 1 and set(d["non_delegated_ops"]) <= {"getitem"}, d
-    assert d["delegated_ops"].get("quantized_decomposed_quantize_per_tensor_default", 0) > 0
-
-
-@pytest.mark.slow
-def test_digits_int8_coreml_is_w8a8_checked_structurally(digits_int8):
-    _, q = digits_int8["coreml"]
-    if isinstance(q, EffaiError):
-        pytest.fail(str(q))
-    assert q.manifest["parity"]["structural"]["status"] == "pass"
-
-
-@pytest.mark.slow
-def test_fallback_rescues_a_real_model_at_a_strict_gate(tmp_path):
-    """The trained digits model at TFLite int4-weight loses 1 of 359 eval images (0.28 points); at --max-drop 0 the
-    fallback ranks the 69 conv/linear layers ai-edge-quantizer quantizes (not the 70 depthwise ones it leaves in
-    float), keeps the most sensitive one in float and the gate passes. The margin is a few images: the point is
-    the mechanism on a real model and runtime, not the size of the gain."""
-    loaded = zoo.create("ghostnetv3_050.digits")
-    res = export(loaded, ExportConfig(target="tflite", precision="int4-weight", eval="digits", max_drop=0.0,
-                                      out=tmp_path / "o"))
-    q = res.manifest["quantization"]
-    fb = q["fallback"]
-    assert fb["reason"].startswith("top-1 fell") and len(fb["sensitivity_top"]) == 16
-    assert not any("cheap_operation" in s["layer"] or "conv_dw" in s["layer"] for s in fb["sensitivity_top"]), fb
-    assert fb["status"] == "pass" and fb["attempts"][-1]["drop_points"] <= 0.0, fb
-    assert q["float_layers"] == fb["float_layers"] and len(q["float_tensors"]) == len(fb["float_layers"])
-    assert res.manifest["status"] == "pass" and res.manifest["accuracy"]["status"] == "pass"
-
-
 # --- float layers per target (the fallback's mechanism), on the tiny model -------------------------------------
 
 
@@ -484,28 +418,3 @@ def test_executorch_gets_timm_attention_without_fused_sdpa_other_targets_keep_it
 
     user = Attention().eval()
     assert not fold(user, (torch.randn(2, 4),), target="executorch").rewritten and user.fused_attn is True
-
-
-@pytest.mark.slow
-def test_executorch_int8_dynamic_ghostnet_loads_in_the_runtime(digits, tmp_path):
-    """Regression: dynamically quantized convs made XNNPACK refuse GhostNetV3 at load time."""
-    res = export(digits, ExportConfig(target="executorch", precision="int8-dynamic", out=tmp_path / "d",
-                                      parity_photos=2, parity_noise=0))
-    assert res.manifest["status"] == "pass" and res.manifest["accuracy"]["drop_points"] <= 1.0
-    assert res.manifest["target_details"]["delegation"]["partitions"] == 1
-    said = [w for w in res.manifest["warnings"] if w.startswith("int8-dynamic quantized")]   # the convs stay fp32
-    assert len(said) == 1 and "Conv/Linear layers (executorch" in said[0] and "-q int8" in said[0], said
-
-
-@pytest.mark.slow
-def test_digits_int8_tflite_keeps_its_metadata_and_labels(digits_int8):
-    """ai-edge-quantizer writes its buffers after the flatbuffer; effai inlines them (under 2 GB) instead of skipping
-    the metadata with a false "over 2 GB" reason: labels and normalization ride in the int8 file, outputs unchanged."""
-    import zipfile
-
-    _, q = digits_int8["tflite"]
-    native = q.manifest["native_metadata"]
-    assert "skipped" not in native and native["outputs_unchanged"] is True and native["labels"] != "none", native
-    with zipfile.ZipFile(q.out_dir / q.manifest["model_file"]) as z:
-        assert z.read("labels.txt").decode().split() == [str(i) for i in range(10)]
-    assert not any("not embedded" in w for w in q.manifest["warnings"])
