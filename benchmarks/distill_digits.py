@@ -5,7 +5,8 @@ speedup (training form vs deploy form latency, measured in the same run).
     python benchmarks/distill_digits.py --seeds 3 --epochs 15 --teacher runs/digits_teacher
 
 The teacher is trained with effai's own `supervised` recipe (ResNet-18) when --teacher does not exist yet.
-Prints mean +- std held-out top-1 per variant and writes benchmarks/results/distill_digits.json.
+Prints mean +- std held-out top-1 per variant and writes benchmarks/results/distill_digits.json; with --variants
+a subset (same --epochs/--seeds) replaces only those rows there and dates them (`measured`).
 """
 
 from __future__ import annotations
@@ -90,7 +91,14 @@ def main() -> None:
           f"deploy form {speed['deploy_form_ms']:.2f} ms, ratio {speed['speedup']:.2f}x")
     dest = Path(__file__).parent / "results" / "distill_digits.json"
     dest.parent.mkdir(exist_ok=True)
-    dest.write_text(json.dumps({"epochs": args.epochs, "seeds": args.seeds, "accuracy": results,
+    old = json.loads(dest.read_text()) if dest.is_file() else {}
+    if old.get("epochs") == args.epochs and old.get("seeds") == args.seeds:
+        results = {**old.get("accuracy", {}), **results}      # a --variants subset re-runs those rows only
+        when = {**old.get("measured", {}), **{n: time.strftime("%Y-%m-%d") for n in results if n not in old.get(
+            "accuracy", {}) or n in args.variants.split(",")}}
+    else:
+        when = {n: time.strftime("%Y-%m-%d") for n in results}
+    dest.write_text(json.dumps({"epochs": args.epochs, "seeds": args.seeds, "accuracy": results, "measured": when,
                                 "fold_speedup": speed, "torch": torch.__version__}, indent=2) + "\n")
 
 
