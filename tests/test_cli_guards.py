@@ -91,3 +91,24 @@ def test_bench_input_shape_on_a_tflite_it_cannot_apply_to_exits_2_before_timing(
     msg = _one_line(last)
     assert code == 2 and said in msg and "--input-shape" in msg, msg
     assert not out.exists(), "nothing was timed or written"
+
+
+@pytest.mark.parametrize("kind, file, body, command", [
+    ("generation", "manifest.json", {"schema": "effai.generate/1"}, "effai generate {d} --image"),
+    ("delvm", "delvm.json", {"schema": "effai.delvm/1"}, "effai generate {d} --prompt-images"),
+    ("sr", "sr.json", {"spec": {}, "parts": {}, "target": "onnx"}, "effai sr {d} "),
+])
+def test_predict_on_another_kind_of_artifact_names_its_command(kind, file, body, command, tmp_path, capfd):
+    """`effai predict` classifies; a generation, DeLVM or SR artifact gets the command that runs it, not a schema
+    error that says to re-export."""
+    import json
+
+    from effai.cli.predict import predict_cmd
+
+    d = tmp_path / kind
+    d.mkdir()
+    (d / file).write_text(json.dumps(body))
+    img = tmp_path / "x.png"
+    img.write_bytes(b"png")
+    code, last, _ = call_cli(capfd, predict_cmd, artifact=d, images=[img], top_k=5, as_json=True)
+    assert code == 2 and command.format(d=d) in _one_line(last), last

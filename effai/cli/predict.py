@@ -28,6 +28,7 @@ def predict_cmd(
         missing = [str(i) for i in images if not i.is_file()]
         if missing:
             raise UsageError(f"image not found: {', '.join(missing[:3])}; pass image files (png, jpg, ...)")
+        _refuse_other_kinds(artifact, images)
         model = load_artifact(_artifact_dir(artifact))
         results = model.predict(images, top_k=top_k)
     except EffaiError as e:
@@ -47,6 +48,24 @@ def predict_cmd(
         console.out().print(table)
     console.json_line({"ok": True, "artifact": str(model.path), "target": model.manifest["target"],
                        "runtime": model.runtime, "predictions": rows})
+
+
+def _refuse_other_kinds(path: Path, images: list[Path]) -> None:
+    """Generation, DeLVM and super-resolution artifacts have their own commands: name the one that runs them."""
+    from effai.cli import delvm
+    from effai.generate import artifact as generation
+    from effai.superres import bench as sr
+
+    img = images[0] if images else "IMG"
+    if generation.is_artifact(path):
+        raise UsageError(f"{path} is a generation (vision-language) artifact, not a classifier; ask it with "
+                         f"effai generate {path} --image {img} --prompt TEXT")
+    if delvm.is_artifact(path):
+        raise UsageError(f"{path} is a DeLVM artifact, not a classifier; run it with effai generate {path} "
+                         "--prompt-images a_in.png,a_out.png,b_in.png --out b_out.png")
+    if sr.is_artifact(path):
+        raise UsageError(f"{path} is a super-resolution artifact, not a classifier; run it with effai sr {path} "
+                         f"{img} -o out.png")
 
 
 def _artifact_dir(path: Path) -> Path:
