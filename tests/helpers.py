@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -81,3 +82,14 @@ def call_cli(capfd, fn, **kw) -> tuple[int, dict, str]:
         console.reset()
     out = capfd.readouterr().out
     return code, json.loads(out.strip().splitlines()[-1]), out
+
+
+@contextlib.contextmanager
+def refused_port():
+    """A loopback port that refuses connections for the whole block: bound, never listening, so no other test
+    running beside this one (pytest-xdist) can start a server on it, as it could on a port merely found free."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]

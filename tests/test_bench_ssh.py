@@ -166,8 +166,10 @@ def test_wrong_key_is_an_auth_error(board, tmp_path, monkeypatch):
 
 def test_closed_port_is_unreachable(sshd, monkeypatch):
     monkeypatch.setenv("EFFAI_KNOWN_HOSTS", str(sshd["known_hosts"]))
-    with pytest.raises(EffaiError, match="cannot reach"):
-        open_runner(f"ssh:{sshd['user']}@127.0.0.1:{free_port()}", BenchConfig())
+    from tests.helpers import refused_port
+
+    with refused_port() as closed, pytest.raises(EffaiError, match="cannot reach"):
+        open_runner(f"ssh:{sshd['user']}@127.0.0.1:{closed}", BenchConfig())
 
 
 def test_missing_runtime_on_board(board, small_exports, tmp_path, monkeypatch):

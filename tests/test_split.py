@@ -142,8 +142,10 @@ def test_live_split_over_the_authenticated_channel(onnx_split):
     res = run(out, "onnx", "127.0.0.1", port["p"], token, n=8, wait_s=20.0)
     th.join(20)
     assert res["bytes_per_request"] == 1 + len("blocks.6") + 28 and res["top1"] >= 0.75 and served["served"] == 8
-    with pytest.raises(EffaiError, match="cannot reach the server"):
-        run(out, "onnx", "127.0.0.1", port["p"], token, n=1, wait_s=0.5)
+    from tests.helpers import refused_port
+
+    with refused_port() as closed, pytest.raises(EffaiError, match="cannot reach the server"):
+        run(out, "onnx", "127.0.0.1", closed, token, n=1, wait_s=0.5)
 
 
 def test_cli_unknown_split_point_is_a_usage_error():
